@@ -1,0 +1,287 @@
+"""What a sweep is: the grid of trial configurations, validated on construction.
+
+`TrialConfig` is the single source of truth for every setting's name, type, default and bounds. A `Sweep` is a name plus
+a value or a `grid([...])` for any of those settings; it expands to the cartesian product of its grids, and every point
+is a validated `TrialConfig`. Only plain data lives here: resolving a model or dataset name to files is
+`forgetray.resources`, which `Sweep.validate()` calls before any compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+
+class SpecError(ValueError):
+    """A sweep or trial setting is invalid. The message is one line naming the setting (and file/line if any)."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sweep axis: every value is tried, one trial each (cartesian product with the other grids)."""
+
+    values: tuple
+
+    def __post_init__(self):
+        if len(self.values) == 0:
+            raise SpecError("grid([]) is empty: a grid needs at least one value")
+
+
+def grid(values: Iterable[Any]) -> Grid:
+    """Make a sweep axis from the given values, e.g. `epochs=grid([1, 2, 4])`."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise SpecError(f"grid() takes a list of values, got {values!r}")
+    return Grid(tuple(values))
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "constant")
+KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One point of a sweep: everything a trial needs, fully resolved. Field order is the order shown to users."""
+
+    # --- the study's axes ---
+    model: str = "organism-small"  # organism size name, Hugging Face hub id, or local model directory
+    dataset: str = "organism-alpaca"  # organism IFT set name, hub dataset id, or local Alpaca .json/.jsonl file
+    epochs: int = 3  # IFT epochs; a checkpoint (and a probe) after each
+    # --- optimisation (METHODS.md §1; weight decay 0 and cosine with 3% warm-up are our choices) ---
+    lr: float = 1e-3
+    batch_size: int = 16  # global batch: sequences per optimizer step, over all workers
+    micro_batch_size: int = 0  # per worker per forward pass; 0 = batch_size / workers (no accumulation)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "cosine"
+    seed: int = 0
+    max_length: int = 256  # IFT sequences are truncated to this many tokens
+    # --- distribution ---
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    workers: int = 1  # Ray Train workers (DeepSpeed ranks) per trial
+    gpus_per_worker: int = 0  # 0 = CPU (DeepSpeed's CPU accelerator over gloo)
+    cpus_per_worker: int = 1
+    precision: str = "fp32"
+    max_failures: int = 1  # a failed trial restarts from its last checkpoint this many times
+    # --- probes (METHODS.md §3) ---
+    benchmarks: tuple = ("organism-facts",)  # MC benchmark names or local MMLU-style .jsonl files
+    primary_score: tuple = ()  # per-benchmark primary knowledge score: {"bench": "letter"|"acc"|"acc_norm"}
+    n_shot: int = 0  # in-context examples in the letter-scored prompt
+    probe_set: str = "organism-probe"  # probing-perplexity passages: name or local .jsonl with a "text" field
+    probe_passages: int = 500  # how many passages of the probing set are scored
+    probe_max_length: int = 256
+    probe_batch_size: int = 32
+
+    def __post_init__(self):
+        # Dicts and lists from sweep files / JSON are normalised to hashable tuples first.
+        if isinstance(self.primary_score, Mapping):
+            object.__setattr__(self, "primary_score", tuple(sorted(self.primary_score.items())))
+        for name in ("benchmarks", "primary_score"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+        if isinstance(self.benchmarks, str):
+            object.__setattr__(self, "benchmarks", (self.benchmarks,))
+        _check_types(self)
+        _check_values(self)
+
+    # --- derived values ---
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size // self.workers
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch * self.workers)
+
+    def primary_score_for(self, benchmark: str, default: str) -> str:
+        return dict(self.primary_score).get(benchmark, default)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict: what crosses process boundaries (Ray) and what `from_dict` reads back."""
+        out = dataclasses.asdict(self)
+        out["benchmarks"] = list(self.benchmarks)
+        out["primary_score"] = dict(self.primary_score)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrialConfig":
+        unknown = sorted(set(data) - set(SETTINGS))
+        if unknown:
+            raise SpecError(f"unknown setting {unknown[0]!r} (known: {', '.join(SETTINGS)})")
+        return cls(**data)
+
+    def config_hash(self) -> str:
+        """Stable short hash of the resolved config: identifies a trial across resumes and in MLflow tags."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def short_name(self) -> str:
+        model = self.model.rstrip("/").split("/")[-1]
+        dataset = self.dataset.rstrip("/").split("/")[-1].rsplit(".", 1)[0]
+        return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}"
+
+
+SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
+_HINTS = typing.get_type_hints(TrialConfig)
+
+
+def _check_types(cfg: TrialConfig) -> None:
+    for name in SETTINGS:
+        value, want = getattr(cfg, name), _HINTS[name]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, name, float(value))
+            continue
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            raise SpecError(f"setting {name!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    for bench in cfg.benchmarks:
+        if not isinstance(bench, str) or not bench:
+            raise SpecError(f"setting 'benchmarks' must be a list of names/paths, got {cfg.benchmarks!r}")
+    for pair in cfg.primary_score:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise SpecError(f"setting 'primary_score' must map benchmark -> score, got {cfg.primary_score!r}")
+
+
+def _check_values(cfg: TrialConfig) -> None:
+    def need(cond: bool, name: str, what: str) -> None:
+        if not cond:
+            raise SpecError(f"setting {name!r} {what}, got {getattr(cfg, name)!r}")
+
+    need(bool(cfg.model.strip()), "model", "must name a model")
+    need(bool(cfg.dataset.strip()), "dataset", "must name a dataset")
+    need(cfg.epochs >= 1, "epochs", "must be >= 1")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+    need(cfg.micro_batch_size >= 0, "micro_batch_size", "must be >= 0 (0 = batch_size / workers)")
+    need(0 <= cfg.weight_decay, "weight_decay", "must be >= 0")
+    need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+    need(cfg.max_length >= 8, "max_length", "must be >= 8")
+    need(cfg.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+    need(cfg.workers >= 1, "workers", "must be >= 1")
+    need(cfg.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+    need(cfg.cpus_per_worker >= 1, "cpus_per_worker", "must be >= 1")
+    need(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+    need(cfg.precision == "fp32" or cfg.gpus_per_worker > 0, "precision", "bf16/fp16 need gpus_per_worker >= 1")
+    need(cfg.max_failures >= 0, "max_failures", "must be >= 0")
+    need(len(cfg.benchmarks) >= 1, "benchmarks", "must name at least one benchmark")
+    need(len(set(cfg.benchmarks)) == len(cfg.benchmarks), "benchmarks", "must not repeat a benchmark")
+    for bench, score in cfg.primary_score:
+        need(bench in cfg.benchmarks, "primary_score", f"names benchmark {bench!r}, which is not in 'benchmarks'")
+        need(score in KNOWLEDGE_SCORES, "primary_score", f"must map to one of {KNOWLEDGE_SCORES}")
+    need(0 <= cfg.n_shot <= 25, "n_shot", "must be in [0, 25]")
+    need(bool(cfg.probe_set.strip()), "probe_set", "must name a probing set")
+    need(cfg.probe_passages >= 1, "probe_passages", "must be >= 1")
+    need(cfg.probe_max_length >= 8, "probe_max_length", "must be >= 8")
+    need(cfg.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
+    if cfg.micro_batch_size:
+        per_step = cfg.micro_batch_size * cfg.workers
+        need(cfg.batch_size % per_step == 0, "batch_size",
+             f"must be a multiple of micro_batch_size x workers = {per_step}")
+    else:
+        need(cfg.batch_size % cfg.workers == 0, "batch_size", f"must be a multiple of workers = {cfg.workers}")
+
+
+@dataclass(frozen=True, init=False)
+class Sweep:
+    """A named grid of trials. Any `TrialConfig` setting may be a single value or a `grid([...])`.
+
+    >>> Sweep("demo", model=grid(["organism-tiny", "organism-small"]), epochs=grid([1, 2])).size
+    4
+    """
+
+    name: str
+    settings: Mapping[str, Any]  # what the user set (values or Grids); the rest take TrialConfig's defaults
+    max_concurrent_trials: int  # 0 = as many as the cluster's resources allow
+    trials: tuple = field(repr=False)
+
+    def __init__(self, name: str, *, max_concurrent_trials: int = 0, **settings: Any):
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
+            raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
+        if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
+            raise SpecError(f"max_concurrent_trials must be an int >= 0, got {max_concurrent_trials!r}")
+        unknown = [k for k in settings if k not in SETTINGS]
+        if unknown:
+            raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "settings", types.MappingProxyType(dict(settings)))
+        object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
+        object.__setattr__(self, "trials", tuple(_expand(settings)))
+
+    @property
+    def size(self) -> int:
+        return len(self.trials)
+
+    @property
+    def axes(self) -> dict[str, tuple]:
+        """The settings that vary: name -> values."""
+        return {k: v.values for k, v in self.settings.items() if isinstance(v, Grid)}
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Sweep":
+        """A copy with some settings replaced (the CLI's `--set key=value`)."""
+        return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, **{**self.settings, **overrides})
+
+    def validate(self) -> None:
+        """Check every model, dataset, benchmark and probing set resolves (files exist and parse). No compute."""
+        from forgetray.resources import resolve_trial  # local import: resolving touches the filesystem
+
+        for trial in self.trials:
+            resolve_trial(trial)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "max_concurrent_trials": self.max_concurrent_trials,
+            "settings": {k: (list(v.values) if isinstance(v, Grid) else v) for k, v in self.settings.items()},
+            "axes": sorted(self.axes),
+        }
+
+
+def _expand(settings: Mapping[str, Any]) -> list[TrialConfig]:
+    names = list(settings)
+    choices = [settings[n].values if isinstance(settings[n], Grid) else (settings[n],) for n in names]
+    trials, seen = [], set()
+    for combo in itertools.product(*choices):
+        trial = TrialConfig(**dict(zip(names, combo)))
+        key = trial.config_hash()
+        if key in seen:
+            raise SpecError(f"the grid produces the same trial twice ({trial.short_name()}): remove duplicate values")
+        seen.add(key)
+        trials.append(trial)
+    return trials
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`. The value is JSON if it parses (numbers, lists -> grid), else a string."""
+    if "=" not in text:
+        raise SpecError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in SETTINGS:
+        raise SpecError(f"--set: unknown axis {key!r} (known axes: {', '.join(SETTINGS)})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, list) and key != "benchmarks":
+        return key, grid(value)
+    return key, value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}: how resolved configs become MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the project's environment in .venv at the repo root (idempotent: a stamp of pyproject.toml skips a
+# rebuild when nothing changed). torch is installed first and pinned as a constraint for everything else,
+# because an unpinned torch drags in GBs of CUDA wheels on CPU-only machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${FORGETRAY_TORCH_VERSION:-2.13.0}"
+PYTHON="${PYTHON:-python3}"
+stamp=".venv/.forgetray-setup"
+want="$(sha256sum pyproject.toml | cut -c1-16)-torch${TORCH_VERSION}"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] building .venv (torch==${TORCH_VERSION}, then forgetray and its dependencies) ..."
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${TORCH_VERSION}" >"$constraints"
+.venv/bin/python -m pip install -q -c "$constraints" -e ".[test]"
+echo "$want" >"$stamp"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, ray, deepspeed, mlflow, transformers; print(f"torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, mlflow {mlflow.__version__}, transformers {transformers.__version__}")' 2>/dev/null)"
