@@ -1,0 +1,139 @@
+"""The `forgetray` command.
+
+    forgetray run SWEEP [--tracking-uri URI] [--storage PATH] [--set key=value ...] [--resume]
+    forgetray validate SWEEP [--set key=value ...]
+    forgetray organism build [--for-tests] [--root DIR]
+
+Exit codes: 0 success, 1 some trial failed, 2 bad input (found before Ray starts; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import traceback
+from pathlib import Path
+
+from forgetray.spec import SpecError, Sweep, parse_override
+
+EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def load_sweep(path: str, overrides: list[str] | None = None) -> Sweep:
+    """Execute a sweep file and return its module-level `sweep`, with `--set` overrides applied."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"sweep file {path!r} does not exist")
+    try:
+        namespace = runpy.run_path(str(file), run_name="forgetray_sweep")
+    except SpecError as exc:
+        raise SpecError(f"{path}:{_line_in(file, exc)}: {exc}") from None
+    except Exception as exc:  # a sweep file is user code: report where it broke, in one line
+        raise SpecError(f"{path}:{_line_in(file, exc)}: {type(exc).__name__}: {exc}") from None
+    sweep = namespace.get("sweep")
+    if not isinstance(sweep, Sweep):
+        raise SpecError(f"{path}: must define a module-level `sweep = forgetray.Sweep(...)`")
+    if overrides:
+        sweep = sweep.with_overrides(dict(parse_override(o) for o in overrides))
+    return sweep
+
+
+def _line_in(file: Path, exc: BaseException) -> str:
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if Path(frame.filename).resolve() == file.resolve():
+            return str(frame.lineno)
+    return "?"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a sweep file (Ray Tune + Ray Train/DeepSpeed, results in MLflow)")
+    run.add_argument("sweep", help="path to a sweep file defining `sweep`")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./forgetray-results)")
+    run.add_argument("--storage", help="checkpoint storage root, local or shared (default: ./forgetray-results/storage)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting; a JSON list makes it a grid (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the latest interrupted execution of this sweep (same storage)")
+
+    validate = sub.add_parser("validate", help="check a sweep file and everything it names, without running")
+    validate.add_argument("sweep")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    organism = sub.add_parser("organism", help="the built-in synthetic model organism")
+    organism_sub = organism.add_subparsers(dest="organism_command", required=True)
+    build = organism_sub.add_parser("build", help="generate the world and pre-train the base models (cached)")
+    build.add_argument("--root", help="build into this directory instead of the cache")
+    build.add_argument("--for-tests", action="store_true", help="the tiny configuration the tests use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "organism":
+            return _organism(args)
+        sweep = load_sweep(args.sweep, args.overrides)
+        if args.command == "validate":
+            sweep.validate()
+            print(f"ok: sweep {sweep.name!r}, {sweep.size} trial(s); axes: "
+                  + (", ".join(f"{k}={list(v)}" for k, v in sweep.axes.items()) or "none"))
+            return EXIT_OK
+        return _run(sweep, args)
+    except SpecError as exc:
+        print(f"forgetray: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(sweep: Sweep, args) -> int:
+    from forgetray.sweep import run_sweep
+
+    table = run_sweep(sweep, tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume)
+    print()
+    print(summary_table(table))
+    uri = table.attrs["tracking_uri"]
+    print(f"\nMLflow: {uri}  experiment {sweep.name!r}, parent run {table.attrs['parent_run_id']}")
+    if uri.startswith("sqlite:"):
+        print(f"browse: mlflow ui --backend-store-uri {uri}")
+    failed = table.attrs.get("failed_trials", 0)
+    if failed:
+        print(f"forgetray: {failed} trial(s) failed", file=sys.stderr)
+        return EXIT_TRIAL_FAILED
+    return EXIT_OK
+
+
+def summary_table(table) -> str:
+    """Per-checkpoint summary: primary knowledge score of base and SFT, its change, probing perplexity."""
+    if table.empty:
+        return "(no checkpoints)"
+    knowledge = sorted(c for c in table.columns if c.startswith("sft/") and c.endswith("/knowledge"))
+    columns = {"trial": table["trial"], "epoch": table["epoch"]}
+    for col in knowledge:
+        bench = col[len("sft/"):-len("/knowledge")]
+        base = table.get(f"base/{bench}/knowledge")
+        columns[f"{bench} base"] = base
+        columns[f"{bench} sft"] = table[col]
+        if base is not None:
+            columns[f"{bench} delta"] = table[col] - base
+    for state in ("base", "sft"):
+        if f"{state}/probe/ppl" in table:
+            columns[f"ppl {state}"] = table[f"{state}/probe/ppl"]
+    import pandas as pd
+
+    return pd.DataFrame(columns).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def _organism(args) -> int:
+    from forgetray import organism
+
+    config = organism.OrganismConfig.for_tests() if args.for_tests else organism.OrganismConfig()
+    root = organism.build(config=config, root=Path(args.root) if args.root else None)
+    print(f"organism ready: {root}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Instruction data: Alpaca-format records -> token ids with the loss on response tokens only (METHODS.md §1).
+
+Files are checked line by line before any compute (`check_alpaca_file`, errors name file:line); the actual loading
+goes through `datasets` (Arrow-cached), the same path a hub dataset takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt tokens and padding)
+
+# The Stanford Alpaca prompt template, with and without an input field.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+REQUIRED_FIELDS = ("instruction", "output")
+
+
+def alpaca_prompt(record: dict) -> str:
+    if record.get("input"):
+        return ALPACA_PROMPT_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return ALPACA_PROMPT.format(instruction=record["instruction"])
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) for a .jsonl (one object per line) or .json (an array of objects) file."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    elif path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON array of records")
+        for index, record in enumerate(records):
+            yield f"{path}: record {index}", record
+    else:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .json or .jsonl)")
+
+
+def check_alpaca_file(path: Path) -> int:
+    """Validate every record (instruction/output strings, optional input string). Returns the record count."""
+    count = 0
+    for where, record in _iter_file(Path(path)):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in REQUIRED_FIELDS:
+            if field not in record:
+                raise ValueError(f"{where}: missing field {field!r}")
+        for field in ("instruction", "input", "output"):
+            if field in record and not isinstance(record[field], str):
+                raise ValueError(f"{where}: field {field!r} must be a string")
+        if not record["output"].strip():
+            raise ValueError(f"{where}: field 'output' is empty")
+        count += 1
+    if count == 0:
+        raise ValueError(f"{path}: no records")
+    return count
+
+
+def load_records(source: dict):
+    """A `datasets.Dataset` of Alpaca records from a resolved dataset source (see resources.resolve_dataset)."""
+    import datasets
+
+    if source["kind"] == "hub":
+        ds = datasets.load_dataset(source["path"], split="train")
+    else:
+        ds = datasets.load_dataset("json", data_files=source["path"], split="train")
+    missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {source['name']!r} lacks Alpaca field(s) {missing}")
+    if "input" not in ds.column_names:
+        ds = ds.add_column("input", [""] * len(ds))
+    return ds.select_columns(["instruction", "input", "output"])
+
+
+def tokenize_example(record: dict, tokenizer, max_length: int) -> dict:
+    """[BOS] prompt response [EOS]; labels are IGNORE_INDEX on BOS and prompt. Truncated on the right."""
+    prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    input_ids = (bos + prompt_ids + response_ids)[:max_length]
+    n_prompt = len(bos) + len(prompt_ids)
+    labels = ([IGNORE_INDEX] * n_prompt + response_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels, "n_response": sum(1 for x in labels if x != IGNORE_INDEX)}
+
+
+def tokenize_dataset(source: dict, tokenizer, max_length: int):
+    """Tokenized dataset (Arrow-cached by `datasets`), without examples whose response was truncated away."""
+    ds = load_records(source)
+    ds = ds.map(
+        tokenize_example,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=ds.column_names,
+        desc=f"tokenizing {source['name']}",
+    )
+    return ds.filter(_has_response, input_columns="n_response")
+
+
+def _has_response(n_response: int) -> bool:
+    return n_response > 0
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a list of tokenized examples into tensors (labels padded with IGNORE_INDEX)."""
+    import torch
+
+    width = max(len(ex["input_ids"]) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,28 @@
+"""Plain-text passage sets (probing set, restoring pool): JSONL records with a "text" field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_passages(path: Path, limit: int | None = None) -> list[str]:
+    """The first `limit` passages (all if None). Malformed lines raise ValueError naming file:line."""
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string field 'text'")
+            texts.append(text)
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise ValueError(f"{path}: no passages")
+    return texts

@@ -1,0 +1,176 @@
+"""Resolve the names in a trial config to concrete sources, and check them, before any compute starts.
+
+A model is an organism size ("organism-small"), a local Hugging Face model directory, or a hub id. A dataset is an
+organism IFT set, a local Alpaca-format .json/.jsonl file, or a hub dataset id. Benchmarks and probing sets are
+organism names or local .jsonl files. Everything here is cheap (file checks and parsing, no model loading), raises
+`SpecError` with a one-line message naming the setting and file/line, and returns plain dicts that cross Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from forgetray.spec import SpecError, TrialConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".json", ".jsonl")) or os.sep in name and Path(name).exists()
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_model(name: str) -> dict:
+    """-> {"kind": "organism"|"local"|"hub", "name": name, "path": dir or hub id}."""
+    from forgetray import organism
+
+    if organism.is_organism_name(name):
+        if name not in organism.MODEL_SIZES:
+            raise SpecError(f"setting 'model': {name!r} is not an organism model (known: {', '.join(organism.MODEL_SIZES)})")
+        try:
+            path = organism.model_path(name)
+        except organism.OrganismNotBuilt as exc:
+            raise SpecError(f"setting 'model': {exc}") from None
+        return {"kind": "organism", "name": name, "path": str(path)}
+    if _looks_like_path(name) or Path(name).expanduser().is_dir():
+        path = Path(name).expanduser().resolve()
+        if not path.is_dir():
+            raise SpecError(f"setting 'model': model directory {name!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise SpecError(f"setting 'model': {name!r} has no config.json (not a Hugging Face model directory)")
+        return {"kind": "local", "name": name, "path": str(path)}
+    if not _HUB_ID.match(name):
+        raise SpecError(f"setting 'model': {name!r} is neither an organism model, a local directory, nor a hub id")
+    if _hub_offline():
+        # Offline (tests, air-gapped clusters): the hub id must already be in the local Hugging Face cache.
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise SpecError(f"setting 'model': hub model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1")
+    return {"kind": "hub", "name": name, "path": name}
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_dataset(name: str) -> dict:
+    """-> {"kind": "organism"|"local"|"hub", "name", "path", "format": "alpaca"}; local files are parsed fully."""
+    from forgetray import organism
+
+    if organism.is_organism_name(name):
+        if name not in organism.IFT_DATASETS:
+            raise SpecError(f"setting 'dataset': unknown dataset {name!r} (organism datasets: {', '.join(organism.IFT_DATASETS)})")
+        try:
+            path = organism.data_path(name)
+        except organism.OrganismNotBuilt as exc:
+            raise SpecError(f"setting 'dataset': {exc}") from None
+        return {"kind": "organism", "name": name, "path": str(path), "format": "alpaca"}
+    if _looks_like_path(name):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise SpecError(f"setting 'dataset': data file {name!r} does not exist")
+        from forgetray.data.instruct import check_alpaca_file
+
+        try:
+            n = check_alpaca_file(path)
+        except ValueError as exc:
+            raise SpecError(f"setting 'dataset': {exc}") from None
+        return {"kind": "local", "name": name, "path": str(path), "format": "alpaca", "records": n}
+    if not _HUB_ID.match(name) or "/" not in name:
+        raise SpecError(f"setting 'dataset': unknown dataset {name!r} (an organism set, a .json/.jsonl file, or a hub id 'org/name')")
+    return {"kind": "hub", "name": name, "path": name, "format": "alpaca"}
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_benchmark(name: str) -> dict:
+    """-> {"name", "path", "default_score", "questions"}; the organism's primary score is option likelihood."""
+    from forgetray import organism
+    from forgetray.probes import load_mc_jsonl
+
+    if organism.is_organism_name(name):
+        if name != organism.BENCHMARK:
+            raise SpecError(f"setting 'benchmarks': unknown benchmark {name!r} (organism benchmark: {organism.BENCHMARK})")
+        try:
+            path = organism.data_path(name)
+        except organism.OrganismNotBuilt as exc:
+            raise SpecError(f"setting 'benchmarks': {exc}") from None
+        # Tiny models know facts but cannot answer by letter (DESIGN.md): option likelihood is the knowledge score.
+        default = "acc"
+    else:
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise SpecError(f"setting 'benchmarks': benchmark file {name!r} does not exist")
+        default = "letter"  # the PS paper's protocol for MMLU-style files
+    try:
+        questions = load_mc_jsonl(path)
+    except ValueError as exc:
+        raise SpecError(f"setting 'benchmarks': {exc}") from None
+    if not questions:
+        raise SpecError(f"setting 'benchmarks': {path} has no questions")
+    return {"name": name, "path": str(path), "default_score": default, "questions": len(questions)}
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_probe_set(name: str) -> dict:
+    from forgetray import organism
+    from forgetray.data.passages import load_passages
+
+    if organism.is_organism_name(name):
+        if name not in (organism.PROBE_SET, organism.RESTORING_POOL):
+            raise SpecError(f"setting 'probe_set': unknown probing set {name!r} (organism: {organism.PROBE_SET})")
+        try:
+            path = organism.data_path(name)
+        except organism.OrganismNotBuilt as exc:
+            raise SpecError(f"setting 'probe_set': {exc}") from None
+    else:
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise SpecError(f"setting 'probe_set': probing set file {name!r} does not exist")
+    try:
+        n = len(load_passages(path))
+    except ValueError as exc:
+        raise SpecError(f"setting 'probe_set': {exc}") from None
+    return {"name": name, "path": str(path), "passages": n}
+
+
+def benchmark_key(name: str) -> str:
+    """The short name a benchmark's metrics are logged under: the organism name, or a file's stem."""
+    from forgetray import organism
+
+    return name if organism.is_organism_name(name) else Path(name).name.split(".")[0]
+
+
+def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
+    """Everything a trial's workers need to find their inputs, as a plain dict (recorded in MLflow params)."""
+    benchmarks = {}
+    for name in trial.benchmarks:
+        key = benchmark_key(name)
+        if key in benchmarks:
+            raise SpecError(f"setting 'benchmarks': two benchmarks would both be logged as {key!r}; rename one file")
+        bench = dict(resolve_benchmark(name))
+        bench["score"] = trial.primary_score_for(name, bench["default_score"])
+        benchmarks[key] = bench
+    return {
+        "model": resolve_model(trial.model),
+        "dataset": resolve_dataset(trial.dataset),
+        "benchmarks": benchmarks,
+        "probe_set": resolve_probe_set(trial.probe_set),
+    }
+
+
+def clear_cache() -> None:
+    """Forget resolutions (tests build and delete organisms; a long-lived process may see files change)."""
+    for fn in (resolve_model, resolve_dataset, resolve_benchmark, resolve_probe_set):
+        fn.cache_clear()
+
+
+def describe(resolved: dict) -> str:
+    return json.dumps(resolved, sort_keys=True)

@@ -1,0 +1,181 @@
+"""Run a sweep: validate, open its MLflow parent run, and let Ray Tune schedule one trial driver per grid point.
+
+Storage layout (`--storage`, default ./forgetray-results/storage):
+
+    <storage>/<sweep name>/<execution id>/sweep.json        what ran, the parent MLflow run id
+                                         /tune/             Ray Tune's experiment (used by --resume)
+                                         /trials/<key>/     each trial's Ray Train run, checkpoints, MLflow run id
+                                         /base_eval/<key>/  base-model probes, shared by the trials of one model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from forgetray.resources import benchmark_key, resolve_trial
+from forgetray.spec import SpecError, Sweep, flatten
+from forgetray.tracking import Tracker, default_tracking_uri
+
+DEFAULT_RESULTS = Path("forgetray-results")
+DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (it only orchestrates; workers hold the model)
+
+
+def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.PathLike | None = None,
+              resume: bool = False, verbose: bool = True) -> pd.DataFrame:
+    """Run (or with `resume=True` continue) a sweep; return one row per (trial, checkpoint) read back from MLflow."""
+    # Everything that can be wrong with the input is found here, before Ray starts or any run is created.
+    resolved = [resolve_trial(trial) for trial in sweep.trials]
+    storage_root = Path(storage).expanduser().resolve() if storage else (DEFAULT_RESULTS / "storage").resolve()
+    sweep_root = storage_root / sweep.name
+    trials = [t.to_dict() for t in sweep.trials]
+    if resume:
+        execution_dir, state = _latest_execution(sweep_root)
+        if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials]:
+            raise SpecError(f"--resume: the sweep {sweep.name!r} changed since {execution_dir} ran; "
+                            "resume needs the same grid and settings")
+        tracking_uri = state["tracking_uri"]
+    else:
+        execution_dir = sweep_root / time.strftime("%Y%m%d-%H%M%S")
+        tracking_uri = tracking_uri or default_tracking_uri(storage_root.parent if not storage else storage_root)
+
+    tracker = Tracker(tracking_uri, artifact_root=Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts"
+                      if tracking_uri.startswith("sqlite:///") else None)
+    if resume:
+        parent_run_id = state["parent_run_id"]
+        tracker.reopen(parent_run_id)
+    else:
+        execution_dir.mkdir(parents=True, exist_ok=False)
+        parent_run_id = tracker.start_sweep_run(sweep.name, execution_dir.name, flatten({"sweep": sweep.to_dict()}))
+        state = {
+            "sweep": sweep.to_dict(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+            "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials],
+        }
+        (execution_dir / "sweep.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s); MLflow {tracking_uri} "
+                  f"(parent run {parent_run_id}); storage {execution_dir}")
+
+    ok = False
+    try:
+        results = _tune(sweep, trials, resolved, execution_dir, tracking_uri, parent_run_id, resume, verbose)
+        failed = [r for r in results if r.error is not None]
+        ok = not failed
+        for r in failed:
+            _say(True, f"[forgetray] trial failed: {r.config.get('trial_index')}: {type(r.error).__name__}: {r.error}")
+    finally:
+        tracker.end_run(parent_run_id, ok=ok)
+    table = tracker.checkpoint_table(parent_run_id)
+    table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+                        "execution_dir": str(execution_dir), "failed_trials": 0 if ok else len(failed)})
+    return table
+
+
+def _latest_execution(sweep_root: Path) -> tuple[Path, dict]:
+    executions = sorted(p for p in sweep_root.glob("*/sweep.json")) if sweep_root.is_dir() else []
+    if not executions:
+        raise SpecError(f"--resume: no earlier execution of this sweep under {sweep_root}")
+    path = executions[-1]
+    return path.parent, json.loads(path.read_text())
+
+
+def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, tracking_uri: str, parent_run_id: str,
+          resume: bool, verbose: bool):
+    import ray
+    from ray import tune
+
+    from forgetray.trial import run_trial
+
+    if not ray.is_initialized():
+        # Joins the cluster of `ray job submit` / RAY_ADDRESS if there is one, else starts a local one.
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    context = {
+        "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
+        "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+    }
+    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
+    tune_dir = execution_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space={"trial_index": tune.grid_search(list(range(len(trials)))),
+                                                "context": context})
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial_index": tune.grid_search(list(range(len(trials)))), "context": context},
+            tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(execution_dir), verbose=0,
+                callbacks=[_Progress(sweep, verbose)],
+                failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
+            ),
+        )
+    return list(tuner.fit())
+
+
+def _concurrency(sweep: Sweep) -> int:
+    """As many trials at once as the cluster's CPUs/GPUs hold (or the sweep's own limit)."""
+    import ray
+
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    available = ray.cluster_resources()
+    need_cpu = max(t.workers * t.cpus_per_worker for t in sweep.trials)
+    need_gpu = max(t.workers * t.gpus_per_worker for t in sweep.trials)
+    fits = int(available.get("CPU", 1) // need_cpu)
+    if need_gpu:
+        fits = min(fits, int(available.get("GPU", 0) // need_gpu))
+    return max(1, fits)
+
+
+def _say(verbose: bool, text: str) -> None:
+    if verbose:
+        print(text, file=sys.stderr if text.startswith("[forgetray] trial failed") else sys.stdout, flush=True)
+
+
+def _make_progress_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class _Progress(_make_progress_base()):  # type: ignore[misc]
+    """One line per epoch and per finished trial: trials done / total and what each trial is doing."""
+
+    def __init__(self, sweep: Sweep, verbose: bool):
+        self.total = sweep.size
+        self.names = [t.short_name() for t in sweep.trials]
+        self.epochs = [t.epochs for t in sweep.trials]
+        self.knowledge = [f"{benchmark_key(t.benchmarks[0])}/knowledge" for t in sweep.trials]
+        self.done = 0
+        self.verbose = verbose
+        self.start = time.time()
+
+    def _prefix(self) -> str:
+        return f"[{self.done}/{self.total} trials done, {time.time() - self.start:5.0f}s]"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        i = trial.config["trial_index"]
+        epoch = int(result.get("epoch", -1))
+        if epoch == 0:
+            line = f"base model evaluated: knowledge {result.get('base/' + self.knowledge[i], float('nan')):.3f}, " \
+                   f"probe ppl {result.get('base/probe/ppl', float('nan')):.2f}"
+        else:
+            line = (f"epoch {epoch}/{self.epochs[i]}: loss {result.get('train/loss', float('nan')):.3f}, "
+                    f"knowledge {result.get('sft/' + self.knowledge[i], float('nan')):.3f}, "
+                    f"probe ppl {result.get('sft/probe/ppl', float('nan')):.2f}, "
+                    f"{result.get('train/tokens_per_s', 0):.0f} tok/s")
+        _say(self.verbose, f"{self._prefix()} {self.names[i]}: {line}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: FAILED (see the log above)")

@@ -1,0 +1,82 @@
+"""Probe a model (plain or DeepSpeed engine) on a trial's benchmarks and probing set, sharded over the workers.
+
+Every rank scores its shard (the same number of forward calls on every rank, which ZeRO-3 requires); per-question
+frames are gathered to rank 0 and the perplexity sums are all-reduced. Metric names here carry no model state;
+the caller prefixes "base/" or "sft/".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from forgetray import probes
+from forgetray.data.passages import load_passages
+from forgetray.metrics import perplexity
+
+
+@dataclass(frozen=True)
+class ProbeSuite:
+    benchmarks: dict  # name -> {"questions": [MCQuestion], "shots": [MCQuestion], "score": "letter"|"acc"|"acc_norm"}
+    passages: list
+    n_shot: int
+    batch_size: int
+    max_length: int
+
+    @classmethod
+    def load(cls, resolved: dict, trial) -> "ProbeSuite":
+        benchmarks = {}
+        for name, bench in resolved["benchmarks"].items():
+            questions = probes.load_mc_jsonl(bench["path"])
+            # k-shot examples are the first k questions, which are then not scored (never a question's own answer).
+            shots, scored = questions[: trial.n_shot], questions[trial.n_shot:]
+            benchmarks[name] = {"questions": scored, "shots": shots, "score": bench["score"]}
+        passages = load_passages(resolved["probe_set"]["path"], limit=trial.probe_passages)
+        return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate(model, tokenizer, suite: ProbeSuite, device) -> tuple[dict, dict]:
+    """-> (metrics, per-question frames by benchmark). Both are complete on rank 0 only."""
+    rank, world = _distributed()
+    metrics: dict[str, float] = {}
+    frames: dict[str, pd.DataFrame] = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for name, bench in suite.benchmarks.items():
+            local = probes.probe_knowledge(
+                model, tokenizer, bench["questions"], batch_size=suite.batch_size, max_length=suite.max_length,
+                n_shot=suite.n_shot, shots=bench["shots"], device=device, shard=(rank, world),
+            )
+            if world > 1:
+                gathered = [None] * world if rank == 0 else None
+                dist.gather_object(local, gathered, dst=0)
+                local = probes.merge_shards(gathered) if rank == 0 else local
+            if rank == 0:
+                frames[name] = local
+                summary = probes.summarize_knowledge(local)
+                for key, value in summary.items():
+                    metrics[f"{name}/{key}"] = float(value)
+                # The primary knowledge score under one name, so stage analysis needs no per-benchmark logic.
+                metrics[f"{name}/knowledge"] = float(summary[{"letter": "letter_acc"}.get(bench["score"], bench["score"])])
+        nll, n_tokens = probes.probe_perplexity(
+            model, tokenizer, suite.passages, batch_size=suite.batch_size, max_length=suite.max_length,
+            device=device, shard=(rank, world),
+        )
+        if world > 1:
+            sums = torch.tensor([nll, float(n_tokens)], dtype=torch.float64)
+            dist.all_reduce(sums)
+            nll, n_tokens = float(sums[0]), int(sums[1])
+        metrics["probe/ppl"] = float(perplexity(nll, n_tokens))
+        metrics["probe/tokens"] = float(n_tokens)
+    model.train(was_training)
+    return metrics, frames
