@@ -50,7 +50,7 @@ def resolve_model(name: str) -> dict:
         # Offline (tests, air-gapped clusters): the hub id must already be in the local Hugging Face cache.
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
         if not isinstance(cached, str):
             raise SpecError(f"setting 'model': hub model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1")
     return {"kind": "hub", "name": name, "path": name}

@@ -163,16 +163,22 @@ def make_report_logger(tracking_uri: str, run_id: str, base_eval_dir: str):
     class MlflowReportLogger(UserCallback):
         def __init__(self):
             self._tracker = None
+            self._logged_steps: set[int] = set()
 
         def _get(self) -> Tracker:
             if self._tracker is None:
                 self._tracker = Tracker(tracking_uri)
+                # A resumed trial re-attaches to its run: steps it already logged are not logged twice.
+                for sentinel in ("base/probe/ppl", "sft/probe/ppl"):
+                    self._logged_steps |= {m.step for m in self._tracker.client.get_metric_history(run_id, sentinel)}
             return self._tracker
 
         def after_report(self, run_context, metrics, checkpoint):
             report = metrics[0]  # rank 0 holds the gathered probe results
             step = int(report["epoch"])
             tracker = self._get()
+            if step in self._logged_steps:
+                return
             tracker.log_metrics(run_id, {k: v for k, v in report.items() if k != "epoch"}, step)
             if step == 0 and Path(base_eval_dir).is_dir():
                 tracker.log_artifacts(run_id, Path(base_eval_dir), "probes/base")
@@ -181,5 +187,6 @@ def make_report_logger(tracking_uri: str, run_id: str, base_eval_dir: str):
                     probes_dir = Path(ckpt) / "probes"
                     if probes_dir.is_dir():
                         tracker.log_artifacts(run_id, probes_dir, f"probes/sft/epoch_{step:03d}")
+            self._logged_steps.add(step)
 
     return MlflowReportLogger()

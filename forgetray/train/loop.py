@@ -32,7 +32,6 @@ FAIL_ONCE_ENV = "FORGETRAY_FAIL_ONCE"
 
 
 def ift_worker(config: dict) -> None:
-    import deepspeed
     import ray.train
 
     trial = TrialConfig.from_dict(config["trial"])
@@ -54,14 +53,7 @@ def ift_worker(config: dict) -> None:
                          f"max_length={trial.max_length}, fewer than batch_size={trial.batch_size}")
     suite = ProbeSuite.load(resolved, trial)
 
-    total_steps = steps_per_epoch * trial.epochs
-    warmup = warmup_steps(total_steps, trial.warmup_ratio)
-    opt = optimizer_settings(trial)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=trial.lr, betas=tuple(opt["betas"]), eps=opt["eps"],
-                                  weight_decay=trial.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, trial.lr_schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, scheduler = build_engine(model, trial, ds_config, total_steps=steps_per_epoch * trial.epochs)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -77,7 +69,7 @@ def ift_worker(config: dict) -> None:
 
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         t0 = time.perf_counter()
-        train_stats = _train_epoch(engine, data, trial, epoch, rank, world, tokenizer.pad_token_id, device)
+        train_stats = train_epoch(engine, data, trial, epoch, rank, world, tokenizer.pad_token_id, device)
         seconds = time.perf_counter() - t0
         probe_metrics, frames = evaluate(engine, tokenizer, suite, device)
         metrics = {
@@ -96,6 +88,20 @@ def ift_worker(config: dict) -> None:
                              checkpoint_dir_name=f"epoch_{epoch:03d}")
         if rank == 0:
             _maybe_fail_once(epoch)
+
+
+def build_engine(model, trial: TrialConfig, ds_config: dict, total_steps: int):
+    """The DeepSpeed engine with forgetray's client optimizer (AdamW) and lr schedule (warm-up + cosine)."""
+    import deepspeed
+
+    warmup = warmup_steps(total_steps, trial.warmup_ratio)
+    opt = optimizer_settings(trial)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trial.lr, betas=tuple(opt["betas"]), eps=opt["eps"],
+                                  weight_decay=trial.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, trial.lr_schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, scheduler
 
 
 def _device() -> torch.device:
@@ -151,7 +157,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _train_epoch(engine, data, trial: TrialConfig, epoch: int, rank: int, world: int, pad_id: int, device) -> dict:
+def train_epoch(engine, data, trial: TrialConfig, epoch: int, rank: int, world: int, pad_id: int, device) -> dict:
     """One epoch: global batch s = order[s*B:(s+1)*B]; rank r takes its contiguous slice of it, split into
     gradient-accumulation micro-batches. The incomplete last global batch is dropped."""
     order = _epoch_order(len(data), trial.seed, epoch)

@@ -1,0 +1,82 @@
+"""Shared fixtures: local HF-format models and data, an offline hub cache, the test-sized organism, and Ray hygiene."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub (it reads these once): no test may reach the network, and hub ids resolve
+# from a cache the tests fill themselves. Ray workers inherit this environment.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="forgetray-hf-hub-")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import fixtures  # noqa: E402
+
+HUB_ID = "forgetray-tests/tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def fixture_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fixture-files")
+    return {
+        "model": fixtures.make_model_dir(root / "tiny-llama"),
+        "dataset": fixtures.make_alpaca_file(root / "ift.jsonl", n=40),
+        "benchmark": fixtures.make_benchmark_file(root / "bench.jsonl"),
+        "probe_set": fixtures.make_passages_file(root / "probe.jsonl"),
+    }
+
+
+@pytest.fixture(scope="session")
+def hub_model(fixture_files) -> str:
+    """HUB_ID placed in the session's Hugging Face hub cache, laid out as `huggingface_hub` writes it, so loading the
+    model by its hub id goes through the real hub code path (with HF_HUB_OFFLINE=1: nothing is downloaded)."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    repo = cache / ("models--" + HUB_ID.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(fixture_files["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return HUB_ID
+
+
+@pytest.fixture(scope="session")
+def test_organism(tmp_path_factory) -> Path:
+    """The tiny organism configuration, built once per test session (seconds)."""
+    from forgetray import organism
+
+    root = tmp_path_factory.mktemp("organism") / "built"
+    organism.build(config=organism.OrganismConfig.for_tests(), root=root, progress=lambda _msg: None)
+    return root
+
+
+@pytest.fixture
+def use_test_organism(test_organism, monkeypatch):
+    monkeypatch.setenv("FORGETRAY_ORGANISM", str(test_organism))
+    from forgetray.resources import clear_cache
+
+    clear_cache()
+    yield test_organism
+    clear_cache()
+
+
+@pytest.fixture
+def ray_session():
+    """Tests that run sweeps start a local Ray (through forgetray) and must leave none behind."""
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,96 @@
+"""The CLI on bad input: one line naming what is wrong, exit code 2, before Ray starts, nothing written."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from forgetray.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+
+def write_sweep(path, body: str):
+    path.write_text("# forgetray run " + path.name + "\nfrom forgetray import Sweep, grid\n" + textwrap.dedent(body))
+    return str(path)
+
+
+@pytest.fixture
+def files(fixture_files):
+    return {k: str(v) for k, v in fixture_files.items()}
+
+
+def good_settings(files, **extra) -> str:
+    settings = {"model": repr(files["model"]), "dataset": repr(files["dataset"]),
+                "benchmarks": repr([files["benchmark"]]), "probe_set": repr(files["probe_set"]), **extra}
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def test_validate_accepts_a_good_sweep(in_tmp_cwd, files, capsys):
+    path = write_sweep(in_tmp_cwd / "good.py", f"sweep = Sweep('good', {good_settings(files, epochs='grid([1, 2])')})\n")
+    assert main(["validate", path]) == EXIT_OK
+    assert "2 trial(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"foo": "1"}, "unknown axis 'foo'"),
+    ({"dataset": "'alpaca-gpt4'"}, "setting 'dataset': unknown dataset 'alpaca-gpt4'"),
+    ({"epochs": "'three'"}, "setting 'epochs' must be int, got str"),
+    ({"epochs": "grid([])"}, "grid([]) is empty"),
+    ({"epochs": "0"}, "setting 'epochs' must be >= 1"),
+    ({"dataset": "'missing.jsonl'"}, "data file 'missing.jsonl' does not exist"),
+    ({"model": "'./no/such/model'"}, "model directory './no/such/model' does not exist"),
+    ({"benchmarks": "['nope.jsonl']"}, "benchmark file 'nope.jsonl' does not exist"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(in_tmp_cwd, files, capsys, override, message, command):
+    import ray
+
+    path = write_sweep(in_tmp_cwd / "bad.py", f"sweep = Sweep('bad', {good_settings(files, **override)})\n")
+    assert main([command, path]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err and err.startswith("forgetray: error: ")
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in in_tmp_cwd.iterdir()) == ["bad.py"]  # no store, no storage, no run
+
+
+def test_malformed_data_file_names_its_line(in_tmp_cwd, files, capsys):
+    data = in_tmp_cwd / "broken.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"}\n{"instruction": "x"}\n')
+    path = write_sweep(in_tmp_cwd / "s.py", f"sweep = Sweep('s', {good_settings(files, dataset=repr(str(data)))})\n")
+    assert main(["run", path]) == EXIT_BAD_INPUT
+    assert "broken.jsonl:3: missing field 'output'" in capsys.readouterr().err
+
+
+def test_sweep_file_problems(in_tmp_cwd, capsys):
+    assert main(["validate", "nope.py"]) == EXIT_BAD_INPUT
+    assert "sweep file 'nope.py' does not exist" in capsys.readouterr().err
+    path = write_sweep(in_tmp_cwd / "nosweep.py", "x = 1\n")
+    assert main(["validate", path]) == EXIT_BAD_INPUT
+    assert "must define a module-level `sweep" in capsys.readouterr().err
+    path = write_sweep(in_tmp_cwd / "typo.py", "\n\nsweep = Sweep('t', epochs=grid([1, 0]))\n")
+    assert main(["validate", path]) == EXIT_BAD_INPUT
+    assert "typo.py:5: setting 'epochs' must be >= 1" in capsys.readouterr().err
+
+
+def test_set_overrides_are_validated(in_tmp_cwd, files, capsys):
+    path = write_sweep(in_tmp_cwd / "s.py", f"sweep = Sweep('s', {good_settings(files)})\n")
+    assert main(["validate", path, "--set", "epochs=[1,2,3]"]) == EXIT_OK
+    assert "3 trial(s)" in capsys.readouterr().out
+    assert main(["validate", path, "--set", "epoch=3"]) == EXIT_BAD_INPUT
+    assert "unknown axis 'epoch'" in capsys.readouterr().err
+
+
+def test_every_sweep_file_starts_with_its_command_and_validates_offline():
+    """sweeps/*.py: first line is the command that runs it; cluster sweeps name hub models, which only resolve on
+    the cluster, so here they are checked for structure (the file loads and builds a Sweep)."""
+    from pathlib import Path
+
+    from forgetray.cli import load_sweep
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.py"))
+    assert files, "no sweep files"
+    for file in files:
+        first = file.read_text().splitlines()[0]
+        assert first.startswith("# forgetray run sweeps/" + file.name), f"{file.name}: first line is {first!r}"
+        assert load_sweep(str(file)).size >= 1

@@ -1,0 +1,264 @@
+"""The model organism: deterministic world and build, the promised file formats, the splits the science relies on
+(IFT data disjoint from the facts, probing set disjoint from the restoring pool, benchmark only about the held-out
+half), tokenizer and models loadable as ordinary Hugging Face directories, and the build cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from forgetray import organism
+from forgetray.organism import OrganismConfig, OrganismNotBuilt, world
+
+TEST_CONFIG = OrganismConfig.for_tests()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    return organism.build(TEST_CONFIG, root=tmp_path_factory.mktemp("organism") / "root", progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory) -> Path:
+    """The data files of the DEFAULT config (generation only, no training: well under a second)."""
+    data_dir = tmp_path_factory.mktemp("default") / "data"
+    world.write_data(OrganismConfig(), data_dir)
+    return data_dir
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- determinism ---------------------------------------------------------------------------------------------------
+
+def test_world_generation_is_deterministic_and_seeded(tmp_path):
+    world.write_data(TEST_CONFIG, tmp_path / "a")
+    world.write_data(TEST_CONFIG, tmp_path / "b")
+    world.write_data(dataclasses.replace(TEST_CONFIG, seed=1), tmp_path / "c")
+    a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[name] != c[name] for name in a)
+
+
+def test_build_twice_gives_identical_tokenizer_data_and_weights(built, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    again = organism.build(TEST_CONFIG, root=tmp_path / "again", progress=lambda _: None)
+    first, second = _files(built), _files(again)
+    for name in first:
+        if name.startswith(("tokenizer/", "data/")) or name.endswith(("tokenizer.json", "config.json")):
+            assert first[name] == second[name], name
+    for model in organism.MODEL_SIZES:
+        a = load_file(built / "models" / model / "model.safetensors")
+        b = load_file(again / "models" / model / "model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{model}: {key}"
+    assert organism.read_manifest(built)["fingerprint"] == organism.read_manifest(again)["fingerprint"]
+
+
+# --- file formats --------------------------------------------------------------------------------------------------
+
+def _check_formats(data_dir: Path) -> dict[str, list[dict]]:
+    records = {name: world.read_jsonl(data_dir / file) for name, file in world.DATA_FILES.items()}
+    for r in records["pretrain_corpus"]:
+        assert set(r) == {"text"} and isinstance(r["text"], str) and r["text"]
+    for r in records[organism.BENCHMARK]:
+        assert set(r) == {"id", "question", "choices", "answer", "subject", "entity"}
+        assert isinstance(r["question"], str) and isinstance(r["subject"], str) and isinstance(r["entity"], str)
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and all(isinstance(c, str) for c in r["choices"])
+        assert isinstance(r["answer"], int) and 0 <= r["answer"] <= 3
+    for name in organism.IFT_DATASETS:
+        assert records[name]
+        for r in records[name]:
+            assert set(r) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in r.values())
+            assert r["instruction"] and r["output"]
+        assert any(r["input"] for r in records[name]) and any(not r["input"] for r in records[name])
+    for name in (organism.RESTORING_POOL, organism.PROBE_SET):
+        for r in records[name]:
+            assert set(r) == {"id", "text"} and isinstance(r["id"], str) and r["text"]
+    for name in (organism.BENCHMARK, organism.RESTORING_POOL, organism.PROBE_SET):
+        ids = [r["id"] for r in records[name]]
+        assert len(ids) == len(set(ids)), f"{name}: duplicate ids"
+    return records
+
+
+def test_every_file_has_the_documented_fields(built, default_data):
+    _check_formats(built / "data")
+    _check_formats(default_data)
+
+
+# --- the splits the science relies on ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["test", "default"])
+def test_splits(which, built, default_data):
+    config = TEST_CONFIG if which == "test" else OrganismConfig()
+    records = _check_formats(built / "data" if which == "test" else default_data)
+    w = world.make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
+    mentions = lambda text, entity: re.search(rf"\b{re.escape(entity)}\b", text) is not None  # noqa: E731
+
+    # Instruction data never pairs an entity with any of its attribute values.
+    for name in organism.IFT_DATASETS:
+        for r in records[name]:
+            text = " ".join(r.values())
+            for entity in w.entities:
+                if mentions(text, entity):
+                    assert not any(re.search(rf"\b{re.escape(v)}\b", text) for v in w.facts[entity].values()), r
+
+    # Probing set and restoring pool share no passage.
+    pool = {r["text"] for r in records[organism.RESTORING_POOL]}
+    probe = {r["text"] for r in records[organism.PROBE_SET]}
+    assert len(pool) == config.restore_passages and len(probe) == config.probe_passages
+    assert not pool & probe
+
+    # The benchmark asks about every fact of the held-out half, which the pool and the exam pages never mention...
+    bench = records[organism.BENCHMARK]
+    assert {r["entity"] for r in bench} == set(w.heldout_entities)
+    assert len(bench) == len(w.heldout_entities) * len(w.attributes)
+    exam_pages = [r["text"] for r in records["pretrain_corpus"] if r["text"].startswith("The following are")]
+    for entity in w.heldout_entities:
+        assert not any(mentions(t, entity) for t in pool | probe)
+        assert not any(mentions(t, entity) for t in exam_pages)
+    # ...but the prose of the corpus states each of its facts.
+    prose = [r["text"] for r in records["pretrain_corpus"] if not r["text"].startswith("The following are")]
+    for r in bench[:20]:
+        value = r["choices"][r["answer"]]
+        assert any(mentions(t, r["entity"]) and re.search(rf"\b{re.escape(value)}\b", t, re.I) for t in prose)
+
+    # Answer positions are balanced over A-D.
+    counts = Counter(r["answer"] for r in bench)
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_default_ift_sets_are_alpaca_shaped_and_sized(default_data):
+    for name in organism.IFT_DATASETS:
+        records = world.read_jsonl(default_data / world.DATA_FILES[name])
+        assert 200 <= len(records) <= 1000
+        assert sum(bool(r["input"]) for r in records) >= len(records) // 5
+
+
+# --- tokenizer and models ------------------------------------------------------------------------------------------
+
+def test_tokenizer_letters_are_single_tokens_and_nothing_is_added(built):
+    from transformers import AutoTokenizer
+
+    for directory in [built / "tokenizer"] + [built / "models" / m for m in organism.MODEL_SIZES]:
+        tok = AutoTokenizer.from_pretrained(directory)
+        for piece in ("A", "B", "C", "D", " A", " B", " C", " D"):
+            assert len(tok.encode(piece, add_special_tokens=False)) == 1, piece
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+        ids = tok("Question: Who?\nAnswer: B")["input_ids"]
+        assert tok.bos_token_id not in ids and tok.eos_token_id not in ids
+        assert tok.decode(ids) == "Question: Who?\nAnswer: B"
+
+
+def test_models_load_as_hugging_face_directories(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in organism.MODEL_SIZES:
+        path = organism.model_path(name, root=built)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama" and model.config.max_position_embeddings >= 512
+        assert model.config.vocab_size == len(tok)
+        ids = torch.tensor([[tok.bos_token_id, *tok.encode("Question: What is it?\nAnswer:")]])
+        with torch.no_grad():
+            assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+        info = organism.read_manifest(built)["models"][name]
+        assert info["n_params"] == sum(p.numel() for p in model.parameters())
+        assert 0.0 <= info["base_option_accuracy"] <= 1.0
+
+
+def test_option_accuracy_scores_the_continuation():
+    import torch
+
+    from forgetray.organism.build import option_accuracy
+    from forgetray.organism.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a cat and a dog and a cow"] * 20 + ["Question: Answer:"] * 5, 300, 64)
+    favoured = tok.encode(" cat", add_special_tokens=False)
+    assert len(favoured) == 1
+
+    class AlwaysCat(torch.nn.Module):  # a "model" that puts all probability on " cat" at every position
+        def forward(self, input_ids):
+            logits = torch.full((*input_ids.shape, len(tok)), -30.0)
+            logits[..., favoured[0]] = 0.0
+            return type("Out", (), {"logits": logits})()
+
+    questions = [
+        {"question": "Which?", "choices": ["cat", "dog", "cow", "dog and cow"], "answer": 0},
+        {"question": "Which?", "choices": ["dog", "cat", "cow", "cat and dog"], "answer": 3},
+    ]
+    assert option_accuracy(AlwaysCat(), tok, questions) == 0.5
+
+
+# --- the cache -----------------------------------------------------------------------------------------------------
+
+def test_build_is_idempotent(built):
+    manifest = (built / "manifest.json").stat().st_mtime_ns
+    messages = []
+    start = time.perf_counter()
+    assert organism.build(TEST_CONFIG, root=built, progress=messages.append) == built
+    assert time.perf_counter() - start < 1.0
+    assert (built / "manifest.json").stat().st_mtime_ns == manifest
+    assert not messages
+
+
+def test_build_refuses_to_overwrite_another_organism(built, tmp_path):
+    with pytest.raises(FileExistsError):
+        organism.build(dataclasses.replace(TEST_CONFIG, seed=7), root=built, progress=lambda _: None)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(FileExistsError):
+        organism.build(TEST_CONFIG, root=tmp_path / "junk", progress=lambda _: None)
+
+
+def test_manifest_lists_the_files_with_their_hashes(built):
+    import hashlib
+
+    manifest = organism.read_manifest(built)
+    assert manifest["fingerprint"] == TEST_CONFIG.fingerprint()
+    assert manifest["config"] == json.loads(json.dumps(dataclasses.asdict(TEST_CONFIG)))
+    assert set(manifest["models"]) == set(organism.MODEL_SIZES)
+    for rel, info in manifest["files"].items():
+        assert hashlib.sha256((built / rel).read_bytes()).hexdigest() == info["sha256"]
+    for name in organism.IFT_DATASETS:
+        assert manifest["datasets"][name]["tokens_per_epoch"] > 0
+
+
+def test_missing_organism_raises_organism_not_built(tmp_path):
+    missing = tmp_path / "nothing-here"
+    for call in (lambda: organism.model_path("organism-tiny", root=missing),
+                 lambda: organism.data_path(organism.BENCHMARK, root=missing)):
+        with pytest.raises(OrganismNotBuilt, match="forgetray organism build"):
+            call()
+    with pytest.raises(ValueError):
+        organism.data_path("organism-nope", root=missing)
+
+
+def test_paths_and_names(built, monkeypatch, tmp_path):
+    monkeypatch.delenv("FORGETRAY_ORGANISM", raising=False)
+    monkeypatch.setenv("FORGETRAY_HOME", str(tmp_path))
+    assert organism.organism_dir() == tmp_path / "organism" / OrganismConfig().fingerprint()
+    assert organism.organism_dir(TEST_CONFIG) == tmp_path / "organism" / TEST_CONFIG.fingerprint()
+    assert OrganismConfig().fingerprint() != TEST_CONFIG.fingerprint()
+    monkeypatch.setenv("FORGETRAY_ORGANISM", str(built))
+    assert organism.organism_dir() == built
+    assert organism.model_path("organism-small") == built / "models" / "organism-small"
+    assert organism.data_path(organism.PROBE_SET) == built / "data" / "organism-probe.jsonl"
+    assert organism.build(progress=lambda _: None) == built  # an explicitly named organism is taken as it is
+    names = organism.MODEL_SIZES + organism.IFT_DATASETS + (organism.BENCHMARK, organism.PROBE_SET,
+                                                            organism.RESTORING_POOL)
+    assert all(organism.is_organism_name(n) for n in names)
+    assert not organism.is_organism_name("meta-llama/Llama-2-7b-hf")
+    assert not organism.is_organism_name("./data/alpaca.jsonl")

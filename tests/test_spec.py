@@ -1,0 +1,92 @@
+"""Grid expansion and validation of sweeps (pure, no Ray)."""
+
+import pytest
+
+from forgetray import Sweep, TrialConfig, grid
+from forgetray.spec import SETTINGS, SpecError, flatten, parse_override
+
+
+def test_grid_expands_to_cartesian_product_in_order():
+    sweep = Sweep("s", model=grid(["a-model", "b-model"]), epochs=grid([1, 2, 3]), lr=2e-5)
+    assert sweep.size == 6
+    assert [(t.model, t.epochs) for t in sweep.trials] == [
+        ("a-model", 1), ("a-model", 2), ("a-model", 3), ("b-model", 1), ("b-model", 2), ("b-model", 3)]
+    assert all(t.lr == 2e-5 for t in sweep.trials)
+    assert sweep.axes == {"model": ("a-model", "b-model"), "epochs": (1, 2, 3)}
+
+
+def test_single_values_make_one_trial_with_defaults():
+    sweep = Sweep("s")
+    assert sweep.size == 1 and sweep.trials[0] == TrialConfig()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"foo": 1}, "unknown axis 'foo'"),
+    ({"epochs": 0}, "'epochs' must be >= 1"),
+    ({"epochs": grid([2, 0])}, "'epochs' must be >= 1"),
+    ({"epochs": "3"}, "'epochs' must be int, got str"),
+    ({"epochs": True}, "'epochs' must be int, got bool"),
+    ({"lr": "fast"}, "'lr' must be float"),
+    ({"zero_stage": 4}, "'zero_stage' must be 0, 1, 2 or 3"),
+    ({"batch_size": 10, "workers": 3}, "'batch_size' must be a multiple of workers = 3"),
+    ({"batch_size": 16, "micro_batch_size": 3}, "multiple of micro_batch_size x workers = 3"),
+    ({"precision": "bf16"}, "bf16/fp16 need gpus_per_worker"),
+    ({"primary_score": {"other": "acc"}}, "names benchmark 'other'"),
+    ({"primary_score": {"organism-facts": "f1"}}, "must map to one of"),
+    ({"model": ""}, "'model' must name a model"),
+    ({"lr": grid([1e-3, 1e-3])}, "same trial twice"),
+])
+def test_invalid_settings_name_the_setting(kwargs, message):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Sweep("s", **kwargs)
+
+
+def test_empty_grid_and_bad_grid_values():
+    with pytest.raises(SpecError, match="empty"):
+        grid([])
+    with pytest.raises(SpecError, match="list of values"):
+        grid("abc")
+
+
+def test_bad_sweep_name():
+    with pytest.raises(SpecError, match="sweep name"):
+        Sweep("has space")
+
+
+def test_int_is_accepted_for_float_and_converted():
+    assert TrialConfig(lr=1).lr == 1.0 and isinstance(TrialConfig(lr=1).lr, float)
+
+
+def test_derived_batching():
+    t = TrialConfig(batch_size=32, workers=2, micro_batch_size=4)
+    assert (t.micro_batch, t.grad_accum) == (4, 4)
+    t = TrialConfig(batch_size=32, workers=2)
+    assert (t.micro_batch, t.grad_accum) == (16, 1)
+
+
+def test_dict_round_trip_and_hash_stability():
+    t = TrialConfig(benchmarks=["organism-facts"], primary_score={"organism-facts": "acc_norm"}, epochs=4)
+    back = TrialConfig.from_dict(t.to_dict())
+    assert back == t and back.config_hash() == t.config_hash()
+    assert TrialConfig(epochs=5).config_hash() != t.config_hash()
+    assert t.primary_score_for("organism-facts", "letter") == "acc_norm"
+    with pytest.raises(SpecError, match="unknown setting 'nope'"):
+        TrialConfig.from_dict({"nope": 1})
+
+
+def test_overrides():
+    sweep = Sweep("s", epochs=grid([1, 2]))
+    assert parse_override("lr=0.01") == ("lr", 0.01)
+    assert parse_override("epochs=[1,2,3]")[1] == grid([1, 2, 3])
+    assert parse_override("model=some/hub-id") == ("model", "some/hub-id")
+    changed = sweep.with_overrides(dict([parse_override("epochs=[3]"), parse_override("lr=0.5")]))
+    assert [(t.epochs, t.lr) for t in changed.trials] == [(3, 0.5)]
+    with pytest.raises(SpecError, match="unknown axis 'epoch'"):
+        parse_override("epoch=3")
+    with pytest.raises(SpecError, match="key=value"):
+        parse_override("epochs")
+
+
+def test_every_setting_has_a_default_and_flatten():
+    assert set(TrialConfig().to_dict()) == set(SETTINGS)
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
