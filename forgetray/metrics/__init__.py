@@ -10,6 +10,28 @@ from forgetray.metrics.knowledge import (
     perplexity,
     token_logprobs,
 )
+from forgetray.metrics.memorization import IGNORE_INDEX, em_ratio, exact_memorization
+from forgetray.metrics.significance import (
+    BootstrapResult,
+    McNemarResult,
+    mcnemar,
+    paired_bootstrap,
+    significant_drop,
+)
+from forgetray.metrics.stage import (
+    ACTUAL_FORGETTING,
+    NO_FORGETTING,
+    NOT_RESTORED,
+    PSEUDO_FORGETTING,
+    STAGE_CODES,
+    STAGES,
+    StageResult,
+    classify_checkpoint,
+    classify_fixed,
+    is_restored,
+    stage_from_drops,
+    transition_epoch,
+)
 
 __all__ = [
     "accuracy",
@@ -20,4 +42,27 @@ __all__ = [
     "option_likelihood_predictions",
     "perplexity",
     "token_logprobs",
+    # memorization
+    "IGNORE_INDEX",
+    "em_ratio",
+    "exact_memorization",
+    # significance
+    "BootstrapResult",
+    "McNemarResult",
+    "mcnemar",
+    "paired_bootstrap",
+    "significant_drop",
+    # stage
+    "ACTUAL_FORGETTING",
+    "NO_FORGETTING",
+    "NOT_RESTORED",
+    "PSEUDO_FORGETTING",
+    "STAGE_CODES",
+    "STAGES",
+    "StageResult",
+    "classify_checkpoint",
+    "classify_fixed",
+    "is_restored",
+    "stage_from_drops",
+    "transition_epoch",
 ]

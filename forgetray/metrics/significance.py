@@ -1,0 +1,128 @@
+"""Paired significance tests on per-question correctness (METHODS.md §4): pure functions, no I/O.
+
+Both model states answer the same questions, so the tests are paired: McNemar's exact test on the discordant
+questions, and a paired bootstrap of the accuracy difference. Inputs are boolean array-likes of shape [N] (0/1
+integers and CPU torch tensors are accepted); `a` is the reference state (e.g. base), `b` the other (e.g. SFT_e),
+and every delta is acc(b) - acc(a).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TESTS = ("mcnemar", "bootstrap")
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """n questions; b01 = a wrong & b right, b10 = a right & b wrong; delta = acc(b) - acc(a); two-sided p."""
+
+    n: int
+    b01: int
+    b10: int
+    delta: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """Observed delta = acc(b) - acc(a) and its percentile confidence interval [low, high]."""
+
+    delta: float
+    low: float
+    high: float
+
+
+def _paired(a_correct, b_correct) -> tuple[np.ndarray, np.ndarray]:
+    """Both correctness vectors as boolean [N] arrays, checked to describe the same N > 0 questions."""
+    arrays = []
+    for name, values in (("a_correct", a_correct), ("b_correct", b_correct)):
+        arr = np.asarray(values)
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional (one entry per question), got shape {arr.shape}")
+        if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean or 0/1")
+        arrays.append(arr.astype(bool))
+    a, b = arrays
+    if a.shape != b.shape:
+        raise ValueError(f"paired tests need the same questions: a_correct {a.shape} vs b_correct {b.shape}")
+    if a.size == 0:
+        raise ValueError("paired tests need at least one question")
+    return a, b
+
+
+def _half_binomial_cdf(k: int, n: int) -> float:
+    """P[X <= k] for X ~ Binomial(n, 1/2), exactly: sum_{i<=k} C(n, i) / 2^n in integers, rounded once at the end.
+
+    Exact integers keep tiny p-values accurate and avoid depending on scipy (not a declared dependency).
+    """
+    term = total = 1
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1) from C(n, i); the division is exact
+        total += term
+    return total / 2**n  # int / int is correctly rounded however large the integers are
+
+
+def mcnemar(a_correct, b_correct) -> McNemarResult:
+    """Exact two-sided McNemar test: a binomial test of b01 against Binomial(b01 + b10, 1/2).
+
+    p = min(1, 2 * P[X <= min(b01, b10)]); with no discordant question p = 1 (the states cannot be told apart).
+    """
+    a, b = _paired(a_correct, b_correct)
+    b01 = int(np.count_nonzero(~a & b))
+    b10 = int(np.count_nonzero(a & ~b))
+    discordant = b01 + b10
+    p_value = 1.0 if discordant == 0 else min(1.0, 2.0 * _half_binomial_cdf(min(b01, b10), discordant))
+    return McNemarResult(n=int(a.size), b01=b01, b10=b10, delta=(b01 - b10) / a.size, p_value=p_value)
+
+
+def paired_bootstrap(
+    a_correct, b_correct, n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95
+) -> BootstrapResult:
+    """Percentile bootstrap CI for acc(b) - acc(a), resampling question indices (the same ones for both states).
+
+    The resampled delta depends only on how many drawn questions have b - a = -1, 0 and +1, so instead of drawing
+    an [n_resamples, N] index matrix each resample draws those three counts from the multinomial they follow
+    under index resampling: the same distribution in O(n_resamples) memory, whatever N is.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    a, b = _paired(a_correct, b_correct)
+    n = a.size
+    worse = np.count_nonzero(a & ~b)  # b - a = -1
+    better = np.count_nonzero(~a & b)  # b - a = +1
+    shares = np.array([worse, n - worse - better, better], dtype=np.float64) / n
+    counts = np.random.default_rng(seed).multinomial(n, shares, size=n_resamples)
+    deltas = (counts[:, 2] - counts[:, 0]) / n
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(deltas, [tail, 1.0 - tail])
+    return BootstrapResult(delta=float(better - worse) / n, low=float(low), high=float(high))
+
+
+def significant_drop(
+    a_correct,
+    b_correct,
+    alpha: float = 0.05,
+    test: str = "mcnemar",
+    *,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> bool:
+    """True iff b is significantly worse than a at level alpha.
+
+    mcnemar: delta < 0 and the two-sided p < alpha. bootstrap: the upper bound of the (1 - alpha) percentile CI is
+    below 0 (n_resamples and seed only matter for the bootstrap).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if test == "mcnemar":
+        result = mcnemar(a_correct, b_correct)
+        return result.delta < 0 and result.p_value < alpha
+    if test == "bootstrap":
+        ci = paired_bootstrap(a_correct, b_correct, n_resamples=n_resamples, seed=seed, confidence=1.0 - alpha)
+        return ci.high < 0
+    raise ValueError(f"unknown test {test!r}; expected one of {TESTS}")

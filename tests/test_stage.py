@@ -1,0 +1,212 @@
+"""Paired significance tests and the stage rule (METHODS.md §4) against hand-worked values and written-out references."""
+
+import math
+
+import numpy as np
+import pytest
+
+from forgetray import metrics
+
+
+def outcomes(n: int, wrong: int, start: int = 0) -> np.ndarray:
+    """n questions, all right except `wrong` consecutive ones from index `start`."""
+    correct = np.ones(n, dtype=bool)
+    correct[start : start + wrong] = False
+    return correct
+
+
+def exact_mcnemar_p(b01: int, b10: int) -> float:
+    """Reference: two-sided exact McNemar p from the binomial formula written out."""
+    n = b01 + b10
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b01, b10) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+# --- McNemar -------------------------------------------------------------------------------------------------------
+
+
+def test_mcnemar_counts_discordant_pairs_and_matches_the_binomial_formula():
+    # 10 questions: 1 gained (a wrong, b right), 9 lost (a right, b wrong): p = 2 * (C(10,0) + C(10,1)) / 2^10.
+    a = np.array([0] + [1] * 9 + [1] * 5 + [0] * 3, dtype=bool)
+    b = np.array([1] + [0] * 9 + [1] * 5 + [0] * 3, dtype=bool)
+    result = metrics.mcnemar(a, b)
+    assert (result.n, result.b01, result.b10) == (18, 1, 9)
+    assert result.delta == pytest.approx((6 - 14) / 18)
+    assert result.p_value == pytest.approx(2 * 11 / 1024, rel=1e-12)
+    assert result.p_value == pytest.approx(exact_mcnemar_p(1, 9), rel=1e-12)
+
+
+@pytest.mark.parametrize("b01,b10", [(0, 1), (3, 3), (4, 7), (12, 30), (0, 25), (40, 2)])
+def test_mcnemar_p_value_equals_the_written_out_reference(b01, b10):
+    a = np.array([False] * b01 + [True] * b10 + [True] * 7)
+    b = np.array([True] * b01 + [False] * b10 + [True] * 7)
+    result = metrics.mcnemar(a, b)
+    assert result.p_value == pytest.approx(exact_mcnemar_p(b01, b10), rel=1e-10)
+    # The test is symmetric; swapping the states negates the delta.
+    swapped = metrics.mcnemar(b, a)
+    assert swapped.p_value == pytest.approx(result.p_value, rel=1e-12)
+    assert swapped.delta == pytest.approx(-result.delta)
+
+
+def test_mcnemar_without_discordant_pairs_gives_p_one():
+    a = np.array([True, False, True, True, False])
+    result = metrics.mcnemar(a, a.copy())
+    assert (result.b01, result.b10, result.delta, result.p_value) == (0, 0, 0.0, 1.0)
+    assert not metrics.significant_drop(a, a)
+
+
+def test_all_discordant_in_one_direction():
+    # k losses and no gains: p = 2 / 2^k, significant at 0.05 from k = 6 on (k = 5 gives 0.0625).
+    base = np.ones(50, dtype=bool)
+    assert metrics.mcnemar(base, outcomes(50, 5)).p_value == pytest.approx(0.0625)
+    assert metrics.mcnemar(base, outcomes(50, 6)).p_value == pytest.approx(0.03125)
+    assert not metrics.significant_drop(base, outcomes(50, 5))
+    assert metrics.significant_drop(base, outcomes(50, 6))
+    # Six gains are just as significant, but not a drop.
+    assert not metrics.significant_drop(outcomes(50, 6), base)
+
+
+def test_paired_inputs_are_validated():
+    with pytest.raises(ValueError, match="same questions"):
+        metrics.mcnemar([True, False], [True])
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.mcnemar([], [])
+    with pytest.raises(ValueError, match="boolean or 0/1"):
+        metrics.mcnemar([0, 2], [1, 1])
+    with pytest.raises(ValueError, match="unknown test"):
+        metrics.significant_drop([True], [False], test="t-test")
+    # 0/1 integers are accepted as correctness.
+    assert metrics.mcnemar([1, 0, 1], [1, 1, 0]).b01 == 1
+
+
+# --- paired bootstrap ----------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_contains_the_true_delta_and_is_deterministic():
+    # 400 questions: b loses 70 of a's right answers and gains 14, so delta = -56/400 = -0.14 exactly.
+    a = np.zeros(400, dtype=bool)
+    a[:280] = True
+    b = a.copy()
+    b[:70] = False
+    b[300:314] = True
+    ci = metrics.paired_bootstrap(a, b, n_resamples=5000, seed=7)
+    assert ci.delta == pytest.approx(-0.14)
+    assert ci.low < -0.14 < ci.high
+    # The normal approximation of the paired difference: se = sqrt((0.21 - 0.14^2) / 400), half-width 1.96 se.
+    half_width = 1.96 * math.sqrt((0.21 - 0.14**2) / 400)
+    assert ci.high - ci.low == pytest.approx(2 * half_width, abs=0.01)
+    assert metrics.paired_bootstrap(a, b, n_resamples=5000, seed=7) == ci
+    assert metrics.paired_bootstrap(a, b, n_resamples=5000, seed=8) != ci
+
+
+def test_bootstrap_matches_naive_index_resampling():
+    # The counts shortcut must give the CI that resampling the same indices for both states gives.
+    rng = np.random.default_rng(5)
+    a = rng.random(200) < 0.6
+    b = rng.random(200) < 0.5
+    idx = np.random.default_rng(99).integers(0, 200, size=(4000, 200))
+    naive = b[idx].mean(axis=1) - a[idx].mean(axis=1)
+    low, high = np.quantile(naive, [0.05, 0.95])
+    ci = metrics.paired_bootstrap(a, b, n_resamples=4000, seed=0, confidence=0.90)
+    assert ci.low == pytest.approx(low, abs=0.01)
+    assert ci.high == pytest.approx(high, abs=0.01)
+
+
+def test_bootstrap_without_discordant_pairs_is_a_point():
+    a = np.array([True, False, True])
+    assert metrics.paired_bootstrap(a, a) == metrics.BootstrapResult(0.0, 0.0, 0.0)
+
+
+def test_bootstrap_drop_decision():
+    base = np.ones(200, dtype=bool)
+    assert metrics.significant_drop(base, outcomes(200, 40), test="bootstrap")
+    assert not metrics.significant_drop(base, outcomes(200, 2), test="bootstrap")
+    assert not metrics.significant_drop(outcomes(200, 40), base, test="bootstrap")
+
+
+# --- stage rule ----------------------------------------------------------------------------------------------------
+
+BASE = np.ones(200, dtype=bool)
+
+
+@pytest.mark.parametrize("test", ["mcnemar", "bootstrap"])
+def test_pseudo_forgetting_when_restoration_brings_the_answers_back(test):
+    result = metrics.classify_checkpoint(BASE, outcomes(200, 40), outcomes(200, 2), 10.0, 10.2, test=test)
+    assert result.stage == metrics.PSEUDO_FORGETTING
+    assert result.d_sft == pytest.approx(-0.2)
+    assert result.d_restored == pytest.approx(-0.01)
+    assert result.restored_ok
+    if test == "mcnemar":
+        assert result.p_sft == pytest.approx(2 / 2**40)
+        assert result.p_restored == pytest.approx(0.5)
+    else:
+        assert result.p_sft is None and result.p_restored is None
+
+
+@pytest.mark.parametrize("test", ["mcnemar", "bootstrap"])
+def test_actual_forgetting_when_restoration_does_not(test):
+    result = metrics.classify_checkpoint(BASE, outcomes(200, 40), outcomes(200, 40, start=100), 10.0, 10.0, test=test)
+    assert result.stage == metrics.ACTUAL_FORGETTING
+    assert result.d_restored == pytest.approx(-0.2)
+
+
+def test_actual_forgetting_takes_precedence_over_an_unchanged_sft_model():
+    result = metrics.classify_checkpoint(BASE, BASE, outcomes(200, 40), 10.0, 10.0)
+    assert result.stage == metrics.ACTUAL_FORGETTING
+
+
+def test_no_forgetting_when_nothing_changes():
+    result = metrics.classify_checkpoint(BASE, BASE, BASE, 10.0, 10.0)
+    assert result.stage == metrics.NO_FORGETTING
+    assert (result.d_sft, result.p_sft, result.p_restored) == (0.0, 1.0, 1.0)
+
+
+def test_restoration_precondition():
+    sft, restored = outcomes(200, 40), outcomes(200, 2)
+    not_restored = metrics.classify_checkpoint(BASE, sft, restored, 10.0, 10.6)
+    assert not_restored.stage == metrics.NOT_RESTORED and not not_restored.restored_ok
+    assert not_restored.d_sft == pytest.approx(-0.2)  # deltas are still reported
+    below_base = metrics.classify_checkpoint(BASE, sft, restored, 10.0, 8.0)
+    assert below_base.restored_ok and below_base.stage == metrics.PSEUDO_FORGETTING
+    assert metrics.is_restored(20.0, 21.0)  # exactly 5% above is within 5%
+    assert not metrics.is_restored(10.0, 1.06 * 10.0)
+    assert not metrics.is_restored(10.0, float("nan"))
+    assert metrics.is_restored(10.0, 10.9, ppl_tolerance=0.1)
+
+
+def test_fixed_threshold_variant():
+    fixed = metrics.classify_fixed
+    assert fixed(0.50, 0.45, 0.49, 10.0, 10.0).stage == metrics.PSEUDO_FORGETTING
+    assert fixed(0.50, 0.45, 0.47, 10.0, 10.0).stage == metrics.ACTUAL_FORGETTING
+    assert fixed(0.50, 0.49, 0.50, 10.0, 10.0).stage == metrics.NO_FORGETTING
+    # A delta of exactly -tau (0.48 - 0.50 is -0.020000000000000018 in floats) is not a drop.
+    assert fixed(0.50, 0.48, 0.48, 10.0, 10.0).stage == metrics.NO_FORGETTING
+    assert fixed(0.50, 0.45, 0.49, 10.0, 10.0, tau=0.1).stage == metrics.NO_FORGETTING
+    result = fixed(0.50, 0.45, 0.47, 10.0, 10.6)
+    assert result.stage == metrics.NOT_RESTORED
+    assert (result.p_sft, result.p_restored) == (None, None)
+    assert result.d_sft == pytest.approx(-0.05) and result.d_restored == pytest.approx(-0.03)
+
+
+def test_transition_epoch_is_the_first_actual_epoch():
+    stages = {
+        4: metrics.ACTUAL_FORGETTING,
+        1: metrics.NO_FORGETTING,
+        3: metrics.ACTUAL_FORGETTING,
+        2: metrics.PSEUDO_FORGETTING,
+    }
+    assert metrics.transition_epoch(stages) == 3
+    assert metrics.transition_epoch({1: metrics.NO_FORGETTING, 2: metrics.NOT_RESTORED}) is None
+    assert metrics.transition_epoch({}) is None
+    with pytest.raises(ValueError, match="unknown stages"):
+        metrics.transition_epoch({1: "forgotten"})
+
+
+def test_stage_codes_cover_every_stage_once():
+    assert set(metrics.STAGE_CODES) == set(metrics.STAGES)
+    assert len(set(metrics.STAGE_CODES.values())) == len(metrics.STAGES)
+    assert metrics.STAGE_CODES[metrics.NOT_RESTORED] == -1
+    assert metrics.STAGE_CODES[metrics.NO_FORGETTING] < metrics.STAGE_CODES[metrics.PSEUDO_FORGETTING]
+    assert metrics.STAGE_CODES[metrics.PSEUDO_FORGETTING] < metrics.STAGE_CODES[metrics.ACTUAL_FORGETTING]
