@@ -91,8 +91,11 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
     from forgetray.trial import run_trial
 
     if not ray.is_initialized():
-        # Joins the cluster of `ray job submit` / RAY_ADDRESS if there is one, else starts a local one.
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        # Joins the cluster of `ray job submit` / RAY_ADDRESS if there is one, else starts a local one. Worker output
+        # (DeepSpeed, Ray Train INFO lines) stays in Ray's log folder unless FORGETRAY_WORKER_LOGS=1: the console
+        # shows forgetray's progress, and a failed trial's error is printed with its traceback snippet anyway.
+        ray.init(include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=os.environ.get("FORGETRAY_WORKER_LOGS", "0") == "1")
     context = {
         "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
@@ -171,6 +174,10 @@ class _Progress(_make_progress_base()):  # type: ignore[misc]
                     f"probe ppl {result.get('sft/probe/ppl', float('nan')):.2f}, "
                     f"{result.get('train/tokens_per_s', 0):.0f} tok/s")
         _say(self.verbose, f"{self._prefix()} {self.names[i]}: {line}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: starting "
+                           "(Ray Train workers, DeepSpeed engine, base-model probes)")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
