@@ -441,17 +441,33 @@ def probe_perplexity(
     _check_sizes(batch_size, max_length)
     texts = list(texts)
     indices, n_real = shard_indices(len(texts), shard)
-    bos, pad_id = _bos(tokenizer), _pad_id(tokenizer)
-    seqs = [(bos + ids)[:max_length] for ids in encode(tokenizer, [texts[i] for i in indices])]
+    scored = passage_nlls(model, tokenizer, [texts[i] for i in indices], batch_size=batch_size,
+                          max_length=max_length, device=device)[:n_real]  # drop the shard's padding copies
+    return float(sum(nll for nll, _ in scored)), int(sum(n for _, n in scored))
 
-    nll_sum, n_tokens = 0.0, 0
+
+def passage_nlls(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: Any = "cpu",
+) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) of each passage, in order: [BOS] + tokens cut to max_length, every token after
+    the first scored. What probing perplexity sums and what restoring-pool ranking sorts by."""
+    _check_sizes(batch_size, max_length)
+    bos, pad_id = _bos(tokenizer), _pad_id(tokenizer)
+    seqs = [(bos + ids)[:max_length] for ids in encode(tokenizer, list(texts))]
+    out: list[tuple[float, int]] = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
         # An empty passage (no BOS, no text) still takes its slot, as a pad token, so batch counts stay equal.
         logits = _forward(model, [seq or [pad_id] for seq in batch], pad_id, device)
         for j, seq in enumerate(batch):
-            if start + j >= n_real or len(seq) < 2:  # a padding copy, or nothing to score
+            if len(seq) < 2:  # nothing to score
+                out.append((0.0, 0))
                 continue
-            nll_sum -= float(metrics.token_logprobs(logits[j, : len(seq) - 1], seq[1:]).sum())
-            n_tokens += len(seq) - 1
-    return nll_sum, n_tokens
+            out.append((-float(metrics.token_logprobs(logits[j, : len(seq) - 1], seq[1:]).sum()), len(seq) - 1))
+    return out
