@@ -111,6 +111,23 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
     # --- reading back ---
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def sweep_runs(self, experiment_name: str) -> list:
+        """The experiment's sweep executions (parent runs), newest first."""
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return []
+        return self.client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+                                       order_by=["attributes.start_time DESC"], max_results=1000)
+
+    def download_artifacts(self, run_id: str, path: str, dst: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        return [f.path for f in self.client.list_artifacts(run_id, path)]
+
     def trial_runs(self, parent_run_id: str) -> list:
         parent = self.client.get_run(parent_run_id)
         return self.client.search_runs(
