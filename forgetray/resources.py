@@ -119,26 +119,29 @@ def resolve_benchmark(name: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def resolve_probe_set(name: str) -> dict:
+def resolve_passages(name: str, setting: str = "probe_set") -> dict:
+    """A plain-text passage set (probing set or restoring pool). The pool is only checked line by line while it is
+    streamed (it may be far larger than RAM); here its first line is parsed."""
     from forgetray import organism
     from forgetray.data.passages import load_passages
 
+    known = (organism.PROBE_SET,) if setting == "probe_set" else (organism.RESTORING_POOL,)
     if organism.is_organism_name(name):
-        if name not in (organism.PROBE_SET, organism.RESTORING_POOL):
-            raise SpecError(f"setting 'probe_set': unknown probing set {name!r} (organism: {organism.PROBE_SET})")
+        if name not in known:
+            raise SpecError(f"setting {setting!r}: unknown passage set {name!r} (organism: {known[0]})")
         try:
             path = organism.data_path(name)
         except organism.OrganismNotBuilt as exc:
-            raise SpecError(f"setting 'probe_set': {exc}") from None
+            raise SpecError(f"setting {setting!r}: {exc}") from None
     else:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
-            raise SpecError(f"setting 'probe_set': probing set file {name!r} does not exist")
+            raise SpecError(f"setting {setting!r}: passage file {name!r} does not exist")
     try:
-        n = len(load_passages(path))
+        n = len(load_passages(path, limit=None if setting == "probe_set" else 1))
     except ValueError as exc:
-        raise SpecError(f"setting 'probe_set': {exc}") from None
-    return {"name": name, "path": str(path), "passages": n}
+        raise SpecError(f"setting {setting!r}: {exc}") from None
+    return {"name": name, "path": str(path), "passages": n if setting == "probe_set" else None}
 
 
 def benchmark_key(name: str) -> str:
@@ -162,13 +165,14 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         "model": resolve_model(trial.model),
         "dataset": resolve_dataset(trial.dataset),
         "benchmarks": benchmarks,
-        "probe_set": resolve_probe_set(trial.probe_set),
+        "probe_set": resolve_passages(trial.probe_set, "probe_set"),
+        "restore_pool": resolve_passages(trial.restore_pool, "restore_pool") if trial.restore_pool else None,
     }
 
 
 def clear_cache() -> None:
     """Forget resolutions (tests build and delete organisms; a long-lived process may see files change)."""
-    for fn in (resolve_model, resolve_dataset, resolve_benchmark, resolve_probe_set):
+    for fn in (resolve_model, resolve_dataset, resolve_benchmark, resolve_passages):
         fn.cache_clear()
 
 

@@ -43,6 +43,7 @@ def grid(values: Iterable[Any]) -> Grid:
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "constant")
 KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm")
+STAGE_TESTS = ("mcnemar", "bootstrap")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,18 @@ class TrialConfig:
     probe_passages: int = 500  # how many passages of the probing set are scored
     probe_max_length: int = 256
     probe_batch_size: int = 32
+    early_checkpoints: int = 0  # extra probe points inside epoch 1 (evenly spaced steps), to locate format alignment
+    em_examples: int = 0  # IFT examples scored for exact memorization EM; 0 = all of them
+    # --- restoration (METHODS.md §2) and the stage rule (§4) ---
+    restore_pool: str = ""  # plain-text pool (name or .jsonl); "" = no restoration
+    restore_lr: float = 3e-5
+    restore_batch_size: int = 16  # global batch of packed sequences
+    restore_seq_len: int = 256  # restoring text is packed into sequences of this length
+    restore_trajectory_points: int = 10  # probing-PPL measurements along each restoration (Figure 3a)
+    stage_test: str = "mcnemar"  # paired test that decides a significant drop: "mcnemar" | "bootstrap"
+    stage_alpha: float = 0.05
+    stage_tau: float = 0.02  # the fixed-threshold variant's drop threshold on accuracy
+    ppl_tolerance: float = 0.05  # restored probing PPL must be within this fraction of base's
 
     def __post_init__(self):
         # Dicts and lists from sweep files / JSON are normalised to hashable tuples first.
@@ -181,6 +194,17 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.probe_passages >= 1, "probe_passages", "must be >= 1")
     need(cfg.probe_max_length >= 8, "probe_max_length", "must be >= 8")
     need(cfg.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
+    need(cfg.early_checkpoints >= 0, "early_checkpoints", "must be >= 0")
+    need(cfg.em_examples >= 0, "em_examples", "must be >= 0 (0 = all)")
+    need(cfg.restore_lr > 0, "restore_lr", "must be > 0")
+    need(cfg.restore_batch_size >= 1, "restore_batch_size", "must be >= 1")
+    need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size", f"must be a multiple of workers = {cfg.workers}")
+    need(cfg.restore_seq_len >= 8, "restore_seq_len", "must be >= 8")
+    need(cfg.restore_trajectory_points >= 1, "restore_trajectory_points", "must be >= 1")
+    need(cfg.stage_test in STAGE_TESTS, "stage_test", f"must be one of {STAGE_TESTS}")
+    need(0 < cfg.stage_alpha < 1, "stage_alpha", "must be in (0, 1)")
+    need(0 <= cfg.stage_tau < 1, "stage_tau", "must be in [0, 1)")
+    need(0 <= cfg.ppl_tolerance, "ppl_tolerance", "must be >= 0")
     if cfg.micro_batch_size:
         per_step = cfg.micro_batch_size * cfg.workers
         need(cfg.batch_size % per_step == 0, "batch_size",

@@ -164,15 +164,20 @@ class _Progress(_make_progress_base()):  # type: ignore[misc]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         i = trial.config["trial_index"]
-        epoch = int(result.get("epoch", -1))
-        if epoch == 0:
-            line = f"base model evaluated: knowledge {result.get('base/' + self.knowledge[i], float('nan')):.3f}, " \
-                   f"probe ppl {result.get('base/probe/ppl', float('nan')):.2f}"
-        else:
-            line = (f"epoch {epoch}/{self.epochs[i]}: loss {result.get('train/loss', float('nan')):.3f}, "
-                    f"knowledge {result.get('sft/' + self.knowledge[i], float('nan')):.3f}, "
-                    f"probe ppl {result.get('sft/probe/ppl', float('nan')):.2f}, "
+        kind, epoch, k = result.get("kind"), int(result.get("epoch", -1)), self.knowledge[i]
+        nan = float("nan")
+        if kind == "base":
+            line = f"base model evaluated: knowledge {result.get('base/' + k, nan):.3f}, " \
+                   f"probe ppl {result.get('base/probe/ppl', nan):.2f}"
+        elif kind == "epoch":
+            line = (f"epoch {epoch}/{self.epochs[i]}: loss {result.get('train/loss', nan):.3f}, "
+                    f"knowledge {result.get('sft/' + k, nan):.3f}, probe ppl {result.get('sft/probe/ppl', nan):.2f}, "
                     f"{result.get('train/tokens_per_s', 0):.0f} tok/s")
+        elif kind == "restored":
+            line = (f"epoch {epoch} restored: knowledge {result.get('restored/' + k, nan):.3f}, "
+                    f"probe ppl {result.get('restored/probe/ppl', nan):.2f}")
+        else:  # fine-grained steps and restoring trajectories: MLflow has them; the console stays short
+            return
         _say(self.verbose, f"{self._prefix()} {self.names[i]}: {line}")
 
     def on_trial_start(self, iteration, trials, trial, **info):

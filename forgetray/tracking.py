@@ -147,14 +147,17 @@ class Tracker:
         """One row per (trial, checkpoint): the trial's varying settings and every metric at that step."""
         rows = []
         for run in self.trial_runs(parent_run_id):
-            history = self.metric_history(run.info.run_id, run.data.metrics.keys())
+            # Per-step series (fine-grained probes, restoring trajectories) are not checkpoints.
+            names = [n for n in run.data.metrics if not n.startswith(("steps/", "restore/"))]
+            history = self.metric_history(run.info.run_id, names)
             steps = sorted({step for values in history.values() for step in values})
             base = {name: values[0] for name, values in history.items() if name.startswith("base/") and 0 in values}
             for step in steps:
                 if step == 0:
                     continue
                 row = {"trial": run.data.tags.get(TAG_TRIAL, run.info.run_name), "run_id": run.info.run_id,
-                       "status": run.info.status, "epoch": step, **base}
+                       "status": run.info.status, "epoch": step, **base,
+                       "stage": run.data.tags.get(f"forgetray.stage.epoch_{step:03d}")}
                 row.update({name: values[step] for name, values in history.items() if step in values})
                 for key, value in run.data.params.items():
                     if key.startswith("trial."):
@@ -172,38 +175,61 @@ def _param_value(value: Any) -> str:
 
 # --- the Ray Train side: log each report as it arrives ---
 
-def make_report_logger(tracking_uri: str, run_id: str, base_eval_dir: str):
-    """A Ray Train `UserCallback` (runs in the Train controller) that logs every report to the trial's run:
-    metrics at step = epoch, and the checkpoint's per-question probe results as Parquet artifacts."""
+def metric_step(name: str, report: dict) -> int:
+    """The MLflow step a reported metric belongs at: `steps/*` at the IFT optimizer step, `restore/*` (the
+    trajectory along a restoration) at the restoring step, everything else at the epoch (0 = base)."""
+    if name.startswith("steps/"):
+        return int(report["global_step"])
+    if name.startswith("restore/"):
+        return int(report["restore_step"])
+    return int(report["epoch"])
+
+
+REPORT_KEYS = ("kind", "epoch", "global_step", "restore_step")
+
+
+def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
+    """A Ray Train `UserCallback` (runs in the Train controller) that logs every report to the trial's run as it
+    arrives: metrics at their step (`metric_step`), and per-question probe results as Parquet artifacts.
+
+    `artifact_dirs` maps a report kind to (local dir or None for the checkpoint's probes/, artifact path with
+    `{epoch:03d}`). Steps a re-attached run already has are not logged twice."""
     from ray.train import UserCallback
 
     class MlflowReportLogger(UserCallback):
         def __init__(self):
             self._tracker = None
-            self._logged_steps: set[int] = set()
+            self._seen: dict[str, set[int]] = {}
 
-        def _get(self) -> Tracker:
-            if self._tracker is None:
-                self._tracker = Tracker(tracking_uri)
-                # A resumed trial re-attaches to its run: steps it already logged are not logged twice.
-                for sentinel in ("base/probe/ppl", "sft/probe/ppl"):
-                    self._logged_steps |= {m.step for m in self._tracker.client.get_metric_history(run_id, sentinel)}
-            return self._tracker
+        def _logged(self, name: str) -> set[int]:
+            if name not in self._seen:
+                self._seen[name] = {m.step for m in self._tracker.client.get_metric_history(run_id, name)}
+            return self._seen[name]
 
         def after_report(self, run_context, metrics, checkpoint):
             report = metrics[0]  # rank 0 holds the gathered probe results
-            step = int(report["epoch"])
-            tracker = self._get()
-            if step in self._logged_steps:
+            if self._tracker is None:
+                self._tracker = Tracker(tracking_uri)
+            by_step: dict[int, dict] = {}
+            for name, value in report.items():
+                if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                step = metric_step(name, report)
+                if step not in self._logged(name):
+                    by_step.setdefault(step, {})[name] = value
+            for step, values in by_step.items():
+                self._tracker.log_metrics(run_id, values, step)
+                for name in values:
+                    self._seen[name].add(step)
+            local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))
+            if artifact_path is None:
                 return
-            tracker.log_metrics(run_id, {k: v for k, v in report.items() if k != "epoch"}, step)
-            if step == 0 and Path(base_eval_dir).is_dir():
-                tracker.log_artifacts(run_id, Path(base_eval_dir), "probes/base")
-            if checkpoint is not None:
+            artifact_path = artifact_path.format(epoch=int(report["epoch"]))
+            if local is not None and Path(local).is_dir():
+                self._tracker.log_artifacts(run_id, Path(local), artifact_path)
+            elif checkpoint is not None:
                 with checkpoint.as_directory() as ckpt:
-                    probes_dir = Path(ckpt) / "probes"
-                    if probes_dir.is_dir():
-                        tracker.log_artifacts(run_id, probes_dir, f"probes/sft/epoch_{step:03d}")
-            self._logged_steps.add(step)
+                    if (Path(ckpt) / "probes").is_dir():
+                        self._tracker.log_artifacts(run_id, Path(ckpt) / "probes", artifact_path)
 
     return MlflowReportLogger()

@@ -1,9 +1,14 @@
 """The trial driver: the function Ray Tune runs for one point of the grid.
 
-It attaches the trial to its MLflow run (re-attaching on resume), then runs instruction fine-tuning as one Ray Train
-`TorchTrainer` whose workers run `forgetray.train.loop.ift_worker` under DeepSpeed. The trainer's storage folder is
-derived from the trial's config hash, so a re-run of the same trial (Tune retry, `--resume`) finds Ray Train's
-snapshot there and continues from the last checkpoint.
+1. attach the trial to its MLflow run (re-attaching on resume);
+2. instruction fine-tuning: one Ray Train `TorchTrainer` whose workers run `train.loop.ift_worker` under DeepSpeed
+   (a checkpoint per epoch; the base model's probes and the restoring set are computed there, once per sweep);
+3. restoration: one `TorchTrainer` per epoch checkpoint (`train.restore.restore_worker`), run concurrently;
+4. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`).
+
+Every trainer's storage folder is derived from the trial's config hash, so a re-run of the same trial (Tune retry,
+`--resume`) finds Ray Train's snapshots there and continues from the last checkpoints; finished restorations leave a
+marker and are not repeated.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ def base_eval_key(trial: TrialConfig, resolved: dict) -> str:
     return f"{trial.model.rstrip('/').split('/')[-1]}-{digest}"
 
 
+def restoring_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the restoring set depends on: base model, pool, probing set (excluded), IFT data (the token budget)."""
+    parts = [resolved["model"]["path"], resolved["restore_pool"]["path"], resolved["probe_set"]["path"],
+             resolved["dataset"]["path"], trial.max_length, trial.probe_max_length]
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
+    return f"{trial.model.rstrip('/').split('/')[-1]}-{digest}"
+
+
 def trial_params(trial: TrialConfig, resolved: dict) -> dict:
     """The flattened resolved config: what MLflow shows as the trial's params."""
     return flatten({
@@ -45,6 +58,7 @@ def trial_params(trial: TrialConfig, resolved: dict) -> dict:
             "dataset": resolved["dataset"],
             "benchmarks": {name: {"path": b["path"], "score": b["score"]} for name, b in resolved["benchmarks"].items()},
             "probe_set": resolved["probe_set"],
+            "restore_pool": resolved.get("restore_pool") or "none",
         },
         "deepspeed": deepspeed_config(trial),
         "optimizer": optimizer_settings(trial),
@@ -68,11 +82,7 @@ def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolv
 
 def run_trial(config: dict) -> None:
     """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from forgetray.train.loop import ift_worker
+    from forgetray import stages
 
     context, index = config["context"], config["trial_index"]
     trial = TrialConfig.from_dict(context["trials"][index])
@@ -81,28 +91,71 @@ def run_trial(config: dict) -> None:
     trial_dir = execution_dir / "trials" / trial_key(trial)
     tracker = Tracker(context["tracking_uri"])
     run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir)
-    base_eval_dir = str(execution_dir / "base_eval" / base_eval_key(trial, resolved))
+    dirs = {
+        "trial_dir": str(trial_dir),
+        "base_eval_dir": str(execution_dir / "base_eval" / base_eval_key(trial, resolved)),
+        "restoring_dir": str(execution_dir / "restoring" / restoring_key(trial, resolved))
+        if resolved.get("restore_pool") else None,
+    }
+    ok = False
+    try:
+        _fit(trial, resolved, dirs, context, run_id, "ift", worker="ift", extra={})
+        checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
+        if resolved.get("restore_pool"):
+            _restore_all(trial, resolved, dirs, context, run_id, checkpoints)
+            stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
+        ok = True
+    finally:
+        tracker.end_run(run_id, ok=ok)
+
+
+def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str, name: str, worker: str,
+         extra: dict):
+    """Run one Ray Train stage of the trial (IFT or one restoration) to completion; raise on failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from forgetray.train.loop import ift_worker
+    from forgetray.train.restore import restore_worker
 
     use_gpu = trial.gpus_per_worker > 0
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
+    artifact_dirs = {"base": (dirs["base_eval_dir"], "probes/base"),
+                     "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
+                     "restored": (None, "probes/restored/epoch_{epoch:03d}")}
     trainer = TorchTrainer(
-        ift_worker,
-        train_loop_config={"trial": trial.to_dict(), "resolved": resolved, "base_eval_dir": base_eval_dir},
+        {"ift": ift_worker, "restore": restore_worker}[worker],
+        train_loop_config={"trial": trial.to_dict(), "resolved": resolved, **dirs, **extra},
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="ift",
-            storage_path=str(trial_dir),
+            name=name,
+            storage_path=dirs["trial_dir"],
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
-            callbacks=[TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, base_eval_dir)],
+            callbacks=[TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs)],
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.end_run(run_id, ok=False)
-        raise
-    tracker.end_run(run_id, ok=result.error is None)
+    result = trainer.fit()
     if result.error is not None:
         raise result.error
-    # Nothing is returned: Tune would record a return value as one more (metric-less) result.
+    return result
+
+
+def _restore_all(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str,
+                 checkpoints: list[Path]) -> None:
+    """Restore every epoch checkpoint, concurrently (each is its own TorchTrainer; Ray queues them on resources)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def restore(checkpoint: Path) -> None:
+        epoch = int(checkpoint.name.split("_")[1])
+        done = Path(dirs["trial_dir"]) / f"restore_epoch_{epoch:03d}" / "done.json"
+        if done.is_file():  # finished in an earlier (interrupted) execution
+            return
+        result = _fit(trial, resolved, dirs, context, run_id, f"restore_epoch_{epoch:03d}", worker="restore",
+                      extra={"epoch": epoch, "sft_model_dir": str(checkpoint / "model")})
+        done.write_text(json.dumps(result.metrics, indent=1, sort_keys=True, default=str))
+
+    with ThreadPoolExecutor(max_workers=max(1, len(checkpoints))) as pool:
+        for future in [pool.submit(restore, c) for c in checkpoints]:
+            future.result()  # re-raise the first failure

@@ -164,7 +164,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, us
         assert steps(uri, t.info.run_id, "sft/organism-facts/knowledge") == [1, 2]
         assert steps(uri, t.info.run_id, "base/organism-facts/knowledge") == [0]
     # The base model was evaluated once and shared by both trials (same model, same probes).
-    base_dirs = list((tmp_path / "storage").glob("resumable/*/base_eval/*/metrics.json"))
+    base_dirs = list((tmp_path / "storage").glob("resumable/*/base_eval/*/summary.json"))
     assert len(base_dirs) == 1
     values = {client(uri).get_metric_history(t.info.run_id, "base/organism-facts/acc")[0].value for t in trials}
     assert len(values) == 1

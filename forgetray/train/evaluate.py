@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from forgetray import probes
 from forgetray.data.passages import load_passages
-from forgetray.metrics import perplexity
+from forgetray.data.instruct import collate
+from forgetray.metrics import em_ratio, exact_memorization, perplexity
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,41 @@ class ProbeSuite:
         return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length)
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def evaluate(model, tokenizer, suite: ProbeSuite, device) -> tuple[dict, dict]:
-    """-> (metrics, per-question frames by benchmark). Both are complete on rank 0 only."""
+def memorization(model, examples: list, pad_id: int, batch_size: int, device) -> float:
+    """Exact memorization EM over tokenized IFT examples (teacher-forced; response positions only), sharded over
+    the ranks with equal batch counts; the counts are summed over ranks."""
+    rank, world = _distributed()
+    indices, n_real = probes.shard_indices(len(examples), (rank, world))
+    counts = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        batch = collate([examples[i] for i in chunk], pad_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].clone()
+        labels[[j for j, pos in enumerate(range(start, start + len(chunk))) if pos >= n_real]] = -100  # padding copies
+        hits, total = exact_memorization(logits.float().cpu(), labels)
+        counts += torch.tensor([hits, total], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    return em_ratio(int(counts[0]), int(counts[1]))
+
+
+def evaluate(model, tokenizer, suite: ProbeSuite, device, ift_examples: list | None = None,
+             knowledge_only: bool = False) -> tuple[dict, dict]:
+    """-> (metrics, per-question frames by benchmark). Both are complete on rank 0 only.
+
+    `ift_examples` adds exact memorization on them (`ift/em`); `knowledge_only` skips perplexity and EM (the cheap
+    probe used at fine-grained steps inside epoch 1)."""
     rank, world = _distributed()
     metrics: dict[str, float] = {}
     frames: dict[str, pd.DataFrame] = {}
@@ -68,6 +96,11 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device) -> tuple[dict, dict]:
                     metrics[f"{name}/{key}"] = float(value)
                 # The primary knowledge score under one name, so stage analysis needs no per-benchmark logic.
                 metrics[f"{name}/knowledge"] = float(summary[{"letter": "letter_acc"}.get(bench["score"], bench["score"])])
+        if knowledge_only:
+            model.train(was_training)
+            return metrics, frames
+        if ift_examples:
+            metrics["ift/em"] = memorization(model, ift_examples, _pad_id(tokenizer), suite.batch_size, device)
         nll, n_tokens = probes.probe_perplexity(
             model, tokenizer, suite.passages, batch_size=suite.batch_size, max_length=suite.max_length,
             device=device, shard=(rank, world),

@@ -1,10 +1,13 @@
-"""The per-worker training function (Ray Train runs one copy per DeepSpeed rank).
+"""The per-worker training functions (Ray Train runs one copy per DeepSpeed rank).
 
-Instruction fine-tuning, top to bottom: load model and data; evaluate the base model (once per model and probe
-suite, cached and shared across trials); wrap in the DeepSpeed engine; then for each epoch train, probe, and
-report a checkpoint (full DeepSpeed state for resuming + a plain Hugging Face model + per-question probe results).
-If Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()` returns the last checkpoint and the
-loop continues after its epoch.
+`ift_worker` is instruction fine-tuning, top to bottom: load model and data; with the untouched base model, evaluate
+it and select the restoring set (each once per sweep, cached and shared across trials); then for each epoch train,
+probe, and report a checkpoint (full DeepSpeed state for resuming + a plain Hugging Face model + per-question probe
+results). If Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()` returns the last checkpoint
+and the loop continues after its epoch. Restoration (`forgetray.train.restore`) reuses the same pieces.
+
+Every report carries `kind` ("base" | "step" | "epoch"), `epoch` and `global_step` (optimizer steps so far); the
+MLflow logger (tracking.py) logs `steps/*` metrics at the global step and the others at the epoch.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from forgetray import probes
 from forgetray.data.instruct import collate, tokenize_dataset
+from forgetray.data.passages import load_passages
+from forgetray.data.restoring import build_restoring_set, score_pool, text_key
 from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
 from forgetray.train.deepspeed_config import deepspeed_config, optimizer_settings
@@ -29,6 +36,7 @@ from forgetray.train.schedule import lr_factor, warmup_steps
 # Test hook: if this names a file that does not exist yet, the worker creates it and fails once after the given
 # epoch's checkpoint ("path:epoch"). Lets tests exercise restart-from-checkpoint without mocking Ray.
 FAIL_ONCE_ENV = "FORGETRAY_FAIL_ONCE"
+FORMAT_KEYS = ("p_fmt", "entropy_vocab", "entropy_options", "knowledge")  # what Figure 4 follows along the steps
 
 
 def ift_worker(config: dict) -> None:
@@ -38,12 +46,12 @@ def ift_worker(config: dict) -> None:
     resolved = config["resolved"]
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    device = _device()
+    device = worker_device()
     torch.manual_seed(trial.seed)
 
     tokenizer = load_tokenizer(resolved["model"])
     ds_config = deepspeed_config(trial)
-    hf_ds_scope = _zero3_scope(ds_config) if trial.zero_stage == 3 else None  # noqa: F841 (kept alive on purpose)
+    hf_ds_scope = zero3_scope(ds_config) if trial.zero_stage == 3 else None  # noqa: F841 (kept alive on purpose)
     model = load_model(resolved["model"], trial.precision)
     # Plain lists of token ids: the epoch loop indexes them thousands of times.
     data = tokenize_dataset(resolved["dataset"], tokenizer, trial.max_length).to_list()
@@ -52,14 +60,21 @@ def ift_worker(config: dict) -> None:
         raise ValueError(f"dataset {trial.dataset!r}: only {len(data)} examples keep response tokens within "
                          f"max_length={trial.max_length}, fewer than batch_size={trial.batch_size}")
     suite = ProbeSuite.load(resolved, trial)
+    em_examples = data[: trial.em_examples] if trial.em_examples else data
 
     engine, scheduler = build_engine(model, trial, ds_config, total_steps=steps_per_epoch * trial.epochs)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         # The engine before its first step is the base model (and under ZeRO-3 only the engine can run it).
-        base = _base_evaluation(engine, tokenizer, suite, device, config["base_eval_dir"], rank)
-        ray.train.report({"epoch": 0, "state": "base", **{f"base/{k}": v for k, v in base.items()}})
+        base = computed_once(config["base_eval_dir"], rank,
+                             lambda out: _evaluate_base(engine, tokenizer, suite, em_examples, device, out, rank))
+        if resolved.get("restore_pool"):
+            computed_once(config["restoring_dir"], rank,
+                          lambda out: _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out,
+                                                            rank, world))
+        ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **{f"base/{k}": v for k, v in base.items()},
+                          **_format_metrics("steps", base)})
 
     start_epoch = 0
     if checkpoint is not None:
@@ -67,28 +82,37 @@ def ift_worker(config: dict) -> None:
             engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
             start_epoch = json.loads((Path(ckpt_dir) / "state.json").read_text())["epoch"]
 
+    early = _early_steps(steps_per_epoch, trial.early_checkpoints)
+
+    def probe_early(step: int) -> None:  # fine-grained probes inside epoch 1 (format alignment happens early)
+        if step in early:
+            found, _ = evaluate(engine, tokenizer, suite, device, knowledge_only=True)
+            ray.train.report({"kind": "step", "epoch": 1, "global_step": step, **_format_metrics("steps", found)})
+
     for epoch in range(start_epoch + 1, trial.epochs + 1):
         t0 = time.perf_counter()
-        train_stats = train_epoch(engine, data, trial, epoch, rank, world, tokenizer.pad_token_id, device)
+        stats = train_epoch(engine, data, trial, epoch, rank, world, tokenizer.pad_token_id, device,
+                            after_step=probe_early if epoch == 1 and early else None)
         seconds = time.perf_counter() - t0
-        probe_metrics, frames = evaluate(engine, tokenizer, suite, device)
+        found, frames = evaluate(engine, tokenizer, suite, device, ift_examples=em_examples)
         metrics = {
+            "kind": "epoch",
             "epoch": epoch,
-            "state": "sft",
-            "train/loss": train_stats["loss"],
-            "train/tokens": train_stats["tokens"],
-            "train/tokens_per_s": train_stats["tokens"] / seconds,
+            "global_step": epoch * steps_per_epoch,
+            "train/loss": stats["loss"],
+            "train/tokens": stats["tokens"],
+            "train/tokens_per_s": stats["tokens"] / seconds,
             "train/epoch_seconds": seconds,
             "train/lr": scheduler.get_last_lr()[0],
-            **{f"sft/{k}": v for k, v in probe_metrics.items()},
+            **{f"sft/{k}": v for k, v in found.items()},
+            **_format_metrics("steps", found),
         }
-        with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
-            _save_checkpoint(engine, tokenizer, Path(tmp), epoch, metrics, frames, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch:03d}")
+        report_checkpoint(engine, tokenizer, metrics, frames, rank, f"epoch_{epoch:03d}")
         if rank == 0:
             _maybe_fail_once(epoch)
 
+
+# --- pieces shared with restoration ---
 
 def build_engine(model, trial: TrialConfig, ds_config: dict, total_steps: int):
     """The DeepSpeed engine with forgetray's client optimizer (AdamW) and lr schedule (warm-up + cosine)."""
@@ -104,7 +128,7 @@ def build_engine(model, trial: TrialConfig, ds_config: dict, total_steps: int):
     return engine, scheduler
 
 
-def _device() -> torch.device:
+def worker_device() -> torch.device:
     if torch.cuda.is_available():
         import ray.train.torch
 
@@ -112,59 +136,33 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _zero3_scope(ds_config: dict):
+def zero3_scope(ds_config: dict):
     # transformers partitions weights at load time while an HfDeepSpeedConfig with stage 3 is alive.
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
 
 
-def _base_evaluation(model, tokenizer, suite, device, cache_dir: str, rank: int) -> dict:
-    """Probe the untouched base model, or read the result another trial of this sweep already cached.
-
-    Rank 0 holds a file lock while deciding, so concurrent trials on the same model compute it once; the decision
-    is broadcast because (under ZeRO-3) every rank must take part in the forward passes.
-    """
-    from filelock import FileLock
-
-    cache = Path(cache_dir)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(cache) + ".lock") if rank == 0 else None
-    if lock:
-        lock.acquire()
-    try:
-        need = [not (cache / "metrics.json").is_file()] if rank == 0 else [None]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(need, src=0)
-        if need[0]:
-            metrics, frames = evaluate(model, tokenizer, suite, device)
-            if rank == 0:
-                tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".base-"))
-                for name, frame in frames.items():
-                    frame.to_parquet(tmp / f"{name}.parquet")
-                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-                tmp.rename(cache)  # atomic: a crash never leaves a half-written cache
-        metrics = json.loads((cache / "metrics.json").read_text()) if rank == 0 else {}
-    finally:
-        if lock:
-            lock.release()
-    return metrics
-
-
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The same global batches for any number of workers: a seeded permutation per epoch."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=generator)
 
 
-def train_epoch(engine, data, trial: TrialConfig, epoch: int, rank: int, world: int, pad_id: int, device) -> dict:
+def train_epoch(engine, data: list, trial: TrialConfig, epoch: int, rank: int, world: int, pad_id: int, device,
+                after_step: Callable[[int], None] | None = None, drop_last: bool = True) -> dict:
     """One epoch: global batch s = order[s*B:(s+1)*B]; rank r takes its contiguous slice of it, split into
-    gradient-accumulation micro-batches. The incomplete last global batch is dropped."""
-    order = _epoch_order(len(data), trial.seed, epoch)
+    gradient-accumulation micro-batches. With drop_last the incomplete last global batch is dropped (IFT); without,
+    it is completed with examples from the start of the order (restoration: every token is trained on at least
+    once). `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch."""
+    order = epoch_order(len(data), trial.seed, epoch)
+    steps = len(data) // trial.batch_size if drop_last else -(-len(data) // trial.batch_size)
+    if not drop_last and steps * trial.batch_size > len(order):
+        order = torch.cat([order, order[: steps * trial.batch_size - len(order)]])
     per_rank = trial.micro_batch * trial.grad_accum
     losses, tokens = [], 0
     engine.train()
-    for step in range(len(data) // trial.batch_size):
+    for step in range(steps):
         mine = order[step * trial.batch_size + rank * per_rank: step * trial.batch_size + (rank + 1) * per_rank]
         for micro in range(trial.grad_accum):
             idx = mine[micro * trial.micro_batch:(micro + 1) * trial.micro_batch].tolist()
@@ -174,26 +172,118 @@ def train_epoch(engine, data, trial: TrialConfig, epoch: int, rank: int, world: 
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             losses.append(loss.detach().float())
             tokens += int(batch["attention_mask"].sum())
+        if after_step is not None:
+            after_step(step + 1)
     stats = torch.tensor([float(torch.stack(losses).mean()), float(tokens)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(stats)
         stats[0] /= world
-    return {"loss": float(stats[0]), "tokens": float(stats[1])}
+    return {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}
 
 
-def _save_checkpoint(engine, tokenizer, out: Path, epoch: int, metrics: dict, frames: dict, rank: int) -> None:
-    # Full DeepSpeed state (every rank writes its shards) so a restarted trial resumes exactly...
-    engine.save_checkpoint(str(out / "deepspeed"), tag="state")
-    # ...and a plain Hugging Face model, what probes, restoration and users load.
-    state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int, name: str) -> None:
+    """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards) so a restarted run
+    resumes exactly, a plain Hugging Face model (what probes, restoration and users load), per-question probes."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
+        out = Path(tmp)
+        engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        if rank == 0:
+            engine.module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out / "model")
+            (out / "probes").mkdir()
+            for bench, frame in frames.items():
+                frame.to_parquet(out / "probes" / f"{bench}.parquet")
+            (out / "state.json").write_text(json.dumps({"epoch": metrics["epoch"], "metrics": metrics}, indent=1,
+                                                       sort_keys=True))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) -> dict:
+    """Run `compute(tmp_dir)` on every rank unless another trial already published `cache_dir`; returns the
+    published `summary.json` on rank 0 ({} elsewhere).
+
+    Rank 0 holds a file lock while deciding, so concurrent trials compute a shared result once; the decision is
+    broadcast because (under ZeRO-3) every rank must take part in the forward passes. `compute` writes into a fresh
+    directory that rank 0 renames into place at the end, so a crash never leaves a half-written cache.
+    """
+    from filelock import FileLock
+
+    cache = Path(cache_dir)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(cache) + ".lock") if rank == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        state = [not (cache / "summary.json").is_file(),
+                 tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-")] if rank == 0 else [None, None]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(state, src=0)
+        need, tmp = state[0], Path(state[1])
+        if need:
+            compute(tmp)
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            if rank == 0:
+                tmp.rename(cache)
+        elif rank == 0:
+            tmp.rmdir()
+        return json.loads((cache / "summary.json").read_text()) if rank == 0 else {}
+    finally:
+        if lock:
+            lock.release()
+
+
+# --- IFT-specific steps ---
+
+def _evaluate_base(engine, tokenizer, suite, em_examples, device, out: Path, rank: int) -> None:
+    metrics, frames = evaluate(engine, tokenizer, suite, device, ift_examples=em_examples)
     if rank == 0:
-        module = engine.module
-        module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
-        (out / "probes").mkdir()
-        for name, frame in frames.items():
-            frame.to_parquet(out / "probes" / f"{name}.parquet")
-        (out / "state.json").write_text(json.dumps({"epoch": epoch, "metrics": metrics}, indent=1, sort_keys=True))
+        for bench, frame in frames.items():
+            frame.to_parquet(out / f"{bench}.parquet")
+        (out / "summary.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out: Path, rank: int, world: int) -> None:
+    """Rank the restoring pool by base-model perplexity (each rank scores its share of the stream) and keep the
+    lowest-perplexity passages worth one IFT epoch of tokens (METHODS.md §2)."""
+    probe_texts = load_passages(resolved["probe_set"]["path"])
+    exclude = frozenset(text_key(t) for t in probe_texts)
+    engine.eval()
+    with torch.no_grad():
+        def score(texts):
+            return probes.passage_nlls(engine, tokenizer, texts, batch_size=trial.probe_batch_size,
+                                       max_length=trial.probe_max_length, device=device)
+
+        batches = score_pool(score, Path(resolved["restore_pool"]["path"]), out / f"scores-{rank}.parquet",
+                             batch_size=trial.probe_batch_size, shard=(rank, world), exclude=exclude,
+                             count_tokens=lambda texts: [len(ids) for ids in probes.encode(tokenizer, texts)])
+        if world > 1:  # ZeRO-3: every rank must make the same number of forward calls
+            most = torch.tensor([batches])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            for _ in range(int(most) - batches):
+                score([probe_texts[0]] * trial.probe_batch_size)
+    engine.train()
+    if world > 1:
+        dist.barrier()  # every rank's scores are written
+    if rank == 0:
+        budget = sum(len(example["input_ids"]) for example in data)
+        summary = build_restoring_set(Path(resolved["restore_pool"]["path"]), sorted(out.glob("scores-*.parquet")),
+                                      budget, tokenizer, out / "dataset")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+
+
+def _early_steps(steps_per_epoch: int, count: int) -> set[int]:
+    """`count` evenly spaced optimizer steps strictly inside epoch 1."""
+    return {round(i * steps_per_epoch / (count + 1)) for i in range(1, count + 1)} - {0, steps_per_epoch}
+
+
+def _format_metrics(prefix: str, found: dict) -> dict:
+    """The probes Figure 4 follows along the steps, e.g. steps/<bench>/p_fmt."""
+    return {f"{prefix}/{k}": v for k, v in found.items() if k.split("/")[-1] in FORMAT_KEYS and "/" in k
+            and not k.startswith(("probe/", "ift/"))}
 
 
 def _maybe_fail_once(epoch: int) -> None:

@@ -1,0 +1,70 @@
+"""Classify every checkpoint of a trial as no / pseudo / actual forgetting (METHODS.md §4) and log it.
+
+Inputs are the trial's own files: per-question probe results of the base model, of every SFT_e checkpoint and of
+every restored R_e, and their probing perplexities. The rule itself is pure (`metrics.stage`); this module only
+lines the questions up, picks the primary benchmark and score, and writes the outcome to MLflow:
+`stage/*` metrics at step = epoch, a `forgetray.stage.epoch_NNN` tag per checkpoint, `forgetray.transition_epoch`,
+and `stages/per_question_<bench>.parquet` + `stages/stages.csv` artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_fixed, transition_epoch
+
+CORRECT_COLUMN = {"letter": "letter_correct", "acc": "acc_correct", "acc_norm": "acc_norm_correct"}
+
+
+def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, checkpoints: list[Path]) -> pd.DataFrame:
+    bench, info = next(iter(resolved["benchmarks"].items()))  # the first benchmark is the stage's primary one
+    column = CORRECT_COLUMN[info["score"]]
+    base_dir = Path(dirs["base_eval_dir"])
+    base = pd.read_parquet(base_dir / f"{bench}.parquet").set_index("index")[column]
+    base_ppl = json.loads((base_dir / "summary.json").read_text())["probe/ppl"]
+
+    rows, per_question = [], []
+    for checkpoint in checkpoints:
+        epoch = int(checkpoint.name.split("_")[1])
+        restored_dir = Path(dirs["trial_dir"]) / f"restore_epoch_{epoch:03d}" / "restored"
+        sft = pd.read_parquet(checkpoint / "probes" / f"{bench}.parquet").set_index("index")[column]
+        restored = pd.read_parquet(restored_dir / "probes" / f"{bench}.parquet").set_index("index")[column]
+        sft_ppl = _state_metric(checkpoint, "sft/probe/ppl")
+        restored_ppl = _state_metric(restored_dir, "restored/probe/ppl")
+        b, s, r = (x.to_numpy(dtype=bool) for x in (base, sft.loc[base.index], restored.loc[base.index]))
+        tested = classify_checkpoint(b, s, r, base_ppl, restored_ppl, test=trial.stage_test, alpha=trial.stage_alpha,
+                                     ppl_tolerance=trial.ppl_tolerance)
+        fixed = classify_fixed(b.mean(), s.mean(), r.mean(), base_ppl, restored_ppl, tau=trial.stage_tau,
+                               ppl_tolerance=trial.ppl_tolerance)
+        rows.append({"epoch": epoch, "stage": tested.stage, "stage_fixed": fixed.stage, "acc_base": b.mean(),
+                     "acc_sft": s.mean(), "acc_restored": r.mean(), "d_sft": tested.d_sft,
+                     "d_restored": tested.d_restored, "p_sft": tested.p_sft, "p_restored": tested.p_restored,
+                     "ppl_base": base_ppl, "ppl_sft": sft_ppl, "ppl_restored": restored_ppl})
+        per_question.append(pd.DataFrame({"epoch": epoch, "index": base.index, "base_correct": b,
+                                          "sft_correct": s, "restored_correct": r}))
+    table = pd.DataFrame(rows)
+    _log(tracker, run_id, bench, table, pd.concat(per_question, ignore_index=True) if per_question else None)
+    return table
+
+
+def _state_metric(checkpoint_dir: Path, name: str) -> float:
+    return float(json.loads((checkpoint_dir / "state.json").read_text())["metrics"][name])
+
+
+def _log(tracker, run_id: str, bench: str, table: pd.DataFrame, per_question: pd.DataFrame | None) -> None:
+    for row in table.itertuples():
+        values = {"stage/code": STAGE_CODES[row.stage], "stage/fixed_code": STAGE_CODES[row.stage_fixed],
+                  "stage/d_sft": row.d_sft, "stage/d_restored": row.d_restored}
+        if row.p_sft is not None and row.p_restored is not None:
+            values.update({"stage/p_sft": row.p_sft, "stage/p_restored": row.p_restored})
+        tracker.log_metrics(run_id, values, step=int(row.epoch))
+        tracker.set_tag(run_id, f"forgetray.stage.epoch_{int(row.epoch):03d}", row.stage)
+    transition = transition_epoch(dict(zip(table["epoch"], table["stage"]))) if len(table) else None
+    tracker.set_tag(run_id, "forgetray.transition_epoch", "none" if transition is None else transition)
+    tracker.set_tag(run_id, "forgetray.stage_benchmark", bench)
+    tracker.log_table(run_id, table, "stages/stages.csv")
+    if per_question is not None:
+        tracker.log_table(run_id, per_question, f"stages/per_question_{bench}.parquet")
