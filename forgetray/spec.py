@@ -198,7 +198,6 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.em_examples >= 0, "em_examples", "must be >= 0 (0 = all)")
     need(cfg.restore_lr > 0, "restore_lr", "must be > 0")
     need(cfg.restore_batch_size >= 1, "restore_batch_size", "must be >= 1")
-    need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size", f"must be a multiple of workers = {cfg.workers}")
     need(cfg.restore_seq_len >= 8, "restore_seq_len", "must be >= 8")
     need(cfg.restore_trajectory_points >= 1, "restore_trajectory_points", "must be >= 1")
     need(cfg.stage_test in STAGE_TESTS, "stage_test", f"must be one of {STAGE_TESTS}")
@@ -211,6 +210,7 @@ def _check_values(cfg: TrialConfig) -> None:
              f"must be a multiple of micro_batch_size x workers = {per_step}")
     else:
         need(cfg.batch_size % cfg.workers == 0, "batch_size", f"must be a multiple of workers = {cfg.workers}")
+    need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size", f"must be a multiple of workers = {cfg.workers}")
 
 
 @dataclass(frozen=True, init=False)
