@@ -3,6 +3,7 @@
     forgetray run SWEEP [--tracking-uri URI] [--storage PATH] [--set key=value ...] [--resume]
     forgetray validate SWEEP [--set key=value ...]
     forgetray organism build [--for-tests] [--root DIR]
+    forgetray report EXPERIMENT [--tracking-uri URI] [--out DIR] [--run PARENT_RUN_ID]
 
 Exit codes: 0 success, 1 some trial failed, 2 bad input (found before Ray starts; nothing is written).
 """
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     build = organism_sub.add_parser("build", help="generate the world and pre-train the base models (cached)")
     build.add_argument("--root", help="build into this directory instead of the cache")
     build.add_argument("--for-tests", action="store_true", help="the tiny configuration the tests use")
+
+    report = sub.add_parser("report", help="stage table and figures of a sweep execution, from MLflow alone")
+    report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./forgetray-results)")
+    report.add_argument("--out", help="output directory (default: ./forgetray-results/report/EXPERIMENT)")
+    report.add_argument("--run", help="the sweep's parent run id (default: the newest execution)")
     return parser
 
 
@@ -76,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "organism":
             return _organism(args)
+        if args.command == "report":
+            from forgetray.report import run_report
+
+            run_report(args.experiment, tracking_uri=args.tracking_uri, parent_run_id=args.run, out_dir=args.out)
+            return EXIT_OK
         sweep = load_sweep(args.sweep, args.overrides)
         if args.command == "validate":
             sweep.validate()

@@ -1,0 +1,290 @@
+"""The sweep report against a real sqlite MLflow store filled by hand with the metric contract's names.
+
+The store is written with MlflowClient directly (not through forgetray.tracking), from the plain dicts below, and
+every check compares the report with those dicts: the report is tested against what was logged, not against itself.
+Three trials: `alpha` goes no -> pseudo -> actual forgetting (transition at epoch 3), `beta` never forgets, `gamma`
+ran without restoration and failed after 2 epochs (base and SFT metrics only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pandas as pd
+import pytest
+
+from forgetray.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from forgetray.metrics.stage import STAGE_CODES
+from forgetray.report import build_report
+from forgetray.spec import SpecError
+
+EXPERIMENT, PLAIN = "report-sweep", "plain-sweep"
+BENCH, OTHER = "organism-facts", "mmlu_test"
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+# What each trial logs. Per-epoch lists are epochs 1, 2, 3...; "stages" are (test stage, fixed-threshold stage).
+TRIALS = {
+    "alpha": {
+        "settings": {"model": "tiny-llama", "lr": "1e-05", "restore_pool": "organism-pool",
+                     "benchmarks": f"['{BENCH}', '/data/{OTHER}.jsonl']"},
+        "status": "FINISHED",
+        "speed": 0.4,  # how fast P_fmt rises and the entropies fall over the IFT steps (Figure 4)
+        "base": {BENCH: 0.60, OTHER: 0.40, "ppl": 20.0, "em": 0.10},
+        "sft": {BENCH: [0.59, 0.50, 0.45], OTHER: [0.39, 0.35, 0.30], "ppl": [35.0, 48.0, 60.0],
+                "em": [0.30, 0.50, 0.70]},
+        "restored": {BENCH: [0.60, 0.59, 0.50], OTHER: [0.40, 0.39, 0.33], "ppl": [20.5, 20.8, 20.9],
+                     "em": [0.20, 0.30, 0.40]},
+        "p": {"sft": [0.8, 0.001, 0.0001], "restored": [1.0, 0.7, 0.002]},
+        "stages": [("no_forgetting", "no_forgetting"), ("pseudo_forgetting", "pseudo_forgetting"),
+                   ("actual_forgetting", "actual_forgetting")],
+        "transition": "3",
+    },
+    "beta": {
+        "settings": {"model": "tiny-llama", "lr": "2e-05", "restore_pool": "organism-pool",
+                     "benchmarks": f"['{BENCH}', '/data/{OTHER}.jsonl']"},
+        "status": "FINISHED",
+        "speed": 0.2,
+        "base": {BENCH: 0.60, OTHER: 0.40, "ppl": 20.0, "em": 0.10},
+        "sft": {BENCH: [0.61, 0.60, 0.59], OTHER: [0.41, 0.40, 0.40], "ppl": [30.0, 33.0, 36.0],
+                "em": [0.25, 0.35, 0.45]},
+        "restored": {BENCH: [0.61, 0.60, 0.60], OTHER: [0.41, 0.40, 0.40], "ppl": [20.2, 20.3, 20.4],
+                     "em": [0.15, 0.20, 0.25]},
+        "p": {"sft": [1.0, 1.0, 0.9], "restored": [1.0, 1.0, 1.0]},
+        "stages": [("no_forgetting", "no_forgetting")] * 3,
+        "transition": "none",
+    },
+    "gamma": {
+        "settings": {"model": "tiny-llama", "lr": "5e-05", "restore_pool": "", "benchmarks": f"['{BENCH}']"},
+        "status": "FAILED",
+        "speed": 0.1,
+        "base": {BENCH: 0.60, "ppl": 20.0, "em": 0.10},
+        "sft": {BENCH: [0.55, 0.52], "ppl": [40.0, 55.0], "em": [0.40, 0.60]},
+    },
+}
+IFT_STEPS = [0, 1, 2, 4, 8, 16, 32, 48]  # fine-grained inside epoch 1 (16 steps), then epoch ends
+RESTORE_STEPS = [0, 5, 10, 15, 20]
+
+
+def _metrics_of(spec: dict) -> list[tuple[str, float, int]]:
+    """(name, value, step) for everything a trial logs, in the contract's names."""
+    out = []
+    base = spec["base"]
+    benches = [b for b in (BENCH, OTHER) if b in base]
+    for bench in benches:
+        out.append((f"base/{bench}/knowledge", base[bench], 0))
+        out.append((f"base/{bench}/acc", base[bench], 0))
+    out += [("base/probe/ppl", base["ppl"], 0), ("base/ift/em", base["em"], 0)]
+    for state in ("sft", "restored"):
+        if state not in spec:
+            continue
+        values = spec[state]
+        for i, epoch in enumerate(range(1, len(values["ppl"]) + 1)):
+            for bench in benches:
+                out.append((f"{state}/{bench}/knowledge", values[bench][i], epoch))
+                out.append((f"{state}/{bench}/acc", values[bench][i], epoch))
+                out.append((f"{state}/{bench}/p_fmt", 0.9 + 0.01 * epoch, epoch))
+            out += [(f"{state}/probe/ppl", values["ppl"][i], epoch), (f"{state}/ift/em", values["em"][i], epoch)]
+            if state == "sft":
+                out.append(("train/loss", 2.0 / epoch, epoch))
+    if "restored" in spec:
+        for i, epoch in enumerate(range(1, len(spec["sft"]["ppl"]) + 1)):
+            start, end = spec["sft"]["ppl"][i], spec["restored"]["ppl"][i]
+            for j, step in enumerate(RESTORE_STEPS):  # geometric from SFT_e's PPL down to R_e's
+                value = start * (end / start) ** (j / (len(RESTORE_STEPS) - 1))
+                out.append((f"restore/epoch_{epoch:03d}/probe_ppl", value, step))
+            test, fixed = spec["stages"][i]
+            out += [("stage/code", STAGE_CODES[test], epoch), ("stage/fixed_code", STAGE_CODES[fixed], epoch),
+                    ("stage/d_sft", spec["sft"][BENCH][i] - base[BENCH], epoch),
+                    ("stage/d_restored", spec["restored"][BENCH][i] - base[BENCH], epoch),
+                    ("stage/p_sft", spec["p"]["sft"][i], epoch), ("stage/p_restored", spec["p"]["restored"][i], epoch)]
+    epochs = len(spec["sft"]["ppl"])
+    speed = spec["speed"]
+    for k, step in enumerate(IFT_STEPS[: 5 + epochs]):  # IFT_STEPS[5] ends epoch 1; a shorter trial has fewer
+        for bench in benches:
+            out += [(f"steps/{bench}/p_fmt", min(0.99, 0.3 + speed * k), step),
+                    (f"steps/{bench}/entropy_vocab", 4.0 / (1 + 2 * speed * k), step),
+                    (f"steps/{bench}/entropy_options", 1.3 - speed * k / 3, step),
+                    (f"steps/{bench}/knowledge", base[bench] - speed * k / 20, step)]
+    return out
+
+
+def _fill_store(uri: str, artifacts) -> str:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
+    now = int(time.time() * 1000)
+    # An older execution of the same sweep, without trials: the report must default to the newest one.
+    old = client.create_run(experiment, run_name="old", start_time=now - 60_000,
+                            tags={"forgetray.kind": "sweep", "forgetray.sweep": EXPERIMENT})
+    client.set_terminated(old.info.run_id)
+    parent = client.create_run(experiment, run_name=f"{EXPERIMENT}-exec", start_time=now,
+                               tags={"forgetray.kind": "sweep", "forgetray.sweep": EXPERIMENT}).info.run_id
+    for name, spec in TRIALS.items():
+        tags = {"forgetray.kind": "trial", "mlflow.parentRunId": parent, "forgetray.trial": name}
+        for i, (stage, _) in enumerate(spec.get("stages", [])):
+            tags[f"forgetray.stage.epoch_{i + 1:03d}"] = stage
+        if "transition" in spec:
+            tags["forgetray.transition_epoch"] = spec["transition"]
+        run = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+        params = [Param(f"trial.{k}", v) for k, v in spec["settings"].items()]
+        params += [Param(f"resolved.benchmarks.{b}.score", "acc") for b in (BENCH, OTHER) if b in spec["base"]]
+        metrics = [Metric(n, float(v), now, step) for n, v, step in _metrics_of(spec)]
+        client.log_batch(run, metrics=metrics, params=params)
+        client.set_terminated(run, status=spec["status"])
+    client.set_terminated(parent)
+    return parent
+
+
+def _fill_plain_sweep(uri: str, artifacts) -> str:
+    """A second experiment: one trial without restoration, IFT-step probes or EM (a plain IFT sweep)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(PLAIN, artifact_location=artifacts.as_uri())
+    parent = client.create_run(experiment, tags={"forgetray.kind": "sweep"}).info.run_id
+    run = client.create_run(experiment, tags={"forgetray.kind": "trial", "mlflow.parentRunId": parent,
+                                              "forgetray.trial": "only"}).info.run_id
+    now = int(time.time() * 1000)
+    logged = [(f"base/{BENCH}/knowledge", 0.6, 0), (f"sft/{BENCH}/knowledge", 0.5, 1), ("sft/probe/ppl", 30.0, 1)]
+    client.log_batch(run, metrics=[Metric(n, v, now, step) for n, v, step in logged],
+                     params=[Param("trial.benchmarks", f"['{BENCH}']")])
+    return parent
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    parent = _fill_store(uri, root / "artifacts")
+    plain_parent = _fill_plain_sweep(uri, root / "artifacts")
+    return {"uri": uri, "parent": parent, "plain_parent": plain_parent, "root": root}
+
+
+@pytest.fixture(scope="module")
+def report(store):
+    return build_report(EXPERIMENT, store["uri"], store["root"] / "out")
+
+
+def test_stage_table_has_what_each_trial_logged(report):
+    table = report.stage_table
+    assert list(zip(table["trial"], table["epoch"])) == [("alpha", 1), ("alpha", 2), ("alpha", 3), ("beta", 1),
+                                                         ("beta", 2), ("beta", 3), ("gamma", 1), ("gamma", 2)]
+    # Only the settings that differ between trials become columns.
+    assert {"lr", "restore_pool", "benchmarks"} <= set(table.columns) and "model" not in table.columns
+    for name, spec in TRIALS.items():
+        rows = table[table["trial"] == name].reset_index(drop=True)
+        assert list(rows["lr"]) == [spec["settings"]["lr"]] * len(rows)
+        assert set(rows["benchmark"]) == {BENCH}
+        for i, row in rows.iterrows():
+            assert row["knowledge_base"] == pytest.approx(spec["base"][BENCH])
+            assert row["knowledge_sft"] == pytest.approx(spec["sft"][BENCH][i])
+            assert row["ppl_base"] == pytest.approx(spec["base"]["ppl"])
+            assert row["ppl_sft"] == pytest.approx(spec["sft"]["ppl"][i])
+            assert row["em_sft"] == pytest.approx(spec["sft"]["em"][i])
+            assert row["d_sft"] == pytest.approx(spec["sft"][BENCH][i] - spec["base"][BENCH])
+            if "restored" in spec:
+                assert row["knowledge_restored"] == pytest.approx(spec["restored"][BENCH][i])
+                assert row["ppl_restored"] == pytest.approx(spec["restored"]["ppl"][i])
+                assert row["d_restored"] == pytest.approx(spec["restored"][BENCH][i] - spec["base"][BENCH])
+                assert row["p_sft"] == pytest.approx(spec["p"]["sft"][i])
+                assert row["p_restored"] == pytest.approx(spec["p"]["restored"][i])
+                assert (row["stage"], row["stage_fixed"]) == spec["stages"][i]
+                assert row[f"{OTHER}/knowledge_restored"] == pytest.approx(spec["restored"][OTHER][i])
+            else:  # the degraded trial: nothing about R_e or stages, and no made-up values
+                assert math.isnan(row["knowledge_restored"]) and math.isnan(row["ppl_restored"])
+                assert pd.isna(row["stage"]) and pd.isna(row["stage_fixed"])
+                assert math.isnan(row["p_sft"])
+
+
+def test_transition_epoch_per_trial(report):
+    transition = report.stage_table.groupby("trial")["transition"].first()
+    assert transition["alpha"] == 3
+    assert pd.isna(transition["beta"]) and pd.isna(transition["gamma"])
+    lines = {line.split(" (")[0].strip(): line for line in report.text.splitlines() if "transition" in line
+             or "not judged" in line}
+    assert "transition epoch 3" in lines["alpha"] and "1 no, 2 pseudo, 3 actual" in lines["alpha"]
+    assert "transition none within 3 epoch(s)" in lines["beta"]
+    assert "not judged" in lines["gamma"] and "FAILED" in lines["gamma"]
+
+
+def test_every_figure_is_a_real_png(report, store):
+    names = {"fig3a_restoring_ppl.png", "fig3b_ppl_vs_epoch.png", f"fig3c_accuracy_{BENCH}.png",
+             f"fig3c_accuracy_{OTHER}.png", "fig4_format_entropy.png", "fig5_em.png"}
+    assert {path.name for path in report.figures} == names
+    for path in report.figures:
+        data = path.read_bytes()
+        assert data.startswith(PNG_HEADER) and len(data) > 20_000, path
+    out = store["root"] / "out"
+    assert (out / "stage_table.txt").read_text() == report.text
+    csv = pd.read_csv(out / "stage_table.csv")
+    assert len(csv) == len(report.stage_table)
+    assert list(csv["knowledge_sft"]) == pytest.approx(list(report.stage_table["knowledge_sft"]))
+
+
+def _report_artifacts(uri: str, run_id: str) -> set[str]:
+    """The file names under report/ on a run, listed by MLflow itself."""
+    from mlflow.tracking import MlflowClient
+
+    return {f.path.rsplit("/", 1)[-1] for f in MlflowClient(uri).list_artifacts(run_id, "report")}
+
+
+def test_report_files_are_logged_to_the_parent_run(report, store):
+    logged = _report_artifacts(store["uri"], store["parent"])
+    assert {path.name for path in report.figures} | {"stage_table.csv", "stage_table.txt"} <= logged
+    assert report.parent_run_id == store["parent"]
+
+
+def test_text_shows_the_table_and_what_was_left_out(report):
+    text = report.text
+    assert "primary benchmark: organism-facts (score acc)" in text
+    # A row of the table: alpha's epoch 2, pseudo forgetting, its accuracies as logged.
+    row = next(line for line in text.splitlines() if line.startswith("alpha") and " pseudo " in line)
+    assert "0.600" in row and "0.500" in row and "0.590" in row and "48.00" in row
+    assert "other benchmarks" in text and "mmlu_test" in text
+    assert "no stage logged (no restoration?) for: gamma" in text
+
+
+def test_a_plain_sweep_still_reports(store, tmp_path):
+    """No restoration, no IFT-step probes, no EM: the figures that need them are skipped, each with one note."""
+    logged_before = _report_artifacts(store["uri"], store["plain_parent"])
+    report = build_report(PLAIN, store["uri"], tmp_path / "out", log_to_mlflow=False)
+    assert [p.name for p in report.figures] == ["fig3b_ppl_vs_epoch.png", f"fig3c_accuracy_{BENCH}.png"]
+    for figure in ("fig3a", "fig4", "fig5"):
+        assert sum(note.startswith(f"{figure} skipped") for note in report.notes) == 1
+    assert report.stage_table["d_sft"].tolist() == pytest.approx([-0.1])
+    assert "dR" in report.text.split("notes:")[1]  # the columns left out are named
+    assert _report_artifacts(store["uri"], store["plain_parent"]) == logged_before  # log_to_mlflow=False
+
+
+def test_cli_report_prints_the_table(store, tmp_path, capsys):
+    out = tmp_path / "cli-out"
+    assert main(["report", PLAIN, "--tracking-uri", store["uri"], "--out", str(out),
+                 "--run", store["plain_parent"]]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "primary benchmark: organism-facts" in printed and "ppl sft" in printed
+    assert "only: not judged" in printed
+    assert str(out / "fig3b_ppl_vs_epoch.png") in printed and (out / "fig3b_ppl_vs_epoch.png").is_file()
+    assert "stage_table.csv" in _report_artifacts(store["uri"], store["plain_parent"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "experiment 'nope' has no sweep run"),
+    ([EXPERIMENT, "--run", "0123abcd"], "run '0123abcd' is not a sweep run of experiment"),
+])
+def test_cli_bad_experiment_or_run_is_one_line_exit_2(store, tmp_path, capsys, args, message):
+    assert main(["report", *args, "--tracking-uri", store["uri"], "--out", str(tmp_path / "out")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("forgetray: error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_store_is_an_error_and_creates_nothing(in_tmp_cwd, capsys):
+    assert main(["report", EXPERIMENT]) == EXIT_BAD_INPUT
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert list(in_tmp_cwd.iterdir()) == []
+    with pytest.raises(SpecError, match="no MLflow store"):
+        build_report(EXPERIMENT, f"sqlite:///{in_tmp_cwd / 'none.db'}", in_tmp_cwd / "out")
