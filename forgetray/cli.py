@@ -103,10 +103,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(sweep: Sweep, args) -> int:
     from forgetray.sweep import run_sweep
 
+    from forgetray.report import run_report
+
     table = run_sweep(sweep, tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume)
     print()
     print(summary_table(table))
     uri = table.attrs["tracking_uri"]
+    if not table.empty:  # the run ends with its report: the stage table and the figures, from MLflow alone
+        print()
+        run_report(sweep.name, uri, table.attrs["parent_run_id"], Path(table.attrs["execution_dir"]) / "report")
     print(f"\nMLflow: {uri}  experiment {sweep.name!r}, parent run {table.attrs['parent_run_id']}")
     if uri.startswith("sqlite:"):
         print(f"browse: mlflow ui --backend-store-uri {uri}")
