@@ -69,3 +69,12 @@ def make_benchmark_file(path: Path, n: int = 12) -> Path:
 
 def make_passages_file(path: Path, n: int = 16) -> Path:
     return write_jsonl(path, [{"id": str(i), "text": " ".join(WORDS[i:i + 8])} for i in range(n)])
+
+
+def make_pool_file(path: Path, n: int = 800, seed: int = 0) -> Path:
+    """A restoring pool of varied passages (seeded random word sequences)."""
+    import random
+
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"id": f"pool{i}", "text": " ".join(rng.choices(WORDS, k=rng.randint(8, 20)))}
+                              for i in range(n)])

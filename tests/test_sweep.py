@@ -168,3 +168,63 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, us
     assert len(base_dirs) == 1
     values = {client(uri).get_metric_history(t.info.run_id, "base/organism-facts/acc")[0].value for t in trials}
     assert len(values) == 1
+
+
+def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files, ray_session):
+    """IFT -> every epoch checkpoint restored (concurrently) -> stages -> report, all from one real tiny sweep."""
+    import datasets
+
+    from fixtures import make_pool_file
+    from forgetray import Sweep, run
+    from forgetray.data.instruct import tokenize_dataset
+    from forgetray.models import load_tokenizer
+    from forgetray.report import build_report
+
+    pool = make_pool_file(tmp_path / "pool.jsonl", n=800)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = Sweep(
+        "restore-e2e", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2, lr=3e-3,
+        batch_size=8, max_length=256, benchmarks=[str(fixture_files["benchmark"])],
+        probe_set=str(fixture_files["probe_set"]), probe_passages=16, restore_pool=str(pool), restore_lr=1e-3,
+        restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=3, early_checkpoints=2,
+    )
+    table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
+    assert table.attrs["failed_trials"] == 0 and len(table) == 2
+
+    (_, trials) = runs_of(uri, "restore-e2e")
+    run_id = trials[0].info.run_id
+    for name in ("restored/bench/knowledge", "restored/probe/ppl", "restored/ift/em", "stage/code", "stage/d_sft"):
+        assert steps(uri, run_id, name) == [1, 2], name
+    assert steps(uri, run_id, "base/ift/em") == [0]
+    for epoch in (1, 2):
+        assert steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")[0] == 0
+        assert len(steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")) >= 3
+    # fine-grained probes inside epoch 1 sit between base (step 0) and the end of epoch 1 (5 steps of 8 of 40)
+    assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10]
+    tags = client(uri).get_run(run_id).data.tags
+    assert {tags["forgetray.stage.epoch_001"], tags["forgetray.stage.epoch_002"]} <= {
+        "no_forgetting", "pseudo_forgetting", "actual_forgetting", "not_restored"}
+    assert "forgetray.transition_epoch" in tags
+
+    # The restoring set holds exactly one IFT epoch's tokens (counted independently here).
+    restoring_dir = next((tmp_path / "storage").glob("restore-e2e/*/restoring/*/dataset")).parent
+    tokenizer = load_tokenizer({"name": "m", "path": str(fixture_files["model"])})
+    ift = tokenize_dataset({"kind": "local", "name": "d", "path": str(fixture_files["dataset"])}, tokenizer, 256)
+    restoring = datasets.load_from_disk(str(restoring_dir / "dataset"))
+    assert sum(len(ids) for ids in restoring["input_ids"]) == sum(len(ids) for ids in ift["input_ids"])
+
+    # The logged deltas equal what the per-question artifact says (an independent recomputation).
+    art = client(uri).download_artifacts(run_id, "stages/per_question_bench.parquet", str(tmp_path))
+    per_question = pd.read_parquet(art)
+    for epoch, group in per_question.groupby("epoch"):
+        d_sft = group["sft_correct"].mean() - group["base_correct"].mean()
+        logged = {m.step: m.value for m in client(uri).get_metric_history(run_id, "stage/d_sft")}
+        assert logged[epoch] == pytest.approx(d_sft)
+
+    report = build_report("restore-e2e", uri, tmp_path / "report")
+    assert len(report.stage_table) == 2
+    assert {p.name for p in report.figures} >= {"fig3a_restoring_ppl.png", "fig3b_ppl_vs_epoch.png",
+                                                 "fig3c_accuracy_bench.png", "fig4_format_entropy.png", "fig5_em.png"}
+    parent = runs_of(uri, "restore-e2e")[0][0]
+    assert any(p.startswith("report/") for p in
+               [f.path for f in client(uri).list_artifacts(parent.info.run_id, "report")])
