@@ -62,7 +62,7 @@ def _hub_offline() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def resolve_dataset(name: str) -> dict:
-    """-> {"kind": "organism"|"local"|"hub", "name", "path", "format": "alpaca"}; local files are parsed fully."""
+    """-> {"kind": "organism"|"local"|"hub", "name", "path"}; local files are parsed fully."""
     from forgetray import organism
 
     if organism.is_organism_name(name):
@@ -72,21 +72,21 @@ def resolve_dataset(name: str) -> dict:
             path = organism.data_path(name)
         except organism.OrganismNotBuilt as exc:
             raise SpecError(f"setting 'dataset': {exc}") from None
-        return {"kind": "organism", "name": name, "path": str(path), "format": "alpaca"}
+        return {"kind": "organism", "name": name, "path": str(path)}
     if _looks_like_path(name):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
             raise SpecError(f"setting 'dataset': data file {name!r} does not exist")
-        from forgetray.data.instruct import check_alpaca_file
+        from forgetray.data.instruct import check_instruction_file
 
         try:
-            n = check_alpaca_file(path)
+            n = check_instruction_file(path)
         except ValueError as exc:
             raise SpecError(f"setting 'dataset': {exc}") from None
-        return {"kind": "local", "name": name, "path": str(path), "format": "alpaca", "records": n}
+        return {"kind": "local", "name": name, "path": str(path), "records": n}
     if not _HUB_ID.match(name) or "/" not in name:
         raise SpecError(f"setting 'dataset': unknown dataset {name!r} (an organism set, a .json/.jsonl file, or a hub id 'org/name')")
-    return {"kind": "hub", "name": name, "path": name, "format": "alpaca"}
+    return {"kind": "hub", "name": name, "path": name}
 
 
 @functools.lru_cache(maxsize=None)

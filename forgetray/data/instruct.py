@@ -1,7 +1,13 @@
-"""Instruction data: Alpaca-format records -> token ids with the loss on response tokens only (METHODS.md §1).
+"""Instruction data -> token ids with the loss on response tokens only (METHODS.md §1).
 
-Files are checked line by line before any compute (`check_alpaca_file`, errors name file:line); the actual loading
-goes through `datasets` (Arrow-cached), the same path a hub dataset takes.
+Two record formats:
+- Alpaca (single turn): {"instruction", "input"?, "output"}, formatted with the Stanford Alpaca template;
+- ShareGPT (multi turn): {"conversations": [{"from": "human"|"gpt", "value"}, ...]}, formatted as Vicuna v1.1
+  conversations, the loss on the assistant turns (each followed by EOS) only.
+A record becomes a list of (text, trained?) segments; `tokenize_segments` turns it into ids and labels.
+
+Files are checked record by record before any compute (`check_instruction_file`, errors name file:line); the actual
+loading goes through `datasets` (Arrow-cached), the same path a hub dataset takes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ ALPACA_PROMPT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 REQUIRED_FIELDS = ("instruction", "output")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant", "chatgpt", "bard")
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -56,51 +65,104 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .json or .jsonl)")
 
 
-def check_alpaca_file(path: Path) -> int:
-    """Validate every record (instruction/output strings, optional input string). Returns the record count."""
-    count = 0
+def record_format(record: dict) -> str:
+    return "sharegpt" if "conversations" in record else "alpaca"
+
+
+def check_instruction_file(path: Path) -> int:
+    """Validate every record (Alpaca or ShareGPT, one format per file). Returns the record count."""
+    count, first = 0, None
     for where, record in _iter_file(Path(path)):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for field in REQUIRED_FIELDS:
-            if field not in record:
-                raise ValueError(f"{where}: missing field {field!r}")
-        for field in ("instruction", "input", "output"):
-            if field in record and not isinstance(record[field], str):
-                raise ValueError(f"{where}: field {field!r} must be a string")
-        if not record["output"].strip():
-            raise ValueError(f"{where}: field 'output' is empty")
+        fmt = record_format(record)
+        first = first or fmt
+        if fmt != first:
+            raise ValueError(f"{where}: a {fmt} record in a file of {first} records")
+        (_check_sharegpt if fmt == "sharegpt" else _check_alpaca)(record, where)
         count += 1
     if count == 0:
         raise ValueError(f"{path}: no records")
     return count
 
 
+def _check_alpaca(record: dict, where: str) -> None:
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            raise ValueError(f"{where}: missing field {field!r}")
+    for field in ("instruction", "input", "output"):
+        if field in record and not isinstance(record[field], str):
+            raise ValueError(f"{where}: field {field!r} must be a string")
+    if not record["output"].strip():
+        raise ValueError(f"{where}: field 'output' is empty")
+
+
+def _check_sharegpt(record: dict, where: str) -> None:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list of turns")
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise ValueError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+        if turn["from"].lower() not in HUMAN_ROLES + ASSISTANT_ROLES + ("system",):
+            raise ValueError(f"{where}: conversations[{i}] has unknown role {turn['from']!r}")
+    if not any(t["from"].lower() in ASSISTANT_ROLES for t in turns):
+        raise ValueError(f"{where}: the conversation has no assistant turn to train on")
+
+
 def load_records(source: dict):
-    """A `datasets.Dataset` of Alpaca records from a resolved dataset source (see resources.resolve_dataset)."""
+    """A `datasets.Dataset` of instruction records from a resolved dataset source (see resources.resolve_dataset)."""
     import datasets
 
     if source["kind"] == "hub":
         ds = datasets.load_dataset(source["path"], split="train")
     else:
         ds = datasets.load_dataset("json", data_files=source["path"], split="train")
+    if "conversations" in ds.column_names:
+        return ds.select_columns(["conversations"])
     missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
     if missing:
-        raise ValueError(f"dataset {source['name']!r} lacks Alpaca field(s) {missing}")
+        raise ValueError(f"dataset {source['name']!r} has neither 'conversations' nor the Alpaca field(s) {missing}")
     if "input" not in ds.column_names:
         ds = ds.add_column("input", [""] * len(ds))
     return ds.select_columns(["instruction", "input", "output"])
 
 
-def tokenize_example(record: dict, tokenizer, max_length: int) -> dict:
-    """[BOS] prompt response [EOS]; labels are IGNORE_INDEX on BOS and prompt. Truncated on the right."""
-    prompt_ids = tokenizer(alpaca_prompt(record), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    input_ids = (bos + prompt_ids + response_ids)[:max_length]
-    n_prompt = len(bos) + len(prompt_ids)
-    labels = ([IGNORE_INDEX] * n_prompt + response_ids)[:max_length]
+def segments(record: dict) -> list[tuple[str, bool]]:
+    """A record as (text, trained?) segments; EOS is appended after each trained segment by `tokenize_segments`."""
+    if record.get("conversations"):
+        out: list[tuple[str, bool]] = []
+        system, first_user = VICUNA_SYSTEM, True
+        for turn in record["conversations"]:
+            role = turn["from"].lower()
+            if role == "system":
+                system = turn["value"]
+            elif role in HUMAN_ROLES:
+                out.append(((system + " " if first_user else "") + f"USER: {turn['value']} ASSISTANT:", False))
+                first_user = False
+            else:
+                out.append((" " + turn["value"], True))
+        return out
+    return [(alpaca_prompt(record), False), (record["output"], True)]
+
+
+def tokenize_segments(parts: list[tuple[str, bool]], tokenizer, max_length: int) -> dict:
+    """[BOS] + segments, EOS after each trained one; labels IGNORE_INDEX on BOS and untrained segments.
+    Truncated on the right to max_length."""
+    input_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for text, trained in parts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            ids = ids + [tokenizer.eos_token_id]
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels, "n_response": sum(1 for x in labels if x != IGNORE_INDEX)}
+
+
+def tokenize_example(record: dict, tokenizer, max_length: int) -> dict:
+    return tokenize_segments(segments(record), tokenizer, max_length)
 
 
 def tokenize_dataset(source: dict, tokenizer, max_length: int):
