@@ -93,8 +93,16 @@ def resolve_dataset(name: str) -> dict:
 def resolve_benchmark(name: str) -> dict:
     """-> {"name", "path", "default_score", "questions"}; the organism's primary score is option likelihood."""
     from forgetray import organism
+    from forgetray.data import hub
     from forgetray.probes import load_mc_jsonl
 
+    if hub.is_hub_name(name):
+        try:
+            hub.parse(name, "test")
+        except ValueError as exc:
+            raise SpecError(f"setting 'benchmarks': {exc}") from None
+        # Hub benchmarks are loaded by the workers (on the cluster); MMLU/ARC are scored by letter, as in PS.
+        return {"name": name, "kind": "hub", "path": name, "default_score": "letter", "questions": None}
     if organism.is_organism_name(name):
         if name != organism.BENCHMARK:
             raise SpecError(f"setting 'benchmarks': unknown benchmark {name!r} (organism benchmark: {organism.BENCHMARK})")
@@ -115,7 +123,7 @@ def resolve_benchmark(name: str) -> dict:
         raise SpecError(f"setting 'benchmarks': {exc}") from None
     if not questions:
         raise SpecError(f"setting 'benchmarks': {path} has no questions")
-    return {"name": name, "path": str(path), "default_score": default, "questions": len(questions)}
+    return {"name": name, "kind": "file", "path": str(path), "default_score": default, "questions": len(questions)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,8 +131,15 @@ def resolve_passages(name: str, setting: str = "probe_set") -> dict:
     """A plain-text passage set (probing set or restoring pool). The pool is only checked line by line while it is
     streamed (it may be far larger than RAM); here its first line is parsed."""
     from forgetray import organism
+    from forgetray.data import hub
     from forgetray.data.passages import load_passages
 
+    if hub.is_hub_name(name):
+        try:
+            hub.parse(name, "train")
+        except ValueError as exc:
+            raise SpecError(f"setting {setting!r}: {exc}") from None
+        return {"name": name, "kind": "hub", "path": name, "passages": None}
     known = (organism.PROBE_SET,) if setting == "probe_set" else (organism.RESTORING_POOL,)
     if organism.is_organism_name(name):
         if name not in known:
@@ -141,13 +156,16 @@ def resolve_passages(name: str, setting: str = "probe_set") -> dict:
         n = len(load_passages(path, limit=None if setting == "probe_set" else 1))
     except ValueError as exc:
         raise SpecError(f"setting {setting!r}: {exc}") from None
-    return {"name": name, "path": str(path), "passages": n if setting == "probe_set" else None}
+    return {"name": name, "kind": "file", "path": str(path), "passages": n if setting == "probe_set" else None}
 
 
 def benchmark_key(name: str) -> str:
     """The short name a benchmark's metrics are logged under: the organism name, or a file's stem."""
     from forgetray import organism
+    from forgetray.data import hub
 
+    if hub.is_hub_name(name):
+        return hub.short_name(name)
     return name if organism.is_organism_name(name) else Path(name).name.split(".")[0]
 
 

@@ -26,3 +26,14 @@ def load_passages(path: Path, limit: int | None = None) -> list[str]:
     if not texts:
         raise ValueError(f"{path}: no passages")
     return texts
+
+
+def load_passage_set(source: dict, limit: int | None = None) -> list[str]:
+    """The passages of a resolved set (see resources.resolve_passages): a local JSONL file or a hub dataset."""
+    if source.get("kind") == "hub":
+        from itertools import islice
+
+        from forgetray.data.hub import iter_texts
+
+        return list(islice(iter_texts(source["path"]), limit))
+    return load_passages(source["path"], limit=limit)

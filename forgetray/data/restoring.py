@@ -31,34 +31,48 @@ def text_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def iter_pool(path: Path, batch_size: int, shard: tuple[int, int] = (0, 1),
-              exclude: frozenset[str] = frozenset()) -> Iterator[list[dict]]:
-    """Batches of {"line", "id", "text"} from a JSONL pool: this rank's lines (line % world == rank), skipping
-    texts whose `text_key` is in `exclude`. Malformed lines raise ValueError naming file:line."""
-    rank, world = shard
-    batch: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
+def _pool_records(pool: str) -> Iterator[tuple[int, str, object]]:
+    """(line number, where, parsed record) of a JSONL file, or of a hub dataset streamed (`hf:` names)."""
+    from forgetray.data.hub import is_hub_name, iter_texts
+
+    if is_hub_name(str(pool)):
+        for lineno, text in enumerate(iter_texts(str(pool)), start=1):
+            yield lineno, f"{pool}#{lineno}", {"text": text}
+        return
+    with open(pool, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if (lineno - 1) % world != rank or not line.strip():
+            if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, f"{pool}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'text'")
-            if exclude and text_key(text) in exclude:
-                continue
-            batch.append({"line": lineno, "id": str(record.get("id", lineno)), "text": text})
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+                raise ValueError(f"{pool}:{lineno}: invalid JSON ({exc.msg})") from None
+
+
+def iter_pool(pool, batch_size: int, shard: tuple[int, int] = (0, 1),
+              exclude: frozenset[str] = frozenset()) -> Iterator[list[dict]]:
+    """Batches of {"line", "id", "text"} from a pool (JSONL path or `hf:` name): this rank's lines
+    (line % world == rank), skipping texts whose `text_key` is in `exclude`. Malformed lines raise ValueError
+    naming file:line."""
+    rank, world = shard
+    batch: list[dict] = []
+    for lineno, where, record in _pool_records(pool):
+        if (lineno - 1) % world != rank:
+            continue
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected an object with a string field 'text'")
+        if exclude and text_key(text) in exclude:
+            continue
+        batch.append({"line": lineno, "id": str(record.get("id", lineno)), "text": text})
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
-def score_pool(score_batch: Callable[[Sequence[str]], Sequence[tuple[float, int]]], pool: Path, out: Path, *,
+def score_pool(score_batch: Callable[[Sequence[str]], Sequence[tuple[float, int]]], pool, out: Path, *,
                batch_size: int, shard: tuple[int, int] = (0, 1), exclude: frozenset[str] = frozenset(),
                count_tokens: Callable[[Sequence[str]], Sequence[int]]) -> int:
     """Score this rank's share of the pool into a Parquet file of SCORE_SCHEMA; returns the number of batches.
@@ -101,7 +115,7 @@ def select_budget(ppl: np.ndarray, n_tokens: np.ndarray, line: np.ndarray, budge
     return chosen, keep
 
 
-def build_restoring_set(pool: Path, score_files: Sequence[Path], budget: int, tokenizer, out_dir: Path) -> dict:
+def build_restoring_set(pool, score_files: Sequence[Path], budget: int, tokenizer, out_dir: Path) -> dict:
     """Select from the merged scores and write the selection (token ids, cut to the kept length) as an Arrow
     dataset at `out_dir`, in ascending-perplexity order. Returns a summary for logging."""
     import datasets

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from forgetray import probes
-from forgetray.data.passages import load_passages
+from forgetray.data.passages import load_passage_set
 from forgetray.data.instruct import collate
 from forgetray.metrics import em_ratio, exact_memorization, perplexity
 
@@ -31,12 +31,21 @@ class ProbeSuite:
     def load(cls, resolved: dict, trial) -> "ProbeSuite":
         benchmarks = {}
         for name, bench in resolved["benchmarks"].items():
-            questions = probes.load_mc_jsonl(bench["path"])
+            questions = load_questions(bench)
             # k-shot examples are the first k questions, which are then not scored (never a question's own answer).
             shots, scored = questions[: trial.n_shot], questions[trial.n_shot:]
             benchmarks[name] = {"questions": scored, "shots": shots, "score": bench["score"]}
-        passages = load_passages(resolved["probe_set"]["path"], limit=trial.probe_passages)
+        passages = load_passage_set(resolved["probe_set"], limit=trial.probe_passages)
         return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length)
+
+
+def load_questions(bench: dict) -> list:
+    """A resolved benchmark's questions: a local MMLU-style JSONL file or a hub dataset."""
+    if bench.get("kind") == "hub":
+        from forgetray.data.hub import load_questions as load_hub_questions
+
+        return load_hub_questions(bench["path"])
+    return probes.load_mc_jsonl(bench["path"])
 
 
 def _pad_id(tokenizer) -> int:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from forgetray import probes
 from forgetray.data.instruct import collate, tokenize_dataset
-from forgetray.data.passages import load_passages
+from forgetray.data.passages import load_passage_set
 from forgetray.data.restoring import build_restoring_set, score_pool, text_key
 from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
@@ -249,7 +249,7 @@ def _evaluate_base(engine, tokenizer, suite, em_examples, device, out: Path, ran
 def _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out: Path, rank: int, world: int) -> None:
     """Rank the restoring pool by base-model perplexity (each rank scores its share of the stream) and keep the
     lowest-perplexity passages worth one IFT epoch of tokens (METHODS.md §2)."""
-    probe_texts = load_passages(resolved["probe_set"]["path"])
+    probe_texts = load_passage_set(resolved["probe_set"])
     exclude = frozenset(text_key(t) for t in probe_texts)
     engine.eval()
     with torch.no_grad():
@@ -257,7 +257,7 @@ def _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out:
             return probes.passage_nlls(engine, tokenizer, texts, batch_size=trial.probe_batch_size,
                                        max_length=trial.probe_max_length, device=device)
 
-        batches = score_pool(score, Path(resolved["restore_pool"]["path"]), out / f"scores-{rank}.parquet",
+        batches = score_pool(score, resolved["restore_pool"]["path"], out / f"scores-{rank}.parquet",
                              batch_size=trial.probe_batch_size, shard=(rank, world), exclude=exclude,
                              count_tokens=lambda texts: [len(ids) for ids in probes.encode(tokenizer, texts)])
         if world > 1:  # ZeRO-3: every rank must make the same number of forward calls
@@ -270,7 +270,7 @@ def _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out:
         dist.barrier()  # every rank's scores are written
     if rank == 0:
         budget = sum(len(example["input_ids"]) for example in data)
-        summary = build_restoring_set(Path(resolved["restore_pool"]["path"]), sorted(out.glob("scores-*.parquet")),
+        summary = build_restoring_set(resolved["restore_pool"]["path"], sorted(out.glob("scores-*.parquet")),
                                       budget, tokenizer, out / "dataset")
         (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
 
