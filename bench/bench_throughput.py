@@ -44,6 +44,7 @@ import torch.distributed as dist  # noqa: E402
 
 from forgetray import probes  # noqa: E402
 from forgetray.data.instruct import collate, tokenize_dataset  # noqa: E402
+from forgetray.data.passages import load_passages  # noqa: E402
 from forgetray.models import load_model, load_tokenizer  # noqa: E402
 from forgetray.resources import resolve_trial  # noqa: E402
 from forgetray.spec import SpecError, TrialConfig  # noqa: E402
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train_rows, train_info = bench_training(trial, resolved, args.rounds)
             probe_rows, probe_info = bench_probes(trial, resolved, args.rounds)
+            rank_rows, rank_info = bench_ranking(trial, resolved, args.rounds, args.pool_passages, Path(tmp))
         finally:
             dist.destroy_process_group()
 
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line()}")
     print(f"training: {train_info}")
     print(f"probes: {probe_info}")
+    print(f"pool ranking: {rank_info}")
     print()
-    print_table(train_rows + probe_rows, args.rounds)
+    print_table(train_rows + probe_rows + rank_rows, args.rounds)
     return 0
 
 
@@ -108,6 +111,8 @@ def parse_args(argv):
     parser.add_argument("--probe-batch-size", type=int, default=defaults.probe_batch_size)
     parser.add_argument("--probe-max-length", type=int, default=defaults.probe_max_length)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; each runs every side once")
+    parser.add_argument("--pool-passages", type=int, default=1000,
+                        help="restoring-pool passages ranked in the pool-ranking comparison")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; 1 (default) keeps the numbers about the loop, not threading")
     args = parser.parse_args(argv)
@@ -124,7 +129,7 @@ def make_trial(args, tmp: Path) -> TrialConfig:
     sizes = dict(batch_size=args.batch_size, max_length=args.max_length, probe_batch_size=args.probe_batch_size,
                  probe_max_length=args.probe_max_length, zero_stage=0, workers=1, precision="fp32")
     if not args.fixture:
-        return TrialConfig(model=args.model, **sizes)
+        return TrialConfig(model=args.model, restore_pool="organism-restore", **sizes)
 
     sys.path.insert(0, str(REPO))  # tests/ is not an installed package
     from tests import fixtures
@@ -133,8 +138,10 @@ def make_trial(args, tmp: Path) -> TrialConfig:
     fixtures.make_alpaca_file(tmp / "alpaca.jsonl", n=FIXTURE_ALPACA)
     fixtures.make_benchmark_file(tmp / "bench.jsonl", n=FIXTURE_QUESTIONS)
     fixtures.make_passages_file(tmp / "passages.jsonl", n=FIXTURE_PASSAGES)
+    fixtures.make_pool_file(tmp / "pool.jsonl", n=args.pool_passages)
     return TrialConfig(model=str(tmp / "model"), dataset=str(tmp / "alpaca.jsonl"),
-                       benchmarks=(str(tmp / "bench.jsonl"),), probe_set=str(tmp / "passages.jsonl"), **sizes)
+                       benchmarks=(str(tmp / "bench.jsonl"),), probe_set=str(tmp / "passages.jsonl"),
+                       restore_pool=str(tmp / "pool.jsonl"), **sizes)
 
 
 def init_single_process_group() -> None:
@@ -310,6 +317,36 @@ def bench_probes(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[list[
             f"sequences; {len(suite.passages)} passages -> {ppl_tokens} scored tokens; batch {bs}, max_length "
             f"{max_len}")
     return rows, info
+
+
+def bench_ranking(trial: TrialConfig, resolved: dict, rounds: int, n_passages: int, tmp: Path) -> tuple[list[dict], str]:
+    """Restoring-pool ranking (`data.restoring.score_pool` with `probes.passage_nlls`, streaming the JSONL file and
+    writing Parquet, as a trial does) against bare forward calls on the same padded batches."""
+    from itertools import islice
+
+    from forgetray.data.restoring import score_pool
+
+    tokenizer = load_tokenizer(resolved["model"])
+    model = load_model(resolved["model"], trial.precision).eval()
+    bs, max_len, pad_id = trial.probe_batch_size, trial.probe_max_length, probes._pad_id(tokenizer)
+    pool = tmp / "pool-subset.jsonl"
+    with open(resolved["restore_pool"]["path"]) as src, open(pool, "w") as dst:
+        dst.writelines(islice(src, n_passages))
+    texts = load_passages(pool)
+    seqs = perplexity_sequences(tokenizer, texts, max_len)
+    batches = padded_batches([s or [pad_id] for s in seqs], bs, pad_id)
+    tokens = sum(len(s) - 1 for s in seqs if len(s) >= 2)
+
+    def rank():
+        with torch.no_grad():
+            score_pool(lambda ts: probes.passage_nlls(model, tokenizer, ts, batch_size=bs, max_length=max_len,
+                                                      device=DEVICE),
+                       pool, tmp / "scores.parquet", batch_size=bs,
+                       count_tokens=lambda ts: [len(ids) for ids in probes.encode(tokenizer, ts)])
+
+    rows = [timed_row("pool ranking (score_pool)", "tokens/s", tokens, rounds,
+                      forgetray=rank, plain=lambda: bare_forward(model, batches))]
+    return rows, f"{len(texts)} pool passages -> {tokens} scored tokens; batch {bs}, max_length {max_len}"
 
 
 def timed_row(what: str, unit: str, items: int, rounds: int, *, forgetray, plain) -> dict:

@@ -465,9 +465,30 @@ def passage_nlls(
         batch = seqs[start : start + batch_size]
         # An empty passage (no BOS, no text) still takes its slot, as a pad token, so batch counts stay equal.
         logits = _forward(model, [seq or [pad_id] for seq in batch], pad_id, device)
-        for j, seq in enumerate(batch):
-            if len(seq) < 2:  # nothing to score
-                out.append((0.0, 0))
-                continue
-            out.append((-float(metrics.token_logprobs(logits[j, : len(seq) - 1], seq[1:]).sum()), len(seq) - 1))
+        out.extend(_sequence_nlls(logits, batch, pad_id))
     return out
+
+
+# Log-softmax over at most this many logits at once: vectorised over rows (per-row Python calls dominated small
+# models), bounded in memory for large vocabularies and long passages.
+_LOGITS_PER_CHUNK = 2**26
+
+
+def _sequence_nlls(logits: torch.Tensor, seqs: list[list[int]], pad_id: int) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) per right-padded sequence: every token after the first is scored."""
+    rows, width, vocab = logits.shape
+    targets = torch.full((rows, max(width - 1, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, max(width - 1, 1)), dtype=torch.float64)
+    for row, seq in enumerate(seqs):
+        if len(seq) >= 2:
+            targets[row, : len(seq) - 1] = torch.tensor(seq[1:], dtype=torch.long)
+            mask[row, : len(seq) - 1] = 1.0
+    if width < 2:
+        return [(0.0, 0)] * rows
+    nll = torch.zeros(rows, dtype=torch.float64)
+    step = max(1, _LOGITS_PER_CHUNK // ((width - 1) * vocab))
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        logp = metrics.token_logprobs(logits[lo:hi, :-1].reshape(-1, vocab), targets[lo:hi].reshape(-1))
+        nll[lo:hi] = -(logp.view(hi - lo, width - 1).cpu() * mask[lo:hi]).sum(1)
+    return [(float(nll[row]), max(len(seq) - 1, 0)) for row, seq in enumerate(seqs)]
