@@ -29,7 +29,7 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
     rows, per_question = [], []
     for checkpoint in checkpoints:
         epoch = int(checkpoint.name.split("_")[1])
-        restored_dir = Path(dirs["trial_dir"]) / f"restore_epoch_{epoch:03d}" / "restored"
+        restored_dir = restored_checkpoint(Path(dirs["trial_dir"]), epoch)
         sft = pd.read_parquet(checkpoint / "probes" / f"{bench}.parquet").set_index("index")[column]
         restored = pd.read_parquet(restored_dir / "probes" / f"{bench}.parquet").set_index("index")[column]
         sft_ppl = _state_metric(checkpoint, "sft/probe/ppl")
@@ -48,6 +48,16 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
     table = pd.DataFrame(rows)
     _log(tracker, run_id, bench, table, pd.concat(per_question, ignore_index=True) if per_question else None)
     return table
+
+
+def restored_checkpoint(trial_dir: Path, epoch: int) -> Path:
+    """Where R_e's checkpoint is: inside whichever restoring group's Ray Train run restored epoch e."""
+    from forgetray.train.restore import restored_checkpoint_name
+
+    found = sorted(trial_dir.glob(f"restore_*/{restored_checkpoint_name(epoch)}"))
+    if not found:
+        raise FileNotFoundError(f"no restored checkpoint for epoch {epoch} under {trial_dir}")
+    return found[-1]
 
 
 def _state_metric(checkpoint_dir: Path, name: str) -> float:

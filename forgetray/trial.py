@@ -144,18 +144,28 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
 
 def _restore_all(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str,
                  checkpoints: list[Path]) -> None:
-    """Restore every epoch checkpoint, concurrently (each is its own TorchTrainer; Ray queues them on resources)."""
+    """Restore every epoch checkpoint: groups of `restore_group` checkpoints, each group one TorchTrainer restoring
+    them in turn, all groups concurrently (Ray queues them on resources). One per group saves the worker start-up
+    (seconds per process) where models are small; on a GPU cluster, groups of 1 restore every checkpoint at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def restore(checkpoint: Path) -> None:
-        epoch = int(checkpoint.name.split("_")[1])
-        done = Path(dirs["trial_dir"]) / f"restore_epoch_{epoch:03d}" / "done.json"
-        if done.is_file():  # finished in an earlier (interrupted) execution
-            return
-        result = _fit(trial, resolved, dirs, context, run_id, f"restore_epoch_{epoch:03d}", worker="restore",
-                      extra={"epoch": epoch, "sft_model_dir": str(checkpoint / "model")})
-        done.write_text(json.dumps(result.metrics, indent=1, sort_keys=True, default=str))
+    from forgetray.train.restore import restored_checkpoint_name
 
-    with ThreadPoolExecutor(max_workers=max(1, len(checkpoints))) as pool:
-        for future in [pool.submit(restore, c) for c in checkpoints]:
+    trial_dir = Path(dirs["trial_dir"])
+    todo = [c for c in checkpoints if not (trial_dir / f"{restored_checkpoint_name(_epoch(c))}.done").is_file()]
+    groups = [todo[i:i + trial.restore_group] for i in range(0, len(todo), trial.restore_group)]
+
+    def restore(group: list[Path]) -> None:
+        epochs = [_epoch(c) for c in group]
+        _fit(trial, resolved, dirs, context, run_id, f"restore_{epochs[0]:03d}-{epochs[-1]:03d}", worker="restore",
+             extra={"epochs": epochs, "sft_model_dirs": [str(c / "model") for c in group]})
+        for epoch in epochs:  # finished in this execution: an interrupted sweep's resume skips it
+            (trial_dir / f"{restored_checkpoint_name(epoch)}.done").write_text("ok\n")
+
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        for future in [pool.submit(restore, g) for g in groups]:
             future.result()  # re-raise the first failure
+
+
+def _epoch(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])

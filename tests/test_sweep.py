@@ -183,26 +183,29 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
     pool = make_pool_file(tmp_path / "pool.jsonl", n=800)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = Sweep(
-        "restore-e2e", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2, lr=3e-3,
+        "restore-e2e", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=3, lr=3e-3,
         batch_size=8, max_length=256, benchmarks=[str(fixture_files["benchmark"])],
         probe_set=str(fixture_files["probe_set"]), probe_passages=16, restore_pool=str(pool), restore_lr=1e-3,
         restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=3, early_checkpoints=2,
+        restore_group=2,  # epochs 1-2 restored in turn by one trainer, epoch 3 by another, concurrently
     )
     table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
-    assert table.attrs["failed_trials"] == 0 and len(table) == 2
+    assert table.attrs["failed_trials"] == 0 and len(table) == 3
+    assert sorted(p.name for p in (tmp_path / "storage").glob("restore-e2e/*/trials/*/restore_*")) == [
+        "restore_001-002", "restore_003-003"]
 
     (_, trials) = runs_of(uri, "restore-e2e")
     run_id = trials[0].info.run_id
     for name in ("restored/bench/knowledge", "restored/probe/ppl", "restored/ift/em", "stage/code", "stage/d_sft"):
-        assert steps(uri, run_id, name) == [1, 2], name
+        assert steps(uri, run_id, name) == [1, 2, 3], name
     assert steps(uri, run_id, "base/ift/em") == [0]
-    for epoch in (1, 2):
+    for epoch in (1, 2, 3):
         assert steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")[0] == 0
         assert len(steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")) >= 3
     # fine-grained probes inside epoch 1 sit between base (step 0) and the end of epoch 1 (5 steps of 8 of 40)
-    assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10]
+    assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10, 15]
     tags = client(uri).get_run(run_id).data.tags
-    assert {tags["forgetray.stage.epoch_001"], tags["forgetray.stage.epoch_002"]} <= {
+    assert {tags[f"forgetray.stage.epoch_00{e}"] for e in (1, 2, 3)} <= {
         "no_forgetting", "pseudo_forgetting", "actual_forgetting", "not_restored"}
     assert "forgetray.transition_epoch" in tags
 
@@ -222,7 +225,7 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
         assert logged[epoch] == pytest.approx(d_sft)
 
     report = build_report("restore-e2e", uri, tmp_path / "report")
-    assert len(report.stage_table) == 2
+    assert len(report.stage_table) == 3
     assert {p.name for p in report.figures} >= {"fig3a_restoring_ppl.png", "fig3b_ppl_vs_epoch.png",
                                                  "fig3c_accuracy_bench.png", "fig4_format_entropy.png", "fig5_em.png"}
     parent = runs_of(uri, "restore-e2e")[0][0]

@@ -10,6 +10,7 @@ Same code path as IFT (`train_epoch`, `build_engine`, `evaluate`, `report_checkp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -44,25 +45,39 @@ def pack(passages: list[list[int]], eos_id: int, seq_len: int) -> list[dict]:
 
 
 def restore_worker(config: dict) -> None:
+    """Restore the checkpoints `config["epochs"]` (SFT model dirs in `config["sft_model_dirs"]`) one after another,
+    skipping those a restarted run already finished (its last reported checkpoint)."""
     import datasets
     import ray.train
 
     trial = restoring_trial(TrialConfig.from_dict(config["trial"]))
-    resolved, epoch = config["resolved"], config["epoch"]
+    resolved = config["resolved"]
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     device = worker_device()
-    torch.manual_seed(trial.seed)
+    restoring = datasets.load_from_disk(str(Path(config["restoring_dir"]) / "dataset"))
+    suite = ProbeSuite.load(resolved, trial)
+    finished = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            finished = json.loads((Path(ckpt_dir) / "state.json").read_text())["epoch"]
+    for epoch, sft_dir in zip(config["epochs"], config["sft_model_dirs"]):
+        if epoch > finished:
+            _restore_one(trial, resolved, epoch, sft_dir, restoring, suite, rank, world, device)
 
-    source = {"name": f"sft-epoch-{epoch}", "path": config["sft_model_dir"]}
+
+def _restore_one(trial, resolved, epoch, sft_dir, restoring, suite, rank, world, device) -> None:
+    import ray.train
+
+    torch.manual_seed(trial.seed)
+    source = {"name": f"sft-epoch-{epoch}", "path": sft_dir}
     tokenizer = load_tokenizer(source)
     ds_config = deepspeed_config(trial)
     hf_ds_scope = zero3_scope(ds_config) if trial.zero_stage == 3 else None  # noqa: F841 (kept alive on purpose)
     model = load_model(source, trial.precision)
-    restoring = datasets.load_from_disk(str(Path(config["restoring_dir"]) / "dataset"))
     chunks = pack(restoring["input_ids"], tokenizer.eos_token_id, trial.restore_seq_len)
     steps = -(-len(chunks) // trial.batch_size)
-    suite = ProbeSuite.load(resolved, trial)
     ift = tokenize_dataset(resolved["dataset"], tokenizer, trial.max_length).to_list()
     em_examples = ift[: trial.em_examples] if trial.em_examples else ift
 
@@ -91,4 +106,9 @@ def restore_worker(config: dict) -> None:
     metrics = {"kind": "restored", "epoch": epoch, "restored/train/loss": stats["loss"],
                "restored/train/tokens": stats["tokens"], "restored/train/steps": stats["steps"],
                **{f"restored/{k}": v for k, v in found.items()}}
-    report_checkpoint(engine, tokenizer, metrics, frames, rank, "restored")
+    report_checkpoint(engine, tokenizer, metrics, frames, rank, restored_checkpoint_name(epoch))
+    engine.destroy()  # free the optimizer state before the next checkpoint of the group
+
+
+def restored_checkpoint_name(epoch: int) -> str:
+    return f"restored_epoch_{epoch:03d}"
