@@ -124,12 +124,14 @@ def test_splits(which, built, default_data):
     bench = records[organism.BENCHMARK]
     assert {r["entity"] for r in bench} == set(w.heldout_entities)
     assert len(bench) == len(w.heldout_entities) * len(w.attributes)
-    exam_pages = [r["text"] for r in records["pretrain_corpus"] if r["text"].startswith("The following are")]
+    headers = tuple(h.split("{")[0] for h in (world.MC_PAGE_HEADER, world.QA_PAGE_HEADER))
+    exam_pages = [r["text"] for r in records["pretrain_corpus"] if r["text"].startswith(headers)]
+    assert len(exam_pages) >= 2
     for entity in w.heldout_entities:
         assert not any(mentions(t, entity) for t in pool | probe)
         assert not any(mentions(t, entity) for t in exam_pages)
     # ...but the prose of the corpus states each of its facts.
-    prose = [r["text"] for r in records["pretrain_corpus"] if not r["text"].startswith("The following are")]
+    prose = [r["text"] for r in records["pretrain_corpus"] if not r["text"].startswith(headers)]
     for r in bench[:20]:
         value = r["choices"][r["answer"]]
         assert any(mentions(t, r["entity"]) and re.search(rf"\b{re.escape(value)}\b", t, re.I) for t in prose)
@@ -200,6 +202,16 @@ def test_option_accuracy_scores_the_continuation():
         {"question": "Which?", "choices": ["dog", "cat", "cow", "cat and dog"], "answer": 3},
     ]
     assert option_accuracy(AlwaysCat(), tok, questions) == 0.5
+
+
+def test_packing_keeps_every_token_in_order():
+    from forgetray.organism.pretrain import pack_rows, to_tensors
+
+    docs = [[0, 5, 6, 1], [0, 7, 1], [0, 8, 9, 10, 11, 1]]
+    rows = pack_rows(docs, seq_len=5)
+    assert rows == [[0, 5, 6, 1, 0], [7, 1, 0, 8, 9], [10, 11, 1]]
+    input_ids, labels = to_tensors(rows, seq_len=5, pad_id=2)
+    assert input_ids[2].tolist() == [10, 11, 1, 2, 2] and labels[2].tolist() == [10, 11, 1, -100, -100]
 
 
 # --- the cache -----------------------------------------------------------------------------------------------------
