@@ -272,6 +272,8 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         "tokenizer": {"vocab_size": len(tokenizer)},
         "files": _file_list(out),
         "build_seconds": round(time.perf_counter() - started, 1),
+        # Other work on the machine slows a build; the 1/5/15-minute load averages at the end tell how much.
+        "machine": {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]},
         "build_date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
