@@ -1,0 +1,9 @@
+"""Anti-forgetting methods (METHODS.md §6) as pure functions: no Ray, no MLflow, no training loop.
+
+`wiseft` interpolates weights between the model before a stage and after it; the rehearsal (replay buffer) sampling
+lives with the data code, in `forgetray.data.rehearsal`.
+"""
+
+from forgetray.methods.wiseft import interpolate_model_dirs, interpolate_state_dicts
+
+__all__ = ["interpolate_model_dirs", "interpolate_state_dicts"]

@@ -1,0 +1,239 @@
+"""Anti-forgetting methods (METHODS.md §6): Wise-FT interpolation (state dicts and HF model directories) and
+rehearsal sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forgetray.data.rehearsal import mix, replay_count, replay_indices
+from forgetray.methods.wiseft import interpolate_model_dirs, interpolate_state_dicts
+
+# --------------------------------------------------------------------------------------------------------------------
+# Wise-FT on state dicts
+
+
+def test_interpolate_by_hand():
+    theta0 = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([[1.0], [-1.0]])}
+    theta1 = {"w": torch.tensor([4.0, 6.0]), "b": torch.tensor([[3.0], [1.0]])}
+    out = interpolate_state_dicts(theta0, theta1, 0.25)
+    assert list(out) == ["w", "b"]
+    assert torch.equal(out["w"], torch.tensor([1.0, 3.0]))  # 0.75*0 + 0.25*4, 0.75*2 + 0.25*6
+    assert torch.equal(out["b"], torch.tensor([[1.5], [-0.5]]))
+    assert torch.equal(interpolate_state_dicts(theta0, theta1, 0.5)["w"], torch.tensor([2.0, 4.0]))
+    # inputs untouched
+    assert torch.equal(theta0["w"], torch.tensor([0.0, 2.0])) and torch.equal(theta1["w"], torch.tensor([4.0, 6.0]))
+
+
+def test_alpha_endpoints_are_exact():
+    g = torch.Generator().manual_seed(0)
+    theta0 = {"w": torch.randn(5, 7, generator=g), "h": torch.randn(3, generator=g).to(torch.bfloat16)}
+    theta1 = {"w": torch.randn(5, 7, generator=g), "h": torch.randn(3, generator=g).to(torch.bfloat16)}
+    at0, at1 = interpolate_state_dicts(theta0, theta1, 0.0), interpolate_state_dicts(theta0, theta1, 1.0)
+    for key in theta1:
+        assert torch.equal(at0[key], theta0[key]) and at0[key].dtype == theta0[key].dtype
+        assert torch.equal(at1[key], theta1[key]) and at1[key].dtype == theta1[key].dtype
+
+
+def test_bf16_computed_in_fp32_and_cast_back():
+    g = torch.Generator().manual_seed(1)
+    t0 = torch.randn(64, generator=g).to(torch.bfloat16)
+    t1 = torch.randn(64, generator=g).to(torch.bfloat16)
+    alpha = 0.3
+    out = interpolate_state_dicts({"w": t0}, {"w": t1}, alpha)["w"]
+    expected = (t0.float() * (1 - alpha) + t1.float() * alpha).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    # float64 inputs are computed in float64
+    d0, d1 = t0.double(), t1.double()
+    out64 = interpolate_state_dicts({"w": d0}, {"w": d1}, alpha)["w"]
+    assert out64.dtype == torch.float64 and torch.equal(out64, d0 * (1 - alpha) + d1 * alpha)
+
+
+def test_output_dtype_follows_theta1():
+    out = interpolate_state_dicts({"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0]).half()}, 0.25)
+    assert out["w"].dtype == torch.float16 and torch.equal(out["w"], torch.tensor([1.0, 3.0]).half())
+
+
+def test_int_buffers_pass_through_from_theta1():
+    theta0 = {"w": torch.tensor([0.0]), "step": torch.tensor([3]), "mask": torch.tensor([True, False])}
+    theta1 = {"w": torch.tensor([2.0]), "step": torch.tensor([7]), "mask": torch.tensor([False, False])}
+    for alpha in (0.0, 0.5, 1.0):
+        out = interpolate_state_dicts(theta0, theta1, alpha)
+        assert out["step"] is theta1["step"] and out["mask"] is theta1["mask"]
+    assert torch.equal(interpolate_state_dicts(theta0, theta1, 0.5)["w"], torch.tensor([1.0]))
+
+
+def test_key_mismatch_names_the_key():
+    w = torch.zeros(2)
+    with pytest.raises(ValueError, match="missing from theta0, first 'lm_head.weight'"):
+        interpolate_state_dicts({"embed.weight": w}, {"embed.weight": w, "lm_head.weight": w}, 0.5)
+    with pytest.raises(ValueError, match="not in theta1, first 'extra'"):
+        interpolate_state_dicts({"embed.weight": w, "extra": w}, {"embed.weight": w}, 0.5)
+
+
+def test_shape_mismatch_names_key_and_shapes():
+    with pytest.raises(ValueError, match=r"'layer\.w'.*\[2, 3\].*\[3, 2\]"):
+        interpolate_state_dicts({"layer.w": torch.zeros(2, 3)}, {"layer.w": torch.zeros(3, 2)}, 0.5)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_alpha_out_of_range(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_state_dicts({"w": torch.zeros(1)}, {"w": torch.zeros(1)}, alpha)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Wise-FT on Hugging Face model directories
+
+
+def _tiny_llama(seed: int, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms initialise to ones in both models: make every tensor differ
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wiseft")
+    m0, m1 = _tiny_llama(0), _tiny_llama(1)
+    dirs = {"m0": root / "m0", "m0_sharded": root / "m0-sharded", "m1": root / "m1", "m1_sharded": root / "m1-sharded",
+            "m0_3layers": root / "m0-3layers"}
+    m0.save_pretrained(dirs["m0"])
+    m0.save_pretrained(dirs["m0_sharded"], max_shard_size="20KB")
+    m1.save_pretrained(dirs["m1"])
+    m1.save_pretrained(dirs["m1_sharded"], max_shard_size="20KB")
+    _tiny_llama(2, layers=3).save_pretrained(dirs["m0_3layers"])
+    for key in ("m1", "m1_sharded"):  # a non-weight file that must travel with the output
+        (dirs[key] / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    params = {"m0": {k: v.detach().clone() for k, v in m0.named_parameters()},
+              "m1": {k: v.detach().clone() for k, v in m1.named_parameters()}}
+    return dirs, params
+
+
+@pytest.mark.parametrize("src0,src1", [("m0", "m1"), ("m0_sharded", "m1_sharded"), ("m0", "m1_sharded")])
+def test_interpolate_model_dirs(model_dirs, tmp_path, src0, src1):
+    from transformers import LlamaForCausalLM
+
+    dirs, params = model_dirs
+    alpha = 0.3
+    out = interpolate_model_dirs(dirs[src0], dirs[src1], alpha, tmp_path / "out")
+    assert out == tmp_path / "out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
+
+    in_names = sorted(p.name for p in dirs[src1].iterdir())
+    assert sorted(p.name for p in out.iterdir()) == in_names
+    shards = [n for n in in_names if n.endswith(".safetensors")]
+    if src1 == "m1_sharded":
+        assert len(shards) >= 2 and "model.safetensors.index.json" in in_names
+    for name in in_names:
+        if not name.endswith(".safetensors"):
+            assert (out / name).read_bytes() == (dirs[src1] / name).read_bytes(), name
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / shards[0]), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+    model = LlamaForCausalLM.from_pretrained(out)
+    got = dict(model.named_parameters())
+    assert set(got) == set(params["m1"])
+    for key, p in got.items():
+        expected = (1 - alpha) * params["m0"][key] + alpha * params["m1"][key]
+        assert p.dtype == torch.float32
+        assert torch.allclose(p.detach(), expected, atol=1e-6, rtol=0), key
+
+
+def test_interpolate_model_dirs_mismatch_leaves_nothing(model_dirs, tmp_path):
+    dirs, _ = model_dirs
+    with pytest.raises(ValueError, match="model.layers.2"):
+        interpolate_model_dirs(dirs["m0_3layers"], dirs["m1"], 0.5, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interpolate_model_dirs_failure_mid_write_leaves_nothing(model_dirs, tmp_path, monkeypatch):
+    import forgetray.methods.wiseft as wiseft
+
+    dirs, _ = model_dirs
+    calls = []
+
+    def failing(theta0, theta1, alpha):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return interpolate_state_dicts(theta0, theta1, alpha)
+
+    monkeypatch.setattr(wiseft, "interpolate_state_dicts", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        interpolate_model_dirs(dirs["m0_sharded"], dirs["m1_sharded"], 0.5, tmp_path / "out")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_interpolate_model_dirs_refuses_existing_output(model_dirs, tmp_path):
+    dirs, _ = model_dirs
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        interpolate_model_dirs(dirs["m0"], dirs["m1"], 0.5, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rehearsal
+
+
+@pytest.mark.parametrize("n,ratio,expected", [
+    (52002, 0.01, 520),  # Alpaca, the default ratio: 520.02 -> 520
+    (52002, 0.0, 0),
+    (0, 0.5, 0),
+    (10, 0.01, 1),  # 0.1 -> at least one
+    (1, 0.001, 1),
+    (100, 0.005, 1),  # exactly 0.5 -> half up
+    (100, 0.015, 2),  # exactly 1.5 -> 2
+    (100, 0.025, 3),  # exactly 2.5 -> 3 (not banker's 2)
+    (1000, 0.0014, 1),  # 1.4 -> 1
+    (1000, 0.0016, 2),  # 1.6 -> 2
+    (7, 1.0, 7),
+    (7, 0.5, 4),  # 3.5 -> 4
+])
+def test_replay_count_table(n, ratio, expected):
+    assert replay_count(n, ratio) == expected
+    assert len(replay_indices(n, ratio, seed=0)) == expected
+
+
+@pytest.mark.parametrize("ratio", [-0.01, 1.01, float("nan")])
+def test_replay_count_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        replay_count(100, ratio)
+
+
+def test_replay_indices_deterministic_sorted_distinct():
+    a, b = replay_indices(1000, 0.1, seed=3), replay_indices(1000, 0.1, seed=3)
+    c = replay_indices(1000, 0.1, seed=4)
+    assert a == b and a != c
+    assert len(a) == 100 and len(set(a)) == 100 and a == sorted(a)
+    assert all(isinstance(i, int) and 0 <= i < 1000 for i in a)
+    assert replay_indices(5, 1.0, seed=9) == [0, 1, 2, 3, 4]
+
+
+def test_mix_length_and_content():
+    current = [f"cur{i}" for i in range(30)]
+    previous = [f"prev{i}" for i in range(200)]
+    out = mix(current, previous, 0.05, seed=0)
+    assert len(out) == len(current) + replay_count(len(previous), 0.05) == 40
+    assert out[:30] == current
+    replayed = out[30:]
+    assert all(item in previous for item in replayed) and len(set(replayed)) == len(replayed)
+    assert replayed == [previous[i] for i in replay_indices(200, 0.05, seed=0)]
+    assert mix(current, previous, 0.0, seed=0) == current
+    assert mix(current, [], 0.5, seed=0) == current
