@@ -1,0 +1,342 @@
+"""forgetray.flatness (METHODS.md §7): SC / AG / MAG on surfaces with hand-derived answers, and loss_surface on tiny
+torch models (parameters restored bit-identically, centre = unperturbed loss, determinism, exact quadratic)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from forgetray.flatness import contour_png, directions, grid_coordinates, loss_surface, surface_metrics
+
+
+def grid(n: int, radius: float):
+    """Coordinates -r..r with n (odd) points; X varies along columns (a), Y along rows (b)."""
+    m = n // 2
+    h = radius / m
+    xs = (np.arange(n) - m) * h
+    X, Y = np.meshgrid(xs, xs)
+    return xs, X, Y, h
+
+
+def naive_mag(F: np.ndarray) -> float:
+    diffs = []
+    rows, cols = F.shape
+    for i in range(rows):
+        for j in range(cols):
+            if j + 1 < cols:
+                diffs.append(abs(F[i, j + 1] - F[i, j]))
+            if i + 1 < rows:
+                diffs.append(abs(F[i + 1, j] - F[i, j]))
+    return sum(diffs) / len(diffs)
+
+
+# --- surface_metrics on analytic surfaces -------------------------------------------------------------------------
+
+
+def test_plane_exact():
+    # Dyadic spacing and coefficients: every value and difference is exact in floating point, so SC is exactly 0.
+    c1, c2 = 3.0, -2.0
+    _, X, Y, h = grid(9, 1.0)  # h = 0.25
+    F = c1 * X + c2 * Y
+    m = surface_metrics(F, h)
+    assert m["sc"] == 0.0
+    # central and one-sided differences are both exact for a plane: grad = (c1, c2) everywhere
+    assert m["ag"] == pytest.approx(math.sqrt(c1**2 + c2**2), rel=1e-15)
+    # square grid: as many horizontal pairs (each |c1| h) as vertical ones (each |c2| h)
+    assert m["mag"] == (abs(c1) + abs(c2)) / 2 * h
+    assert m["flatness"] == pytest.approx((m["sc"] + m["ag"] + m["mag"]) / 3, rel=1e-15)
+
+
+def test_plane_default_grid():
+    c1, c2 = 0.7, 1.3
+    _, X, Y, h = grid(21, 1.0)  # h = 0.1, not exact in binary
+    m = surface_metrics(c1 * X + c2 * Y, h)
+    assert m["sc"] == pytest.approx(0.0, abs=1e-12)
+    assert m["ag"] == pytest.approx(math.hypot(c1, c2), rel=1e-12)
+    assert m["mag"] == pytest.approx((c1 + c2) / 2 * h, rel=1e-12)
+
+
+def test_plane_rectangular_pools_pairs():
+    c1, c2 = 2.0, 0.5
+    h = 0.25
+    xs = np.arange(7) * h  # 7 columns
+    ys = np.arange(5) * h  # 5 rows
+    X, Y = np.meshgrid(xs, ys)
+    F = c1 * X + c2 * Y
+    m = surface_metrics(F, h)
+    # 5*6 horizontal pairs of c1 h and 4*7 vertical pairs of c2 h, pooled
+    expected = (5 * 6 * c1 * h + 4 * 7 * c2 * h) / (5 * 6 + 4 * 7)
+    assert m["mag"] == pytest.approx(expected, rel=1e-15)
+    assert m["mag"] == pytest.approx(naive_mag(F), rel=1e-15)
+    assert m["sc"] == 0.0
+    assert m["ag"] == pytest.approx(math.hypot(c1, c2), rel=1e-15)
+
+
+@pytest.mark.parametrize("n,radius,k", [(9, 1.0, 0.5), (21, 1.0, 1.7), (11, 2.5, -0.3)])
+def test_paraboloid(n, radius, k):
+    xs, X, Y, h = grid(n, radius)
+    F = k * (X**2 + Y**2)
+    m = surface_metrics(F, h)
+
+    # SC: ((x+h)^2 - 2x^2 + (x-h)^2) / h^2 = 2 exactly, so the Laplacian is 4k at every interior point.
+    assert m["sc"] == pytest.approx(4 * abs(k), rel=1e-9)
+
+    # AG: central differences are exact for x^2: (k(x+h)^2 - k(x-h)^2) / 2h = 2kx. The one-sided edge difference
+    # is not: (k(x0+h)^2 - k x0^2) / h = 2k(x0 + h/2), the derivative at the half-step point (likewise 2k(x_end - h/2)
+    # at the far edge). So the gradient is 2k * (x_eff, y_eff) with the edge coordinates pulled in by h/2.
+    eff = xs.copy()
+    eff[0] += h / 2
+    eff[-1] -= h / 2
+    EX, EY = np.meshgrid(eff, eff)
+    expected_ag = float(np.mean(2 * abs(k) * np.sqrt(EX**2 + EY**2)))
+    assert m["ag"] == pytest.approx(expected_ag, rel=1e-9)
+    # ...which differs from the analytic mean of 2|k| sqrt(x^2 + y^2) only through the edge points
+    analytic = 2 * abs(k) * np.sqrt(X**2 + Y**2)
+    assert m["ag"] < float(np.mean(analytic))
+    inner_grad = np.hypot(*np.gradient(F, h))[1:-1, 1:-1]
+    np.testing.assert_allclose(inner_grad, analytic[1:-1, 1:-1], rtol=1e-9, atol=1e-12)
+
+    # MAG: a horizontal pair differs by |k| |x_{j+1}^2 - x_j^2| = |k| h |x_j + x_{j+1}| = |k| h^2 |2j + 1 - 2m|;
+    # over j = 0..2m-1 these are the odd numbers 1, 3, ..., 2m-1 twice, summing to 2m^2 over 2m pairs: mean m.
+    # So the mean is |k| h^2 m = |k| h r in every row, and the same vertically.
+    assert m["mag"] == pytest.approx(abs(k) * h * radius, rel=1e-9)
+    assert m["mag"] == pytest.approx(naive_mag(F), rel=1e-9)
+
+
+def test_constant_surface_is_flat():
+    m = surface_metrics(np.full((21, 21), 3.25), 0.1)
+    assert m == {"sc": 0.0, "ag": 0.0, "mag": 0.0, "flatness": 0.0}
+
+
+def test_metrics_are_floats():
+    _, X, Y, h = grid(5, 1.0)
+    m = surface_metrics((X + Y).astype(np.float32), h)
+    assert set(m) == {"sc", "ag", "mag", "flatness"}
+    assert all(type(v) is float for v in m.values())
+
+
+@pytest.mark.parametrize(
+    "F,h,match",
+    [
+        (np.zeros(9), 0.1, "2-D"),
+        (np.zeros((3, 3, 3)), 0.1, "2-D"),
+        (np.zeros((2, 5)), 0.1, "at least 3 x 3"),
+        (np.zeros((5, 2)), 0.1, "at least 3 x 3"),
+        (np.array([[0.0, 1, 2], [0, np.nan, 2], [0, 1, 2]]), 0.1, "non-finite"),
+        (np.array([[0.0, 1, 2], [0, 1, 2], [0, 1, np.inf]]), 0.1, "non-finite"),
+        (np.array([["a"] * 3] * 3), 0.1, "real numbers"),
+        (np.zeros((3, 3)), 0.0, "spacing"),
+        (np.zeros((3, 3)), -0.1, "spacing"),
+        (np.zeros((3, 3)), float("nan"), "spacing"),
+    ],
+)
+def test_surface_metrics_rejects(F, h, match):
+    with pytest.raises(ValueError, match=match):
+        surface_metrics(F, h)
+
+
+# --- directions -------------------------------------------------------------------------------------------------
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].bias.zero_()  # a zero-norm tensor: its direction must be zero
+    return model
+
+
+def test_directions_filter_normalised():
+    model = small_model()
+    named = list(model.named_parameters())
+    d1, d2 = directions(named, seed=3)
+    assert len(d1) == len(d2) == len(named)
+    for (name, p), u, v in zip(named, d1, d2):
+        assert u.shape == p.shape and u.dtype == p.dtype and u.device == p.device
+        if p.norm() == 0:
+            assert torch.count_nonzero(u) == 0 and torch.count_nonzero(v) == 0, name
+        else:
+            assert u.norm().item() == pytest.approx(p.norm().item(), rel=1e-6), name
+            assert v.norm().item() == pytest.approx(p.norm().item(), rel=1e-6), name
+            assert not torch.equal(u, v)
+
+
+def test_directions_documented_draw_order():
+    """Rebuild the directions by hand: one CPU generator, float32, all of d1 in parameter order, then all of d2."""
+    model = small_model()
+    params = list(model.parameters())
+    d1, d2 = directions(params, seed=11)  # bare tensors work as well as named pairs
+    g = torch.Generator().manual_seed(11)
+    for out in (d1, d2):
+        for p, d in zip(params, out):
+            raw = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            expected = raw * (p.norm() / raw.norm()) if p.norm() > 0 else torch.zeros_like(raw)
+            torch.testing.assert_close(d, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_directions_follow_param_dtype():
+    w = torch.randn(10, dtype=torch.float64)
+    (u,), (v,) = directions([w], seed=0)
+    assert u.dtype == v.dtype == torch.float64
+    (u32,), _ = directions([w.float()], seed=0)
+    torch.testing.assert_close(u.float(), u32)  # same draws whatever the dtype
+
+
+def test_directions_rejects_non_tensors():
+    with pytest.raises(ValueError, match="tensors"):
+        directions([[1.0, 2.0]], seed=0)
+
+
+# --- loss_surface -----------------------------------------------------------------------------------------------
+
+X_BATCH = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+Y_BATCH = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+
+
+def mse(model: nn.Module) -> torch.Tensor:
+    return ((model(X_BATCH) - Y_BATCH) ** 2).mean()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_bit_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_loss_surface_shape_centre_and_restore():
+    model = small_model()
+    model.train()
+    before = snapshot(model)
+    with torch.no_grad():
+        base = mse(model).item()
+
+    F, h = loss_surface(model, mse, steps=5, radius=0.5, seed=0)
+    assert F.shape == (5, 5) and F.dtype == np.float64
+    assert h == pytest.approx(0.25)
+    assert F[2, 2] == base  # the centre is theta exactly, so the same loss to the bit
+    assert np.all(np.isfinite(F)) and np.ptp(F) > 0
+    assert_bit_identical(model, before)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_loss_surface_restores_when_loss_fn_raises():
+    model = small_model()
+    model[1].eval()  # mixed modes must come back module by module
+    before = snapshot(model)
+    calls = 0
+
+    def flaky(m: nn.Module) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        assert not m.training and not torch.is_grad_enabled()
+        if calls == 5:
+            raise RuntimeError("boom")
+        return mse(m)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        loss_surface(model, flaky, steps=5, seed=0)
+    assert calls == 5
+    assert_bit_identical(model, before)
+    assert model.training and model[0].training and not model[1].training and model[2].training
+
+
+def test_loss_surface_deterministic_per_seed():
+    model = small_model()
+    F0, _ = loss_surface(model, mse, steps=5, seed=0)
+    F0_again, _ = loss_surface(model, mse, steps=5, seed=0)
+    F1, _ = loss_surface(model, mse, steps=5, seed=1)
+    assert np.array_equal(F0, F0_again)
+    assert not np.allclose(F0, F1)
+    assert F0[2, 2] == F1[2, 2]  # only the directions changed
+
+
+def test_loss_surface_exact_quadratic_and_orientation():
+    """L(w) = ||w||^2 for a single parameter vector, so f(a, b) = ||w + a d1 + b d2||^2 in closed form."""
+    w = nn.Parameter(torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    model = nn.Module()
+    model.w = w
+    steps, radius, seed = 7, 1.5, 4
+    F, h = loss_surface(model, lambda m: (m.w**2).sum(), steps=steps, radius=radius, seed=seed)
+
+    (d1,), (d2,) = directions([w], seed)
+    w0 = w.detach()
+    coords, h_ref = grid_coordinates(steps, radius)
+    assert h == h_ref == pytest.approx(0.5)
+    expected = np.empty((steps, steps))
+    for i, b in enumerate(coords):  # rows follow b (d2)
+        for j, a in enumerate(coords):  # columns follow a (d1)
+            expected[i, j] = (
+                w0.dot(w0)
+                + 2 * a * w0.dot(d1)
+                + 2 * b * w0.dot(d2)
+                + a**2 * d1.dot(d1)
+                + 2 * a * b * d1.dot(d2)
+                + b**2 * d2.dot(d2)
+            ).item()
+    np.testing.assert_allclose(F, expected, rtol=1e-12, atol=1e-12)
+    # the orientation matters: swapping a and b would give the transpose, which differs here
+    assert not np.allclose(F, F.T)
+
+
+def test_loss_surface_perturbs_only_trainable():
+    model = small_model()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    seen = []
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        seen.append(torch.equal(m[0].weight, frozen))
+        return mse(m)
+
+    loss_surface(model, loss, steps=3, seed=0)
+    assert len(seen) == 9 and all(seen)
+
+
+def test_loss_surface_accepts_float_loss():
+    model = small_model()
+    F, _ = loss_surface(model, lambda m: float(mse(m)), steps=3)
+    G, _ = loss_surface(model, mse, steps=3)
+    assert np.array_equal(F, G)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 4}, "odd"),
+        ({"steps": 1}, "odd"),
+        ({"steps": 5.0}, "odd"),
+        ({"radius": 0.0}, "radius"),
+        ({"radius": -1.0}, "radius"),
+        ({"radius": float("inf")}, "radius"),
+    ],
+)
+def test_loss_surface_rejects_bad_grid(kwargs, match):
+    model = small_model()
+    with pytest.raises(ValueError, match=match):
+        loss_surface(model, mse, **kwargs)
+
+
+def test_loss_surface_rejects_frozen_model():
+    model = small_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        loss_surface(model, mse, steps=3)
+
+
+# --- contour_png ------------------------------------------------------------------------------------------------
+
+
+def test_contour_png(tmp_path):
+    _, X, Y, _ = grid(21, 1.0)
+    out = contour_png(X**2 + 0.5 * Y**2, 1.0, tmp_path / "sub" / "surface.png", title="ckpt 1")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = contour_png(np.zeros((5, 5)), 1.0, tmp_path / "flat.png")  # no contour levels: must still draw
+    assert flat.stat().st_size > 0
+    with pytest.raises(ValueError, match="2-D"):
+        contour_png(np.zeros(5), 1.0, tmp_path / "bad.png")
