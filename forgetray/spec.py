@@ -91,11 +91,22 @@ class TrialConfig:
     stage_alpha: float = 0.05
     stage_tau: float = 0.02  # the fixed-threshold variant's drop threshold on accuracy
     ppl_tolerance: float = 0.05  # restored probing PPL must be within this fraction of base's
+    # --- anti-forgetting methods (METHODS.md §5-6) and flatness (§7); they act on the trial's (last) stage ---
+    sam_rho: float = 0.0  # SAM radius; 0 = plain AdamW
+    sam_adaptive: bool = False  # ASAM: perturbation scaled by |w|
+    sam_every: int = 1  # a SAM step every k-th optimizer step (the others are plain)
+    wiseft_alpha: float = 1.0  # each checkpoint becomes (1-a)*theta_0 + a*theta_1, theta_0 = the stage's start; 1 = off
+    rehearsal_ratio: float = 0.0  # share of the previous stage's data replayed in this stage (needs prior_stages)
+    prior_stages: tuple = ()  # earlier fine-tuning stages, in order: dicts of STAGE_KEYS; unset keys = plain IFT
+    flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (METHODS.md §7: 21) around every checkpoint
+    flatness_batch: int = 16  # probing-set passages in the fixed held-out batch the surface's loss is taken on
 
     def __post_init__(self):
         # Dicts and lists from sweep files / JSON are normalised to hashable tuples first.
         if isinstance(self.primary_score, Mapping):
             object.__setattr__(self, "primary_score", tuple(sorted(self.primary_score.items())))
+        if isinstance(self.prior_stages, (list, tuple)):
+            object.__setattr__(self, "prior_stages", tuple(_stage(i, s) for i, s in enumerate(self.prior_stages)))
         for name in ("benchmarks", "primary_score"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -117,11 +128,20 @@ class TrialConfig:
     def primary_score_for(self, benchmark: str, default: str) -> str:
         return dict(self.primary_score).get(benchmark, default)
 
+    def stages(self) -> list[dict]:
+        """Every fine-tuning stage in order, as plain dicts of STAGE_KEYS: the prior stages (unset keys: plain
+        IFT at the trial's lr), then the trial's own stage (its dataset, epochs, lr and method settings)."""
+        plain = {"lr": self.lr, "sam_rho": 0.0, "sam_adaptive": False, "sam_every": 1, "wiseft_alpha": 1.0,
+                 "rehearsal_ratio": 0.0}
+        last = {k: getattr(self, k) for k in STAGE_KEYS}
+        return [{**plain, **dict(stage)} for stage in self.prior_stages] + [last]
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict: what crosses process boundaries (Ray) and what `from_dict` reads back."""
         out = dataclasses.asdict(self)
         out["benchmarks"] = list(self.benchmarks)
         out["primary_score"] = dict(self.primary_score)
+        out["prior_stages"] = [dict(stage) for stage in self.prior_stages]
         return out
 
     @classmethod
@@ -143,6 +163,30 @@ class TrialConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
+# What a stage sets; the types and bounds are TrialConfig's own (a stage is checked as a trial with those values).
+STAGE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
+
+
+def _stage(index: int, stage: Any) -> tuple:
+    """A prior stage as a sorted tuple of (key, value) pairs (hashable, so trials hash and compare)."""
+    where = f"setting 'prior_stages'[{index}]"
+    if isinstance(stage, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in stage):
+        stage = dict(stage)
+    if not isinstance(stage, Mapping):
+        raise SpecError(f"{where} must be a dict of {', '.join(STAGE_KEYS)}, got {stage!r}")
+    unknown = sorted(set(stage) - set(STAGE_KEYS))
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r} (a stage sets {', '.join(STAGE_KEYS)})")
+    for key in ("dataset", "epochs"):
+        if key not in stage:
+            raise SpecError(f"{where} must set {key!r}")
+    if index == 0 and stage.get("rehearsal_ratio", 0):
+        raise SpecError(f"{where}: rehearsal_ratio needs an earlier stage to replay (the first stage has none)")
+    try:
+        checked = TrialConfig(**{k: v for k, v in stage.items()})
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+    return tuple(sorted((k, getattr(checked, k)) for k in stage))
 _HINTS = typing.get_type_hints(TrialConfig)
 
 
@@ -206,6 +250,18 @@ def _check_values(cfg: TrialConfig) -> None:
     need(0 < cfg.stage_alpha < 1, "stage_alpha", "must be in (0, 1)")
     need(0 <= cfg.stage_tau < 1, "stage_tau", "must be in [0, 1)")
     need(0 <= cfg.ppl_tolerance, "ppl_tolerance", "must be >= 0")
+    need(0 <= cfg.sam_rho, "sam_rho", "must be >= 0 (0 = off)")
+    need(cfg.sam_every >= 1, "sam_every", "must be >= 1")
+    uses_sam = cfg.sam_rho > 0 or any(dict(stage).get("sam_rho", 0) > 0 for stage in cfg.prior_stages)
+    need(cfg.zero_stage <= 2 or not uses_sam, "zero_stage",
+         "must be <= 2 with SAM (sam_rho > 0): ZeRO-3 partitions the weights SAM perturbs")
+    need(0 <= cfg.wiseft_alpha <= 1, "wiseft_alpha", "must be in [0, 1] (1 = off)")
+    need(0 <= cfg.rehearsal_ratio <= 1, "rehearsal_ratio", "must be in [0, 1] (0 = off)")
+    need(cfg.rehearsal_ratio == 0 or len(cfg.prior_stages) > 0, "rehearsal_ratio",
+         "needs prior_stages (rehearsal replays an earlier stage's data)")
+    need(cfg.flatness_grid == 0 or (cfg.flatness_grid >= 3 and cfg.flatness_grid % 2 == 1), "flatness_grid",
+         "must be 0 (off) or an odd number >= 3 (the grid is centred on the checkpoint)")
+    need(cfg.flatness_batch >= 1, "flatness_batch", "must be >= 1")
     if cfg.micro_batch_size:
         per_step = cfg.micro_batch_size * cfg.workers
         need(cfg.batch_size % per_step == 0, "batch_size",

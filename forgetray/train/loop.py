@@ -31,6 +31,7 @@ from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
 from forgetray.train.deepspeed_config import deepspeed_config, optimizer_settings
 from forgetray.train.evaluate import ProbeSuite, evaluate
+from forgetray.train.sam import sam_step
 from forgetray.train.schedule import lr_factor, warmup_steps
 
 # Test hook: if this names a file that does not exist yet, the worker creates it and fails once after the given
@@ -154,7 +155,8 @@ def train_epoch(engine, data: list, trial: TrialConfig, epoch: int, rank: int, w
     """One epoch: global batch s = order[s*B:(s+1)*B]; rank r takes its contiguous slice of it, split into
     gradient-accumulation micro-batches. With drop_last the incomplete last global batch is dropped (IFT); without,
     it is completed with examples from the start of the order (restoration: every token is trained on at least
-    once). `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch."""
+    once). With `sam_rho` > 0 every `sam_every`-th optimizer step is a SAM step (`forgetray.train.sam`).
+    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch."""
     order = epoch_order(len(data), trial.seed, epoch)
     steps = len(data) // trial.batch_size if drop_last else -(-len(data) // trial.batch_size)
     if not drop_last and steps * trial.batch_size > len(order):
@@ -164,14 +166,20 @@ def train_epoch(engine, data: list, trial: TrialConfig, epoch: int, rank: int, w
     engine.train()
     for step in range(steps):
         mine = order[step * trial.batch_size + rank * per_rank: step * trial.batch_size + (rank + 1) * per_rank]
+        micro_batches = []
         for micro in range(trial.grad_accum):
             idx = mine[micro * trial.micro_batch:(micro + 1) * trial.micro_batch].tolist()
-            batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            losses.append(loss.detach().float())
-            tokens += int(batch["attention_mask"].sum())
+            micro_batches.append({k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()})
+            tokens += int(micro_batches[-1]["attention_mask"].sum())
+        global_step = (epoch - 1) * steps + step + 1
+        if trial.sam_rho > 0 and global_step % trial.sam_every == 0:
+            losses += sam_step(engine, micro_batches, trial.sam_rho, trial.sam_adaptive, world)
+        else:
+            for batch in micro_batches:
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+                losses.append(loss.detach().float())
         if after_step is not None:
             after_step(step + 1)
     stats = torch.tensor([float(torch.stack(losses).mean()), float(tokens)], dtype=torch.float64)

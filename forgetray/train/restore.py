@@ -28,9 +28,10 @@ from forgetray.train.loop import build_engine, report_checkpoint, train_epoch, w
 
 
 def restoring_trial(trial: TrialConfig) -> TrialConfig:
-    """The trial's settings as restoration uses them: its own lr and batch, one epoch, no accumulation."""
+    """The trial's settings as restoration uses them: its own lr and batch, one epoch, no accumulation, no SAM
+    (restoration is the measurement, not the method under study)."""
     return dataclasses.replace(trial, lr=trial.restore_lr, batch_size=trial.restore_batch_size, micro_batch_size=0,
-                               epochs=1)
+                               epochs=1, sam_rho=0.0)
 
 
 def pack(passages: list[list[int]], eos_id: int, seq_len: int) -> list[dict]:
