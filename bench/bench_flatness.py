@@ -15,7 +15,6 @@ vocab 1500), fp32 on the CPU, one batch of 16 x 256 random token ids; no files n
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time

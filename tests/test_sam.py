@@ -3,7 +3,6 @@ engine with 1 and with 2 ranks (gloo, CPU) against a reference SAM update writte
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
