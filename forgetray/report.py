@@ -356,8 +356,80 @@ def _transition_line(trial: TrialData, varying: list[str]) -> str:
     return f"  {label}: transition {verdict}   [{stages}]{failed}"
 
 
+# --- the mitigation table (CF's Table 2) -----------------------------------------------------------------------------
+
+METHODS_CSV = "methods_table.csv"
+_METHOD_SETTINGS = ("sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
+
+
+def _number(trial: TrialData, key: str, default: float) -> float:
+    try:
+        return float(trial.settings.get(key, default))
+    except ValueError:
+        return default
+
+
+def _method(trial: TrialData) -> str:
+    parts = []
+    if _number(trial, "wiseft_alpha", 1.0) < 1:
+        parts.append(f"Wise-FT a={_number(trial, 'wiseft_alpha', 1.0):g}")
+    if _number(trial, "rehearsal_ratio", 0.0) > 0:
+        parts.append(f"rehearsal {_number(trial, 'rehearsal_ratio', 0.0):g}")
+    return " + ".join(parts) or "fine-tuning"
+
+
+def _sam(trial: TrialData) -> str:
+    rho = _number(trial, "sam_rho", 0.0)
+    if rho == 0:
+        return "without SAM"
+    adaptive = trial.settings.get("sam_adaptive", "False") == "True"
+    every = int(_number(trial, "sam_every", 1))
+    return f"{'ASAM' if adaptive else 'SAM'} rho={rho:g}" + (f" every {every}" if every > 1 else "")
+
+
+def _methods_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame:
+    """One row per trial at its last checkpoint, shaped like CF's Table 2: method and SAM as the row labels, the
+    other varying settings, knowledge per benchmark, their average and its change from the stage's start (base),
+    then probing perplexity, EM and flatness. Empty unless some trial uses a mitigation method."""
+    if not any(_method(t) != "fine-tuning" or _sam(t) != "without SAM" for t in trials):
+        return pd.DataFrame()
+    others = [key for key in varying if key not in _METHOD_SETTINGS]
+    benches = list(dict.fromkeys(bench for trial in trials for bench in trial.benchmarks))
+    rows = []
+    for trial in trials:
+        if not trial.epochs:
+            continue
+        last = trial.epochs[-1]
+        row = {"method": _method(trial), "sam": _sam(trial), **{key: trial.settings.get(key) for key in others},
+               "epoch": last}
+        sft = [trial.at(f"sft/{bench}/knowledge", last) for bench in benches]
+        base = [trial.at(f"base/{bench}/knowledge", 0) for bench in benches]
+        row.update({bench: value for bench, value in zip(benches, sft)})
+        row["average"] = sum(sft) / len(sft) if sft else math.nan
+        row["delta"] = row["average"] - (sum(base) / len(base) if base else math.nan)
+        row["ppl"] = trial.at("sft/probe/ppl", last)
+        row["em"] = trial.at("sft/ift/em", last)
+        row["flatness"] = trial.at("sft/flatness/flatness", last)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.sort_values(["method", "sam", *others], kind="stable").reset_index(drop=True)
+    return table.dropna(axis=1, how="all")
+
+
+def _methods_text(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for column in shown.columns:
+        if column in ("epoch",) or shown[column].dtype == object:
+            continue
+        fmt = "{:+.3f}" if column == "delta" else "{:.2f}" if column == "ppl" else "{:.3f}"
+        shown[column] = shown[column].map(lambda v, f=fmt: "-" if pd.isna(v) else f.format(v))
+    return shown.to_string(index=False)
+
+
 def _text(experiment: str, parent, trials: list[TrialData], varying: list[str], table: pd.DataFrame,
-          notes: list[str]) -> str:
+          notes: list[str], methods: pd.DataFrame | None = None) -> str:
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
     lines = [f"forgetray report: experiment {experiment!r}, sweep run {name} ({parent.info.run_id}), "
              f"{len(trials)} trial(s)"]
@@ -376,6 +448,10 @@ def _text(experiment: str, parent, trials: list[TrialData], varying: list[str], 
         others = _other_benchmarks_text(table)
         if others:
             lines += ["", "other benchmarks (knowledge; stages are judged on the primary benchmark only):", others]
+    if methods is not None and not methods.empty:
+        lines += ["", "mitigation methods at the last checkpoint (CF Table 2 shape; knowledge per benchmark, their "
+                      "average and its change from the stage's start; ppl = probing perplexity; flatness = "
+                      "mean(SC, AG, MAG)):", _methods_text(methods)]
     lines += ["", "transition epoch (first epoch with actual forgetting):"]
     lines += [_transition_line(trial, varying) for trial in trials]
     if notes:
@@ -669,7 +745,7 @@ def _draw(name: str, figure, *args) -> Path | str:
 def _clear_previous(out_dir: Path) -> None:
     """Remove this module's files from an earlier report in out_dir, so a figure skipped now is not left stale
     (and logged again). Other files in out_dir are left alone."""
-    for path in [*(out_dir / name for name in (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT)),
+    for path in [*(out_dir / name for name in (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV)),
                  *out_dir.glob("fig3c_accuracy_*.png")]:
         path.unlink(missing_ok=True)
 
@@ -712,8 +788,11 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     if unjudged:
         notes.append(f"no stage logged (no restoration?) for: {', '.join(unjudged)}")
 
-    text = _text(experiment, parent, trials, varying, table, notes)
+    methods = _methods_table(trials, varying)
+    text = _text(experiment, parent, trials, varying, table, notes, methods)
     table.to_csv(out_dir / TABLE_CSV, index=False)
+    if not methods.empty:
+        methods.to_csv(out_dir / METHODS_CSV, index=False)
     (out_dir / TABLE_TXT).write_text(text)
     if log_to_mlflow:
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)

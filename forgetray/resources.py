@@ -179,8 +179,15 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         bench = dict(resolve_benchmark(name))
         bench["score"] = trial.primary_score_for(name, bench["default_score"])
         benchmarks[key] = bench
+    prior = []
+    for i, stage in enumerate(trial.prior_stages):
+        try:
+            prior.append(resolve_dataset(dict(stage)["dataset"]))
+        except SpecError as e:
+            raise SpecError(f"setting 'prior_stages'[{i}]: {e}") from None
     return {
         "model": resolve_model(trial.model),
+        "prior_datasets": prior,  # one per prior stage, in order
         "dataset": resolve_dataset(trial.dataset),
         "benchmarks": benchmarks,
         "probe_set": resolve_passages(trial.probe_set, "probe_set"),

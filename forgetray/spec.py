@@ -256,6 +256,9 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.zero_stage <= 2 or not uses_sam, "zero_stage",
          "must be <= 2 with SAM (sam_rho > 0): ZeRO-3 partitions the weights SAM perturbs")
     need(0 <= cfg.wiseft_alpha <= 1, "wiseft_alpha", "must be in [0, 1] (1 = off)")
+    # These read or rewrite full weights on a rank, which ZeRO-3 never holds.
+    need(cfg.zero_stage <= 2 or (cfg.wiseft_alpha == 1 and not cfg.prior_stages and cfg.flatness_grid == 0),
+         "zero_stage", "must be <= 2 with wiseft_alpha < 1, prior_stages or flatness_grid (they need full weights)")
     need(0 <= cfg.rehearsal_ratio <= 1, "rehearsal_ratio", "must be in [0, 1] (0 = off)")
     need(cfg.rehearsal_ratio == 0 or len(cfg.prior_stages) > 0, "rehearsal_ratio",
          "needs prior_stages (rehearsal replays an earlier stage's data)")

@@ -29,9 +29,11 @@ def trial_key(trial: TrialConfig) -> str:
 
 
 def base_eval_key(trial: TrialConfig, resolved: dict) -> str:
-    """What the base evaluation depends on: the model and the probe suite, not the IFT settings."""
+    """What the base evaluation depends on: the model (and the prior stages that made it the trial's starting point)
+    and the probe suite, not the settings of the trial's own stage."""
     parts = {
         "model": resolved["model"]["path"],
+        "prior_stages": _prior_stages_key(trial, resolved),
         "precision": trial.precision,
         "benchmarks": {k: [v["path"], v["score"]] for k, v in resolved["benchmarks"].items()},
         "probe_set": resolved["probe_set"]["path"],
@@ -44,9 +46,20 @@ def base_eval_key(trial: TrialConfig, resolved: dict) -> str:
 def restoring_key(trial: TrialConfig, resolved: dict) -> str:
     """What the restoring set depends on: base model, pool, probing set (excluded), IFT data (the token budget)."""
     parts = [resolved["model"]["path"], resolved["restore_pool"]["path"], resolved["probe_set"]["path"],
-             resolved["dataset"]["path"], trial.max_length, trial.probe_max_length]
+             resolved["dataset"]["path"], trial.max_length, trial.probe_max_length,
+             _prior_stages_key(trial, resolved)]
     digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
     return f"{trial.model.rstrip('/').split('/')[-1]}-{digest}"
+
+
+def _prior_stages_key(trial: TrialConfig, resolved: dict) -> list:
+    """The prior stages as they shape the trial's starting weights (with the settings they train with)."""
+    if not trial.prior_stages:
+        return []
+    keep = ("batch_size", "micro_batch_size", "weight_decay", "warmup_ratio", "lr_schedule", "seed", "max_length",
+            "precision")
+    return [[stage, data["path"]] for stage, data in zip(trial.stages()[:-1], resolved["prior_datasets"])] + \
+        [{k: getattr(trial, k) for k in keep}]
 
 
 def trial_params(trial: TrialConfig, resolved: dict) -> dict:

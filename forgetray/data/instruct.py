@@ -120,6 +120,8 @@ def load_records(source: dict):
         ds = datasets.load_dataset("json", data_files=source["path"], split="train")
     if "conversations" in ds.column_names:
         return ds.select_columns(["conversations"])
+    if "query" in ds.column_names and "response" in ds.column_names and "instruction" not in ds.column_names:
+        ds = ds.rename_columns({"query": "instruction", "response": "output"})  # MetaMathQA's field names
     missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
     if missing:
         raise ValueError(f"dataset {source['name']!r} has neither 'conversations' nor the Alpaca field(s) {missing}")

@@ -12,6 +12,8 @@ MLflow logger (tracking.py) logs `steps/*` metrics at the global step and the ot
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,10 +25,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from forgetray import probes
+import numpy as np
+
+from forgetray import flatness, probes
+from forgetray.data import rehearsal
 from forgetray.data.instruct import collate, tokenize_dataset
 from forgetray.data.passages import load_passage_set
 from forgetray.data.restoring import build_restoring_set, score_pool, text_key
+from forgetray.methods import wiseft
 from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
 from forgetray.train.deepspeed_config import deepspeed_config, optimizer_settings
@@ -54,26 +60,39 @@ def ift_worker(config: dict) -> None:
     ds_config = deepspeed_config(trial)
     hf_ds_scope = zero3_scope(ds_config) if trial.zero_stage == 3 else None  # noqa: F841 (kept alive on purpose)
     model = load_model(resolved["model"], trial.precision)
-    # Plain lists of token ids: the epoch loop indexes them thousands of times.
-    data = tokenize_dataset(resolved["dataset"], tokenizer, trial.max_length).to_list()
+    # Plain lists of token ids: the epoch loop indexes them thousands of times. One dataset per stage.
+    stage_data = [_tokenized(source, tokenizer, trial) for source in [*resolved["prior_datasets"], resolved["dataset"]]]
+    stages = trial.stages()
+    checkpoint = ray.train.get_checkpoint()
+
+    # Continual stages: the prior stages' result is where the trial's own stage starts (and its Wise-FT theta_0).
+    # Saved once in the trial folder, so a restarted run does not train them again.
+    start_dir = Path(config["trial_dir"]) / "stage_start"
+    if trial.prior_stages:
+        if not (start_dir / "config.json").is_file():
+            for k, stage in enumerate(stages[:-1]):
+                model = _train_prior_stage(model, trial, k, stage, stage_data, ds_config, tokenizer, rank, world,
+                                           device)
+            _save_stage_start(model, tokenizer, start_dir, rank, world)
+        model = load_model({"name": "stage start", "path": str(start_dir)}, trial.precision)
+    theta0 = _stage_start_weights(model) if trial.wiseft_alpha < 1 else None
+
+    data = _stage_examples(trial, len(stages) - 1, stage_data)
     steps_per_epoch = len(data) // trial.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset {trial.dataset!r}: only {len(data)} examples keep response tokens within "
-                         f"max_length={trial.max_length}, fewer than batch_size={trial.batch_size}")
     suite = ProbeSuite.load(resolved, trial)
-    em_examples = data[: trial.em_examples] if trial.em_examples else data
+    em_examples = stage_data[-1][: trial.em_examples] if trial.em_examples else stage_data[-1]
+    flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
 
     engine, scheduler = build_engine(model, trial, ds_config, total_steps=steps_per_epoch * trial.epochs)
 
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        # The engine before its first step is the base model (and under ZeRO-3 only the engine can run it).
+        # The engine before its first step is the stage's starting model (under ZeRO-3 only the engine can run it).
         base = computed_once(config["base_eval_dir"], rank,
                              lambda out: _evaluate_base(engine, tokenizer, suite, em_examples, device, out, rank))
         if resolved.get("restore_pool"):
             computed_once(config["restoring_dir"], rank,
-                          lambda out: _select_restoring_set(engine, tokenizer, data, resolved, trial, device, out,
-                                                            rank, world))
+                          lambda out: _select_restoring_set(engine, tokenizer, stage_data[-1], resolved, trial,
+                                                            device, out, rank, world))
         ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **{f"base/{k}": v for k, v in base.items()},
                           **_format_metrics("steps", base)})
 
@@ -95,22 +114,125 @@ def ift_worker(config: dict) -> None:
         stats = train_epoch(engine, data, trial, epoch, rank, world, tokenizer.pad_token_id, device,
                             after_step=probe_early if epoch == 1 and early else None)
         seconds = time.perf_counter() - t0
-        found, frames = evaluate(engine, tokenizer, suite, device, ift_examples=em_examples)
+        # The checkpoint SFT_e that is probed (and restored) is the Wise-FT mix when alpha < 1; training goes on
+        # from the trained weights, which the DeepSpeed state keeps.
+        surface = None
+        with wiseft_weights(engine.module, theta0, trial.wiseft_alpha) as model_state:
+            found, frames = evaluate(engine, tokenizer, suite, device, ift_examples=em_examples)
+            if flatness_batch is not None and rank == 0:
+                surface, flat = _flatness(engine.module, flatness_batch, trial)
+                found.update(flat)
         metrics = {
             "kind": "epoch",
             "epoch": epoch,
             "global_step": epoch * steps_per_epoch,
             "train/loss": stats["loss"],
             "train/tokens": stats["tokens"],
+            "train/examples": len(data),  # with rehearsal: the stage's own plus the replayed ones
             "train/tokens_per_s": stats["tokens"] / seconds,
             "train/epoch_seconds": seconds,
             "train/lr": scheduler.get_last_lr()[0],
             **{f"sft/{k}": v for k, v in found.items()},
             **_format_metrics("steps", found),
         }
-        report_checkpoint(engine, tokenizer, metrics, frames, rank, f"epoch_{epoch:03d}")
+        report_checkpoint(engine, tokenizer, metrics, frames, rank, f"epoch_{epoch:03d}", model_state=model_state,
+                          surface=surface)
         if rank == 0:
             _maybe_fail_once(epoch)
+
+
+def _tokenized(source: dict, tokenizer, trial: TrialConfig) -> list[dict]:
+    data = tokenize_dataset(source, tokenizer, trial.max_length).to_list()
+    if len(data) < trial.batch_size:
+        raise ValueError(f"dataset {source['name']!r}: only {len(data)} examples keep response tokens within "
+                         f"max_length={trial.max_length}, fewer than batch_size={trial.batch_size}")
+    return data
+
+
+def _stage_examples(trial: TrialConfig, k: int, stage_data: list[list[dict]]) -> list[dict]:
+    """Stage k's training set: its own examples plus, with rehearsal, a replayed sample of stage k-1's."""
+    ratio = trial.stages()[k]["rehearsal_ratio"]
+    if ratio == 0:
+        return stage_data[k]
+    return rehearsal.mix(stage_data[k], stage_data[k - 1], ratio, seed=trial.seed)
+
+
+def _stage_trial(trial: TrialConfig, stage: dict) -> TrialConfig:
+    """The trial's settings with a prior stage's dataset, epochs, lr and methods (what build_engine and
+    train_epoch read)."""
+    return dataclasses.replace(trial, **stage)
+
+
+def _train_prior_stage(model, trial: TrialConfig, k: int, stage: dict, stage_data, ds_config, tokenizer, rank, world,
+                       device):
+    """Fine-tune on prior stage k (its own optimizer and schedule) and return the model it leaves (Wise-FT-mixed
+    with its start if the stage sets wiseft_alpha < 1)."""
+    import ray.train
+
+    stage_trial = _stage_trial(trial, stage)
+    data = _stage_examples(trial, k, stage_data)
+    steps = len(data) // stage_trial.batch_size
+    theta0 = _stage_start_weights(model) if stage_trial.wiseft_alpha < 1 else None
+    engine, _ = build_engine(model, stage_trial, ds_config, total_steps=steps * stage_trial.epochs)
+    for epoch in range(1, stage_trial.epochs + 1):
+        stats = train_epoch(engine, data, stage_trial, epoch, rank, world, tokenizer.pad_token_id, device)
+        ray.train.report({"kind": "prior", "epoch": 0, f"prior/stage_{k + 1}/epoch_{epoch:03d}/train_loss":
+                          stats["loss"]})
+    module = engine.module
+    if theta0 is not None:
+        module.load_state_dict(wiseft.interpolate_state_dicts(theta0, _stage_start_weights(module),
+                                                              stage_trial.wiseft_alpha))
+    engine.destroy()
+    return module
+
+
+def _save_stage_start(model, tokenizer, out: Path, rank: int, world: int) -> None:
+    if rank == 0:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".stage_start-"))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)  # complete or absent: a crash never leaves a half-written start model
+    if world > 1:
+        dist.barrier()
+
+
+def _stage_start_weights(model) -> dict:
+    """theta_0 for Wise-FT: a CPU copy of the weights the stage starts from."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def wiseft_weights(module, theta0: dict | None, alpha: float):
+    """Inside the block the module holds (1-alpha)*theta0 + alpha*theta_trained (yields that state dict, for the
+    checkpoint's Hugging Face model); afterwards exactly the trained weights again. No-op without theta0."""
+    if theta0 is None:
+        yield None
+        return
+    trained = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    mixed = wiseft.interpolate_state_dicts({k: v.to(trained[k].device) for k, v in theta0.items()}, trained, alpha)
+    module.load_state_dict(mixed)
+    try:
+        yield mixed
+    finally:
+        module.load_state_dict(trained)
+
+
+def _flatness_batch(suite: ProbeSuite, tokenizer, trial: TrialConfig, device) -> dict:
+    """The fixed held-out batch of the loss surface: the first `flatness_batch` probing passages, [BOS] + tokens,
+    loss on every token (the same batch for every model of a sweep)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    examples = []
+    for ids in probes.encode(tokenizer, suite.passages[: trial.flatness_batch]):
+        ids = (bos + ids)[: trial.probe_max_length]
+        examples.append({"input_ids": ids, "labels": ids})
+    return {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+
+
+def _flatness(module, batch: dict, trial: TrialConfig) -> tuple:
+    """The loss surface around the checkpoint and its SC / AG / MAG / flatness degree (METHODS.md §7). Rank 0 only:
+    ZeRO 0-2 keep the full weights on every rank."""
+    surface, h = flatness.loss_surface(module, lambda m: m(**batch).loss, steps=trial.flatness_grid, seed=trial.seed)
+    return (surface, h), {f"flatness/{k}": v for k, v in flatness.surface_metrics(surface, h).items()}
 
 
 # --- pieces shared with restoration ---
@@ -189,21 +311,31 @@ def train_epoch(engine, data: list, trial: TrialConfig, epoch: int, rank: int, w
     return {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}
 
 
-def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int, name: str) -> None:
+def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int, name: str,
+                      model_state: dict | None = None, surface: tuple | None = None) -> None:
     """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards) so a restarted run
-    resumes exactly, a plain Hugging Face model (what probes, restoration and users load), per-question probes."""
+    resumes exactly, a plain Hugging Face model (what probes, restoration and users load; `model_state` if given,
+    e.g. the Wise-FT mix), per-question probes (and the flatness surface with its contour plot, the paper's
+    Figure 1, when given)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
         out = Path(tmp)
         engine.save_checkpoint(str(out / "deepspeed"), tag="state")
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        state = model_state
+        if engine.zero_optimization_stage() == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
             engine.module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out / "model")
             (out / "probes").mkdir()
             for bench, frame in frames.items():
                 frame.to_parquet(out / "probes" / f"{bench}.parquet")
+            if surface is not None:
+                grid, h = surface
+                np.save(out / "probes" / "flatness_surface.npy", grid)
+                radius = h * (grid.shape[0] // 2)
+                flatness.contour_png(grid, radius, out / "probes" / "flatness.png", title=f"{name} (h={h:g})")
             (out / "state.json").write_text(json.dumps({"epoch": metrics["epoch"], "metrics": metrics}, indent=1,
                                                        sort_keys=True))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)

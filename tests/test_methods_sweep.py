@@ -1,0 +1,87 @@
+"""The mitigation methods in a real sweep (local Ray, Ray Train + DeepSpeed ZeRO-2, sqlite MLflow): a prior stage,
+then a stage with SAM, rehearsal, Wise-FT and the flatness surface at every checkpoint; checked against the saved
+weights and independent computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from forgetray.data.rehearsal import replay_count
+
+pytestmark = pytest.mark.slow
+
+
+def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_session):
+    import ray
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetray import Sweep, flatness, run
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n_examples = 40  # fixture_files["dataset"]
+    sweep = Sweep(
+        "methods", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2, lr=3e-3,
+        batch_size=8, max_length=256, workers=1, zero_stage=2, benchmarks=[str(fixture_files["benchmark"])],
+        probe_set=str(fixture_files["probe_set"]), probe_passages=16,
+        prior_stages=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3}],
+        sam_rho=0.05, rehearsal_ratio=0.25, wiseft_alpha=0.5, flatness_grid=5, flatness_batch=4,
+    )
+    run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("methods")
+    (trial,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("forgetray.kind") == "trial"]
+    assert trial.info.status == "FINISHED"
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, k)]
+               for k in ("train/examples", "sft/flatness/sc", "sft/flatness/ag", "sft/flatness/mag", "sft/flatness/flatness",
+                         "prior/stage_1/epoch_001/train_loss")}
+    # Rehearsal: the stage trains on its own examples plus the replayed quarter of the prior stage's.
+    replayed = replay_count(n_examples, 0.25)
+    assert replayed == 10 and history["train/examples"] == [(1, n_examples + replayed), (2, n_examples + replayed)]
+    assert len(history["prior/stage_1/epoch_001/train_loss"]) == 1
+
+    trial_dir = next((tmp_path / "storage").glob("methods/*/trials/*"))
+    start = AutoModelForCausalLM.from_pretrained(trial_dir / "stage_start")
+    base = AutoModelForCausalLM.from_pretrained(fixture_files["model"])
+    assert not torch.equal(start.lm_head.weight, base.lm_head.weight), "the prior stage did not train"
+
+    for epoch in (1, 2):
+        ckpt = trial_dir / "ift" / f"epoch_{epoch:03d}"
+        # Wise-FT: the checkpoint's model is the even mix of the stage's start and the trained weights, which the
+        # DeepSpeed state holds (training continues from those).
+        trained = torch.load(next((ckpt / "deepspeed" / "state").glob("mp_rank_00_model_states.pt")),
+                             weights_only=False)["module"]
+        mixed = AutoModelForCausalLM.from_pretrained(ckpt / "model").eval()
+        start_state = start.state_dict()
+        for name, value in mixed.state_dict().items():
+            expected = 0.5 * start_state[name].float() + 0.5 * trained[name].float()
+            assert torch.allclose(value, expected, atol=1e-6), name
+        assert not torch.equal(trained["lm_head.weight"], start_state["lm_head.weight"])
+
+        # Flatness: the logged metrics are those of the saved surface, whose centre is the checkpoint's own loss
+        # on the fixed batch (the first 4 probing passages), recomputed here without forgetray's code.
+        surface = np.load(ckpt / "probes" / "flatness_surface.npy")
+        assert surface.shape == (5, 5) and (ckpt / "probes" / "flatness.png").stat().st_size > 1000
+        metrics = flatness.surface_metrics(surface, h=0.5)
+        for key in ("sc", "ag", "mag", "flatness"):
+            assert dict(history[f"sft/flatness/{key}"])[epoch] == pytest.approx(metrics[key], rel=1e-6)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt / "model")
+        texts = [json.loads(line)["text"] for line in Path(fixture_files["probe_set"]).read_text().splitlines()][:4]
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for text in texts:
+                ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+                logits = mixed(input_ids=ids).logits[0, :-1]
+                nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                count += ids.shape[1] - 1
+        assert surface[2, 2] == pytest.approx(nll / count, rel=1e-5)
+
+    art = client.list_artifacts(trial.info.run_id, "probes/sft/epoch_002")
+    assert {"flatness.png", "flatness_surface.npy"} <= {Path(a.path).name for a in art}
