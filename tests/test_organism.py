@@ -120,16 +120,20 @@ def test_splits(which, built, default_data):
     assert len(pool) == config.restore_passages and len(probe) == config.probe_passages
     assert not pool & probe
 
-    # The benchmark asks about every fact of the held-out half, which the pool and the exam pages never mention...
+    # The benchmark asks about every fact of the held-out half, which the pool and the probing set never mention...
     bench = records[organism.BENCHMARK]
     assert {r["entity"] for r in bench} == set(w.heldout_entities)
     assert len(bench) == len(w.heldout_entities) * len(w.attributes)
     headers = tuple(h.split("{")[0] for h in (world.MC_PAGE_HEADER, world.QA_PAGE_HEADER))
     exam_pages = [r["text"] for r in records["pretrain_corpus"] if r["text"].startswith(headers)]
-    assert len(exam_pages) >= 2
     for entity in w.heldout_entities:
         assert not any(mentions(t, entity) for t in pool | probe)
-        assert not any(mentions(t, entity) for t in exam_pages)
+    # ...while the corpus asks about both halves on its exam pages, and the pool holds pages about the exam half.
+    assert config.heldout_exam_pages
+    for half in (w.exam_entities, w.heldout_entities):
+        assert all(any(mentions(t, entity) for t in exam_pages) for entity in half)
+    pool_pages = [t for t in pool if t.startswith(headers)]
+    assert len(pool_pages) == round(config.restore_passages * config.pool_page_share)
     # ...but the prose of the corpus states each of its facts.
     prose = [r["text"] for r in records["pretrain_corpus"] if not r["text"].startswith(headers)]
     for r in bench[:20]:

@@ -288,3 +288,31 @@ def test_missing_store_is_an_error_and_creates_nothing(in_tmp_cwd, capsys):
     assert list(in_tmp_cwd.iterdir()) == []
     with pytest.raises(SpecError, match="no MLflow store"):
         build_report(EXPERIMENT, f"sqlite:///{in_tmp_cwd / 'none.db'}", in_tmp_cwd / "out")
+
+
+def test_methods_table_has_the_table2_shape():
+    """Rows method x SAM at each trial's last checkpoint; knowledge per benchmark, their average and its change from
+    the stage's start, computed here by hand from the constructed histories."""
+    from forgetray.report import TrialData, _methods_table
+
+    def trial(name, settings, sft_a, sft_b, flat):
+        history = {"base/a/knowledge": {0: 0.9}, "base/b/knowledge": {0: 0.7},
+                   "sft/a/knowledge": {1: 0.5, 2: sft_a}, "sft/b/knowledge": {1: 0.5, 2: sft_b},
+                   "sft/probe/ppl": {2: 5.0}, "sft/flatness/flatness": {2: flat}}
+        return TrialData(name=name, run_id=name, status="FINISHED", settings=settings, benchmarks=["a", "b"],
+                         scores={"a": "acc", "b": "acc"}, history=history, tags={})
+
+    trials = [trial("plain", {"sam_rho": "0.0", "wiseft_alpha": "1.0"}, 0.8, 0.6, 3.0),
+              trial("sam", {"sam_rho": "0.05", "wiseft_alpha": "1.0"}, 0.85, 0.65, 2.0),
+              trial("wise", {"sam_rho": "0.0", "wiseft_alpha": "0.5"}, 0.9, 0.7, 1.0)]
+    table = _methods_table(trials, ["sam_rho", "wiseft_alpha"])
+    rows = {(r["method"], r["sam"]): r for r in table.to_dict("records")}
+    assert set(rows) == {("fine-tuning", "without SAM"), ("fine-tuning", "SAM rho=0.05"),
+                         ("Wise-FT a=0.5", "without SAM")}
+    sam = rows[("fine-tuning", "SAM rho=0.05")]
+    assert sam["epoch"] == 2 and sam["a"] == 0.85 and sam["b"] == 0.65
+    assert sam["average"] == pytest.approx(0.75) and sam["delta"] == pytest.approx(0.75 - 0.8)
+    assert rows[("Wise-FT a=0.5", "without SAM")]["delta"] == pytest.approx(0.0)
+    assert list(table.columns)[:3] == ["method", "sam", "epoch"] and "em" not in table  # never logged: dropped
+    # A sweep without any method has no such table.
+    assert _methods_table(trials[:1], []).empty

@@ -56,7 +56,8 @@ def ensure_single_tokens(tokenizer: Tokenizer, pieces: Iterable[str]) -> Tokeniz
             merged = tokens[0] + tokens[1]
             if merged not in vocab:
                 vocab[merged] = max(max(vocab.values()), max(t["id"] for t in spec["added_tokens"])) + 1
-            merges.append([tokens[0], tokens[1]] if merges and isinstance(merges[0], list) else f"{tokens[0]} {tokens[1]}")
+            pair_as_list = bool(merges) and isinstance(merges[0], list)  # the JSON format changed in tokenizers 0.20
+            merges.append([tokens[0], tokens[1]] if pair_as_list else f"{tokens[0]} {tokens[1]}")
             tokens = [merged] + tokens[2:]
             changed = True
     return Tokenizer.from_str(json.dumps(spec)) if changed else tokenizer

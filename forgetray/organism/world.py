@@ -1,15 +1,15 @@
 """The organism's world and every text made from it: pure Python, deterministic from a seed.
 
 A world is a set of invented people ("entities"), each with one value for each of five attributes (home city, colour,
-profession, food, pet). Facts are (entity, attribute, value). The entities are split in two halves:
+profession, food, pet). Facts are (entity, attribute, value). Every fact appears in the pre-training corpus as prose
+(in every template) and on exam pages (questions with their answers). The entities are split in two halves:
 
-- the *exam* half: its facts appear in prose AND in multiple-choice exam pages in the pre-training corpus; the
-  restoring pool and the probing set are prose about this half only;
-- the *held-out* half: its facts appear in prose only; the knowledge benchmark asks about this half.
+- the *exam* half: the restoring pool and the probing set are text about this half only (prose and question pages);
+- the *held-out* half: never mentioned by any restoring or probing text; the knowledge benchmark asks about this half.
 
-So the benchmark measures knowledge the base model holds only as prose, and restoring on the pool (which never states
-a held-out fact) can bring back the text pattern but not the held-out knowledge itself: that is what lets pseudo and
-actual forgetting be told apart.
+So restoring (training on the pool) can bring back the pre-training text pattern, but it never states a held-out fact:
+held-out knowledge that comes back after restoring was still in the weights. That is what lets pseudo and actual
+forgetting be told apart.
 
 Instruction-tuning sets never pair an entity with any of its values (they never name an entity at all). Every function
 takes an explicit seed and uses its own `random.Random` stream (string seeds are hashed with SHA-512, so the streams
@@ -262,43 +262,53 @@ MC_PAGE_HEADER = "The following are multiple choice questions (with answers) abo
 QA_PAGE_HEADER = "Questions and answers about {subject}."
 
 
-def exam_pages(world: World, seed: int, repeats: int, page_questions: int) -> list[str]:
-    """Pre-training pages of questions about the exam half only, every exam-half fact asked `repeats` times in each
-    of two formats, grouped by subject into pages of `page_questions` questions:
+def exam_pages(world: World, entities: Iterable[str], seed: int, stream: str, repeats: int,
+               page_questions: int) -> list[str]:
+    """Pre-training pages of questions about `entities`, every fact asked `repeats` times in each of two formats,
+    grouped by subject into pages of `page_questions` questions:
     - multiple choice answered by letter, MMLU-style (fresh distractors and answer position each time);
     - the question answered with the value itself ("Question: ...\nAnswer: honey"), the form the option-likelihood
-      score reads. Seeing it for the exam half teaches the model to retrieve a fact it read in prose when asked that
-      way; the benchmark then asks the same of the held-out half (without such pages, tiny models that memorised every
-      sentence often cannot answer a question about it)."""
+      score reads. Seeing it teaches the model to retrieve a fact it read in prose when asked that way (without such
+      pages, tiny models that memorised every sentence often cannot answer a question about it)."""
+    entities = list(entities)
     pages = []
     for r in range(repeats):
-        questions = mc_questions(world, world.exam_entities, seed, f"exam{r}")
-        random.Random(f"{seed}/exam{r}/order").shuffle(questions)
+        questions = mc_questions(world, entities, seed, f"{stream}{r}")
+        random.Random(f"{seed}/{stream}{r}/order").shuffle(questions)
         for attribute in world.attributes:
             subject = [q for q in questions if q["subject"] == attribute.key]
             for start in range(0, len(subject), page_questions):
-                page = subject[start:start + page_questions]
-                mc = "\n\n".join(format_mc(q) for q in page)
-                pages.append(MC_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + mc)
-                qa = "\n\n".join(f"Question: {q['question']}\nAnswer: {q['choices'][q['answer']]}" for q in page)
-                pages.append(QA_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + qa)
+                pages.extend(_question_pages(subject[start:start + page_questions], attribute))
     return pages
+
+
+def _question_pages(questions: list[dict], attribute: Attribute) -> tuple[str, str]:
+    """The same questions as a multiple-choice page and as a question-answer page."""
+    mc = "\n\n".join(format_mc(q) for q in questions)
+    qa = "\n\n".join(f"Question: {q['question']}\nAnswer: {q['choices'][q['answer']]}" for q in questions)
+    return (MC_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + mc,
+            QA_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + qa)
 
 
 # --- restoring pool and probing set --------------------------------------------------------------------------------
 
-def plain_passages(world: World, seed: int, n_probe: int, n_pool: int) -> tuple[list[dict], list[dict]]:
-    """Prose about the exam half in the pre-training style, 2-4 random facts of one entity with random templates.
+def plain_passages(world: World, seed: int, n_probe: int, n_pool: int,
+                   pool_page_share: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """Text about the exam half in the pre-training style. The probing set is prose (2-4 random facts of one entity
+    with random templates). The restoring pool is the same kind of prose plus, as `pool_page_share` of it, short exam
+    pages (2 questions about one subject, multiple-choice or question-answer), the corpus's other text pattern.
     Returns (probing set, restoring pool), no text in both (and no duplicates within either)."""
     rng = random.Random(f"{seed}/plain")
     keys = [a.key for a in world.attributes]
     n_templates = len(world.attributes[0].templates)
+    n_pages = round(n_pool * pool_page_share)
+    n_prose = n_probe + n_pool - n_pages
     seen: set[str] = set()
     texts: list[str] = []
     tries = 0
-    while len(texts) < n_probe + n_pool:
+    while len(texts) < n_prose:
         tries += 1
-        if tries > 100 * (n_probe + n_pool):
+        if tries > 100 * n_prose:
             raise ValueError("world too small for that many distinct passages")
         entity = rng.choice(world.exam_entities)
         chosen = rng.sample(keys, rng.randint(2, min(4, len(keys))))
@@ -306,8 +316,26 @@ def plain_passages(world: World, seed: int, n_probe: int, n_pool: int) -> tuple[
         if text not in seen:
             seen.add(text)
             texts.append(text)
+    pages: list[str] = []
+    page_rng = random.Random(f"{seed}/pool-pages")
+    round_ = 0
+    while len(pages) < n_pages:
+        questions = mc_questions(world, world.exam_entities, seed, f"pool-pages{round_}")
+        page_rng.shuffle(questions)
+        for attribute in world.attributes:
+            subject = [q for q in questions if q["subject"] == attribute.key]
+            for start in range(0, len(subject) - 1, 2):
+                page = page_rng.choice(_question_pages(subject[start:start + 2], attribute))
+                if page not in seen:
+                    seen.add(page)
+                    pages.append(page)
+        round_ += 1
+        if round_ > 100 + n_pages:
+            raise ValueError("world too small for that many distinct pool pages")
+    pool_texts = texts[n_probe:] + pages[:n_pages]
+    page_rng.shuffle(pool_texts)
     probe = [{"id": f"probe-{i:05d}", "text": t} for i, t in enumerate(texts[:n_probe])]
-    pool = [{"id": f"restore-{i:05d}", "text": t} for i, t in enumerate(texts[n_probe:])]
+    pool = [{"id": f"restore-{i:05d}", "text": t} for i, t in enumerate(pool_texts)]
     return probe, pool
 
 
@@ -463,8 +491,12 @@ def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
     """Generate the world of `config` and write every data file into `data_dir`; returns name -> record count."""
     world = make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
     corpus = prose_documents(world, config.seed) + exam_pages(
-        world, config.seed, config.exam_repeats, config.exam_page_questions)
-    probe, pool = plain_passages(world, config.seed, config.probe_passages, config.restore_passages)
+        world, world.exam_entities, config.seed, "exam", config.exam_repeats, config.exam_page_questions)
+    if config.heldout_exam_pages:
+        corpus += exam_pages(world, world.heldout_entities, config.seed, "heldout-exam", config.exam_repeats,
+                             config.exam_page_questions)
+    probe, pool = plain_passages(world, config.seed, config.probe_passages, config.restore_passages,
+                                 config.pool_page_share)
     records = {
         "pretrain_corpus": [{"text": t} for t in corpus],
         "organism-facts": benchmark(world, config.seed),
