@@ -414,14 +414,18 @@ def _methods_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = table.sort_values(["method", "sam", *others], kind="stable").reset_index(drop=True)
+    # Plain fine-tuning first and "without SAM" before SAM within a method, as CF's Table 2 reads.
+    table["_plain"] = table["method"] != "fine-tuning"
+    table["_sam"] = table["sam"] != "without SAM"
+    table = table.sort_values(["_plain", "method", "_sam", "sam", *others], kind="stable")
+    table = table.drop(columns=["_plain", "_sam"]).reset_index(drop=True)
     return table.dropna(axis=1, how="all")
 
 
 def _methods_text(table: pd.DataFrame) -> str:
     shown = table.copy()
     for column in shown.columns:
-        if column in ("epoch",) or shown[column].dtype == object:
+        if column == "epoch" or not pd.api.types.is_numeric_dtype(shown[column]):
             continue
         fmt = "{:+.3f}" if column == "delta" else "{:.2f}" if column == "ppl" else "{:.3f}"
         shown[column] = shown[column].map(lambda v, f=fmt: "-" if pd.isna(v) else f.format(v))

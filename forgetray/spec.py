@@ -159,7 +159,10 @@ class TrialConfig:
     def short_name(self) -> str:
         model = self.model.rstrip("/").split("/")[-1]
         dataset = self.dataset.rstrip("/").split("/")[-1].rsplit(".", 1)[0]
-        return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}"
+        methods = "".join([f".sam{self.sam_rho:g}" if self.sam_rho else "",
+                           f".wise{self.wiseft_alpha:g}" if self.wiseft_alpha < 1 else "",
+                           f".reh{self.rehearsal_ratio:g}" if self.rehearsal_ratio else ""])
+        return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}{methods}"
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))

@@ -1,22 +1,27 @@
 # forgetray run sweeps/quickstart.py
 """The quick start: the Pattern-Shifting testbed on the built-in model organism, on the CPU, in minutes.
 
-Two base-model sizes x two instruction datasets (one near the pre-training text, one far from it), fine-tuned for
-several epochs with a checkpoint after each. Every checkpoint SFT_e is probed on the organism's knowledge benchmark
-(option likelihood is its primary score: tiny models know facts but cannot answer by letter) and on plain-text
-probing perplexity, then restored into R_e on the organism's plain-text pool (ranked by base-model perplexity, one
-IFT epoch of tokens) and probed again; each checkpoint is classified no / pseudo / actual forgetting and the run ends
-with the report. Needs the organism built once (`forgetray organism build`, part of `make quickstart`).
+organism-tiny (which holds every held-out fact: option-likelihood accuracy 1.000) fine-tuned on two instruction
+sets, one near the pre-training text and one far from it, for 8 epochs with a checkpoint after each. Every checkpoint
+SFT_e is probed on the organism's knowledge benchmark (option likelihood is its primary score: tiny models know facts
+but cannot answer by letter) and on plain-text probing perplexity, then restored into R_e on the organism's
+plain-text pool (ranked by base-model perplexity, one IFT epoch of tokens) and probed again; each checkpoint is
+classified no / pseudo / actual forgetting (or not restored) and the run ends with the report.
+Needs the organism built once (`forgetray organism build`, part of `make quickstart`).
+
+The rates were chosen by measurement (README, "The model organism"): at lr 1e-3 IFT barely moves this model; at 5e-3
+it shifts the text pattern (probing PPL x6-x30) and the held-out facts first come back on restoring, then stop.
+Restoring takes small batches (2 x 256 tokens: 43 steps for one IFT epoch of tokens) at 1e-3.
 """
 
 from forgetray import Sweep, grid
 
 sweep = Sweep(
     "quickstart",
-    model=grid(["organism-tiny", "organism-small"]),
+    model="organism-tiny",
     dataset=grid(["organism-alpaca", "organism-math"]),
-    epochs=4,
-    lr=1e-3,  # the organism's IFT rate: high enough to erode knowledge within a few epochs
+    epochs=8,
+    lr=5e-3,
     batch_size=16,
     max_length=256,
     seed=0,
@@ -27,9 +32,9 @@ sweep = Sweep(
     probe_passages=200,
     early_checkpoints=2,
     restore_pool="organism-restore",
-    restore_lr=3e-4,  # modest: restoring the untouched base at a high rate already erodes the facts
-    restore_batch_size=16,
+    restore_lr=1e-3,
+    restore_batch_size=2,
     restore_seq_len=256,
     restore_trajectory_points=4,
-    restore_group=4,  # one restoring trainer per trial (worker start-up costs more than a small restoration)
+    restore_group=4,  # two restoring trainers per trial (worker start-up costs more than a small restoration)
 )

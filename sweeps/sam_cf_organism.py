@@ -14,10 +14,10 @@ from forgetray import Sweep, grid
 sweep = Sweep(
     "sam-cf-organism",
     model="organism-tiny",
-    prior_stages=[{"dataset": "organism-alpaca", "epochs": 2}],
+    prior_stages=[{"dataset": "organism-alpaca", "epochs": 1}],
     dataset="organism-math",
-    epochs=2,
-    lr=2e-3,  # the stage's rate: high enough that plain fine-tuning forgets within 2 epochs here
+    epochs=3,
+    lr=5e-3,  # as the quickstart: at lower rates fine-tuning barely moves organism-tiny
     batch_size=16,
     max_length=256,
     workers=1,  # one DeepSpeed rank per trial: two trials run side by side on a 2-core machine

@@ -85,3 +85,36 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
 
     art = client.list_artifacts(trial.info.run_id, "probes/sft/epoch_002")
     assert {"flatness.png", "flatness_surface.npy"} <= {Path(a.path).name for a in art}
+
+
+def test_zero3_trial_on_two_cpu_workers(tmp_path, fixture_files, ray_session):
+    """ZeRO-3 (weights partitioned over 2 ranks, gathered for the saved model) trains, probes and saves a model that
+    loads and differs from the base; its probe equals an unsharded probe of the saved model."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetray import Sweep, run
+    from forgetray.probes import load_mc_jsonl, probe_knowledge, summarize_knowledge
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = Sweep("zero3", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=1,
+                  lr=3e-3, batch_size=8, max_length=256, workers=2, zero_stage=3,
+                  benchmarks=[str(fixture_files["benchmark"])], probe_set=str(fixture_files["probe_set"]),
+                  probe_passages=16)
+    run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("zero3")
+    (trial,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("forgetray.kind") == "trial"]
+    assert trial.info.status == "FINISHED" and trial.data.params["deepspeed.zero_optimization.stage"] == "3"
+    ckpt = next((tmp_path / "storage").glob("zero3/*/trials/*/ift/epoch_001"))
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(fixture_files["model"])
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    with torch.no_grad():
+        frame = probe_knowledge(model, AutoTokenizer.from_pretrained(ckpt / "model"),
+                                load_mc_jsonl(fixture_files["benchmark"]), batch_size=4, max_length=256)
+    logged = client.get_metric_history(trial.info.run_id, "sft/bench/acc")
+    assert logged[-1].value == pytest.approx(summarize_knowledge(frame)["acc"], abs=1e-5)

@@ -293,7 +293,7 @@ def test_missing_store_is_an_error_and_creates_nothing(in_tmp_cwd, capsys):
 def test_methods_table_has_the_table2_shape():
     """Rows method x SAM at each trial's last checkpoint; knowledge per benchmark, their average and its change from
     the stage's start, computed here by hand from the constructed histories."""
-    from forgetray.report import TrialData, _methods_table
+    from forgetray.report import TrialData, _methods_table, _methods_text
 
     def trial(name, settings, sft_a, sft_b, flat):
         history = {"base/a/knowledge": {0: 0.9}, "base/b/knowledge": {0: 0.7},
@@ -314,5 +314,7 @@ def test_methods_table_has_the_table2_shape():
     assert sam["average"] == pytest.approx(0.75) and sam["delta"] == pytest.approx(0.75 - 0.8)
     assert rows[("Wise-FT a=0.5", "without SAM")]["delta"] == pytest.approx(0.0)
     assert list(table.columns)[:3] == ["method", "sam", "epoch"] and "em" not in table  # never logged: dropped
+    text = _methods_text(table)
+    assert "SAM rho=0.05" in text and "-0.050" in text and "0.750" in text
     # A sweep without any method has no such table.
     assert _methods_table(trials[:1], []).empty

@@ -1,0 +1,121 @@
+# .venv/bin/python scripts/replica_testbed.py --dataset organism-alpaca --lr 5e-3 --epochs 8 --restore-lr 1e-3 --restore-batch 2
+"""A plain-PyTorch replica of the quickstart's testbed on the built organism, for tuning the organism in seconds.
+
+No Ray, no DeepSpeed, no MLflow: one process fine-tunes a base model (AdamW, 3% warm-up + cosine, clipping 1.0, loss
+on response tokens, seeded batches) and, after each epoch, probes it (option-likelihood accuracy on organism-facts,
+probing perplexity), restores a copy on the lowest-base-PPL pool passages worth one IFT epoch of tokens and probes
+that. Also restores the untouched base (R_0), the control for restoring's own effect. It reuses forgetray's probes,
+tokenization and packing, so its numbers track the real sweep's closely (not bit for bit: the engine's batching of
+restoration differs). This is how the quickstart's rates were chosen; the sweep is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetray import organism, probes
+    from forgetray.data.instruct import collate, tokenize_example
+    from forgetray.organism import world
+    from forgetray.train.restore import pack
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="organism-tiny")
+    p.add_argument("--dataset", default="organism-alpaca")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--restore-lr", type=float, default=1e-3)
+    p.add_argument("--restore-batch", type=int, default=2)
+    p.add_argument("--restore-every", type=int, default=1, help="restore every k-th checkpoint")
+    p.add_argument("--pool", default=None, help="a .jsonl pool instead of organism-restore")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    tokenizer = AutoTokenizer.from_pretrained(organism.model_path(args.model))
+    base = AutoModelForCausalLM.from_pretrained(organism.model_path(args.model)).float()
+    questions = probes.load_mc_jsonl(organism.data_path("organism-facts"))
+    probe_texts = [r["text"] for r in world.read_jsonl(organism.data_path("organism-probe"))][:200]
+    pool = [r["text"] for r in world.read_jsonl(Path(args.pool) if args.pool else organism.data_path("organism-restore"))]
+    ift = [tokenize_example(r, tokenizer, 256) for r in world.read_jsonl(organism.data_path(args.dataset))]
+    ift = [x for x in ift if x["n_response"] > 0]
+    budget = sum(len(x["input_ids"]) for x in ift)
+
+    def measure(model) -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            frame = probes.probe_knowledge(model, tokenizer, questions, batch_size=64, max_length=256)
+            nll, n = probes.probe_perplexity(model, tokenizer, probe_texts, batch_size=64, max_length=256)
+        model.train()
+        return float((frame["acc_pred"] == frame["answer"]).mean()), math.exp(nll / n)
+
+    # The restoring set: pool passages by ascending base-model PPL until one IFT epoch of tokens.
+    base.eval()
+    with torch.no_grad():
+        nlls = probes.passage_nlls(base, tokenizer, pool, batch_size=64, max_length=256)
+    chosen, used = [], 0
+    for i in sorted(range(len(pool)), key=lambda i: nlls[i][0] / max(1, nlls[i][1])):
+        ids = tokenizer(pool[i], add_special_tokens=False)["input_ids"]
+        if used + len(ids) > budget:
+            break
+        chosen.append(ids)
+        used += len(ids)
+    chunks = pack(chosen, tokenizer.eos_token_id, 256)
+    print(f"{args.dataset}: {len(ift)} examples, {budget} tokens an epoch; restoring set {len(chosen)} passages, "
+          f"{len(chunks)} sequences", flush=True)
+
+    def train(model, data, lr, batch, epochs, seed, after_epoch=None) -> None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        steps = max(1, len(data) // batch)
+        total, warmup = steps * epochs, math.ceil(steps * epochs * 0.03)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                     0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        model.train()
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+            for s in range(steps):
+                b = collate([data[i] for i in order[s * batch:(s + 1) * batch]], tokenizer.pad_token_id)
+                loss = model(**b).loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+            if after_epoch:
+                after_epoch(epoch, model)
+
+    def restored(model) -> tuple[float, float]:
+        copy_ = copy.deepcopy(model)
+        train(copy_, chunks, args.restore_lr, args.restore_batch, 1, seed=7)
+        return measure(copy_)
+
+    start = time.perf_counter()
+    acc, ppl = measure(base)
+    r_acc, r_ppl = restored(base)
+    print(f"base: acc {acc:.3f} ppl {ppl:.2f} | R_0: acc {r_acc:.3f} ppl {r_ppl:.2f}", flush=True)
+
+    def after_epoch(epoch, model) -> None:
+        s_acc, s_ppl = measure(model)
+        line = f"epoch {epoch}: SFT acc {s_acc:.3f} ppl {s_ppl:.2f}"
+        if epoch % args.restore_every == 0:
+            r_acc, r_ppl = restored(model)
+            line += f" | R acc {r_acc:.3f} ppl {r_ppl:.2f}"
+        print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    train(copy.deepcopy(base), ift, args.lr, args.batch, args.epochs, seed=0, after_epoch=after_epoch)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
