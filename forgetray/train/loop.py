@@ -260,9 +260,12 @@ def worker_device() -> torch.device:
 
 
 def zero3_scope(ds_config: dict):
-    # transformers partitions weights at load time while an HfDeepSpeedConfig with stage 3 is alive.
+    # transformers partitions weights at load time while an HfDeepSpeedConfig with stage 3 is alive. Its config
+    # check counts ranks through deepspeed.comm, which must wrap Ray Train's process group first (else world = 1).
+    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     return HfDeepSpeedConfig(ds_config)
 
 
