@@ -30,7 +30,9 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
         "methods", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2, lr=3e-3,
         batch_size=8, max_length=256, workers=1, zero_stage=2, benchmarks=[str(fixture_files["benchmark"])],
         probe_set=str(fixture_files["probe_set"]), probe_passages=16,
-        prior_stages=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3}],
+        # Two prior stages, the second with its own method switch: engines are rebuilt on the same module.
+        prior_stages=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3},
+                      {"dataset": str(fixture_files["dataset"]), "epochs": 1, "sam_rho": 0.05}],
         sam_rho=0.05, rehearsal_ratio=0.25, wiseft_alpha=0.5, flatness_grid=5, flatness_batch=4,
     )
     run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
@@ -41,11 +43,12 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
     assert trial.info.status == "FINISHED"
     history = {k: [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, k)]
                for k in ("train/examples", "sft/flatness/sc", "sft/flatness/ag", "sft/flatness/mag", "sft/flatness/flatness",
-                         "prior/stage_1/epoch_001/train_loss")}
+                         "prior/stage_1/epoch_001/train_loss", "prior/stage_2/epoch_001/train_loss")}
     # Rehearsal: the stage trains on its own examples plus the replayed quarter of the prior stage's.
     replayed = replay_count(n_examples, 0.25)
     assert replayed == 10 and history["train/examples"] == [(1, n_examples + replayed), (2, n_examples + replayed)]
-    assert len(history["prior/stage_1/epoch_001/train_loss"]) == 1
+    for stage in (1, 2):
+        assert len(history[f"prior/stage_{stage}/epoch_001/train_loss"]) == 1
 
     trial_dir = next((tmp_path / "storage").glob("methods/*/trials/*"))
     start = AutoModelForCausalLM.from_pretrained(trial_dir / "stage_start")
