@@ -15,11 +15,11 @@ vocab 1500), fp32 on the CPU, one batch of 16 x 256 random token ids; no files n
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from machine import cpu_name  # bench/ is on sys.path when a script here runs
 
 from forgetray.flatness import loss_surface
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return times
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {cpu_name()}, threads {torch.get_num_threads()}")
     print(f"model: Llama {n_params / 1e6:.2f}M params fp32 CPU; batch {args.batch} x {args.seq} tokens")
     print(f"surface: {args.steps} x {args.steps} = {args.steps**2} loss evaluations, radius {args.radius}")
 

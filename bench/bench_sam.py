@@ -32,6 +32,8 @@ import socket
 import statistics
 import time
 
+from machine import cpu_name, usable_cores  # bench/ is on sys.path when a script here runs
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time per optimizer step: forgetray's DeepSpeed step with SAM vs "
@@ -54,17 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def machine(threads: int) -> str:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    cpu, usable = cpu_name(), usable_cores()
     try:
         import deepspeed
 

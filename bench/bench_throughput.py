@@ -27,13 +27,14 @@ import argparse
 import logging
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name, usable_cores  # bench/ is on sys.path when a script here runs
 
 # The bench measures the CPU code path. Pin DeepSpeed's accelerator before anything imports deepspeed, so that on a
 # machine with a GPU the engine does not move its model to CUDA while the plain side stays on the CPU.
@@ -419,15 +420,7 @@ def describe_source(args, trial: TrialConfig) -> str:
 def machine_line() -> str:
     import deepspeed
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu, cores = cpu_name(), usable_cores()
     load = "n/a"
     if hasattr(os, "getloadavg"):
         load = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
