@@ -1,0 +1,169 @@
+"""Every metric forgetray logs, declared once (after lm-eval's registered metrics).
+
+A `Metric` is a name pattern with fields in braces (`{state}/{bench}/acc`), what MLflow's `step` means for it,
+whether higher is better, and a one-line meaning. Writers build names with `Metric.name(...)`; readers (the
+report, the stage analysis, the console) parse them back with `parse`; the README's metric table is
+`markdown_table()` (a test keeps the two equal: `python -m forgetray.metrics.registry` prints it). A name that
+matches no declared metric cannot be logged (`step_of` raises), so an undeclared metric never reaches MLflow.
+
+Fields: `state` is the model state a probe describes (`base` = the model the trial's IFT starts from, step 0;
+`sft` = the IFT checkpoint SFT_e; `restored` = R_e, SFT_e after restoration); `bench` a benchmark's short name;
+`k` the 1-based index of a prior fine-tuning phase; `epoch` a 3-digit IFT epoch; `key` a flatness quantity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Mapping
+
+# What `step` means, per metric, and the report field that carries it (tracking logs each metric at that field).
+STEPS = {
+    "epoch": ("epoch", "IFT epoch e (0 = the base model)"),
+    "optimizer step": ("global_step", "IFT optimizer step (0 = base; fine-grained points inside epoch 1, then every epoch end)"),
+    "restoring step": ("restore_step", "optimizer step of the restoration (0 = before it)"),
+    "phase epoch": ("phase_epoch", "epoch of that prior fine-tuning phase"),
+}
+STATES = ("base", "sft", "restored")
+PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch"}  # how the README shows the step per state
+FLATNESS_KEYS = ("sc", "ag", "mag", "flatness")
+FORMAT_KEYS = ("p_fmt", "entropy_vocab", "entropy_options", "knowledge")  # what Figure 4 follows along the steps
+BENCH_SCORES = ("letter_acc", "acc", "acc_norm", "knowledge", "p_fmt", "entropy_vocab", "entropy_options")
+
+_FIELD = re.compile(r"\{(\w+)\}")
+_FIELD_PATTERNS = {"bench": r"[^/]+", "k": r"\d+", "epoch": r"\d{3}"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    pattern: str  # e.g. "{state}/{bench}/acc"
+    step: str  # a key of STEPS
+    higher_is_better: bool | None  # None: neither (a count, a setting, a diagnostic)
+    meaning: str
+    states: tuple[str, ...] = STATES  # the values `{state}` may take (when the pattern has one)
+    keys: tuple[str, ...] = FLATNESS_KEYS  # the values `{key}` may take (when the pattern has one)
+
+    def __post_init__(self):
+        if self.step not in STEPS:
+            raise ValueError(f"metric {self.pattern!r}: unknown step meaning {self.step!r}")
+
+    def name(self, **fields: object) -> str:
+        """The concrete metric name, e.g. `KNOWLEDGE.name(state="sft", bench="mmlu")`."""
+        if set(fields) != set(self.fields):
+            raise KeyError(f"metric {self.pattern!r} takes fields {self.fields}, got {sorted(fields)}")
+        values = {k: (f"{v:03d}" if k == "epoch" else str(v)) for k, v in fields.items()}
+        name = self.pattern.format(**values)
+        if not self.regex.fullmatch(name):
+            raise ValueError(f"{name!r} does not fit metric pattern {self.pattern!r} (unknown state, or a field holding "/")")
+        return name
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(_FIELD.findall(self.pattern))
+
+    @cached_property
+    def regex(self) -> re.Pattern:
+        out, pos = "", 0
+        for match in _FIELD.finditer(self.pattern):
+            out += re.escape(self.pattern[pos:match.start()])
+            field = match.group(1)
+            choices = {"state": self.states, "key": self.keys}
+            allowed = "|".join(choices[field]) if field in choices else _FIELD_PATTERNS[field]
+            out += f"(?P<{field}>{allowed})"
+            pos = match.end()
+        return re.compile(out + re.escape(self.pattern[pos:]))
+
+
+def _probe(leaf: str, higher: bool | None, meaning: str, states: tuple[str, ...] = STATES) -> Metric:
+    return Metric("{state}/{bench}/" + leaf, "epoch", higher, meaning, states)
+
+
+# --- probes of a model state (METHODS.md §3) ---
+LETTER_ACC = _probe("letter_acc", True, "letter-scored accuracy")
+ACC = _probe("acc", True, "option-likelihood accuracy")
+ACC_NORM = _probe("acc_norm", True, "length-normalised option-likelihood accuracy")
+KNOWLEDGE = _probe("knowledge", True, "the benchmark's primary score (one of the three above)")
+P_FMT = _probe("p_fmt", True, "mean format probability P_fmt")
+ENTROPY_VOCAB = _probe("entropy_vocab", None, "mean H_V (nats)")
+ENTROPY_OPTIONS = _probe("entropy_options", None, "mean H_opt (nats)")
+PROBE_PPL = Metric("{state}/probe/ppl", "epoch", False, "probing perplexity")
+PROBE_TOKENS = Metric("{state}/probe/tokens", "epoch", None, "tokens scored for it")
+EM = Metric("{state}/ift/em", "epoch", None, "exact memorization of the IFT data")
+FLATNESS = Metric("{state}/flatness/{key}", "epoch", False,
+                  "loss-surface sharpness SC, AG, MAG and their mean, the flatness degree (METHODS.md §7)", ("sft",))
+# --- training (the IFT phase at step = epoch; a restoration at the restored checkpoint's epoch) ---
+TRAIN_LOSS = Metric("train/loss", "epoch", False, "mean IFT loss (response tokens) over the epoch")
+TRAIN_TOKENS = Metric("train/tokens", "epoch", None, "IFT tokens (prompt + response) trained in the epoch")
+TRAIN_EXAMPLES = Metric("train/examples", "epoch", None, "examples in the IFT phase (with rehearsal: + the replayed)")
+TRAIN_TOKENS_PER_S = Metric("train/tokens_per_s", "epoch", True, "training throughput")
+TRAIN_EPOCH_SECONDS = Metric("train/epoch_seconds", "epoch", False, "wall time of the epoch")
+TRAIN_LR = Metric("train/lr", "epoch", None, "learning rate after the epoch's last step")
+PRIOR_LOSS = Metric("prior/{k}/train/loss", "phase epoch", False,
+                    "mean loss of prior fine-tuning phase k (1-based) over each of its epochs")
+RESTORE_LOSS = Metric("restored/train/loss", "epoch", False, "mean loss of the restoration that made R_e")
+RESTORE_TOKENS = Metric("restored/train/tokens", "epoch", None, "tokens the restoration trained on")
+RESTORE_STEPS = Metric("restored/train/steps", "epoch", None, "optimizer steps of the restoration")
+# --- along training ---
+STEPS_FORMAT = Metric("steps/{bench}/{key}", "optimizer step", None,
+                      "the format probes along IFT: p_fmt, entropy_vocab, entropy_options, knowledge (Figure 4)",
+                      keys=FORMAT_KEYS)
+RESTORE_TRAJECTORY = Metric("restore/epoch_{epoch}/probe_ppl", "restoring step", False,
+                            "probing PPL along the restoration of SFT_NNN (Figure 3a)")
+# --- the forgetting stage of each checkpoint (METHODS.md §4) ---
+STAGE_CODE = Metric("stage/code", "epoch", None,
+                    "stage by paired test: -1 not restored, 0 no, 1 pseudo, 2 actual forgetting")
+STAGE_FIXED_CODE = Metric("stage/fixed_code", "epoch", None, "the same by the fixed threshold tau")
+STAGE_D_SFT = Metric("stage/d_sft", "epoch", True, "dS: knowledge of SFT_e minus base")
+STAGE_D_RESTORED = Metric("stage/d_restored", "epoch", True, "dR: knowledge of R_e minus base")
+STAGE_P_SFT = Metric("stage/p_sft", "epoch", None, "paired-test p-value of dS")
+STAGE_P_RESTORED = Metric("stage/p_restored", "epoch", None, "paired-test p-value of dR")
+
+METRICS: tuple[Metric, ...] = (
+    LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
+    TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, PRIOR_LOSS,
+    RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
+    STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
+)
+BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT,
+                                                            ENTROPY_VOCAB, ENTROPY_OPTIONS)}
+
+
+def parse(name: str) -> tuple[Metric, dict[str, str]] | None:
+    """The declared metric a concrete name belongs to, with its fields; None if no declaration matches."""
+    for metric in METRICS:
+        found = metric.regex.fullmatch(name)
+        if found:
+            return metric, found.groupdict()
+    return None
+
+
+def step_of(name: str, report: Mapping[str, object]) -> int:
+    """The MLflow step of metric `name` in a worker's report (which carries epoch, global_step, ...)."""
+    found = parse(name)
+    if found is None:
+        raise KeyError(f"metric {name!r} is not declared in forgetray.metrics.registry")
+    field = STEPS[found[0].step][0]
+    if field not in report:
+        raise KeyError(f"metric {name!r} is logged per {found[0].step}, but the report has no {field!r}")
+    return int(report[field])  # type: ignore[arg-type]
+
+
+def markdown_table() -> str:
+    """The README's metric table: one row per declared metric."""
+    rows = ["| metric | step | higher is better | meaning |", "|---|---|---|---|"]
+    for m in METRICS:
+        if "state" in m.fields:
+            shown = ", ".join(f"`{m.pattern.replace('{state}', s)}`" for s in m.states)
+            step = " / ".join(dict.fromkeys(PROBE_STATES[s] for s in m.states))
+        else:
+            shown, step = f"`{m.pattern}`", m.step
+        shown = shown.replace("{bench}", "<bench>").replace("{key}", "<key>").replace("{k}", "<k>")
+        shown = shown.replace("{epoch}", "NNN")
+        better = {True: "yes", False: "no", None: ""}[m.higher_is_better]
+        rows.append(f"| {shown} | {step} | {better} | {m.meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
