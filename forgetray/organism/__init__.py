@@ -6,10 +6,15 @@ on it, built once and cached as ordinary files (Hugging Face model dirs, JSONL d
     model_path("organism-small")            # -> .../models/organism-small (AutoModelForCausalLM.from_pretrained)
     data_path("organism-facts")             # -> .../data/organism-facts.jsonl (MMLU-style multiple choice)
 
-See world.py for what the world and its texts are, and why they are split the way they are.
+Layout, each module depending only on those above it: `config` (OrganismConfig, its fingerprint, the organism's
+names and files; imports nothing of the package), `world` (the invented people, their facts and every text made
+from them), `tokenizer`, `pretrain` (deterministic pre-training of the base
+models), `paths` (where a built organism's files are; cheap) and `build` (writes the data, trains tokenizer and
+models, scores them, writes the manifest).
 """
 
-from forgetray.organism.build import (
+from forgetray.organism.build import build
+from forgetray.organism.config import (
     BENCHMARK,
     IFT_DATASETS,
     MODEL_SIZES,
@@ -18,13 +23,8 @@ from forgetray.organism.build import (
     ModelSpec,
     OrganismConfig,
     OrganismNotBuilt,
-    build,
-    data_path,
-    is_organism_name,
-    model_path,
-    organism_dir,
-    read_manifest,
 )
+from forgetray.organism.paths import data_path, is_organism_name, model_path, organism_dir, read_manifest
 
 __all__ = [
     "BENCHMARK",

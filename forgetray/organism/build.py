@@ -1,4 +1,4 @@
-"""Build the model organism once, cache it, and find its files: `python -m forgetray.organism.build [--root DIR]`.
+"""Build the model organism once and cache it: `python -m forgetray.organism.build [--root DIR]`.
 
 A built organism is a directory of standard files (Hugging Face model and tokenizer directories, JSONL datasets) plus
 `manifest.json`; everything downstream reads only those files, as it would a real model and real data. The directory
@@ -18,152 +18,20 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from filelock import FileLock
 
 from forgetray.organism import world
-
-# Bump when a code change alters what a build produces for the same config: the fingerprint then changes too.
-FORMAT_VERSION = 1
-
-MODEL_SIZES = ("organism-tiny", "organism-small")
-IFT_DATASETS = ("organism-alpaca", "organism-math")
-BENCHMARK = "organism-facts"
-PROBE_SET = "organism-probe"
-RESTORING_POOL = "organism-restore"
-
-
-class OrganismNotBuilt(FileNotFoundError):
-    def __init__(self, root: Path, what: str = "organism"):
-        super().__init__(f"no built {what} at {root}: run `forgetray organism build` "
-                         f"(or `python -m forgetray.organism.build`) first")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One base-model size (a Llama) and how long and how fast to pre-train it."""
-
-    name: str
-    n_layers: int
-    hidden: int
-    n_heads: int
-    intermediate: int
-    epochs: int  # passes over the pre-training corpus
-    lr: float  # peak AdamW learning rate (see `warmup_ratio` and `decay_ratio` for its schedule)
-
-
-@dataclass(frozen=True)
-class OrganismConfig:
-    """Everything that determines a built organism. Defaults: the organism the project ships (builds in ~10 minutes
-    on 2 CPU cores); `for_tests()`: a tiny one that builds in seconds.
-
-    The defaults were tuned by measurement. Tiny models memorise facts only after a long plateau (12-25 passes over
-    the corpus, nearly independent of the world's size), then quickly; so the world is kept small enough (120
-    entities) for 30-50 passes to fit the budget, the batches are small (4 x 256 tokens: more, smaller steps
-    memorise faster here), and the learning rate is held at the highest peak each size tolerates until the last
-    20% of the steps (see `models` and `decay_ratio`)."""
-
-    seed: int = 0
-    # --- the world (world.py) ---
-    n_entities: int = 120  # half exam (the restoring/probing text's), half held out (the benchmark's): 300 questions
-    n_values: int = 10  # values per attribute
-    n_templates: int = 6  # prose templates per attribute; every fact is stated once in each per corpus pass
-    exam_repeats: int = 1  # times each exam-half fact is asked on the corpus's exam pages (in each format)
-    exam_page_questions: int = 5
-    # The held-out half's facts on exam pages too (own distractors and answer positions): measured, with prose only
-    # they are weakly memorised and any fine-tuning erodes them at once; asked in the corpus, they are held as firmly
-    # as the exam half's, and fine-tuning first breaks only the way they are read out (pseudo forgetting).
-    heldout_exam_pages: bool = True
-    restore_passages: int = 2000
-    # The restoring pool's share of (exam-half) exam pages, the rest prose. Measured: with half pages, base-PPL
-    # ranking fills the restoring set with the very predictable pages and restoring left the (prose) probing
-    # perplexity 25-140% above the base's; prose only brings it back below the base.
-    pool_page_share: float = 0.0
-    probe_passages: int = 500
-    alpaca_examples: int = 320  # sized so one epoch is ~22k tokens (Alpaca prompt + response, organism tokenizer)
-    math_examples: int = 430
-    # --- the tokenizer ---
-    vocab_size: int = 1500
-    # --- the base models and their pre-training (pretrain.py) ---
-    models: tuple[ModelSpec, ...] = (
-        # Measured (option accuracy on the benchmark, this schedule): the 2-layer model leaves the plateau after ~25
-        # passes at lr 5e-3 and reached 1.00 after 40. The 4-layer model was still on it after 32 passes at 5e-3, but
-        # leaves it after ~12 at 3e-3 and reached 0.98 after 20.
-        ModelSpec("organism-tiny", n_layers=2, hidden=128, n_heads=4, intermediate=384, epochs=48, lr=5e-3),
-        ModelSpec("organism-small", n_layers=4, hidden=192, n_heads=6, intermediate=512, epochs=28, lr=3e-3),
-    )
-    seq_len: int = 256
-    batch_size: int = 4
-    warmup_ratio: float = 0.03  # learning rate: linear warm-up over the first 3% of the steps,
-    decay_ratio: float = 0.2  # then held at its peak, then a cosine decay to 10% over the last 20%
-    weight_decay: float = 0.0
-    max_position_embeddings: int = 512
-    num_threads: int = 1  # per model; part of the config: the thread count can change floating-point summation order
-    parallel_pretrain: bool = True  # the sizes train concurrently, one process each (same weights either way)
-
-    @classmethod
-    def for_tests(cls) -> "OrganismConfig":
-        return cls(
-            n_entities=16, n_values=6, n_templates=3, exam_page_questions=4, restore_passages=60, probe_passages=20,
-            alpaca_examples=30, math_examples=30, vocab_size=400, seq_len=128, batch_size=8, parallel_pretrain=False,
-            models=(
-                ModelSpec("organism-tiny", n_layers=1, hidden=32, n_heads=2, intermediate=64, epochs=2, lr=3e-3),
-                ModelSpec("organism-small", n_layers=2, hidden=32, n_heads=2, intermediate=64, epochs=2, lr=3e-3),
-            ),
-        )
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({"format": FORMAT_VERSION, "config": dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# --- where things are ----------------------------------------------------------------------------------------------
-
-def is_organism_name(s: str) -> bool:
-    """Names starting with "organism-" are reserved for the organism (a typo gets a clear error, not a hub lookup)."""
-    return isinstance(s, str) and s.startswith("organism-")
-
-
-def organism_dir(config: OrganismConfig | None = None) -> Path:
-    """Where the organism for `config` lives. Without a config: $FORGETRAY_ORGANISM if set (a built organism dir),
-    else the default config's directory under $FORGETRAY_HOME (default ~/.cache/forgetray)."""
-    if config is None and os.environ.get("FORGETRAY_ORGANISM"):
-        return Path(os.environ["FORGETRAY_ORGANISM"]).expanduser()
-    home = Path(os.environ.get("FORGETRAY_HOME") or Path.home() / ".cache" / "forgetray").expanduser()
-    return home / "organism" / (config or OrganismConfig()).fingerprint()
-
-
-def read_manifest(root: Path | None = None) -> dict:
-    root = Path(root) if root is not None else organism_dir()
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise OrganismNotBuilt(root)
-    return json.loads(path.read_text())
-
-
-def model_path(name: str, root: Path | None = None) -> Path:
-    root = Path(root) if root is not None else organism_dir()
-    manifest = read_manifest(root)
-    if name not in manifest["models"]:
-        raise ValueError(f"{name!r} is not an organism model (this organism has: {', '.join(manifest['models'])})")
-    path = root / "models" / name
-    if not (path / "config.json").is_file():
-        raise OrganismNotBuilt(path, f"model {name!r}")
-    return path
-
-
-def data_path(name: str, root: Path | None = None) -> Path:
-    if name not in world.DATA_FILES:
-        raise ValueError(f"{name!r} is not an organism dataset (known: {', '.join(world.DATA_FILES)})")
-    root = Path(root) if root is not None else organism_dir()
-    read_manifest(root)  # a data file without a manifest is a leftover, not a built organism
-    path = root / "data" / world.DATA_FILES[name]
-    if not path.is_file():
-        raise OrganismNotBuilt(path, f"dataset {name!r}")
-    return path
+from forgetray.organism.config import (
+    BENCHMARK,
+    DATA_FILES,
+    FORMAT_VERSION,
+    IFT_DATASETS,
+    OrganismConfig,
+)
+from forgetray.organism.paths import organism_dir, read_manifest
 
 
 # --- building ------------------------------------------------------------------------------------------------------
@@ -219,7 +87,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
 
     counts = world.write_data(config, out / "data")
     progress("[organism] data: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
-    data = {name: world.read_jsonl(out / "data" / file) for name, file in world.DATA_FILES.items()}
+    data = {name: world.read_jsonl(out / "data" / file) for name, file in DATA_FILES.items()}
     corpus = [r["text"] for r in data["pretrain_corpus"]]
 
     # A real base tokenizer has seen instruction-style text too: train on the corpus and the IFT sets' prompts.
@@ -249,7 +117,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         max_position_embeddings=config.max_position_embeddings, num_threads=config.num_threads,
     )
     jobs = [
-        PretrainJob(spec, settings, out / "tokenizer", out / "data" / world.DATA_FILES["pretrain_corpus"],
+        PretrainJob(spec, settings, out / "tokenizer", out / "data" / DATA_FILES["pretrain_corpus"],
                     out / "models" / spec.name)
         for spec in config.models
     ]
@@ -279,7 +147,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         "config": dataclasses.asdict(config),
         "models": models,
         "datasets": {name: {"file": f"data/{file}", "records": counts[name], **ift_tokens.get(name, {})}
-                     for name, file in world.DATA_FILES.items()},
+                     for name, file in DATA_FILES.items()},
         "tokenizer": {"vocab_size": len(tokenizer)},
         "files": _file_list(out),
         "build_seconds": round(time.perf_counter() - started, 1),

@@ -21,13 +21,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-if TYPE_CHECKING:
-    from forgetray.organism.build import ModelSpec
+from forgetray.organism.config import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -198,8 +197,6 @@ class PretrainJob:
 
     @classmethod
     def from_json(cls, text: str) -> "PretrainJob":
-        from forgetray.organism.build import ModelSpec
-
         data = json.loads(text)
         return cls(ModelSpec(**data["spec"]), PretrainSettings(**data["settings"]), Path(data["tokenizer_dir"]),
                    Path(data["corpus_path"]), Path(data["model_dir"]))

@@ -22,10 +22,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
-if TYPE_CHECKING:
-    from forgetray.organism.build import OrganismConfig
+from forgetray.organism.config import DATA_FILES, OrganismConfig
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -476,16 +475,6 @@ def alpaca_text(example: dict) -> tuple[str, str]:
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
-
-DATA_FILES = {  # dataset name -> file under data/
-    "pretrain_corpus": "pretrain_corpus.jsonl",
-    "organism-facts": "organism-facts.jsonl",
-    "organism-alpaca": "organism-alpaca.jsonl",
-    "organism-math": "organism-math.jsonl",
-    "organism-restore": "organism-restore.jsonl",
-    "organism-probe": "organism-probe.jsonl",
-}
-
 
 def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
     """Generate the world of `config` and write every data file into `data_dir`; returns name -> record count."""

@@ -1,0 +1,56 @@
+"""Where a built organism and its files are: the cache directory, the manifest, a model's or dataset's path.
+
+Cheap (file checks only, no torch): the trial resolver calls these before any compute starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from forgetray.organism.config import DATA_FILES, OrganismConfig, OrganismNotBuilt
+
+
+def is_organism_name(s: str) -> bool:
+    """Names starting with "organism-" are reserved for the organism (a typo gets a clear error, not a hub lookup)."""
+    return isinstance(s, str) and s.startswith("organism-")
+
+
+def organism_dir(config: OrganismConfig | None = None) -> Path:
+    """Where the organism for `config` lives. Without a config: $FORGETRAY_ORGANISM if set (a built organism dir),
+    else the default config's directory under $FORGETRAY_HOME (default ~/.cache/forgetray)."""
+    if config is None and os.environ.get("FORGETRAY_ORGANISM"):
+        return Path(os.environ["FORGETRAY_ORGANISM"]).expanduser()
+    home = Path(os.environ.get("FORGETRAY_HOME") or Path.home() / ".cache" / "forgetray").expanduser()
+    return home / "organism" / (config or OrganismConfig()).fingerprint()
+
+
+def read_manifest(root: Path | None = None) -> dict:
+    root = Path(root) if root is not None else organism_dir()
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise OrganismNotBuilt(root)
+    return json.loads(path.read_text())
+
+
+def model_path(name: str, root: Path | None = None) -> Path:
+    root = Path(root) if root is not None else organism_dir()
+    manifest = read_manifest(root)
+    if name not in manifest["models"]:
+        raise ValueError(f"{name!r} is not an organism model (this organism has: {', '.join(manifest['models'])})")
+    path = root / "models" / name
+    if not (path / "config.json").is_file():
+        raise OrganismNotBuilt(path, f"model {name!r}")
+    return path
+
+
+def data_path(name: str, root: Path | None = None) -> Path:
+    if name not in DATA_FILES:
+        raise ValueError(f"{name!r} is not an organism dataset (known: {', '.join(DATA_FILES)})")
+    root = Path(root) if root is not None else organism_dir()
+    read_manifest(root)  # a data file without a manifest is a leftover, not a built organism
+    path = root / "data" / DATA_FILES[name]
+    if not path.is_file():
+        raise OrganismNotBuilt(path, f"dataset {name!r}")
+    return path
