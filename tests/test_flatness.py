@@ -112,11 +112,44 @@ def test_constant_surface_is_flat():
     assert m == {"sc": 0.0, "ag": 0.0, "mag": 0.0, "flatness": 0.0}
 
 
-def test_metrics_are_floats():
-    _, X, Y, h = grid(5, 1.0)
-    m = surface_metrics((X + Y).astype(np.float32), h)
+def test_metrics_by_hand_on_an_irregular_rectangular_surface():
+    """Every metric worked out by hand on a 3 x 4 surface of small integers (float32 in), h = 0.5.
+
+    Nothing here is polynomial, so no value comes out right by accident: a wrong power of h, a wrong edge rule in
+    the gradient, per-axis instead of pooled MAG means, or a flatness that is not the mean of the three all change a
+    number below."""
+    F = np.array(
+        [
+            [0, 1, 3, 6],
+            [1, 3, 4, 8],
+            [4, 4, 7, 9],
+        ],
+        dtype=np.float32,
+    )
+    m = surface_metrics(F, 0.5)
+
+    # SC: two interior points, Laplacian = (left + right + up + down - 4 F) / h^2 with 1 / h^2 = 4.
+    #   (1, 1): F = 3, neighbours 1 + 4 + 1 + 4 = 10 -> (10 - 12) * 4 = -8
+    #   (1, 2): F = 4, neighbours 3 + 8 + 3 + 7 = 21 -> (21 - 16) * 4 = 20
+    sc = (8 + 20) / 2  # = 14
+
+    # AG: with h = 0.5 a one-sided edge difference is (F[k+1] - F[k]) * 2 and a central one is F[k+1] - F[k-1].
+    #   d/da (along each row):    row 0: 2, 3, 5, 6   row 1: 4, 3, 5, 8   row 2: 0, 3, 5, 4
+    #   d/db (along each column): col 0: 2, 4, 6      col 1: 4, 3, 2      col 2: 2, 4, 6      col 3: 4, 3, 2
+    #   |grad|^2 at (row, col):   row 0: 8, 25, 29, 52   row 1: 32, 18, 41, 73   row 2: 36, 13, 61, 20
+    squared = [8, 25, 29, 52, 32, 18, 41, 73, 36, 13, 61, 20]
+    ag = sum(math.sqrt(v) for v in squared) / 12
+
+    # MAG: 9 horizontal pairs |1|,|2|,|3|, |2|,|1|,|4|, |0|,|3|,|2| (sum 18) and 8 vertical pairs |1|,|3|, |2|,|1|,
+    # |1|,|3|, |2|,|1| (sum 14), pooled: 32 / 17 (averaging the two directions' means, 2 and 1.75, would give 1.875).
+    mag = 32 / 17
+
     assert set(m) == {"sc", "ag", "mag", "flatness"}
-    assert all(type(v) is float for v in m.values())
+    assert all(type(v) is float for v in m.values())  # plain floats for MLflow, also from float32 input
+    assert m["sc"] == 14.0 and sc == 14.0
+    assert m["ag"] == pytest.approx(ag, rel=1e-12)
+    assert m["mag"] == pytest.approx(mag, rel=1e-12)
+    assert m["flatness"] == pytest.approx((14 + ag + mag) / 3, rel=1e-12)  # 7.1596...
 
 
 @pytest.mark.parametrize(
