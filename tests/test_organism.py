@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from forgetray import organism
+from forgetray.data.jsonl import read_jsonl
 from forgetray.organism import OrganismConfig, OrganismNotBuilt, world
 from forgetray.organism.config import DATA_FILES
 
@@ -70,7 +71,7 @@ def test_build_twice_gives_identical_tokenizer_data_and_weights(built, tmp_path)
 # --- file formats --------------------------------------------------------------------------------------------------
 
 def _check_formats(data_dir: Path) -> dict[str, list[dict]]:
-    records = {name: world.read_jsonl(data_dir / file) for name, file in DATA_FILES.items()}
+    records = {name: read_jsonl(data_dir / file) for name, file in DATA_FILES.items()}
     for r in records["pretrain_corpus"]:
         assert set(r) == {"text"} and isinstance(r["text"], str) and r["text"]
     for r in records[organism.BENCHMARK]:
@@ -148,7 +149,7 @@ def test_splits(which, built, default_data):
 
 def test_default_ift_sets_are_alpaca_shaped_and_sized(default_data):
     for name in organism.IFT_DATASETS:
-        records = world.read_jsonl(default_data / DATA_FILES[name])
+        records = read_jsonl(default_data / DATA_FILES[name])
         assert 200 <= len(records) <= 1000
         assert sum(bool(r["input"]) for r in records) >= len(records) // 5
 

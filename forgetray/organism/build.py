@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 from filelock import FileLock
 
+from forgetray.data.jsonl import read_jsonl
 from forgetray.organism import world
 from forgetray.organism.config import (
     BENCHMARK,
@@ -87,7 +88,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
 
     counts = world.write_data(config, out / "data")
     progress("[organism] data: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
-    data = {name: world.read_jsonl(out / "data" / file) for name, file in DATA_FILES.items()}
+    data = {name: read_jsonl(out / "data" / file) for name, file in DATA_FILES.items()}
     corpus = [r["text"] for r in data["pretrain_corpus"]]
 
     # A real base tokenizer has seen instruction-style text too: train on the corpus and the IFT sets' prompts.

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from forgetray.data.jsonl import read_jsonl
 from forgetray.organism.config import ModelSpec
 
 
@@ -205,8 +206,7 @@ class PretrainJob:
 def run_job(job: PretrainJob, progress: Callable[[str], None]) -> dict:
     """Pre-train one size and save it; returns its statistics as a plain dict."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(job.tokenizer_dir)
-    with open(job.corpus_path, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    texts = [record["text"] for record in read_jsonl(job.corpus_path)]
     result = pretrain(job.spec, job.settings, tokenizer, texts, progress)
     with quiet_progress_bars():
         result.model.save_pretrained(job.model_dir)

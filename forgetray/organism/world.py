@@ -18,12 +18,12 @@ do not depend on PYTHONHASHSEED or on the order the functions are called in).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from forgetray.data.jsonl import write_jsonl
 from forgetray.organism.config import DATA_FILES, OrganismConfig
 
 LETTERS = ("A", "B", "C", "D")
@@ -496,17 +496,3 @@ def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
     }
     return {name: write_jsonl(data_dir / DATA_FILES[name], recs) for name, recs in records.items()}
 
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
