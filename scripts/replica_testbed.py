@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     from forgetray import organism, probes
     from forgetray.data.instruct import collate, tokenize_example
-    from forgetray.organism import world
+    from forgetray.data.jsonl import read_jsonl
     from forgetray.train.restore import pack
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(organism.model_path(args.model))
     base = AutoModelForCausalLM.from_pretrained(organism.model_path(args.model)).float()
     questions = probes.load_mc_jsonl(organism.data_path("organism-facts"))
-    probe_texts = [r["text"] for r in world.read_jsonl(organism.data_path("organism-probe"))][:200]
-    pool = [r["text"] for r in world.read_jsonl(Path(args.pool) if args.pool else organism.data_path("organism-restore"))]
-    ift = [tokenize_example(r, tokenizer, 256) for r in world.read_jsonl(organism.data_path(args.dataset))]
+    probe_texts = [r["text"] for r in read_jsonl(organism.data_path("organism-probe"))][:200]
+    pool = [r["text"] for r in read_jsonl(Path(args.pool) if args.pool else organism.data_path("organism-restore"))]
+    ift = [tokenize_example(r, tokenizer, 256) for r in read_jsonl(organism.data_path(args.dataset))]
     ift = [x for x in ift if x["n_response"] > 0]
     budget = sum(len(x["input_ids"]) for x in ift)
 
