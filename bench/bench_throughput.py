@@ -231,7 +231,7 @@ def bench_training(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[lis
 
 
 def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches in order, as the probes build them (probes._forward)."""
+    """Right-padded (input_ids, attention_mask) batches in order, as the probes build them (probes.pad_right)."""
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
@@ -248,20 +248,20 @@ def padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[
 def knowledge_sequences(tokenizer, questions, shots, n_shot: int, max_length: int) -> tuple[list, list]:
     """The two lists of sequences probe_knowledge runs, built with the probe's own helpers: one letter prompt per
     question, then one context + continuation per option (flattened in question order)."""
-    bos = probes._bos(tokenizer)
+    bos = probes.bos_prefix(tokenizer)
     texts = [probes.format_letter_prompt(q, probes.select_shots(q, shots, n_shot)) for q in questions]
-    letter = [probes._with_bos_truncated_left(bos, ids, max_length) for ids in probes.encode(tokenizer, texts)]
+    letter = [probes.truncate_left(bos, ids, max_length) for ids in probes.encode(tokenizer, texts)]
     contexts = probes.encode(tokenizer, [probes.format_option_context(q) for q in questions])
     options = []
     for question, context in zip(questions, contexts):
         for cont in probes.encode(tokenizer, probes.format_option_continuations(question)):
-            options.append(probes._with_bos_truncated_left(bos, context + cont, max_length))
+            options.append(probes.truncate_left(bos, context + cont, max_length))
     return letter, options
 
 
 def perplexity_sequences(tokenizer, passages, max_length: int) -> list[list[int]]:
     """The sequences probe_perplexity runs: [BOS] + passage tokens, cut to max_length."""
-    bos = probes._bos(tokenizer)
+    bos = probes.bos_prefix(tokenizer)
     return [(bos + ids)[:max_length] for ids in probes.encode(tokenizer, passages)]
 
 
@@ -277,7 +277,7 @@ def bench_probes(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[list[
     suite = ProbeSuite.load(resolved, trial)  # the questions, shots and passages a trial's evaluate() uses
     bench_name, bench = next(iter(suite.benchmarks.items()))
     questions, shots = bench["questions"], bench["shots"]
-    bs, max_len, pad_id = suite.batch_size, suite.max_length, probes._pad_id(tokenizer)
+    bs, max_len, pad_id = suite.batch_size, suite.max_length, probes.padding_id(tokenizer)
 
     # A fresh model for the probes (training in bench_training changed its copies), and a DeepSpeed engine around
     # a second copy: forgetray's evaluate() probes the engine, so its forward wrapper is part of the real cost.
@@ -329,7 +329,7 @@ def bench_ranking(trial: TrialConfig, resolved: dict, rounds: int, n_passages: i
 
     tokenizer = load_tokenizer(resolved["model"])
     model = load_model(resolved["model"], trial.precision).eval()
-    bs, max_len, pad_id = trial.probe_batch_size, trial.probe_max_length, probes._pad_id(tokenizer)
+    bs, max_len, pad_id = trial.probe_batch_size, trial.probe_max_length, probes.padding_id(tokenizer)
     pool = tmp / "pool-subset.jsonl"
     with open(resolved["restore_pool"]["path"]) as src, open(pool, "w") as dst:
         dst.writelines(islice(src, n_passages))

@@ -94,7 +94,7 @@ def resolve_benchmark(name: str) -> dict:
     """-> {"name", "path", "default_score", "questions"}; the organism's primary score is option likelihood."""
     from forgetray import organism
     from forgetray.data import hub
-    from forgetray.probes import load_mc_jsonl
+    from forgetray.data.questions import load_mc_jsonl
 
     if hub.is_hub_name(name):
         try:

@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     from forgetray import organism, probes
     from forgetray.data.instruct import collate, tokenize_example
     from forgetray.data.jsonl import read_jsonl
+    from forgetray.data.questions import load_mc_jsonl
     from forgetray.train.restore import pack
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(organism.model_path(args.model))
     base = AutoModelForCausalLM.from_pretrained(organism.model_path(args.model)).float()
-    questions = probes.load_mc_jsonl(organism.data_path("organism-facts"))
+    questions = load_mc_jsonl(organism.data_path("organism-facts"))
     probe_texts = [r["text"] for r in read_jsonl(organism.data_path("organism-probe"))][:200]
     pool = [r["text"] for r in read_jsonl(Path(args.pool) if args.pool else organism.data_path("organism-restore"))]
     ift = [tokenize_example(r, tokenizer, 256) for r in read_jsonl(organism.data_path(args.dataset))]

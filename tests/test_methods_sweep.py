@@ -98,7 +98,8 @@ def test_zero3_trial_on_two_cpu_workers(tmp_path, fixture_files, ray_session):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forgetray import Sweep, run
-    from forgetray.probes import load_mc_jsonl, probe_knowledge, summarize_knowledge
+    from forgetray.data.questions import load_mc_jsonl
+    from forgetray.probes import probe_knowledge, summarize_knowledge
 
     ray.init(num_cpus=2, include_dashboard=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -13,14 +13,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from forgetray import metrics
+from forgetray.data.questions import MCQuestion, load_mc_jsonl
 from forgetray.probes import (
     KNOWLEDGE_COLUMNS,
-    MCQuestion,
     format_letter_prompt,
     format_option_context,
     format_option_continuations,
     letter_token_ids,
-    load_mc_jsonl,
     merge_shards,
     probe_knowledge,
     probe_perplexity,
@@ -374,7 +373,7 @@ def test_load_mc_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("line,problem", [
-    ('{"question": "Q?", "choices": ["x", "y"', "bad JSON"),
+    ('{"question": "Q?", "choices": ["x", "y"', "invalid JSON"),
     ('{"question": "Q?", "choices": ["x", "y"]}', "missing field 'answer'"),
     ('{"choices": ["x", "y"], "answer": 0}', "missing field 'question'"),
     ('{"question": "Q?", "choices": ["x", "y"], "answer": 2}', "out of range"),

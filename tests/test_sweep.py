@@ -45,7 +45,8 @@ def test_two_trial_sweep_with_two_deepspeed_workers(tmp_path, fixture_files, hub
     import ray
 
     from forgetray import Sweep, grid, run
-    from forgetray.probes import load_mc_jsonl, probe_knowledge, summarize_knowledge
+    from forgetray.data.questions import load_mc_jsonl
+    from forgetray.probes import probe_knowledge, summarize_knowledge
     from forgetray.train.loop import FAIL_ONCE_ENV
 
     marker = tmp_path / "failed-once"

@@ -4,7 +4,7 @@
     hf:allenai/ai2_arc:ARC-Challenge@test      ARC (question, choices {text, label}, answerKey letter)
     hf:HuggingFaceFW/fineweb:CC-MAIN-2023-40   plain text ("text"), streamed
 
-Multiple-choice records are normalised to `probes.MCQuestion`; passages are streamed (`streaming=True`), so a pool
+Multiple-choice records are normalised to `data.questions.MCQuestion`; passages are streamed (`streaming=True`), so a pool
 far larger than the disk is ranked without downloading it whole. Loading happens in the workers (on the cluster);
 validation only parses the name.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from forgetray.probes import LETTERS, MCQuestion
+from forgetray.data.questions import LETTERS, MCQuestion
 
 PREFIX = "hf:"
 _NAME = re.compile(r"^hf:(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+))?$")

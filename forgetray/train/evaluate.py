@@ -16,6 +16,7 @@ import torch.distributed as dist
 from forgetray import probes
 from forgetray.data.passages import load_passage_set
 from forgetray.data.instruct import collate
+from forgetray.data.questions import load_mc_jsonl
 from forgetray.metrics import em_ratio, exact_memorization, perplexity
 
 
@@ -45,7 +46,7 @@ def load_questions(bench: dict) -> list:
         from forgetray.data.hub import load_questions as load_hub_questions
 
         return load_hub_questions(bench["path"])
-    return probes.load_mc_jsonl(bench["path"])
+    return load_mc_jsonl(bench["path"])
 
 
 def _pad_id(tokenizer) -> int:
