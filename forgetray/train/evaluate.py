@@ -49,10 +49,6 @@ def load_questions(bench: dict) -> list:
     return load_mc_jsonl(bench["path"])
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -110,7 +106,8 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, ift_examples: list | N
             model.train(was_training)
             return metrics, frames
         if ift_examples:
-            metrics["ift/em"] = memorization(model, ift_examples, _pad_id(tokenizer), suite.batch_size, device)
+            pad_id = probes.padding_id(tokenizer)
+            metrics["ift/em"] = memorization(model, ift_examples, pad_id, suite.batch_size, device)
         nll, n_tokens = probes.probe_perplexity(
             model, tokenizer, suite.passages, batch_size=suite.batch_size, max_length=suite.max_length,
             device=device, shard=(rank, world),
