@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from forgetray.data.jsonl import iter_jsonl
+
 IGNORE_INDEX = -100  # label value the causal-LM loss skips (prompt tokens and padding)
 
 # The Stanford Alpaca prompt template, with and without an input field.
@@ -44,14 +46,8 @@ def alpaca_prompt(record: dict) -> str:
 def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) for a .jsonl (one object per line) or .json (an array of objects) file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        for lineno, record in iter_jsonl(path):
+            yield f"{path}:{lineno}", record
     elif path.suffix == ".json":
         try:
             records = json.loads(path.read_text(encoding="utf-8"))

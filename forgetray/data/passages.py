@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from forgetray.data.jsonl import iter_jsonl
 
 
 def load_passages(path: Path, limit: int | None = None) -> list[str]:
     """The first `limit` passages (all if None). Malformed lines raise ValueError naming file:line."""
     texts: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string field 'text'")
-            texts.append(text)
-            if limit is not None and len(texts) >= limit:
-                break
+    for lineno, record in iter_jsonl(path, limit=limit):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string field 'text'")
+        texts.append(text)
     if not texts:
         raise ValueError(f"{path}: no passages")
     return texts

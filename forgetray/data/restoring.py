@@ -14,13 +14,14 @@ passage's text tokens (no special tokens). The last selected passage is cut so t
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from forgetray.data.jsonl import iter_jsonl
 
 SCORE_SCHEMA = pa.schema([("line", pa.int64()), ("id", pa.string()), ("n_tokens", pa.int64()),
                           ("nll", pa.float64()), ("ppl", pa.float64())])
@@ -39,14 +40,8 @@ def _pool_records(pool: str) -> Iterator[tuple[int, str, object]]:
         for lineno, text in enumerate(iter_texts(str(pool)), start=1):
             yield lineno, f"{pool}#{lineno}", {"text": text}
         return
-    with open(pool, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, f"{pool}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{pool}:{lineno}: invalid JSON ({exc.msg})") from None
+    for lineno, record in iter_jsonl(pool):
+        yield lineno, f"{pool}:{lineno}", record
 
 
 def iter_pool(pool, batch_size: int, shard: tuple[int, int] = (0, 1),
