@@ -15,7 +15,8 @@ import pytest
 
 from forgetray import organism
 from forgetray.data.jsonl import read_jsonl
-from forgetray.organism import OrganismConfig, OrganismNotBuilt, world
+from forgetray.organism import OrganismConfig, OrganismNotBuilt, corpus, world
+from forgetray.organism.build import write_data
 from forgetray.organism.config import DATA_FILES
 
 TEST_CONFIG = OrganismConfig.for_tests()
@@ -30,7 +31,7 @@ def built(tmp_path_factory) -> Path:
 def default_data(tmp_path_factory) -> Path:
     """The data files of the DEFAULT config (generation only, no training: well under a second)."""
     data_dir = tmp_path_factory.mktemp("default") / "data"
-    world.write_data(OrganismConfig(), data_dir)
+    write_data(OrganismConfig(), data_dir)
     return data_dir
 
 
@@ -41,9 +42,9 @@ def _files(root: Path) -> dict[str, bytes]:
 # --- determinism ---------------------------------------------------------------------------------------------------
 
 def test_world_generation_is_deterministic_and_seeded(tmp_path):
-    world.write_data(TEST_CONFIG, tmp_path / "a")
-    world.write_data(TEST_CONFIG, tmp_path / "b")
-    world.write_data(dataclasses.replace(TEST_CONFIG, seed=1), tmp_path / "c")
+    write_data(TEST_CONFIG, tmp_path / "a")
+    write_data(TEST_CONFIG, tmp_path / "b")
+    write_data(dataclasses.replace(TEST_CONFIG, seed=1), tmp_path / "c")
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert a == b
     assert a.keys() == c.keys()
@@ -126,7 +127,7 @@ def test_splits(which, built, default_data):
     bench = records[organism.BENCHMARK]
     assert {r["entity"] for r in bench} == set(w.heldout_entities)
     assert len(bench) == len(w.heldout_entities) * len(w.attributes)
-    headers = tuple(h.split("{")[0] for h in (world.MC_PAGE_HEADER, world.QA_PAGE_HEADER))
+    headers = tuple(h.split("{")[0] for h in (corpus.MC_PAGE_HEADER, corpus.QA_PAGE_HEADER))
     exam_pages = [r["text"] for r in records["pretrain_corpus"] if r["text"].startswith(headers)]
     for entity in w.heldout_entities:
         assert not any(mentions(t, entity) for t in pool | probe)

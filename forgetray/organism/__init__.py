@@ -7,10 +7,11 @@ on it, built once and cached as ordinary files (Hugging Face model dirs, JSONL d
     data_path("organism-facts")             # -> .../data/organism-facts.jsonl (MMLU-style multiple choice)
 
 Layout, each module depending only on those above it: `config` (OrganismConfig, its fingerprint, the organism's
-names and files; imports nothing of the package), `world` (the invented people, their facts and every text made
-from them), `tokenizer`, `pretrain` (deterministic pre-training of the base
-models), `paths` (where a built organism's files are; cheap) and `build` (writes the data, trains tokenizer and
-models, scores them, writes the manifest).
+names and files; imports nothing of the package), `world` (the invented people and their facts), `corpus` (every text
+about them: pre-training prose and exam pages, the benchmark, the probing set and restoring pool), `tasks` (the
+instruction-tuning sets, which never name a person), `tokenizer`, `pretrain` (deterministic pre-training of the base
+models), `paths` (where a built organism's files are; cheap) and `build` (writes the data files, trains the tokenizer
+and the models, scores them, writes the manifest).
 """
 
 from forgetray.organism.build import build

@@ -23,16 +23,42 @@ from typing import Callable, Sequence
 
 from filelock import FileLock
 
-from forgetray.data.jsonl import read_jsonl
-from forgetray.organism import world
+from forgetray.data.jsonl import read_jsonl, write_jsonl
+from forgetray.organism import corpus, tasks, world
 from forgetray.organism.config import (
     BENCHMARK,
     DATA_FILES,
     FORMAT_VERSION,
     IFT_DATASETS,
+    PRETRAIN_CORPUS,
+    PROBE_SET,
+    RESTORING_POOL,
     OrganismConfig,
 )
 from forgetray.organism.paths import organism_dir, read_manifest
+
+
+# --- the data files ------------------------------------------------------------------------------------------------
+
+def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
+    """Generate the world of `config` and write every data file into `data_dir`; returns name -> record count."""
+    the_world = world.make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
+    texts = corpus.prose_documents(the_world, config.seed) + corpus.exam_pages(
+        the_world, the_world.exam_entities, config.seed, "exam", config.exam_repeats, config.exam_page_questions)
+    if config.heldout_exam_pages:
+        texts += corpus.exam_pages(the_world, the_world.heldout_entities, config.seed, "heldout-exam",
+                                   config.exam_repeats, config.exam_page_questions)
+    probe, pool = corpus.plain_passages(the_world, config.seed, config.probe_passages, config.restore_passages,
+                                        config.pool_page_share)
+    records = {
+        PRETRAIN_CORPUS: [{"text": t} for t in texts],
+        BENCHMARK: corpus.benchmark(the_world, config.seed),
+        "organism-alpaca": tasks.alpaca_examples(the_world, config.seed, config.alpaca_examples),
+        "organism-math": tasks.math_examples(config.seed, config.math_examples),
+        RESTORING_POOL: pool,
+        PROBE_SET: probe,
+    }
+    return {name: write_jsonl(data_dir / DATA_FILES[name], recs) for name, recs in records.items()}
 
 
 # --- building ------------------------------------------------------------------------------------------------------
@@ -86,14 +112,14 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
     started = time.perf_counter()
     progress(f"[organism] building {config.fingerprint()} into {out} ...")
 
-    counts = world.write_data(config, out / "data")
+    counts = write_data(config, out / "data")
     progress("[organism] data: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     data = {name: read_jsonl(out / "data" / file) for name, file in DATA_FILES.items()}
-    corpus = [r["text"] for r in data["pretrain_corpus"]]
+    corpus_texts = [r["text"] for r in data[PRETRAIN_CORPUS]]
 
     # A real base tokenizer has seen instruction-style text too: train on the corpus and the IFT sets' prompts.
-    ift_texts = ["".join(world.alpaca_text(r)) for name in IFT_DATASETS for r in data[name]]
-    tokenizer = train_tokenizer(corpus + ift_texts, config.vocab_size, config.max_position_embeddings)
+    ift_texts = ["".join(tasks.alpaca_text(r)) for name in IFT_DATASETS for r in data[name]]
+    tokenizer = train_tokenizer(corpus_texts + ift_texts, config.vocab_size, config.max_position_embeddings)
     tokenizer.save_pretrained(out / "tokenizer")
     progress(f"[organism] tokenizer: byte-level BPE, {len(tokenizer)} tokens")
 
@@ -102,7 +128,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
 
     ift_tokens = {}
     for name in IFT_DATASETS:
-        pairs = [world.alpaca_text(r) for r in data[name]]
+        pairs = [tasks.alpaca_text(r) for r in data[name]]
         # One epoch as the fine-tuning code sees it: [BOS] prompt response [EOS].
         ift_tokens[name] = {
             "examples": len(pairs),
@@ -118,7 +144,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         max_position_embeddings=config.max_position_embeddings, num_threads=config.num_threads,
     )
     jobs = [
-        PretrainJob(spec, settings, out / "tokenizer", out / "data" / DATA_FILES["pretrain_corpus"],
+        PretrainJob(spec, settings, out / "tokenizer", out / "data" / DATA_FILES[PRETRAIN_CORPUS],
                     out / "models" / spec.name)
         for spec in config.models
     ]
@@ -128,7 +154,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
 
     # Score what was saved, loaded the way every user loads it.
     the_world = world.make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
-    exam_check = world.mc_questions(the_world, the_world.exam_entities, config.seed, "manifest-check")
+    exam_check = corpus.mc_questions(the_world, the_world.exam_entities, config.seed, "manifest-check")
     for job in jobs:
         with quiet_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(job.model_dir).eval()
