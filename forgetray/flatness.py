@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-__all__ = ["surface_metrics", "directions", "grid_coordinates", "loss_surface", "contour_png"]
+__all__ = ["surface_metrics", "directions", "grid_coordinates", "loss_surface", "contour_figure", "contour_png"]
 
 
 def _validate_surface(F: np.ndarray) -> np.ndarray:
@@ -164,9 +164,10 @@ def loss_surface(
     return F, h
 
 
-def contour_png(F: np.ndarray, radius: float, path: str | Path, title: str = "") -> Path:
-    """Write a filled contour plot of the surface F (rows = b, columns = a, both over [-radius, radius]) with a
-    colorbar and the unperturbed model marked at the centre (CF's Figure 1, one per checkpoint). Returns the path."""
+def contour_figure(F: np.ndarray, radius: float, title: str = ""):
+    """A filled contour plot of the surface F (rows = b, columns = a, both over [-radius, radius]) with a colorbar
+    and the unperturbed model marked at the centre (CF's Figure 1): a matplotlib Figure with an Agg canvas, not
+    shown or saved; its first axes is the plot, data coordinates (a, b). `contour_png` writes it to a file."""
     F = _validate_surface(F)
     radius = float(radius)
     if not (math.isfinite(radius) and radius > 0):
@@ -196,6 +197,12 @@ def contour_png(F: np.ndarray, radius: float, path: str | Path, title: str = "")
     ax.legend(loc="upper right", fontsize="small")
     if title:
         ax.set_title(title)
+    return fig
+
+
+def contour_png(F: np.ndarray, radius: float, path: str | Path, title: str = "") -> Path:
+    """Write `contour_figure(F, radius, title)` as a PNG (CF's Figure 1, one per checkpoint). Returns the path."""
+    fig = contour_figure(F, radius, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from forgetray.flatness import contour_png, directions, grid_coordinates, loss_surface, surface_metrics
+from forgetray.flatness import contour_figure, contour_png, directions, grid_coordinates, loss_surface, surface_metrics
 
 
 def grid(n: int, radius: float):
@@ -365,11 +365,90 @@ def test_loss_surface_rejects_frozen_model():
 # --- contour_png ------------------------------------------------------------------------------------------------
 
 
-def test_contour_png(tmp_path):
+VIRIDIS_T = np.linspace(0.0, 1.0, 1001)
+
+
+def viridis_t(rgb: np.ndarray) -> tuple[float, float]:
+    """The viridis parameter t in [0, 1] whose colour is nearest to `rgb` (values in [0, 1]), and that distance."""
+    from matplotlib import colormaps
+
+    ref = colormaps["viridis"](VIRIDIS_T)[:, :3]
+    dist = np.linalg.norm(ref - np.asarray(rgb)[None, :3], axis=1)
+    return float(VIRIDIS_T[dist.argmin()]), float(dist.min())
+
+
+def pixels(fig):
+    """Render the figure once; returns pixel(a, b): the RGB (0..1) at data coordinates (a, b) of its plot axes."""
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(np.float64) / 255.0
+    to_display = fig.axes[0].transData
+
+    def pixel(a: float, b: float) -> np.ndarray:
+        x, y = to_display.transform((a, b))
+        return img[img.shape[0] - 1 - int(round(y)), int(round(x))]
+
+    return pixel
+
+
+def test_contour_figure_draws_the_surface_in_place():
+    """Read the rendered pixels back: at (a, b) the colour must be the viridis colour of f(a, b) = a + 3b.
+
+    The plane runs from -4 (a = b = -1) to 4 (a = b = 1) over 20 equal bands, so t = (a + 3b + 4) / 8 is known by
+    hand at every point. Only points well inside a band are sampled (not on a white contour line), away from the
+    centre marker and the legend (upper right). A transposed surface (3a + b), rows flipped (a - 3b), a wrong extent
+    or a constant surface all put the wrong colour at most of these points."""
+    radius, n = 1.0, 21
+    xs = np.linspace(-radius, radius, n)
+    X, Y = np.meshgrid(xs, xs)  # X varies along columns (a), Y along rows (b)
+    fig = contour_figure(X + 3 * Y, radius, title="ckpt 1")
+    assert fig.axes[0].get_title() == "ckpt 1"
+    pixel_at = pixels(fig)
+
+    lattice = np.round(np.arange(-0.9, 0.91, 0.1), 10)
+    checked = []
+    for a in lattice:
+        for b in lattice:
+            if (abs(a) < 0.25 and abs(b) < 0.25) or (a > 0.2 and b > 0.4):
+                continue  # the red star at the centre, the legend in the upper right
+            t = (a + 3 * b + 4) / 8
+            if not 0.3 <= (t * 20) % 1 <= 0.7:
+                continue  # too near a band edge (and its contour line)
+            got, dist = viridis_t(pixel_at(a, b))
+            assert dist < 0.02, f"pixel at ({a}, {b}) is not a viridis colour (distance {dist:.3f})"
+            assert got == pytest.approx(t, abs=0.04), f"at (a, b) = ({a}, {b}): colour t {got}, expected {t}"
+            checked.append((a, b))
+    assert len(checked) >= 40
+    # low in the lower left, high at the top: the two ends of the colour scale really appear
+    assert viridis_t(pixel_at(-0.75, -0.9))[0] < 0.1  # t = 0.0625
+    assert viridis_t(pixel_at(-0.05, 0.9))[0] > 0.8  # t = 0.83125
+
+
+def test_contour_figure_constant_surface_is_one_colour():
+    fig = contour_figure(np.full((5, 5), 2.0), 1.0)  # no contour levels: must still draw, one band
+    pixel_at = pixels(fig)
+    colours = {tuple(np.round(pixel_at(a, b), 3)) for a in (-0.8, -0.4, 0.4) for b in (-0.8, -0.4, 0.4)}
+    assert len(colours) == 1
+    assert viridis_t(np.array(next(iter(colours))))[1] < 0.02
+    with pytest.raises(ValueError, match="2-D"):
+        contour_figure(np.zeros(5), 1.0)
+
+
+def test_contour_png_writes_the_figure(tmp_path):
+    from matplotlib import colormaps
+    from matplotlib.image import imread
+
     _, X, Y, _ = grid(21, 1.0)
-    out = contour_png(X**2 + 0.5 * Y**2, 1.0, tmp_path / "sub" / "surface.png", title="ckpt 1")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    flat = contour_png(np.zeros((5, 5)), 1.0, tmp_path / "flat.png")  # no contour levels: must still draw
-    assert flat.stat().st_size > 0
+    out = contour_png(X + 3 * Y, 1.0, tmp_path / "sub" / "surface.png", title="ckpt 1")
+    assert out == tmp_path / "sub" / "surface.png"
+    flat = contour_png(np.zeros((5, 5)), 1.0, tmp_path / "flat.png")
+    # 20 bands of the sloped surface (in the plot and its colorbar) against one for the constant surface
+    for path, at_least, at_most in ((out, 20, None), (flat, 1, 3)):
+        colours = np.unique(imread(path)[..., :3].reshape(-1, 3), axis=0)
+        dist = np.linalg.norm(colours[:, None, :] - colormaps["viridis"](VIRIDIS_T)[None, :, :3], axis=2)
+        near = dist.min(axis=1) < 0.01
+        ts = {int(t * 20) for t in VIRIDIS_T[dist.argmin(axis=1)[near]]}  # the band each viridis colour is in
+        assert len(ts) >= at_least, path
+        if at_most is not None:
+            assert len(ts) <= at_most, path
     with pytest.raises(ValueError, match="2-D"):
         contour_png(np.zeros(5), 1.0, tmp_path / "bad.png")
