@@ -198,17 +198,54 @@ def test_directions_filter_normalised():
             assert not torch.equal(u, v)
 
 
-def test_directions_documented_draw_order():
-    """Rebuild the directions by hand: one CPU generator, float32, all of d1 in parameter order, then all of d2."""
+def test_directions_seeded_and_independent_of_global_state():
+    """Same seed -> the same directions, whatever torch's global RNG holds, and the global RNG is left alone."""
     model = small_model()
-    params = list(model.parameters())
-    d1, d2 = directions(params, seed=11)  # bare tensors work as well as named pairs
-    g = torch.Generator().manual_seed(11)
-    for out in (d1, d2):
-        for p, d in zip(params, out):
-            raw = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            expected = raw * (p.norm() / raw.norm()) if p.norm() > 0 else torch.zeros_like(raw)
-            torch.testing.assert_close(d, expected, rtol=1e-6, atol=1e-7)
+    named = list(model.named_parameters())
+    torch.manual_seed(1)
+    d1, d2 = directions(named, seed=11)
+    torch.manual_seed(12345)
+    torch.randn(100)  # move the global generator on
+    state = torch.get_rng_state()
+    e1, e2 = directions(named, seed=11)
+    assert torch.equal(torch.get_rng_state(), state), "directions() must not draw from torch's global generator"
+    # bare tensors work as well as (name, tensor) pairs, and another call in between changes nothing
+    directions(named, seed=12)
+    f1, f2 = directions([p for _, p in named], seed=11)
+    for u, v, w in zip(d1 + d2, e1 + e2, f1 + f2):
+        assert torch.equal(u, v) and torch.equal(u, w)
+    # another seed gives other directions (for every non-zero tensor)
+    g1, _ = directions(named, seed=12)
+    for (name, p), u, g in zip(named, d1, g1):
+        if p.norm() > 0:
+            assert not torch.allclose(u, g), name
+
+
+def test_directions_depend_on_shapes_and_seed_only():
+    """Two models of one architecture with different weights get the same directions up to each tensor's norm: the
+    draw is fixed by the shapes and the seed, the values only set the scale (||d_W|| = ||W||)."""
+    a, b = small_model(0), small_model(1)
+    da, db = directions(a.named_parameters(), seed=5), directions(b.named_parameters(), seed=5)
+    for pa, pb, ua, ub in zip(list(a.parameters()) * 2, list(b.parameters()) * 2, da[0] + da[1], db[0] + db[1]):
+        assert not torch.equal(pa, pb) or pa.norm() == 0
+        if pa.norm() > 0:
+            torch.testing.assert_close(ua / pa.norm(), ub / pb.norm(), rtol=1e-5, atol=1e-7)
+
+
+def test_directions_are_two_independent_gaussian_draws():
+    """On a large tensor: d1 and d2 are nearly orthogonal (|cos| ~ 1/sqrt(n) for independent draws) and their
+    entries are standard normal once scaled back (about 68.3% within one standard deviation; a uniform draw has
+    57.7%, and the same draw twice has cos = 1)."""
+    n = 40_000
+    w = torch.full((200, 200), 0.5)  # ||w|| = 0.5 * 200 = 100
+    (u,), (v,) = directions([w], seed=2)
+    assert u.norm().item() == pytest.approx(100.0, rel=1e-6) and v.norm().item() == pytest.approx(100.0, rel=1e-6)
+    cos = (u.double().flatten() @ v.double().flatten()).item() / (100.0 * 100.0)
+    assert abs(cos) < 5 / math.sqrt(n)  # 5 sigma
+    for d in (u, v):
+        z = d.double().flatten() * math.sqrt(n) / 100.0  # unit variance entries
+        assert abs(z.mean().item()) < 5 / math.sqrt(n)
+        assert (z.abs() < 1).double().mean().item() == pytest.approx(0.6827, abs=0.012)
 
 
 def test_directions_follow_param_dtype():
