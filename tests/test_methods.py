@@ -38,18 +38,28 @@ def test_alpha_endpoints_are_exact():
 
 
 def test_bf16_computed_in_fp32_and_cast_back():
-    g = torch.Generator().manual_seed(1)
-    t0 = torch.randn(64, generator=g).to(torch.bfloat16)
-    t1 = torch.randn(64, generator=g).to(torch.bfloat16)
+    """Values worked out by hand where bf16 arithmetic (8 significant bits, rounding after every operation) gives a
+    different answer from computing in float32 and rounding once at the end."""
     alpha = 0.3
+    x = 255 / 128  # 1.9921875, the largest bf16 below 2 (in [1, 2) bf16 steps by 1/128)
+    y = 205 / 2048  # 0.10009765625, the bf16 nearest 0.1 (in [1/16, 1/8) steps by 1/2048)
+    t0 = torch.tensor([x, y, 1.0], dtype=torch.bfloat16)
+    t1 = torch.tensor([x, y, 2.0], dtype=torch.bfloat16)
     out = interpolate_state_dicts({"w": t0}, {"w": t1}, alpha)["w"]
-    expected = (t0.float() * (1 - alpha) + t1.float() * alpha).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, expected)
-    # float64 inputs are computed in float64
-    d0, d1 = t0.double(), t1.double()
-    out64 = interpolate_state_dicts({"w": d0}, {"w": d1}, alpha)["w"]
-    assert out64.dtype == torch.float64 and torch.equal(out64, d0 * (1 - alpha) + d1 * alpha)
+    # Interpolating a value with itself gives it back (float32 is far finer than a bf16 step). In bf16 it would not:
+    # 0.7 x = 178.5 / 128 (a hair under, 0.7 not being exact) rounds to 178 / 128, 0.3 x = 153 / 256 fits, and their
+    # sum 254.5 / 128 is a tie that rounds to even, 254 / 128 = 1.984375: one step low. Likewise y: 0.7 y = 143.5 /
+    # 2048 and 0.3 y = 61.5 / 2048 sit on ties too and the bf16 sum ends at 206 / 2048, one step high.
+    # Last: 0.7 * 1 + 0.3 * 2 = 1.3 = 166.4 / 128, whose nearest bf16 is 166 / 128 = 1.296875.
+    assert out.tolist() == [x, y, 1.296875]
+    # float64 inputs are computed in float64: 1 + 2^-40 does not survive float32 (it rounds to 1), so half of it
+    # would come out as exactly 0.5.
+    d0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    d1 = torch.tensor([1.0 + 2.0**-40, 3.0], dtype=torch.float64)
+    out64 = interpolate_state_dicts({"w": d0}, {"w": d1}, 0.5)["w"]
+    assert out64.dtype == torch.float64
+    assert out64.tolist() == [0.5 + 2.0**-41, 2.0]
 
 
 def test_output_dtype_follows_theta1():
@@ -228,12 +238,29 @@ def test_replay_indices_deterministic_sorted_distinct():
 
 def test_mix_length_and_content():
     current = [f"cur{i}" for i in range(30)]
-    previous = [f"prev{i}" for i in range(200)]
+    previous = [f"prev{i:03d}" for i in range(200)]  # zero-padded: string order is index order
     out = mix(current, previous, 0.05, seed=0)
-    assert len(out) == len(current) + replay_count(len(previous), 0.05) == 40
+    assert len(out) == 40  # 30 current + round(0.05 * 200) = 10 replayed
     assert out[:30] == current
     replayed = out[30:]
-    assert all(item in previous for item in replayed) and len(set(replayed)) == len(replayed)
-    assert replayed == [previous[i] for i in replay_indices(200, 0.05, seed=0)]
+    assert set(replayed) <= set(previous) and len(set(replayed)) == 10
+    assert replayed == sorted(replayed)  # in index order
+    assert set(replayed) != {f"prev{i:03d}" for i in range(10)}  # a sample, not the first ten
+    assert mix(current, previous, 0.05, seed=0) == out
+    assert mix(current, previous, 0.05, seed=1)[30:] != replayed  # the seed picks the sample
+    # all of the earlier data at ratio 1, none at ratio 0 or without earlier data
+    assert mix(["c"], ["p0", "p1", "p2"], 1.0, seed=7) == ["c", "p0", "p1", "p2"]
     assert mix(current, previous, 0.0, seed=0) == current
     assert mix(current, [], 0.5, seed=0) == current
+
+
+def test_mix_samples_every_earlier_example_equally_often():
+    """3 of 10 earlier examples per seed: over 3000 seeds each is replayed about 900 times (binomial sd ~ 25)."""
+    previous = list(range(10))
+    counts = [0] * 10
+    for seed in range(3000):
+        replayed = mix([], previous, 0.3, seed=seed)
+        assert len(replayed) == 3 and len(set(replayed)) == 3
+        for item in replayed:
+            counts[item] += 1
+    assert all(abs(c - 900) < 130 for c in counts), counts
