@@ -185,13 +185,52 @@ def test_models_load_as_hugging_face_directories(built):
             assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
         info = organism.read_manifest(built)["models"][name]
         assert info["n_params"] == sum(p.numel() for p in model.parameters())
-        assert 0.0 <= info["base_option_accuracy"] <= 1.0
 
 
-def test_option_accuracy_scores_the_continuation():
+def _naive_option_accuracy(model, tok, questions: list[dict]) -> tuple[int, int]:
+    """(correct, near ties), one question and one option at a time, no batching or padding: an option's score is
+    the summed log-probability of the tokens of " {choice}" after "[BOS]Question: {question}\nAnswer:", the
+    prediction the best-scoring option. A near tie (top two within 1e-4) may go either way under batched kernels."""
     import torch
 
-    from forgetray.organism.build import option_accuracy
+    correct = near_ties = 0
+    for q in questions:
+        context = [tok.bos_token_id, *tok.encode(f"Question: {q['question']}\nAnswer:", add_special_tokens=False)]
+        scores = []
+        for choice in q["choices"]:
+            continuation = tok.encode(f" {choice}", add_special_tokens=False)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([context + continuation])).logits[0].double()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            scores.append(sum(logprobs[len(context) + k - 1, token].item() for k, token in enumerate(continuation)))
+        best, second = sorted(scores, reverse=True)[:2]
+        near_ties += best - second < 1e-4
+        correct += scores.index(best) == q["answer"]
+    return correct, near_ties
+
+
+def test_manifest_accuracies_match_a_naive_option_likelihood_count(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    w = world.make_world(TEST_CONFIG.seed, TEST_CONFIG.n_entities, TEST_CONFIG.n_values, TEST_CONFIG.n_templates)
+    question_sets = {
+        "base_option_accuracy": read_jsonl(built / "data" / DATA_FILES[organism.BENCHMARK]),
+        "exam_half_option_accuracy": corpus.mc_questions(w, w.exam_entities, TEST_CONFIG.seed, "manifest-check"),
+    }
+    manifest = organism.read_manifest(built)
+    for name in organism.MODEL_SIZES:
+        model = AutoModelForCausalLM.from_pretrained(built / "models" / name).eval()
+        tok = AutoTokenizer.from_pretrained(built / "models" / name)
+        for key, questions in question_sets.items():
+            correct, near_ties = _naive_option_accuracy(model, tok, questions)
+            recorded = manifest["models"][name][key] * len(questions)
+            assert abs(recorded - correct) <= near_ties + 1e-9, (name, key, recorded, correct, near_ties)
+
+
+def test_option_likelihood_accuracy_scores_the_continuation():
+    import torch
+
+    from forgetray.organism.build import option_likelihood_accuracy
     from forgetray.organism.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["a cat and a dog and a cow"] * 20 + ["Question: Answer:"] * 5, 300, 64)
@@ -199,7 +238,7 @@ def test_option_accuracy_scores_the_continuation():
     assert len(favoured) == 1
 
     class AlwaysCat(torch.nn.Module):  # a "model" that puts all probability on " cat" at every position
-        def forward(self, input_ids):
+        def forward(self, input_ids, attention_mask=None):
             logits = torch.full((*input_ids.shape, len(tok)), -30.0)
             logits[..., favoured[0]] = 0.0
             return type("Out", (), {"logits": logits})()
@@ -208,7 +247,7 @@ def test_option_accuracy_scores_the_continuation():
         {"question": "Which?", "choices": ["cat", "dog", "cow", "dog and cow"], "answer": 0},
         {"question": "Which?", "choices": ["dog", "cat", "cow", "cat and dog"], "answer": 3},
     ]
-    assert option_accuracy(AlwaysCat(), tok, questions) == 0.5
+    assert option_likelihood_accuracy(AlwaysCat(), tok, questions) == 0.5
 
 
 def test_packing_keeps_every_token_in_order():

@@ -159,10 +159,10 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         with quiet_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(job.model_dir).eval()
         with deterministic_torch(config.num_threads):
-            accuracy = option_accuracy(model, tokenizer, data[BENCHMARK])
-            exam_accuracy = option_accuracy(model, tokenizer, exam_check)
+            accuracy = option_likelihood_accuracy(model, tokenizer, data[BENCHMARK])
+            exam_accuracy = option_likelihood_accuracy(model, tokenizer, exam_check)
         stats = models[job.spec.name]
-        stats["base_option_accuracy"] = accuracy  # on organism-facts: the held-out half, facts seen only in prose
+        stats["base_option_accuracy"] = accuracy  # on organism-facts: the held-out half
         stats["exam_half_option_accuracy"] = exam_accuracy  # the same kind of questions about the exam half
         progress(f"[organism] {job.spec.name}: {stats['n_params']:,} parameters, final loss "
                  f"{stats['final_train_loss']:.3f}, option-likelihood accuracy {accuracy:.3f} on {BENCHMARK} "
@@ -204,39 +204,17 @@ def _versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-# --- a quick knowledge check for the manifest ----------------------------------------------------------------------
+# --- the knowledge check for the manifest --------------------------------------------------------------------------
 
-def option_accuracy(model, tokenizer, questions: Sequence[dict], batch_size: int = 64) -> float:
-    """Option-likelihood accuracy (lm-eval's `acc`): for each question, the choice whose text " {choice}" has the
-    highest summed log-probability as a continuation of "[BOS]Question: {question}\\nAnswer:" is the prediction."""
-    import torch
+def option_likelihood_accuracy(model, tokenizer, questions: Sequence[dict]) -> float:
+    """Option-likelihood accuracy (lm-eval's `acc`) of organism question records, scored by the same probe that
+    scores every trial's benchmarks (`probes.probe_knowledge`), so the manifest and the trials measure alike."""
+    from forgetray import probes
+    from forgetray.data.questions import MCQuestion
 
-    sequences, spans = [], []  # token ids; (first, end) positions of the continuation
-    for q in questions:
-        context = [tokenizer.bos_token_id, *tokenizer.encode(f"Question: {q['question']}\nAnswer:",
-                                                              add_special_tokens=False)]
-        for choice in q["choices"]:
-            continuation = tokenizer.encode(f" {choice}", add_special_tokens=False)
-            sequences.append(context + continuation)
-            spans.append((len(context), len(context) + len(continuation)))
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = sequences[start: start + batch_size]
-            width = max(map(len, batch))
-            # Right padding and causal attention: the padding never influences the scored positions.
-            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch])
-            logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-            for row, (first, end) in enumerate(spans[start: start + batch_size]):
-                targets = ids[row, first:end]
-                # The token at position t is predicted by the logits at position t - 1.
-                scores.append(logprobs[row, first - 1: end - 1].gather(-1, targets[:, None]).sum().item())
-    correct, offset = 0, 0
-    for q in questions:
-        option_scores = scores[offset: offset + len(q["choices"])]
-        offset += len(q["choices"])
-        correct += int(option_scores.index(max(option_scores)) == q["answer"])
-    return correct / len(questions)
+    mc = [MCQuestion(id=str(q.get("id", i)), question=q["question"], choices=q["choices"], answer=q["answer"],
+                     subject=q.get("subject", "")) for i, q in enumerate(questions)]
+    return probes.summarize_knowledge(probes.probe_knowledge(model, tokenizer, mc, batch_size=64))["acc"]
 
 
 # --- command line --------------------------------------------------------------------------------------------------
