@@ -28,11 +28,10 @@ import argparse
 import logging
 import os
 import platform
-import socket
 import statistics
 import time
 
-from machine import cpu_name, usable_cores  # bench/ is on sys.path when a script here runs
+from machine import cpu_name, init_single_process_group, usable_cores  # bench/ is on sys.path when a script here runs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,20 +85,6 @@ def make_examples(n: int, seq: int, vocab: int, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (n, seq), generator=g).tolist()
     return [{"input_ids": row, "labels": list(row)} for row in ids]
-
-
-def init_single_process_group() -> None:
-    """A gloo group of one, set up as a launcher would (the DeepSpeed engine needs torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def timed(fn):
