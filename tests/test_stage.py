@@ -1,6 +1,8 @@
 """Paired significance tests and the stage rule (METHODS.md §4) against hand-worked values and written-out references."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,9 +206,62 @@ def test_transition_epoch_is_the_first_actual_epoch():
         metrics.transition_epoch({1: "forgotten"})
 
 
-def test_stage_codes_cover_every_stage_once():
-    assert set(metrics.STAGE_CODES) == set(metrics.STAGES)
-    assert len(set(metrics.STAGE_CODES.values())) == len(metrics.STAGES)
-    assert metrics.STAGE_CODES[metrics.NOT_RESTORED] == -1
-    assert metrics.STAGE_CODES[metrics.NO_FORGETTING] < metrics.STAGE_CODES[metrics.PSEUDO_FORGETTING]
-    assert metrics.STAGE_CODES[metrics.PSEUDO_FORGETTING] < metrics.STAGE_CODES[metrics.ACTUAL_FORGETTING]
+# README's metric table, row `stage/code` (and `stage/fixed_code`): "-1 not restored, 0 no, 1 pseudo, 2 actual
+# forgetting". Written out here by hand, with the stage names as strings, so renaming a stage or renumbering a code
+# in the code is caught.
+DOCUMENTED_STAGE_CODES = {"not_restored": -1, "no_forgetting": 0, "pseudo_forgetting": 1, "actual_forgetting": 2}
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_stage_codes_are_the_documented_ones():
+    assert metrics.STAGE_CODES == DOCUMENTED_STAGE_CODES
+    assert set(metrics.STAGES) == set(DOCUMENTED_STAGE_CODES)
+    # ...and README still says so: parse the "-1 not restored, 0 no, ..." of the `stage/code` row.
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `stage/code`"))
+    words = {"not restored": "not_restored", "no": "no_forgetting", "pseudo": "pseudo_forgetting",
+             "actual": "actual_forgetting"}
+    in_readme = {words[w]: int(c) for c, w in re.findall(r"(-?\d+) (not restored|no|pseudo|actual)\b", row)}
+    assert in_readme == DOCUMENTED_STAGE_CODES, row
+
+
+def test_stage_codes_logged_and_decoded_back():
+    """What classify_trial logs to MLflow for each stage, and what the report reads back from those numbers."""
+    import pandas as pd
+
+    from forgetray import stages
+    from forgetray.report import TrialData
+
+    names = list(DOCUMENTED_STAGE_CODES)
+    table = pd.DataFrame({"epoch": [1, 2, 3, 4], "stage": names, "stage_fixed": names[::-1],
+                          "d_sft": 0.0, "d_restored": 0.0, "p_sft": None, "p_restored": None})
+
+    class Recorder:
+        def __init__(self):
+            self.metrics, self.tags = {}, {}
+
+        def log_metrics(self, run_id, values, step):
+            self.metrics[step] = dict(values)
+
+        def set_tag(self, run_id, key, value):
+            self.tags[key] = value
+
+        def log_table(self, run_id, table, path):
+            pass
+
+    tracker = Recorder()
+    stages._log(tracker, "run", "bench", table, None)
+    for epoch, name, fixed in zip([1, 2, 3, 4], names, names[::-1]):
+        assert tracker.metrics[epoch]["stage/code"] == DOCUMENTED_STAGE_CODES[name]
+        assert tracker.metrics[epoch]["stage/fixed_code"] == DOCUMENTED_STAGE_CODES[fixed]
+    assert tracker.tags["forgetray.transition_epoch"] == 4  # the first epoch classified actual forgetting
+
+    # The report reads the numbers back (as floats, as MLflow returns them) from the metrics alone, no stage tags.
+    history: dict[str, dict[int, float]] = {}
+    for epoch, values in tracker.metrics.items():
+        for metric, value in values.items():
+            history.setdefault(metric, {})[epoch] = float(value)
+    trial = TrialData(name="t", run_id="run", status="FINISHED", settings={}, benchmarks=[], scores={},
+                      history=history, tags={})
+    for epoch, name, fixed in zip([1, 2, 3, 4], names, names[::-1]):
+        assert trial.stage(epoch) == name
+        assert trial.stage(epoch, fixed=True) == fixed
