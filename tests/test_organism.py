@@ -320,3 +320,38 @@ def test_paths_and_names(built, monkeypatch, tmp_path):
     assert all(organism.is_organism_name(n) for n in names)
     assert not organism.is_organism_name("meta-llama/Llama-2-7b-hf")
     assert not organism.is_organism_name("./data/alpaca.jsonl")
+
+
+def test_resolve_name_finds_the_files_or_says_what_is_known(built, tmp_path):
+    assert organism.resolve_name("organism-small", "model", root=built) == built / "models" / "organism-small"
+    for name, kind in ((organism.BENCHMARK, "benchmark"), (organism.PROBE_SET, "probe_set"),
+                       (organism.RESTORING_POOL, "restore_pool"), ("organism-math", "dataset")):
+        assert organism.resolve_name(name, kind, root=built) == built / "data" / DATA_FILES[name]
+    with pytest.raises(ValueError, match=r"^'organism-facts' is not an organism dataset \(known: organism-alpaca, "
+                                         r"organism-math\)$"):
+        organism.resolve_name(organism.BENCHMARK, "dataset", root=built)
+    with pytest.raises(ValueError, match=r"not an organism restoring pool \(known: organism-restore\)"):
+        organism.resolve_name(organism.PROBE_SET, "restore_pool", root=built)
+    with pytest.raises(ValueError, match="run `forgetray organism build`"):
+        organism.resolve_name("organism-tiny", "model", root=tmp_path / "nothing-here")
+
+
+def test_trial_settings_name_the_setting_in_organism_errors(built, monkeypatch, tmp_path):
+    from forgetray import resources
+    from forgetray.spec import SpecError
+
+    monkeypatch.setenv("FORGETRAY_ORGANISM", str(built))
+    resources.clear_cache()
+    try:
+        assert resources.resolve_model("organism-tiny")["path"] == str(built / "models" / "organism-tiny")
+        assert resources.resolve_benchmark(organism.BENCHMARK)["default_score"] == "acc"
+        with pytest.raises(SpecError, match=r"^setting 'restore_pool': 'organism-probe' is not an organism restoring"):
+            resources.resolve_passages(organism.PROBE_SET, "restore_pool")
+        with pytest.raises(SpecError, match=r"^setting 'model': 'organism-huge' is not an organism model \(known: "):
+            resources.resolve_model("organism-huge")
+        monkeypatch.setenv("FORGETRAY_ORGANISM", str(tmp_path / "nothing-here"))
+        resources.clear_cache()
+        with pytest.raises(SpecError, match=r"^setting 'dataset': no built organism at .*forgetray organism build"):
+            resources.resolve_dataset("organism-alpaca")
+    finally:
+        resources.clear_cache()

@@ -25,7 +25,14 @@ from forgetray.organism.config import (
     OrganismConfig,
     OrganismNotBuilt,
 )
-from forgetray.organism.paths import data_path, is_organism_name, model_path, organism_dir, read_manifest
+from forgetray.organism.paths import (
+    data_path,
+    is_organism_name,
+    model_path,
+    organism_dir,
+    read_manifest,
+    resolve_name,
+)
 
 __all__ = [
     "BENCHMARK",
@@ -42,4 +49,5 @@ __all__ = [
     "model_path",
     "organism_dir",
     "read_manifest",
+    "resolve_name",
 ]

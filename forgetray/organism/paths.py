@@ -1,4 +1,5 @@
-"""Where a built organism and its files are: the cache directory, the manifest, a model's or dataset's path.
+"""Where a built organism and its files are: the cache directory, the manifest, a model's or dataset's path, and
+`resolve_name`, the one lookup of an organism name a trial setting uses.
 
 Cheap (file checks only, no torch): the trial resolver calls these before any compute starts.
 """
@@ -9,7 +10,25 @@ import json
 import os
 from pathlib import Path
 
-from forgetray.organism.config import DATA_FILES, OrganismConfig, OrganismNotBuilt
+from forgetray.organism.config import (
+    BENCHMARK,
+    DATA_FILES,
+    IFT_DATASETS,
+    MODEL_SIZES,
+    PROBE_SET,
+    RESTORING_POOL,
+    OrganismConfig,
+    OrganismNotBuilt,
+)
+
+# What an organism name can stand for in a trial: kind -> (what it is called in messages, the names of that kind).
+NAME_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("model", MODEL_SIZES),
+    "dataset": ("dataset", IFT_DATASETS),
+    "benchmark": ("benchmark", (BENCHMARK,)),
+    "probe_set": ("probing set", (PROBE_SET,)),
+    "restore_pool": ("restoring pool", (RESTORING_POOL,)),
+}
 
 
 def is_organism_name(s: str) -> bool:
@@ -54,3 +73,19 @@ def data_path(name: str, root: Path | None = None) -> Path:
     if not path.is_file():
         raise OrganismNotBuilt(path, f"dataset {name!r}")
     return path
+
+
+def resolve_name(name: str, kind: str, root: Path | None = None) -> Path:
+    """The built file (or model directory) of organism name `name` used as a `kind` (a key of NAME_KINDS: "model",
+    "dataset", "benchmark", "probe_set", "restore_pool"). Raises ValueError, its message fit to follow "setting
+    'x': ", listing the known names if `name` is not one of that kind, or saying to run `forgetray organism build`
+    if the organism or that file is not built."""
+    if kind not in NAME_KINDS:
+        raise ValueError(f"resolve_name: kind must be one of {', '.join(NAME_KINDS)}, got {kind!r}")
+    noun, known = NAME_KINDS[kind]
+    if name not in known:
+        raise ValueError(f"{name!r} is not an organism {noun} (known: {', '.join(known)})")
+    try:
+        return model_path(name, root) if kind == "model" else data_path(name, root)
+    except OrganismNotBuilt as exc:
+        raise ValueError(str(exc)) from None
