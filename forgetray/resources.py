@@ -30,11 +30,9 @@ def resolve_model(name: str) -> dict:
     from forgetray import organism
 
     if organism.is_organism_name(name):
-        if name not in organism.MODEL_SIZES:
-            raise SpecError(f"setting 'model': {name!r} is not an organism model (known: {', '.join(organism.MODEL_SIZES)})")
         try:
-            path = organism.model_path(name)
-        except organism.OrganismNotBuilt as exc:
+            path = organism.resolve_name(name, "model")
+        except ValueError as exc:
             raise SpecError(f"setting 'model': {exc}") from None
         return {"kind": "organism", "name": name, "path": str(path)}
     if _looks_like_path(name) or Path(name).expanduser().is_dir():
@@ -66,11 +64,9 @@ def resolve_dataset(name: str) -> dict:
     from forgetray import organism
 
     if organism.is_organism_name(name):
-        if name not in organism.IFT_DATASETS:
-            raise SpecError(f"setting 'dataset': unknown dataset {name!r} (organism datasets: {', '.join(organism.IFT_DATASETS)})")
         try:
-            path = organism.data_path(name)
-        except organism.OrganismNotBuilt as exc:
+            path = organism.resolve_name(name, "dataset")
+        except ValueError as exc:
             raise SpecError(f"setting 'dataset': {exc}") from None
         return {"kind": "organism", "name": name, "path": str(path)}
     if _looks_like_path(name):
@@ -104,11 +100,9 @@ def resolve_benchmark(name: str) -> dict:
         # Hub benchmarks are loaded by the workers (on the cluster); MMLU/ARC are scored by letter, as in PS.
         return {"name": name, "kind": "hub", "path": name, "default_score": "letter", "questions": None}
     if organism.is_organism_name(name):
-        if name != organism.BENCHMARK:
-            raise SpecError(f"setting 'benchmarks': unknown benchmark {name!r} (organism benchmark: {organism.BENCHMARK})")
         try:
-            path = organism.data_path(name)
-        except organism.OrganismNotBuilt as exc:
+            path = organism.resolve_name(name, "benchmark")
+        except ValueError as exc:
             raise SpecError(f"setting 'benchmarks': {exc}") from None
         # Tiny models know facts but cannot answer by letter (DESIGN.md): option likelihood is the knowledge score.
         default = "acc"
@@ -140,13 +134,10 @@ def resolve_passages(name: str, setting: str = "probe_set") -> dict:
         except ValueError as exc:
             raise SpecError(f"setting {setting!r}: {exc}") from None
         return {"name": name, "kind": "hub", "path": name, "passages": None}
-    known = (organism.PROBE_SET,) if setting == "probe_set" else (organism.RESTORING_POOL,)
     if organism.is_organism_name(name):
-        if name not in known:
-            raise SpecError(f"setting {setting!r}: unknown passage set {name!r} (organism: {known[0]})")
         try:
-            path = organism.data_path(name)
-        except organism.OrganismNotBuilt as exc:
+            path = organism.resolve_name(name, setting)  # the setting names the kind: "probe_set" or "restore_pool"
+        except ValueError as exc:
             raise SpecError(f"setting {setting!r}: {exc}") from None
     else:
         path = Path(name).expanduser().resolve()
