@@ -2,6 +2,8 @@
 
 The store is written with MlflowClient directly (not through forgetray.tracking), from the plain dicts below, and
 every check compares the report with those dicts: the report is tested against what was logged, not against itself.
+The figures are checked on the data their matplotlib Figures plot (`Report.plots`), against the store read back
+with MlflowClient.
 Three trials: `alpha` goes no -> pseudo -> actual forgetting (transition at epoch 3), `beta` never forgets, `gamma`
 ran without restoration and failed after 2 epochs (base and SFT metrics only).
 """
@@ -211,18 +213,118 @@ def test_transition_epoch_per_trial(report):
     assert "not judged" in lines["gamma"] and "FAILED" in lines["gamma"]
 
 
-def test_every_figure_is_a_real_png(report, store):
+def _logged(uri: str, parent: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """trial name -> metric -> (steps, values) sorted by step, read back from the store with MlflowClient alone."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    out = {}
+    for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        history = {}
+        for name in run.data.metrics:
+            points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+            history[name] = ([step for step, _ in points], [value for _, value in points])
+        out[run.data.tags["forgetray.trial"]] = history
+    return out
+
+
+def _plotted(figure) -> dict[tuple, tuple[list, list]]:
+    """(panel gid, line gid) -> (x, y) of every named line on the figure's visible panels: what it shows."""
+    return {(ax.get_gid(), line.get_gid()): (list(line.get_xdata()), list(line.get_ydata()))
+            for ax in figure.axes if ax.get_visible() for line in ax.get_lines() if line.get_gid() is not None}
+
+
+def _assert_plots(figure, series: dict, levels: dict) -> None:
+    """The figure draws exactly `series` ((steps, values) per key) and the horizontal `levels` (a value per key)."""
+    plotted = _plotted(figure)
+    assert set(plotted) == set(series) | set(levels)
+    for key, (steps, values) in series.items():
+        assert plotted[key][0] == steps and plotted[key][1] == pytest.approx(values), key
+    for key, value in levels.items():
+        assert plotted[key][1] == pytest.approx([value, value]), key
+
+
+@pytest.fixture(scope="module")
+def logged(store):
+    return _logged(store["uri"], store["parent"])
+
+
+def test_figure_files_are_pngs_and_tables_are_written(report, store):
     names = {"fig3a_restoring_ppl.png", "fig3b_ppl_vs_epoch.png", f"fig3c_accuracy_{BENCH}.png",
              f"fig3c_accuracy_{OTHER}.png", "fig4_format_entropy.png", "fig5_em.png"}
-    assert {path.name for path in report.figures} == names
+    assert {path.name for path in report.figures} == names == set(report.plots)
     for path in report.figures:
-        data = path.read_bytes()
-        assert data.startswith(PNG_HEADER) and len(data) > 20_000, path
+        assert path.read_bytes().startswith(PNG_HEADER), path
     out = store["root"] / "out"
     assert (out / "stage_table.txt").read_text() == report.text
     csv = pd.read_csv(out / "stage_table.csv")
     assert len(csv) == len(report.stage_table)
     assert list(csv["knowledge_sft"]) == pytest.approx(list(report.stage_table["knowledge_sft"]))
+
+
+def test_fig3a_plots_each_restoring_trajectory(report, logged):
+    """One line per restored checkpoint, the probing PPL along its restoration; the base model's PPL as a level.
+    gamma restored nothing: no panel."""
+    series = {(trial, f"epoch {int(name.split('_')[1].split('/')[0])}"): points
+              for trial, history in logged.items() for name, points in history.items() if name.startswith("restore/")}
+    levels = {(trial, "base"): logged[trial]["base/probe/ppl"][1][0] for trial in ("alpha", "beta")}
+    assert len(series) == 6
+    _assert_plots(report.plots["fig3a_restoring_ppl.png"], series, levels)
+
+
+def test_fig3b_plots_sft_and_restored_ppl_per_epoch(report, logged):
+    series = {(trial, state): history[f"{state}/probe/ppl"] for trial, history in logged.items()
+              for state in ("sft", "restored") if f"{state}/probe/ppl" in history}
+    levels = {(trial, "base"): history["base/probe/ppl"][1][0] for trial, history in logged.items()}
+    assert set(series) == {("alpha", "sft"), ("alpha", "restored"), ("beta", "sft"), ("beta", "restored"),
+                           ("gamma", "sft")}
+    _assert_plots(report.plots["fig3b_ppl_vs_epoch.png"], series, levels)
+
+
+@pytest.mark.parametrize("bench", [BENCH, OTHER])
+def test_fig3c_plots_accuracy_and_stages(report, logged, bench):
+    """Knowledge of SFT_e and R_e per epoch, base as a level; on the primary benchmark each epoch's background is
+    the colour of the stage logged for it."""
+    from matplotlib.colors import to_rgba
+
+    from forgetray.report.figures import STAGE_COLORS
+
+    shown = {trial: history for trial, history in logged.items() if f"sft/{bench}/knowledge" in history}
+    series = {(trial, state): history[f"{state}/{bench}/knowledge"] for trial, history in shown.items()
+              for state in ("sft", "restored") if f"{state}/{bench}/knowledge" in history}
+    levels = {(trial, "base"): history[f"base/{bench}/knowledge"][1][0] for trial, history in shown.items()}
+    figure = report.plots[f"fig3c_accuracy_{bench}.png"]
+    _assert_plots(figure, series, levels)
+    spans = {(ax.get_gid(), patch.get_gid()): patch.get_facecolor() for ax in figure.axes for patch in ax.patches
+             if patch.get_gid()}
+    by_code = {code: stage for stage, code in STAGE_CODES.items()}
+    expected = {} if bench != BENCH else {
+        (trial, f"stage {epoch}"): to_rgba(STAGE_COLORS[by_code[int(code)]])
+        for trial, history in shown.items() if "stage/code" in history
+        for epoch, code in zip(*history["stage/code"])}
+    assert spans.keys() == expected.keys() and len(expected) == (6 if bench == BENCH else 0)
+    for key, color in expected.items():
+        assert spans[key] == pytest.approx(color), key
+
+
+def test_fig4_plots_each_step_probe(report, logged):
+    """A panel per steps/<bench>/<quantity>, a line per trial with that metric's history at the IFT steps."""
+    series = {(name, trial): points for trial, history in logged.items() for name, points in history.items()
+              if name.startswith("steps/")}
+    assert len(series) == 4 * 5  # alpha and beta on two benchmarks, gamma on one; four quantities
+    _assert_plots(report.plots["fig4_format_entropy.png"], series, {})
+
+
+def test_fig5_plots_em_from_base(report, logged):
+    """EM of SFT_e starting from the base model at epoch 0, and of R_e, one pair of lines per trial."""
+    series = {}
+    for trial, history in logged.items():
+        steps, values = history["sft/ift/em"]
+        series[(None, f"{trial} sft")] = ([0, *steps], [history["base/ift/em"][1][0], *values])
+        if "restored/ift/em" in history:
+            series[(None, f"{trial} restored")] = history["restored/ift/em"]
+    _assert_plots(report.plots["fig5_em.png"], series, {})
 
 
 def _report_artifacts(uri: str, run_id: str) -> set[str]:
