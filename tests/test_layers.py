@@ -1,0 +1,205 @@
+"""The architecture's rules, checked on the source tree itself.
+
+1. The pure layers (forgetray.metrics, forgetray.methods, forgetray.flatness, forgetray.plan) import none of Ray,
+   MLflow or DeepSpeed: they can be used, and tested, without the training stack.
+2. No import cycle among forgetray's modules (module-level imports only; imports inside functions are deliberate
+   lazy imports and are not counted).
+3. The CLI does no work at import time: `import forgetray.cli` loads none of Ray, DeepSpeed or MLflow, so it starts
+   fast and validates a sweep before any of them load.
+4. No source file over MAX_LINES lines (the target is about 400).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "forgetray"
+HEAVY = ("ray", "mlflow", "deepspeed")
+MAX_LINES = 450
+
+
+def loaded_after_import(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter (cwd = the repository root); the HEAVY top-level packages it left loaded."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- 1. pure layers --------------------------------------------------------------------------------------------------
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules_under(package: str) -> list[str]:
+    """The package and every module below it, from the files on disk (no import needed to list them)."""
+    base = ROOT.joinpath(*package.split("."))
+    if base.is_dir():
+        return sorted(module_name(p) for p in base.rglob("*.py"))
+    return [package]
+
+
+def pure_modules() -> list[str]:
+    names = modules_under("forgetray.metrics") + modules_under("forgetray.methods") + ["forgetray.flatness"]
+    if (PACKAGE / "plan.py").is_file() or (PACKAGE / "plan" / "__init__.py").is_file():  # plan may not exist yet
+        names += modules_under("forgetray.plan")
+    return names
+
+
+def test_pure_layers_import_no_ray_mlflow_deepspeed():
+    names = pure_modules()
+    assert "forgetray.metrics.stage" in names and "forgetray.methods.wiseft" in names  # the listing found them
+    code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names)
+    # one interpreter for all: whichever module pulls one in, it stays in sys.modules
+    loaded = loaded_after_import(code)
+    assert loaded == [], f"importing the pure layers ({', '.join(names)}) loaded {loaded}"
+
+
+# --- 2. no import cycle ------------------------------------------------------------------------------------------------
+#
+# The graph: one node per module file under forgetray/ (a package is its __init__.py). Edges come from the imports a
+# module runs when it is imported: statements at module level, in class bodies and in module-level if/try blocks;
+# not those inside functions (lazy on purpose) nor under `if TYPE_CHECKING:` (never run).
+#
+# - `import forgetray.a.b` and `from forgetray.a.b import c` are edges to forgetray.a.b; in the second form, c is an
+#   edge to forgetray.a.b.c as well when that is a module (`from forgetray import probes` imports forgetray.probes).
+# - Relative imports are resolved against the importing module's package.
+# - Parent packages: importing forgetray.a.b first initialises forgetray and forgetray.a. That implicit step is NOT an
+#   edge, so a package's __init__ importing its own submodules (package -> submodule), while those submodules import
+#   their siblings by full name (forgetray.a.b -> forgetray.a.c), is fine: by the time a submodule runs, its parents
+#   are in sys.modules. What IS an edge to a package is asking its __init__ for something: `import forgetray.a`, or
+#   `from forgetray.a import name` where name is not a submodule. If forgetray.a's __init__ imports the importing
+#   module back, that is a real cycle: the name only exists if the __init__ happened to define it before importing
+#   the submodule, and it is reported.
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue  # lazy imports
+            elif isinstance(node, ast.If):
+                if not is_type_checking(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body)
+            elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+            elif isinstance(node, (ast.With, ast.AsyncWith, ast.For, ast.AsyncFor, ast.While)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+
+    visit(tree.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        is_package = path.name == "__init__.py"
+        for node in module_level_imports(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                if node.level:
+                    package = name if is_package else name.rpartition(".")[0]
+                    for _ in range(node.level - 1):
+                        package = package.rpartition(".")[0]
+                    base = f"{package}.{node.module}" if node.module else package
+                else:
+                    base = node.module or ""
+                submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in files]
+                targets = submodules
+                if len(submodules) < len(node.names):  # some name comes from base's own namespace
+                    targets = [base] + submodules
+            graph[name] |= {t for t in targets if t in files}  # other imports (torch, ...) are not nodes
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [m0, m1, ..., m0], or None (iterative depth-first search, deterministic order)."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = dict.fromkeys(graph, WHITE)
+    for start in sorted(graph):
+        if colour[start] != WHITE:
+            continue
+        stack = [(start, iter(sorted(graph[start])))]
+        path = [start]
+        colour[start] = GREY
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if colour[child] == GREY:
+                    return path[path.index(child):] + [child]
+                if colour[child] == WHITE:
+                    colour[child] = GREY
+                    stack.append((child, iter(sorted(graph[child]))))
+                    path.append(child)
+                    break
+            else:
+                colour[node] = BLACK
+                stack.pop()
+                path.pop()
+    return None
+
+
+def test_import_graph_is_read_correctly():
+    """The graph builder on known facts of the tree, so an empty graph cannot pass the cycle test below."""
+    graph = import_graph()
+    assert "forgetray.metrics.significance" in graph["forgetray.metrics.stage"]
+    assert "forgetray.spec" in graph["forgetray"]  # `from forgetray.spec import ...` in the package __init__
+    assert "forgetray.sweep" not in graph["forgetray"]  # imported inside run(): lazy, not an edge
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# --- 3. the CLI does no work at import time --------------------------------------------------------------------------
+
+
+def test_cli_import_loads_no_training_stack():
+    loaded = loaded_after_import("import forgetray.cli")
+    assert loaded == [], f"`import forgetray.cli` loaded {loaded}"
+
+
+# --- 4. file size ----------------------------------------------------------------------------------------------------
+
+
+def test_no_source_file_over_the_line_limit():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))}
+    assert len(sizes) > 10
+    over = {path: n for path, n in sizes.items() if n > MAX_LINES}
+    assert not over, f"over {MAX_LINES} lines (target ~400): {over}"
