@@ -1,9 +1,9 @@
 # .venv/bin/python bench/bench_sam.py [--steps 2] [--repeats 7] [--batch 16] [--seq 256] [--threads 1]
 """What one SAM optimizer step costs next to a plain one, in forgetray's real DeepSpeed training loop.
 
-Both sides are `forgetray.train.loop.train_epoch` on one engine from `build_engine` (ZeRO stage 0, fp32, one process
+Both sides are `forgetray.train.engine.train_epoch` on one engine from `build_engine` (ZeRO stage 0, fp32, one process
 over gloo, DeepSpeed's CPU accelerator), fed the same list of `batch * steps` examples, so every call is exactly
-`steps` optimizer steps. The two sides differ only in the TrialConfig handed to `train_epoch`: sam_rho = 0 (plain
+`steps` optimizer steps. The two sides differ only in the IFT phase handed to `train_epoch`: sam_rho = 0 (plain
 AdamW: one forward/backward per step) or sam_rho = 0.05 (every step is a `sam_step`: two). Their DeepSpeed configs
 are identical (checked), so one engine serves both and both see the same weights, the same batches and the same
 optimizer. The ideal ratio SAM / plain is 2.0x.
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     from forgetray.methods.sam import perturbation
     from forgetray.spec import TrialConfig
     from forgetray.train.deepspeed_config import deepspeed_config
-    from forgetray.train.loop import build_engine, epoch_order, train_epoch
+    from forgetray.plan import ift_phase
+    from forgetray.train.engine import build_engine, epoch_order, train_epoch
 
     init_single_process_group()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -125,14 +126,15 @@ def main(argv=None) -> int:
     common = dict(batch_size=args.batch, workers=1, zero_stage=0, precision="fp32", lr=1e-3, warmup_ratio=0.0,
                   lr_schedule="constant", max_length=args.seq, epochs=1)
     plain_trial = TrialConfig(sam_rho=0.0, **common)
-    sam_trial = TrialConfig(sam_rho=args.rho, sam_adaptive=False, sam_every=1, **common)
-    ds_config = deepspeed_config(plain_trial)
-    assert ds_config == deepspeed_config(sam_trial), "SAM changes the DeepSpeed config: one engine cannot serve both"
+    plain_phase = ift_phase(plain_trial)
+    sam_phase = ift_phase(TrialConfig(sam_rho=args.rho, sam_adaptive=False, sam_every=1, **common))
+    ds_config = deepspeed_config(plain_phase, 0, "fp32")
+    assert ds_config == deepspeed_config(sam_phase, 0, "fp32"), "SAM changes the DeepSpeed config: one engine cannot serve both"
 
     model = build_model()
     n_params = sum(p.numel() for p in model.parameters())
     total_steps = (args.repeats + 1) * args.steps * 2
-    engine, _ = build_engine(model, plain_trial, ds_config, total_steps=total_steps)
+    engine, _ = build_engine(model, plain_phase, ds_config, total_steps=total_steps)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     data = make_examples(args.batch * args.steps, args.seq, model.config.vocab_size)
 
@@ -141,8 +143,9 @@ def main(argv=None) -> int:
     batch = {k: v.to(device) for k, v in collate([data[i] for i in first], pad_id).items()}
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
-    def run(trial) -> dict:
-        stats = train_epoch(engine, data, trial, epoch=1, rank=0, world=1, pad_id=pad_id, device=device)
+    def run(phase) -> dict:
+        stats = train_epoch(engine, data, phase, epoch=1, seed=plain_trial.seed, rank=0, world=1, pad_id=pad_id,
+                            device=device)
         assert stats["steps"] == args.steps, stats
         return stats
 
@@ -173,8 +176,8 @@ def main(argv=None) -> int:
     print(flush=True)
 
     # Warm-up (not timed): Adam state, allocator, DeepSpeed's first-step set-up, both code paths.
-    run(plain_trial)
-    run(sam_trial)
+    run(plain_phase)
+    run(sam_phase)
     fwd_bwd()
 
     rows = {"plain": [], "sam": [], "fwd_bwd": [], "perturb": [], "extras": []}  # (wall, cpu) per step / per call
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
         order = ("plain", "sam") if r % 2 == 0 else ("sam", "plain")
         got = {}
         for mode in order:
-            wall, cpu, _ = timed(lambda: run(plain_trial if mode == "plain" else sam_trial))
+            wall, cpu, _ = timed(lambda: run(plain_phase if mode == "plain" else sam_phase))
             got[mode] = (wall / args.steps, cpu / args.steps)
             rows[mode].append(got[mode])
         wall, cpu, grads = timed(fwd_bwd)

@@ -20,7 +20,8 @@ from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
 from forgetray.train.deepspeed_config import deepspeed_config
 from forgetray.train.evaluate import ProbeSuite
-from forgetray.train.loop import build_engine
+from forgetray.plan import ift_phase
+from forgetray.train.engine import build_engine
 
 DEVICE = torch.device("cpu")  # the bench measures the CPU code path
 
@@ -64,7 +65,9 @@ def bench_probes(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[list[
     # A fresh model for the probes (training in bench_training changed its copies), and a DeepSpeed engine around
     # a second copy: forgetray's evaluate() probes the engine, so its forward wrapper is part of the real cost.
     model = load_model(resolved["model"], trial.precision).eval()
-    engine, _ = build_engine(load_model(resolved["model"], trial.precision), trial, deepspeed_config(trial),
+    phase = ift_phase(trial)
+    engine, _ = build_engine(load_model(resolved["model"], trial.precision), phase,
+                             deepspeed_config(phase, trial.zero_stage, trial.precision),
                              total_steps=1)
     engine.eval()
 

@@ -13,7 +13,8 @@ from forgetray.data.instruct import collate, tokenize_dataset
 from forgetray.models import load_model, load_tokenizer
 from forgetray.spec import TrialConfig
 from forgetray.train.deepspeed_config import deepspeed_config
-from forgetray.train.loop import build_engine, epoch_order, train_epoch
+from forgetray.plan import ift_phase
+from forgetray.train.engine import build_engine, epoch_order, train_epoch
 
 DEVICE = torch.device("cpu")  # the bench measures the CPU code path
 
@@ -51,7 +52,9 @@ def bench_training(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[lis
     ds_model = load_model(resolved["model"], trial.precision)
     plain_model = load_model(resolved["model"], trial.precision)
     # Schedule length as if the whole bench were one run: warm-up step + every timed epoch.
-    engine, _ = build_engine(ds_model, trial, deepspeed_config(trial), total_steps=1 + rounds * steps)
+    phase = ift_phase(trial)
+    engine, _ = build_engine(ds_model, phase, deepspeed_config(phase, trial.zero_stage, trial.precision),
+                             total_steps=1 + rounds * steps)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=trial.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=trial.weight_decay)
 
@@ -59,7 +62,7 @@ def bench_training(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[lis
     # allocation, DeepSpeed's first-step bookkeeping, allocator growth). From identical weights and an identical
     # batch, the two losses must be equal: a check that both sides really run the same model on the same data.
     warm = data[:trial.batch_size]
-    ds_loss = train_epoch(engine, warm, trial, 0, 0, 1, pad_id, DEVICE)["loss"]
+    ds_loss = train_epoch(engine, warm, phase, 0, trial.seed, 0, 1, pad_id, DEVICE)["loss"]
     plain_loss = plain_epoch(plain_model, plain_opt, warm, trial, 0, pad_id)["loss"]
 
     # Round r trains epoch r + 1 on both sides (so both see the same batch order).
@@ -71,7 +74,7 @@ def bench_training(trial: TrialConfig, resolved: dict, rounds: int) -> tuple[lis
             raise RuntimeError(f"round {r}: the sides trained on different tokens ({tokens}); comparison invalid")
 
     times = interleaved_rounds(rounds, {
-        "forgetray": lambda r: train_epoch(engine, data, trial, r + 1, 0, 1, pad_id, DEVICE),
+        "forgetray": lambda r: train_epoch(engine, data, phase, r + 1, trial.seed, 0, 1, pad_id, DEVICE),
         "plain": lambda r: plain_epoch(plain_model, plain_opt, data, trial, r + 1, pad_id),
     }, after_round=same_tokens)
 

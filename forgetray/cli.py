@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         sweep = load_sweep(args.sweep, args.overrides)
         if args.command == "validate":
-            sweep.validate()
+            from forgetray.resources import resolve_sweep
+
+            resolve_sweep(sweep)
             print(f"ok: sweep {sweep.name!r}, {sweep.size} trial(s); axes: "
                   + (", ".join(f"{k}={list(v)}" for k, v in sweep.axes.items()) or "none"))
             return EXIT_OK

@@ -30,11 +30,7 @@ def resolve_model(name: str) -> dict:
     from forgetray import organism
 
     if organism.is_organism_name(name):
-        try:
-            path = organism.resolve_name(name, "model")
-        except ValueError as exc:
-            raise SpecError(f"setting 'model': {exc}") from None
-        return {"kind": "organism", "name": name, "path": str(path)}
+        return {"kind": "organism", "name": name, "path": str(_organism_path(name, "model", "model"))}
     if _looks_like_path(name) or Path(name).expanduser().is_dir():
         path = Path(name).expanduser().resolve()
         if not path.is_dir():
@@ -54,6 +50,16 @@ def resolve_model(name: str) -> dict:
     return {"kind": "hub", "name": name, "path": name}
 
 
+def _organism_path(name: str, kind: str, setting: str) -> Path:
+    """The built organism's file or folder for `name`; a SpecError naming the setting if unknown or not built."""
+    from forgetray import organism
+
+    try:
+        return organism.resolve_name(name, kind)
+    except ValueError as exc:
+        raise SpecError(f"setting {setting!r}: {exc}") from None
+
+
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -64,11 +70,7 @@ def resolve_dataset(name: str) -> dict:
     from forgetray import organism
 
     if organism.is_organism_name(name):
-        try:
-            path = organism.resolve_name(name, "dataset")
-        except ValueError as exc:
-            raise SpecError(f"setting 'dataset': {exc}") from None
-        return {"kind": "organism", "name": name, "path": str(path)}
+        return {"kind": "organism", "name": name, "path": str(_organism_path(name, "dataset", "dataset"))}
     if _looks_like_path(name):
         path = Path(name).expanduser().resolve()
         if not path.is_file():
@@ -100,10 +102,7 @@ def resolve_benchmark(name: str) -> dict:
         # Hub benchmarks are loaded by the workers (on the cluster); MMLU/ARC are scored by letter, as in PS.
         return {"name": name, "kind": "hub", "path": name, "default_score": "letter", "questions": None}
     if organism.is_organism_name(name):
-        try:
-            path = organism.resolve_name(name, "benchmark")
-        except ValueError as exc:
-            raise SpecError(f"setting 'benchmarks': {exc}") from None
+        path = _organism_path(name, "benchmark", "benchmarks")
         # Tiny models know facts but cannot answer by letter (DESIGN.md): option likelihood is the knowledge score.
         default = "acc"
     else:
@@ -135,10 +134,7 @@ def resolve_passages(name: str, setting: str = "probe_set") -> dict:
             raise SpecError(f"setting {setting!r}: {exc}") from None
         return {"name": name, "kind": "hub", "path": name, "passages": None}
     if organism.is_organism_name(name):
-        try:
-            path = organism.resolve_name(name, setting)  # the setting names the kind: "probe_set" or "restore_pool"
-        except ValueError as exc:
-            raise SpecError(f"setting {setting!r}: {exc}") from None
+        path = _organism_path(name, setting, setting)  # the setting names the kind: "probe_set" or "restore_pool"
     else:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
@@ -171,19 +167,25 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         bench["score"] = trial.primary_score_for(name, bench["default_score"])
         benchmarks[key] = bench
     prior = []
-    for i, stage in enumerate(trial.prior_stages):
+    for i, phase in enumerate(trial.prior_phases):
         try:
-            prior.append(resolve_dataset(dict(stage)["dataset"]))
+            prior.append(resolve_dataset(dict(phase)["dataset"]))
         except SpecError as e:
-            raise SpecError(f"setting 'prior_stages'[{i}]: {e}") from None
+            raise SpecError(f"setting 'prior_phases'[{i}]: {e}") from None
     return {
         "model": resolve_model(trial.model),
-        "prior_datasets": prior,  # one per prior stage, in order
+        "prior_datasets": prior,  # one per prior phase, in order
         "dataset": resolve_dataset(trial.dataset),
         "benchmarks": benchmarks,
         "probe_set": resolve_passages(trial.probe_set, "probe_set"),
         "restore_pool": resolve_passages(trial.restore_pool, "restore_pool") if trial.restore_pool else None,
     }
+
+
+def resolve_sweep(sweep) -> list[dict[str, Any]]:
+    """Resolve (and so check) every trial of a sweep: every model, dataset, benchmark and passage set it names. No
+    compute; the first problem raises SpecError."""
+    return [resolve_trial(trial) for trial in sweep.trials]
 
 
 def clear_cache() -> None:

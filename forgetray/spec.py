@@ -3,7 +3,8 @@
 `TrialConfig` is the single source of truth for every setting's name, type, default and bounds. A `Sweep` is a name plus
 a value or a `grid([...])` for any of those settings; it expands to the cartesian product of its grids, and every point
 is a validated `TrialConfig`. Only plain data lives here: resolving a model or dataset name to files is
-`forgetray.resources`, which `Sweep.validate()` calls before any compute starts.
+`forgetray.resources` (`resolve_sweep`), which runs before any compute starts; the plan of a trial's training is
+`forgetray.plan`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class TrialConfig:
     restore_pool: str = ""  # plain-text pool (name or .jsonl); "" = no restoration
     restore_lr: float = 3e-5
     restore_batch_size: int = 16  # global batch of packed sequences
+    restore_weight_decay: float = 0.0  # restoration's own AdamW and schedule (not the IFT phase's)
+    restore_warmup_ratio: float = 0.03
+    restore_lr_schedule: str = "cosine"
     restore_seq_len: int = 256  # restoring text is packed into sequences of this length
     restore_trajectory_points: int = 10  # probing-PPL measurements along each restoration (Figure 3a)
     restore_group: int = 1  # checkpoints restored one after another by one TorchTrainer; groups run concurrently
@@ -91,13 +95,13 @@ class TrialConfig:
     stage_alpha: float = 0.05
     stage_tau: float = 0.02  # the fixed-threshold variant's drop threshold on accuracy
     ppl_tolerance: float = 0.05  # restored probing PPL must be within this fraction of base's
-    # --- anti-forgetting methods (METHODS.md §5-6) and flatness (§7); they act on the trial's (last) stage ---
+    # --- anti-forgetting methods (METHODS.md §5-6) and flatness (§7); they act on the trial's IFT phase ---
     sam_rho: float = 0.0  # SAM radius; 0 = plain AdamW
     sam_adaptive: bool = False  # ASAM: perturbation scaled by |w|
     sam_every: int = 1  # a SAM step every k-th optimizer step (the others are plain)
-    wiseft_alpha: float = 1.0  # each checkpoint becomes (1-a)*theta_0 + a*theta_1, theta_0 = the stage's start; 1 = off
-    rehearsal_ratio: float = 0.0  # share of the previous stage's data replayed in this stage (needs prior_stages)
-    prior_stages: tuple = ()  # earlier fine-tuning stages, in order: dicts of STAGE_KEYS; unset keys = plain IFT
+    wiseft_alpha: float = 1.0  # each checkpoint becomes (1-a)*theta_0 + a*theta_1, theta_0 = the phase's start; 1 = off
+    rehearsal_ratio: float = 0.0  # share of the previous phase's data replayed in this phase (needs prior_phases)
+    prior_phases: tuple = ()  # fine-tuning phases before IFT, in order: dicts of PHASE_KEYS; unset keys = plain IFT
     flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (METHODS.md §7: 21) around every checkpoint
     flatness_batch: int = 16  # probing-set passages in the fixed held-out batch the surface's loss is taken on
 
@@ -105,8 +109,8 @@ class TrialConfig:
         # Dicts and lists from sweep files / JSON are normalised to hashable tuples first.
         if isinstance(self.primary_score, Mapping):
             object.__setattr__(self, "primary_score", tuple(sorted(self.primary_score.items())))
-        if isinstance(self.prior_stages, (list, tuple)):
-            object.__setattr__(self, "prior_stages", tuple(_stage(i, s) for i, s in enumerate(self.prior_stages)))
+        if isinstance(self.prior_phases, (list, tuple)):
+            object.__setattr__(self, "prior_phases", tuple(_phase(i, p) for i, p in enumerate(self.prior_phases)))
         for name in ("benchmarks", "primary_score"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -128,20 +132,12 @@ class TrialConfig:
     def primary_score_for(self, benchmark: str, default: str) -> str:
         return dict(self.primary_score).get(benchmark, default)
 
-    def stages(self) -> list[dict]:
-        """Every fine-tuning stage in order, as plain dicts of STAGE_KEYS: the prior stages (unset keys: plain
-        IFT at the trial's lr), then the trial's own stage (its dataset, epochs, lr and method settings)."""
-        plain = {"lr": self.lr, "sam_rho": 0.0, "sam_adaptive": False, "sam_every": 1, "wiseft_alpha": 1.0,
-                 "rehearsal_ratio": 0.0}
-        last = {k: getattr(self, k) for k in STAGE_KEYS}
-        return [{**plain, **dict(stage)} for stage in self.prior_stages] + [last]
-
     def to_dict(self) -> dict:
         """Plain JSON-able dict: what crosses process boundaries (Ray) and what `from_dict` reads back."""
         out = dataclasses.asdict(self)
         out["benchmarks"] = list(self.benchmarks)
         out["primary_score"] = dict(self.primary_score)
-        out["prior_stages"] = [dict(stage) for stage in self.prior_stages]
+        out["prior_phases"] = [dict(phase) for phase in self.prior_phases]
         return out
 
     @classmethod
@@ -166,30 +162,35 @@ class TrialConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
-# What a stage sets; the types and bounds are TrialConfig's own (a stage is checked as a trial with those values).
-STAGE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
+# What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
+# those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
+PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
 
 
-def _stage(index: int, stage: Any) -> tuple:
-    """A prior stage as a sorted tuple of (key, value) pairs (hashable, so trials hash and compare)."""
-    where = f"setting 'prior_stages'[{index}]"
-    if isinstance(stage, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in stage):
-        stage = dict(stage)
-    if not isinstance(stage, Mapping):
-        raise SpecError(f"{where} must be a dict of {', '.join(STAGE_KEYS)}, got {stage!r}")
-    unknown = sorted(set(stage) - set(STAGE_KEYS))
+def _phase(index: int, phase: Any) -> tuple:
+    """A prior phase as a sorted tuple of (key, value) pairs (hashable, so trials hash and compare)."""
+    where = f"setting 'prior_phases'[{index}]"
+    if isinstance(phase, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in phase):
+        phase = dict(phase)
+    if not isinstance(phase, Mapping):
+        raise SpecError(f"{where} must be a dict of {', '.join(PHASE_KEYS)}, got {phase!r}")
+    unknown = sorted(set(phase) - set(PHASE_KEYS))
     if unknown:
-        raise SpecError(f"{where}: unknown key {unknown[0]!r} (a stage sets {', '.join(STAGE_KEYS)})")
+        raise SpecError(f"{where}: unknown key {unknown[0]!r} (a phase sets {', '.join(PHASE_KEYS)})")
     for key in ("dataset", "epochs"):
-        if key not in stage:
+        if key not in phase:
             raise SpecError(f"{where} must set {key!r}")
-    if index == 0 and stage.get("rehearsal_ratio", 0):
-        raise SpecError(f"{where}: rehearsal_ratio needs an earlier stage to replay (the first stage has none)")
+    if index == 0 and phase.get("rehearsal_ratio", 0):
+        raise SpecError(f"{where}: rehearsal_ratio needs an earlier phase to replay (the first phase has none)")
     try:
-        checked = TrialConfig(**{k: v for k, v in stage.items()})
+        # A phase is checked as a trial with its values; its rehearsal replays the phase before it, which a lone
+        # trial would not have, so the ratio is checked as if that phase existed.
+        ratio = phase.get("rehearsal_ratio", 0.0)
+        checked = TrialConfig(**{k: v for k, v in phase.items() if k != "rehearsal_ratio"},
+                              rehearsal_ratio=ratio, prior_phases=[{"dataset": "-", "epochs": 1}] if ratio else ())
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
-    return tuple(sorted((k, getattr(checked, k)) for k in stage))
+    return tuple(sorted((k, getattr(checked, k)) for k in phase))
 _HINTS = typing.get_type_hints(TrialConfig)
 
 
@@ -246,6 +247,9 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.em_examples >= 0, "em_examples", "must be >= 0 (0 = all)")
     need(cfg.restore_lr > 0, "restore_lr", "must be > 0")
     need(cfg.restore_batch_size >= 1, "restore_batch_size", "must be >= 1")
+    need(0 <= cfg.restore_weight_decay, "restore_weight_decay", "must be >= 0")
+    need(0 <= cfg.restore_warmup_ratio < 1, "restore_warmup_ratio", "must be in [0, 1)")
+    need(cfg.restore_lr_schedule in LR_SCHEDULES, "restore_lr_schedule", f"must be one of {LR_SCHEDULES}")
     need(cfg.restore_seq_len >= 8, "restore_seq_len", "must be >= 8")
     need(cfg.restore_trajectory_points >= 1, "restore_trajectory_points", "must be >= 1")
     need(cfg.restore_group >= 1, "restore_group", "must be >= 1")
@@ -255,16 +259,16 @@ def _check_values(cfg: TrialConfig) -> None:
     need(0 <= cfg.ppl_tolerance, "ppl_tolerance", "must be >= 0")
     need(0 <= cfg.sam_rho, "sam_rho", "must be >= 0 (0 = off)")
     need(cfg.sam_every >= 1, "sam_every", "must be >= 1")
-    uses_sam = cfg.sam_rho > 0 or any(dict(stage).get("sam_rho", 0) > 0 for stage in cfg.prior_stages)
+    uses_sam = cfg.sam_rho > 0 or any(dict(phase).get("sam_rho", 0) > 0 for phase in cfg.prior_phases)
     need(cfg.zero_stage <= 2 or not uses_sam, "zero_stage",
          "must be <= 2 with SAM (sam_rho > 0): ZeRO-3 partitions the weights SAM perturbs")
     need(0 <= cfg.wiseft_alpha <= 1, "wiseft_alpha", "must be in [0, 1] (1 = off)")
     # These read or rewrite full weights on a rank, which ZeRO-3 never holds.
-    need(cfg.zero_stage <= 2 or (cfg.wiseft_alpha == 1 and not cfg.prior_stages and cfg.flatness_grid == 0),
-         "zero_stage", "must be <= 2 with wiseft_alpha < 1, prior_stages or flatness_grid (they need full weights)")
+    need(cfg.zero_stage <= 2 or (cfg.wiseft_alpha == 1 and not cfg.prior_phases and cfg.flatness_grid == 0),
+         "zero_stage", "must be <= 2 with wiseft_alpha < 1, prior_phases or flatness_grid (they need full weights)")
     need(0 <= cfg.rehearsal_ratio <= 1, "rehearsal_ratio", "must be in [0, 1] (0 = off)")
-    need(cfg.rehearsal_ratio == 0 or len(cfg.prior_stages) > 0, "rehearsal_ratio",
-         "needs prior_stages (rehearsal replays an earlier stage's data)")
+    need(cfg.rehearsal_ratio == 0 or len(cfg.prior_phases) > 0, "rehearsal_ratio",
+         "needs prior_phases (rehearsal replays an earlier phase's data)")
     need(cfg.flatness_grid == 0 or (cfg.flatness_grid >= 3 and cfg.flatness_grid % 2 == 1), "flatness_grid",
          "must be 0 (off) or an odd number >= 3 (the grid is centred on the checkpoint)")
     need(cfg.flatness_batch >= 1, "flatness_batch", "must be >= 1")
@@ -274,7 +278,8 @@ def _check_values(cfg: TrialConfig) -> None:
              f"must be a multiple of micro_batch_size x workers = {per_step}")
     else:
         need(cfg.batch_size % cfg.workers == 0, "batch_size", f"must be a multiple of workers = {cfg.workers}")
-    need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size", f"must be a multiple of workers = {cfg.workers}")
+    need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size",
+         f"must be a multiple of workers = {cfg.workers}")
 
 
 @dataclass(frozen=True, init=False)
@@ -315,13 +320,6 @@ class Sweep:
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Sweep":
         """A copy with some settings replaced (the CLI's `--set key=value`)."""
         return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, **{**self.settings, **overrides})
-
-    def validate(self) -> None:
-        """Check every model, dataset, benchmark and probing set resolves (files exist and parse). No compute."""
-        from forgetray.resources import resolve_trial  # local import: resolving touches the filesystem
-
-        for trial in self.trials:
-            resolve_trial(trial)
 
     def to_dict(self) -> dict:
         return {

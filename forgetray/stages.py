@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_fixed, transition_epoch
+from forgetray.plan import checkpoint_name, restore_phase
+from forgetray.tracking import TAG_STAGE_BENCHMARK, TAG_TRANSITION, stage_tag
 
 CORRECT_COLUMN = {"letter": "letter_correct", "acc": "acc_correct", "acc_norm": "acc_norm_correct"}
 
@@ -24,16 +27,17 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
     column = CORRECT_COLUMN[info["score"]]
     base_dir = Path(dirs["base_eval_dir"])
     base = pd.read_parquet(base_dir / f"{bench}.parquet").set_index("index")[column]
-    base_ppl = json.loads((base_dir / "summary.json").read_text())["probe/ppl"]
+    base_ppl = json.loads((base_dir / "summary.json").read_text())[registry.PROBE_PPL.name(state="base")]
 
     rows, per_question = [], []
     for checkpoint in checkpoints:
         epoch = int(checkpoint.name.split("_")[1])
-        restored_dir = restored_checkpoint(Path(dirs["trial_dir"]), epoch)
+        restored_name = checkpoint_name(restore_phase(trial, epoch), epoch)
+        restored_dir = restored_checkpoint(Path(dirs["trial_dir"]), restored_name)
         sft = pd.read_parquet(checkpoint / "probes" / f"{bench}.parquet").set_index("index")[column]
         restored = pd.read_parquet(restored_dir / "probes" / f"{bench}.parquet").set_index("index")[column]
-        sft_ppl = _state_metric(checkpoint, "sft/probe/ppl")
-        restored_ppl = _state_metric(restored_dir, "restored/probe/ppl")
+        sft_ppl = _state_metric(checkpoint, registry.PROBE_PPL.name(state="sft"))
+        restored_ppl = _state_metric(restored_dir, registry.PROBE_PPL.name(state="restored"))
         b, s, r = (x.to_numpy(dtype=bool) for x in (base, sft.loc[base.index], restored.loc[base.index]))
         tested = classify_checkpoint(b, s, r, base_ppl, restored_ppl, test=trial.stage_test, alpha=trial.stage_alpha,
                                      ppl_tolerance=trial.ppl_tolerance)
@@ -50,13 +54,11 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
     return table
 
 
-def restored_checkpoint(trial_dir: Path, epoch: int) -> Path:
-    """Where R_e's checkpoint is: inside whichever restoring group's Ray Train run restored epoch e."""
-    from forgetray.train.restore import restored_checkpoint_name
-
-    found = sorted(trial_dir.glob(f"restore_*/{restored_checkpoint_name(epoch)}"))
+def restored_checkpoint(trial_dir: Path, name: str) -> Path:
+    """Where R_e's checkpoint `name` is: inside whichever restoring group's Ray Train run restored it."""
+    found = sorted(trial_dir.glob(f"restore_*/{name}"))
     if not found:
-        raise FileNotFoundError(f"no restored checkpoint for epoch {epoch} under {trial_dir}")
+        raise FileNotFoundError(f"no restored checkpoint {name} under {trial_dir}")
     return found[-1]
 
 
@@ -66,15 +68,16 @@ def _state_metric(checkpoint_dir: Path, name: str) -> float:
 
 def _log(tracker, run_id: str, bench: str, table: pd.DataFrame, per_question: pd.DataFrame | None) -> None:
     for row in table.itertuples():
-        values = {"stage/code": STAGE_CODES[row.stage], "stage/fixed_code": STAGE_CODES[row.stage_fixed],
-                  "stage/d_sft": row.d_sft, "stage/d_restored": row.d_restored}
+        values = {registry.STAGE_CODE.name(): STAGE_CODES[row.stage],
+                  registry.STAGE_FIXED_CODE.name(): STAGE_CODES[row.stage_fixed],
+                  registry.STAGE_D_SFT.name(): row.d_sft, registry.STAGE_D_RESTORED.name(): row.d_restored}
         if row.p_sft is not None and row.p_restored is not None:
-            values.update({"stage/p_sft": row.p_sft, "stage/p_restored": row.p_restored})
+            values.update({registry.STAGE_P_SFT.name(): row.p_sft, registry.STAGE_P_RESTORED.name(): row.p_restored})
         tracker.log_metrics(run_id, values, step=int(row.epoch))
-        tracker.set_tag(run_id, f"forgetray.stage.epoch_{int(row.epoch):03d}", row.stage)
+        tracker.set_tag(run_id, stage_tag(int(row.epoch)), row.stage)
     transition = transition_epoch(dict(zip(table["epoch"], table["stage"]))) if len(table) else None
-    tracker.set_tag(run_id, "forgetray.transition_epoch", "none" if transition is None else transition)
-    tracker.set_tag(run_id, "forgetray.stage_benchmark", bench)
+    tracker.set_tag(run_id, TAG_TRANSITION, "none" if transition is None else transition)
+    tracker.set_tag(run_id, TAG_STAGE_BENCHMARK, bench)
     tracker.log_table(run_id, table, "stages/stages.csv")
     if per_question is not None:
         tracker.log_table(run_id, per_question, f"stages/per_question_{bench}.parquet")

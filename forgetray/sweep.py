@@ -88,6 +88,7 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
     import ray
     from ray import tune
 
+    from forgetray.callbacks import make_progress
     from forgetray.trial import run_trial
 
     if not ray.is_initialized():
@@ -114,7 +115,8 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(execution_dir), verbose=0,
-                callbacks=[_Progress(sweep, verbose)],
+                callbacks=[make_progress([t.short_name() for t in sweep.trials], [t.epochs for t in sweep.trials],
+                                         [benchmark_key(t.benchmarks[0]) for t in sweep.trials], verbose)],
                 failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
             ),
         )
@@ -139,55 +141,3 @@ def _concurrency(sweep: Sweep) -> int:
 def _say(verbose: bool, text: str) -> None:
     if verbose:
         print(text, file=sys.stderr if text.startswith("[forgetray] trial failed") else sys.stdout, flush=True)
-
-
-def _make_progress_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class _Progress(_make_progress_base()):  # type: ignore[misc]
-    """One line per epoch and per finished trial: trials done / total and what each trial is doing."""
-
-    def __init__(self, sweep: Sweep, verbose: bool):
-        self.total = sweep.size
-        self.names = [t.short_name() for t in sweep.trials]
-        self.epochs = [t.epochs for t in sweep.trials]
-        self.knowledge = [f"{benchmark_key(t.benchmarks[0])}/knowledge" for t in sweep.trials]
-        self.done = 0
-        self.verbose = verbose
-        self.start = time.time()
-
-    def _prefix(self) -> str:
-        return f"[{self.done}/{self.total} trials done, {time.time() - self.start:5.0f}s]"
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        i = trial.config["trial_index"]
-        kind, epoch, k = result.get("kind"), int(result.get("epoch", -1)), self.knowledge[i]
-        nan = float("nan")
-        if kind == "base":
-            line = f"base model evaluated: knowledge {result.get('base/' + k, nan):.3f}, " \
-                   f"probe ppl {result.get('base/probe/ppl', nan):.2f}"
-        elif kind == "epoch":
-            line = (f"epoch {epoch}/{self.epochs[i]}: loss {result.get('train/loss', nan):.3f}, "
-                    f"knowledge {result.get('sft/' + k, nan):.3f}, probe ppl {result.get('sft/probe/ppl', nan):.2f}, "
-                    f"{result.get('train/tokens_per_s', 0):.0f} tok/s")
-        elif kind == "restored":
-            line = (f"epoch {epoch} restored: knowledge {result.get('restored/' + k, nan):.3f}, "
-                    f"probe ppl {result.get('restored/probe/ppl', nan):.2f}")
-        else:  # fine-grained steps and restoring trajectories: MLflow has them; the console stays short
-            return
-        _say(self.verbose, f"{self._prefix()} {self.names[i]}: {line}")
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: starting "
-                           "(Ray Train workers, DeepSpeed engine, base-model probes)")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: finished")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        _say(self.verbose, f"{self._prefix()} {self.names[trial.config['trial_index']]}: FAILED (see the log above)")

@@ -1,4 +1,5 @@
-"""Everything forgetray writes to or reads from MLflow. No other module imports mlflow.
+"""Everything forgetray writes to or reads from MLflow. No other module imports mlflow (the Ray callback that
+logs workers' reports as they arrive is `forgetray.callbacks`, which writes through this module).
 
 Layout: one experiment per sweep name; one parent run per sweep execution; one nested run per trial whose params are
 the flattened resolved config (trial settings, resolved sources, DeepSpeed and optimizer config) and whose metrics
@@ -18,12 +19,21 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from forgetray.metrics import registry
+
 TAG_KIND = "forgetray.kind"  # "sweep" | "trial"
 TAG_SWEEP = "forgetray.sweep"
 TAG_CONFIG_HASH = "forgetray.config_hash"
 TAG_TRIAL = "forgetray.trial"
 TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI nests by
 TAG_RUN_NAME = "mlflow.runName"
+TAG_TRANSITION = "forgetray.transition_epoch"  # first epoch classified actual forgetting, or "none"
+TAG_STAGE_BENCHMARK = "forgetray.stage_benchmark"
+
+
+def stage_tag(epoch: int) -> str:
+    """The tag holding checkpoint `epoch`'s forgetting stage (its name)."""
+    return f"forgetray.stage.epoch_{epoch:03d}"
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -147,17 +157,18 @@ class Tracker:
         """One row per (trial, checkpoint): the trial's varying settings and every metric at that step."""
         rows = []
         for run in self.trial_runs(parent_run_id):
-            # Per-step series (fine-grained probes, restoring trajectories) are not checkpoints.
-            names = [n for n in run.data.metrics if not n.startswith(("steps/", "restore/"))]
+            # Only metrics logged per epoch are checkpoints' (not fine-grained steps or restoring trajectories).
+            names = [n for n in run.data.metrics if _per_epoch(n)]
             history = self.metric_history(run.info.run_id, names)
             steps = sorted({step for values in history.values() for step in values})
-            base = {name: values[0] for name, values in history.items() if name.startswith("base/") and 0 in values}
+            base = {name: values[0] for name, values in history.items()
+                    if registry.parse(name)[1].get("state") == "base" and 0 in values}
             for step in steps:
                 if step == 0:
                     continue
                 row = {"trial": run.data.tags.get(TAG_TRIAL, run.info.run_name), "run_id": run.info.run_id,
                        "status": run.info.status, "epoch": step, **base,
-                       "stage": run.data.tags.get(f"forgetray.stage.epoch_{step:03d}")}
+                       "stage": run.data.tags.get(stage_tag(step))}
                 row.update({name: values[step] for name, values in history.items() if step in values})
                 for key, value in run.data.params.items():
                     if key.startswith("trial."):
@@ -168,68 +179,14 @@ class Tracker:
         return pd.DataFrame(rows).sort_values(["trial", "epoch"], ignore_index=True)
 
 
+def _per_epoch(name: str) -> bool:
+    found = registry.parse(name)
+    return found is not None and found[0].step == "epoch"
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5990] + "...(cut)"
 
 
 # --- the Ray Train side: log each report as it arrives ---
-
-def metric_step(name: str, report: dict) -> int:
-    """The MLflow step a reported metric belongs at: `steps/*` at the IFT optimizer step, `restore/*` (the
-    trajectory along a restoration) at the restoring step, everything else at the epoch (0 = base)."""
-    if name.startswith("steps/"):
-        return int(report["global_step"])
-    if name.startswith("restore/"):
-        return int(report["restore_step"])
-    return int(report["epoch"])
-
-
-REPORT_KEYS = ("kind", "epoch", "global_step", "restore_step")
-
-
-def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
-    """A Ray Train `UserCallback` (runs in the Train controller) that logs every report to the trial's run as it
-    arrives: metrics at their step (`metric_step`), and per-question probe results as Parquet artifacts.
-
-    `artifact_dirs` maps a report kind to (local dir or None for the checkpoint's probes/, artifact path with
-    `{epoch:03d}`). Steps a re-attached run already has are not logged twice."""
-    from ray.train import UserCallback
-
-    class MlflowReportLogger(UserCallback):
-        def __init__(self):
-            self._tracker = None
-            self._seen: dict[str, set[int]] = {}
-
-        def _logged(self, name: str) -> set[int]:
-            if name not in self._seen:
-                self._seen[name] = {m.step for m in self._tracker.client.get_metric_history(run_id, name)}
-            return self._seen[name]
-
-        def after_report(self, run_context, metrics, checkpoint):
-            report = metrics[0]  # rank 0 holds the gathered probe results
-            if self._tracker is None:
-                self._tracker = Tracker(tracking_uri)
-            by_step: dict[int, dict] = {}
-            for name, value in report.items():
-                if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                step = metric_step(name, report)
-                if step not in self._logged(name):
-                    by_step.setdefault(step, {})[name] = value
-            for step, values in by_step.items():
-                self._tracker.log_metrics(run_id, values, step)
-                for name in values:
-                    self._seen[name].add(step)
-            local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))
-            if artifact_path is None:
-                return
-            artifact_path = artifact_path.format(epoch=int(report["epoch"]))
-            if local is not None and Path(local).is_dir():
-                self._tracker.log_artifacts(run_id, Path(local), artifact_path)
-            elif checkpoint is not None:
-                with checkpoint.as_directory() as ckpt:
-                    if (Path(ckpt) / "probes").is_dir():
-                        self._tracker.log_artifacts(run_id, Path(ckpt) / "probes", artifact_path)
-
-    return MlflowReportLogger()

@@ -24,7 +24,7 @@ def cf_sweep(name: str, **rows) -> Sweep:
         name,
         model=grid(["TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf",
                     "meta-llama/Llama-2-13b-hf"]),
-        prior_stages=[{"dataset": ALPACA, "epochs": 3}],
+        prior_phases=[{"dataset": ALPACA, "epochs": 3}],
         dataset=grid(["anon8231489123/ShareGPT_Vicuna_unfiltered", "garage-bAInd/Open-Platypus",
                       "meta-math/MetaMathQA"]),
         lr=2e-5,

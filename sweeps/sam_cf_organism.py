@@ -14,7 +14,7 @@ from forgetray import Sweep, grid
 sweep = Sweep(
     "sam-cf-organism",
     model="organism-tiny",
-    prior_stages=[{"dataset": "organism-alpaca", "epochs": 1}],
+    prior_phases=[{"dataset": "organism-alpaca", "epochs": 1}],
     dataset="organism-math",
     epochs=3,
     lr=5e-3,  # as the quickstart: at lower rates fine-tuning barely moves organism-tiny

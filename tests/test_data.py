@@ -10,6 +10,7 @@ from fixtures import make_alpaca_file, make_tokenizer
 from forgetray.data.instruct import (ALPACA_PROMPT, IGNORE_INDEX, alpaca_prompt, check_instruction_file, collate,
                                      tokenize_dataset, tokenize_example)
 from forgetray.spec import TrialConfig
+from forgetray.plan import ift_phase
 from forgetray.train.deepspeed_config import deepspeed_config
 from forgetray.train.schedule import lr_factor, warmup_steps
 
@@ -94,7 +95,7 @@ def test_lr_schedule_by_hand():
 
 
 def test_deepspeed_config_follows_the_trial():
-    cfg = deepspeed_config(TrialConfig(batch_size=32, workers=2, micro_batch_size=4, zero_stage=3))
+    cfg = deepspeed_config(ift_phase(TrialConfig(batch_size=32, workers=2, micro_batch_size=4)), 3, "fp32")
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (32, 4, 4)
     assert cfg["zero_optimization"]["stage"] == 3 and not cfg["bf16"]["enabled"]
 

@@ -1,8 +1,13 @@
 """SAM (METHODS.md §5): the perturbation maths on tiny tensors, and one SAM optimizer step of the real DeepSpeed
-engine with 1 and with 2 ranks (gloo, CPU) against a reference SAM update written here with plain autograd."""
+engine with 1 and with 2 ranks (gloo, CPU) against a reference SAM update written here with plain autograd.
+
+AdamW's first step is about lr * sign(g): it hides an error in the gradient's scale. So under ZeRO-0 the test also
+records the gradient the engine hands its optimizer (clipping off) and compares it with the reference gradient at
+w + e, where a wrong scale of g, e or rho shows in full."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -14,6 +19,7 @@ import pytest
 import torch
 
 from forgetray.methods.sam import perturbation
+from forgetray.plan import ift_phase
 from forgetray.spec import SpecError, TrialConfig
 
 
@@ -83,32 +89,56 @@ def _trial(workers: int, zero_stage: int, adaptive: bool) -> TrialConfig:
                        warmup_ratio=0.0, lr_schedule="constant", sam_rho=RHO, sam_adaptive=adaptive, epochs=1)
 
 
+def _phase(trial: TrialConfig, clip: bool):
+    """The trial's IFT phase; without `clip`, gradient clipping is out of reach (so a gradient's scale shows)."""
+    phase = ift_phase(trial)
+    return phase if clip else dataclasses.replace(phase, optimizer=dataclasses.replace(phase.optimizer, grad_clip=1e6))
+
+
 def _engine_worker(rank: int, world: int, port: int, zero_stage: int, adaptive: bool, out: str) -> None:
-    """One rank: the real DeepSpeed engine (forgetray's build_engine) and train_epoch over one global batch."""
+    """One rank: the real DeepSpeed engine (forgetray's build_engine) and train_epoch over one global batch. Under
+    ZeRO-0 (clipping off) it also records the gradients the optimizer steps with."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
     from forgetray.train.deepspeed_config import deepspeed_config
-    from forgetray.train.loop import build_engine, train_epoch
+    from forgetray.train.engine import build_engine, train_epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     trial = _trial(world, zero_stage, adaptive)
-    engine, _ = build_engine(_model(0), trial, deepspeed_config(trial), total_steps=1)
-    train_epoch(engine, _examples(), trial, epoch=1, rank=rank, world=world, pad_id=0, device=torch.device("cpu"))
+    phase = _phase(trial, clip=zero_stage != 0)
+    model = _model(0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen: dict[str, torch.Tensor] = {}
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # ZeRO-0 in fp32 steps the client optimizer on the module's own parameters
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) in names:
+                    seen[names[id(p)]] = p.grad.detach().clone()
+        return step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    engine, _ = build_engine(model, phase, deepspeed_config(phase, zero_stage, "fp32"), total_steps=1)
+    train_epoch(engine, _examples(), phase, epoch=1, seed=trial.seed, rank=rank, world=world, pad_id=0,
+                device=torch.device("cpu"))
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, out)
+        torch.save({"weights": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+                    "grads": seen}, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _reference(adaptive: bool, rho: float = RHO) -> dict:
+def _reference(adaptive: bool, rho: float = RHO, clip: bool = True) -> tuple[dict, dict]:
     """SAM by hand: the same global batch, split into the same micro-batches, each micro-batch's loss the mean over
-    its response tokens, the batch gradient their mean; e from the global norm; clipping at 1.0 and AdamW as the
-    engine is configured (DeepSpeed: clip coefficient 1 / (norm + 1e-6))."""
+    its response tokens, the batch gradient their mean; e from the global norm; clipping at 1.0 (DeepSpeed: clip
+    coefficient 1 / (norm + 1e-6)) or none, and AdamW as the engine is configured. -> (weights after the step, the
+    gradient at w + e by parameter name)."""
     from forgetray.data.instruct import collate
-    from forgetray.train.loop import epoch_order
+    from forgetray.train.engine import epoch_order
 
     model = _model(0)
     params = [p for p in model.parameters()]
@@ -141,13 +171,14 @@ def _reference(adaptive: bool, rho: float = RHO) -> dict:
     with torch.no_grad():
         for p, wi in zip(params, w):
             p.copy_(wi)
-    clip = torch.sqrt(sum((gi ** 2).sum() for gi in g_sam))
-    coef = min(1.0, 1.0 / (float(clip) + 1e-6))
+    norm_sam = torch.sqrt(sum((gi ** 2).sum() for gi in g_sam))
+    coef = min(1.0, 1.0 / (float(norm_sam) + 1e-6)) if clip else 1.0
     for p, gi in zip(params, g_sam):
         p.grad = gi * coef
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     optimizer.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {name: gi.clone() for (name, _), gi in zip(model.named_parameters(), g_sam)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, grads
 
 
 def _free_port() -> int:
@@ -176,16 +207,25 @@ def _run_engine(tmp_path: Path, world: int, zero_stage: int, adaptive: bool) -> 
 ATOL = 1e-3 * LR
 
 
-@pytest.mark.parametrize("zero_stage,adaptive", [(0, False), (2, True)])
+@pytest.mark.parametrize("zero_stage,adaptive", [(0, False), (0, True), (2, True)])
 def test_sam_step_one_and_two_workers_match_reference(tmp_path, zero_stage, adaptive):
-    expected = _reference(adaptive)
-    plain = _reference(adaptive, rho=0.0)
+    clip = zero_stage != 0
+    expected, expected_grads = _reference(adaptive, clip=clip)
+    plain, plain_grads = _reference(adaptive, rho=0.0, clip=clip)
     assert max(float((expected[k] - plain[k]).abs().max()) for k in expected) > 100 * ATOL  # SAM changes the step
     start = {k: v.detach().clone() for k, v in _model(0).state_dict().items()}
     for world in (1, 2):
         got = _run_engine(tmp_path, world, zero_stage, adaptive)
-        assert got.keys() == expected.keys()
+        assert got["weights"].keys() == expected.keys()
         for key in expected:
-            assert not torch.equal(got[key], start[key]), f"{key} did not move"
-            assert torch.allclose(got[key], expected[key], rtol=0, atol=ATOL), \
-                (world, key, float((got[key] - expected[key]).abs().max()))
+            assert not torch.equal(got["weights"][key], start[key]), f"{key} did not move"
+            assert torch.allclose(got["weights"][key], expected[key], rtol=0, atol=ATOL), \
+                (world, key, float((got["weights"][key] - expected[key]).abs().max()))
+        if zero_stage == 0:
+            # The gradient the optimizer stepped with is the one at w + e, at its true scale (2x off would fail).
+            assert got["grads"].keys() == expected_grads.keys()
+            for key, want in expected_grads.items():
+                assert torch.allclose(got["grads"][key], want, rtol=1e-4, atol=1e-7), \
+                    (world, key, float((got["grads"][key] - want).abs().max()))
+                # and it is not the plain gradient at w: SAM's perturbation moved it
+            assert max(float((expected_grads[k] - plain_grads[k]).abs().max()) for k in expected_grads) > 1e-3

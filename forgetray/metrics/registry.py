@@ -21,7 +21,7 @@ from typing import Mapping
 # What `step` means, per metric, and the report field that carries it (tracking logs each metric at that field).
 STEPS = {
     "epoch": ("epoch", "IFT epoch e (0 = the base model)"),
-    "optimizer step": ("global_step", "IFT optimizer step (0 = base; fine-grained points inside epoch 1, then every epoch end)"),
+    "optimizer step": ("global_step", "IFT optimizer step (0 = base; points inside epoch 1, then every epoch end)"),
     "restoring step": ("restore_step", "optimizer step of the restoration (0 = before it)"),
     "phase epoch": ("phase_epoch", "epoch of that prior fine-tuning phase"),
 }
@@ -55,7 +55,8 @@ class Metric:
         values = {k: (f"{v:03d}" if k == "epoch" else str(v)) for k, v in fields.items()}
         name = self.pattern.format(**values)
         if not self.regex.fullmatch(name):
-            raise ValueError(f"{name!r} does not fit metric pattern {self.pattern!r} (unknown state, or a field holding "/")")
+            raise ValueError(f"{name!r} does not fit metric pattern {self.pattern!r} "
+                             "(an unknown state, or a field holding '/')")
         return name
 
     @property

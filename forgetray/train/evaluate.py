@@ -1,8 +1,8 @@
 """Probe a model (plain or DeepSpeed engine) on a trial's benchmarks and probing set, sharded over the workers.
 
 Every rank scores its shard (the same number of forward calls on every rank, which ZeRO-3 requires); per-question
-frames are gathered to rank 0 and the perplexity sums are all-reduced. Metric names here carry no model state;
-the caller prefixes "base/" or "sft/".
+frames are gathered to rank 0 and the perplexity sums are all-reduced. Metrics are named by the registry
+(`forgetray.metrics.registry`) for the model state probed: `base`, `sft` or `restored`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from forgetray import probes
 from forgetray.data.passages import load_passage_set
 from forgetray.data.instruct import collate
 from forgetray.data.questions import load_mc_jsonl
-from forgetray.metrics import em_ratio, exact_memorization, perplexity
+from forgetray.metrics import em_ratio, exact_memorization, perplexity, registry
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,9 @@ def memorization(model, examples: list, pad_id: int, batch_size: int, device) ->
     return em_ratio(int(counts[0]), int(counts[1]))
 
 
-def evaluate(model, tokenizer, suite: ProbeSuite, device, ift_examples: list | None = None,
+def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_examples: list | None = None,
              knowledge_only: bool = False) -> tuple[dict, dict]:
-    """-> (metrics, per-question frames by benchmark). Both are complete on rank 0 only.
+    """-> (metrics of model state `state`, per-question frames by benchmark). Both are complete on rank 0 only.
 
     `ift_examples` adds exact memorization on them (`ift/em`); `knowledge_only` skips perplexity and EM (the cheap
     probe used at fine-grained steps inside epoch 1)."""
@@ -99,15 +99,16 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, ift_examples: list | N
                 frames[name] = local
                 summary = probes.summarize_knowledge(local)
                 for key, value in summary.items():
-                    metrics[f"{name}/{key}"] = float(value)
+                    metrics[registry.BENCH_METRICS[key].name(state=state, bench=name)] = float(value)
                 # The primary knowledge score under one name, so stage analysis needs no per-benchmark logic.
-                metrics[f"{name}/knowledge"] = float(summary[{"letter": "letter_acc"}.get(bench["score"], bench["score"])])
+                primary = {"letter": "letter_acc"}.get(bench["score"], bench["score"])
+                metrics[registry.KNOWLEDGE.name(state=state, bench=name)] = float(summary[primary])
         if knowledge_only:
             model.train(was_training)
             return metrics, frames
         if ift_examples:
             pad_id = probes.padding_id(tokenizer)
-            metrics["ift/em"] = memorization(model, ift_examples, pad_id, suite.batch_size, device)
+            metrics[registry.EM.name(state=state)] = memorization(model, ift_examples, pad_id, suite.batch_size, device)
         nll, n_tokens = probes.probe_perplexity(
             model, tokenizer, suite.passages, batch_size=suite.batch_size, max_length=suite.max_length,
             device=device, shard=(rank, world),
@@ -116,7 +117,17 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, ift_examples: list | N
             sums = torch.tensor([nll, float(n_tokens)], dtype=torch.float64)
             dist.all_reduce(sums)
             nll, n_tokens = float(sums[0]), int(sums[1])
-        metrics["probe/ppl"] = float(perplexity(nll, n_tokens))
-        metrics["probe/tokens"] = float(n_tokens)
+        metrics[registry.PROBE_PPL.name(state=state)] = float(perplexity(nll, n_tokens))
+        metrics[registry.PROBE_TOKENS.name(state=state)] = float(n_tokens)
     model.train(was_training)
     return metrics, frames
+
+
+def format_metrics(metrics: dict) -> dict:
+    """The probes Figure 4 follows along the IFT steps (`steps/<bench>/<key>`), taken from one state's metrics."""
+    out = {}
+    for name, value in metrics.items():
+        found = registry.parse(name)
+        if found and found[0].pattern.startswith("{state}/{bench}/") and name.rsplit("/", 1)[1] in registry.FORMAT_KEYS:
+            out[registry.STEPS_FORMAT.name(bench=found[1]["bench"], key=name.rsplit("/", 1)[1])] = value
+    return out

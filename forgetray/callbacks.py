@@ -1,0 +1,121 @@
+"""The Ray callbacks: how what the workers report reaches MLflow and the console.
+
+- `make_report_logger`: a Ray Train `UserCallback` (it runs in the Train controller) that logs every report of a
+  trial's workers to its MLflow run as it arrives, each metric at the step the registry declares;
+- `make_progress`: a Ray Tune `Callback` that prints one line per epoch and per finished trial.
+
+Ray is imported when a callback is made, never at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from forgetray.metrics import registry
+from forgetray.tracking import Tracker
+
+REPORT_KEYS = ("kind", "epoch", "global_step", "restore_step", "phase_epoch")  # a report's fields, not metrics
+
+
+def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
+    """Log every report to the trial's run: metrics at their declared step (`registry.step_of`; an undeclared
+    metric raises), and per-question probe results as Parquet artifacts.
+
+    `artifact_dirs` maps a report kind to (local dir or None for the checkpoint's probes/, artifact path with
+    `{epoch:03d}`). Steps a re-attached run already has are not logged twice."""
+    from ray.train import UserCallback
+
+    class MlflowReportLogger(UserCallback):
+        def __init__(self):
+            self._tracker = None
+            self._seen: dict[str, set[int]] = {}
+
+        def _logged(self, name: str) -> set[int]:
+            if name not in self._seen:
+                self._seen[name] = {m.step for m in self._tracker.client.get_metric_history(run_id, name)}
+            return self._seen[name]
+
+        def after_report(self, run_context, metrics, checkpoint):
+            report = metrics[0]  # rank 0 holds the gathered probe results
+            if self._tracker is None:
+                self._tracker = Tracker(tracking_uri)
+            by_step: dict[int, dict] = {}
+            for name, value in report.items():
+                if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                step = registry.step_of(name, report)
+                if step not in self._logged(name):
+                    by_step.setdefault(step, {})[name] = value
+            for step, values in by_step.items():
+                self._tracker.log_metrics(run_id, values, step)
+                for name in values:
+                    self._seen[name].add(step)
+            local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))
+            if artifact_path is None:
+                return
+            artifact_path = artifact_path.format(epoch=int(report["epoch"]))
+            if local is not None and Path(local).is_dir():
+                self._tracker.log_artifacts(run_id, Path(local), artifact_path)
+            elif checkpoint is not None:
+                with checkpoint.as_directory() as ckpt:
+                    if (Path(ckpt) / "probes").is_dir():
+                        self._tracker.log_artifacts(run_id, Path(ckpt) / "probes", artifact_path)
+
+    return MlflowReportLogger()
+
+
+def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], verbose: bool):
+    """One console line per epoch, restoration and finished trial: trials done / total and what each is doing.
+    `names`, `epochs`, `benchmarks` (the primary benchmark's metric name) are per trial index."""
+    from ray.tune import Callback
+
+    def say(text: str, error: bool = False) -> None:
+        if verbose or error:
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+    class Progress(Callback):
+        def __init__(self):
+            self.done = 0
+            self.start = time.time()
+
+        def _prefix(self) -> str:
+            return f"[{self.done}/{len(names)} trials done, {time.time() - self.start:5.0f}s]"
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            i = trial.config["trial_index"]
+            kind, epoch, bench, nan = result.get("kind"), int(result.get("epoch", -1)), benchmarks[i], float("nan")
+
+            def get(metric: registry.Metric, **fields) -> float:
+                return result.get(metric.name(**fields), nan)
+
+            if kind == "base":
+                line = (f"base model evaluated: knowledge {get(registry.KNOWLEDGE, state='base', bench=bench):.3f}, "
+                        f"probe ppl {get(registry.PROBE_PPL, state='base'):.2f}")
+            elif kind == "epoch":
+                line = (f"epoch {epoch}/{epochs[i]}: loss {get(registry.TRAIN_LOSS):.3f}, "
+                        f"knowledge {get(registry.KNOWLEDGE, state='sft', bench=bench):.3f}, "
+                        f"probe ppl {get(registry.PROBE_PPL, state='sft'):.2f}, "
+                        f"{result.get(registry.TRAIN_TOKENS_PER_S.name(), 0):.0f} tok/s")
+            elif kind == "restored":
+                line = (f"epoch {epoch} restored: knowledge "
+                        f"{get(registry.KNOWLEDGE, state='restored', bench=bench):.3f}, "
+                        f"probe ppl {get(registry.PROBE_PPL, state='restored'):.2f}")
+            else:  # fine-grained steps, prior phases, restoring trajectories: MLflow has them; the console stays short
+                return
+            say(f"{self._prefix()} {names[i]}: {line}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"{self._prefix()} {names[trial.config['trial_index']]}: starting "
+                "(Ray Train workers, DeepSpeed engine, base-model probes)")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            say(f"{self._prefix()} {names[trial.config['trial_index']]}: finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            say(f"{self._prefix()} {names[trial.config['trial_index']]}: FAILED (see the log above)")
+
+    return Progress()

@@ -1,0 +1,200 @@
+"""The plan of a trial: the ordered, typed phases of training it runs. Pure: no torch, Ray, DeepSpeed or MLflow.
+
+A trial is, in order:
+- its prior fine-tuning phases (`prior_phases`, e.g. CF's Alpaca phase before the task under study), each with its
+  own optimizer and schedule, ending in the weights the IFT phase starts from (the trial's "base");
+- the IFT phase: instruction fine-tuning with a checkpoint SFT_e (probed) after every epoch;
+- one restoration phase per IFT checkpoint (when a restoring pool is set): SFT_e trained on plain text into R_e, with
+  restoration's own optimizer settings (`restore_*`), never the IFT ones.
+
+Every phase says its data and loss mask, its optimizer and schedule, its batching, its length, its checkpoints and
+its method options (SAM, Wise-FT, rehearsal). One worker function (`forgetray.train.worker.phase_worker`) runs any
+phase on the DeepSpeed engine; `groups` says which phases share one Ray Train run. The trial driver
+(`forgetray.trial`) logs every phase's settings (`Phase.params`) as MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from forgetray.spec import TrialConfig
+
+GRAD_CLIP = 1.0  # the Hugging Face Trainer's default max_grad_norm; the papers do not state one
+ADAM_BETAS = (0.9, 0.999)  # METHODS.md §1/§5: AdamW(0.9, 0.999, eps 1e-8)
+ADAM_EPS = 1e-8
+KINDS = ("prior", "ift", "restore")
+# Where a phase's data comes from: instruction data (loss on the responses) or packed plain text (loss everywhere).
+DATA_FORMATS = ("instructions", "packed_text")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """AdamW with a warm-up + schedule (forgetray.train.schedule) and gradient clipping."""
+
+    lr: float
+    weight_decay: float
+    schedule: str  # "cosine" | "constant"
+    warmup_ratio: float
+    betas: tuple[float, float] = ADAM_BETAS
+    eps: float = ADAM_EPS
+    grad_clip: float = GRAD_CLIP
+
+
+@dataclass(frozen=True)
+class Batching:
+    """`batch_size` sequences per optimizer step over all `workers`, in micro-batches of `micro_batch` per rank."""
+
+    batch_size: int
+    micro_batch: int
+    workers: int
+
+    def __post_init__(self):
+        per_step = self.micro_batch * self.workers
+        if self.micro_batch < 1 or self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch x workers = {per_step}")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch * self.workers)
+
+
+@dataclass(frozen=True)
+class Methods:
+    """The anti-forgetting methods a phase trains with (METHODS.md §5-6); the defaults are plain fine-tuning."""
+
+    sam_rho: float = 0.0  # 0 = plain AdamW steps
+    sam_adaptive: bool = False
+    sam_every: int = 1
+    wiseft_alpha: float = 1.0  # 1 = off; else every checkpoint is (1-a)*start + a*trained
+    rehearsal_ratio: float = 0.0  # share of the previous phase's data replayed (0 = off)
+
+
+@dataclass(frozen=True)
+class Data:
+    """What a phase trains on. `source` keys the trial's resolved sources: "dataset", "prior_datasets/<i>" or
+    "restoring_set" (the pool's lowest-perplexity passages worth one IFT epoch of tokens, METHODS.md §2)."""
+
+    source: str
+    format: str  # one of DATA_FORMATS: "instructions" = loss on responses; "packed_text" = loss on every token
+    max_length: int  # instructions: truncation length; packed text: the sequence length it is packed to
+    rehearse: str | None = None  # source replayed into this phase (with `Methods.rehearsal_ratio`)
+
+    def __post_init__(self):
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"data format must be one of {DATA_FORMATS}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # unique within the trial: "prior_1", "ift", "restore_003"
+    kind: str  # one of KINDS: what the phase does around its training (probes, checkpoints)
+    data: Data
+    optimizer: Optimizer
+    batching: Batching
+    epochs: int  # passes over the data
+    drop_last: bool  # True: the incomplete last global batch is dropped (IFT); False: completed (restoration)
+    checkpoint_every_epoch: bool  # True: a probed checkpoint after every epoch; False: one at the end (or none)
+    methods: Methods = Methods()
+    restores_epoch: int = 0  # restoration phases: the IFT epoch whose checkpoint SFT_e they start from
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"phase kind must be one of {KINDS}, got {self.kind!r}")
+        if self.epochs < 1:
+            raise ValueError(f"phase {self.name!r}: epochs must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (crosses to the Ray workers; `from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Phase":
+        return cls(**{**data, "data": Data(**data["data"]), "optimizer": Optimizer(**{
+            **data["optimizer"], "betas": tuple(data["optimizer"]["betas"])}),
+            "batching": Batching(**data["batching"]), "methods": Methods(**data["methods"])})
+
+    def params(self) -> dict[str, Any]:
+        """The phase's settings as flat MLflow params (`<name>.optimizer.lr`, ...), derived values included."""
+        out: dict[str, Any] = {"kind": self.kind, "epochs": self.epochs, "drop_last": self.drop_last}
+        for group in ("data", "optimizer", "batching", "methods"):
+            for key, value in dataclasses.asdict(getattr(self, group)).items():
+                out[f"{group}.{key}"] = value
+        out["batching.grad_accum"] = self.batching.grad_accum
+        return {f"{self.name}.{k}": v for k, v in out.items()}
+
+
+def plan(trial: TrialConfig) -> list[Phase]:
+    """The trial's phases in the order they run."""
+    ift_batching = Batching(trial.batch_size, trial.micro_batch, trial.workers)
+    ift_optimizer = Optimizer(trial.lr, trial.weight_decay, trial.lr_schedule, trial.warmup_ratio)
+    phases = [_prior_phase(trial, i, dict(setting), ift_batching, ift_optimizer)
+              for i, setting in enumerate(trial.prior_phases)]
+    phases.append(Phase(
+        name="ift", kind="ift",
+        data=Data("dataset", "instructions", trial.max_length,
+                  rehearse=_previous_source(len(trial.prior_phases)) if trial.rehearsal_ratio else None),
+        optimizer=ift_optimizer, batching=ift_batching, epochs=trial.epochs, drop_last=True,
+        checkpoint_every_epoch=True,
+        methods=Methods(trial.sam_rho, trial.sam_adaptive, trial.sam_every, trial.wiseft_alpha,
+                        trial.rehearsal_ratio),
+    ))
+    if trial.restore_pool:
+        phases += [restore_phase(trial, epoch) for epoch in range(1, trial.epochs + 1)]
+    return phases
+
+
+def ift_phase(trial: TrialConfig) -> Phase:
+    """The trial's IFT phase alone (tests and benchmarks drive the engine with it)."""
+    return next(p for p in plan(trial) if p.kind == "ift")
+
+
+def restore_phase(trial: TrialConfig, epoch: int) -> Phase:
+    """Restoration of SFT_epoch (METHODS.md §2): one epoch over the restoring set packed to `restore_seq_len`,
+    loss on every token, no accumulation, no method (restoration is the measurement, not the method under study)."""
+    return Phase(
+        name=f"restore_{epoch:03d}", kind="restore",
+        data=Data("restoring_set", "packed_text", trial.restore_seq_len),
+        optimizer=Optimizer(trial.restore_lr, trial.restore_weight_decay, trial.restore_lr_schedule,
+                            trial.restore_warmup_ratio),
+        batching=Batching(trial.restore_batch_size, trial.restore_batch_size // trial.workers, trial.workers),
+        epochs=1, drop_last=False, checkpoint_every_epoch=False, restores_epoch=epoch,
+    )
+
+
+def checkpoint_name(phase: Phase, epoch: int) -> str:
+    """The name of the checkpoint a phase reports after `epoch` (a folder of its Ray Train run): SFT_e is
+    `epoch_NNN` of the IFT run, R_e `restored_epoch_NNN` of a restoring run."""
+    if phase.kind == "ift":
+        return f"epoch_{epoch:03d}"
+    if phase.kind == "restore":
+        return f"restored_epoch_{phase.restores_epoch:03d}"
+    raise ValueError(f"phase {phase.name!r} reports no checkpoints")
+
+
+def groups(trial: TrialConfig, phases: list[Phase]) -> list[list[Phase]]:
+    """Which phases one Ray Train run executes in turn: the prior phases with the IFT phase (they hand weights on in
+    memory), then the restorations in groups of `restore_group` (groups run concurrently: on a GPU cluster groups
+    of 1 restore every checkpoint at once; on a small machine a group saves worker start-ups)."""
+    training = [p for p in phases if p.kind != "restore"]
+    restores = [p for p in phases if p.kind == "restore"]
+    return [training] + [restores[i:i + trial.restore_group] for i in range(0, len(restores), trial.restore_group)]
+
+
+def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batching, optimizer: Optimizer) -> Phase:
+    """Prior phase i: the trial's batching, schedule and weight decay; its own dataset, epochs, lr (default: the
+    trial's) and methods (default: none)."""
+    methods = Methods(**{k: setting[k] for k in dataclasses.asdict(Methods()) if k in setting})
+    return Phase(
+        name=f"prior_{index + 1}", kind="prior",
+        data=Data(f"prior_datasets/{index}", "instructions", trial.max_length,
+                  rehearse=_previous_source(index) if methods.rehearsal_ratio else None),
+        optimizer=dataclasses.replace(optimizer, lr=setting.get("lr", trial.lr)),
+        batching=batching, epochs=setting["epochs"], drop_last=True, checkpoint_every_epoch=False, methods=methods,
+    )
+
+
+def _previous_source(index: int) -> str | None:
+    """The data of the phase before phase `index` of the training group (rehearsal replays it)."""
+    return None if index == 0 else f"prior_datasets/{index - 1}"

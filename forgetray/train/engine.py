@@ -1,0 +1,102 @@
+"""The DeepSpeed engine and the training loop every phase shares: build the engine with forgetray's optimizer and
+schedule, run one epoch of global batches (plain or SAM steps), and the device / ZeRO-3 set-up of a worker.
+
+Global batches are a seeded permutation per epoch, identical for any number of workers: global batch s is
+order[s*B:(s+1)*B] and rank r takes its contiguous slice, split into gradient-accumulation micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from forgetray.data.instruct import collate
+from forgetray.plan import Phase
+from forgetray.train.sam import sam_step
+from forgetray.train.schedule import lr_factor, warmup_steps
+
+
+def build_engine(model, phase: Phase, ds_config: dict, total_steps: int):
+    """The DeepSpeed engine with the phase's optimizer (torch AdamW) and lr schedule (warm-up + cosine/constant)."""
+    import deepspeed
+
+    opt = phase.optimizer
+    warmup = warmup_steps(total_steps, opt.warmup_ratio)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, opt.schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, scheduler
+
+
+def worker_device() -> torch.device:
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def zero3_scope(ds_config: dict):
+    # transformers partitions weights at load time while an HfDeepSpeedConfig with stage 3 is alive. Its config
+    # check counts ranks through deepspeed.comm, which must wrap Ray Train's process group first (else world = 1).
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return HfDeepSpeedConfig(ds_config)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The same global batches for any number of workers: a seeded permutation per epoch."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def steps_per_epoch(n_examples: int, phase: Phase) -> int:
+    """Optimizer steps in one epoch: the incomplete last global batch is dropped, or completed (`drop_last`)."""
+    batch = phase.batching.batch_size
+    return n_examples // batch if phase.drop_last else -(-n_examples // batch)
+
+
+def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: int, world: int, pad_id: int, device,
+                after_step: Callable[[int], None] | None = None) -> dict:
+    """One epoch of `phase` over `data`. Without `drop_last` the incomplete last global batch is completed with
+    examples from the start of the order (restoration: every token is trained on at least once). With SAM
+    (`phase.methods.sam_rho` > 0) every `sam_every`-th optimizer step is a SAM step (`forgetray.train.sam`).
+    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch."""
+    batching, methods = phase.batching, phase.methods
+    order = epoch_order(len(data), seed, epoch)
+    steps = steps_per_epoch(len(data), phase)
+    if steps * batching.batch_size > len(order):
+        order = torch.cat([order, order[: steps * batching.batch_size - len(order)]])
+    per_rank = batching.micro_batch * batching.grad_accum
+    losses, tokens = [], 0
+    engine.train()
+    for step in range(steps):
+        start = step * batching.batch_size + rank * per_rank
+        mine = order[start:start + per_rank]
+        micro_batches = []
+        for micro in range(batching.grad_accum):
+            idx = mine[micro * batching.micro_batch:(micro + 1) * batching.micro_batch].tolist()
+            micro_batches.append({k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()})
+            tokens += int(micro_batches[-1]["attention_mask"].sum())
+        global_step = (epoch - 1) * steps + step + 1
+        if methods.sam_rho > 0 and global_step % methods.sam_every == 0:
+            losses += sam_step(engine, micro_batches, methods.sam_rho, methods.sam_adaptive, world)
+        else:
+            for batch in micro_batches:
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+                losses.append(loss.detach().float())
+        if after_step is not None:
+            after_step(step + 1)
+    stats = torch.tensor([float(torch.stack(losses).mean()), float(tokens)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(stats)
+        stats[0] /= world
+    return {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}

@@ -1,0 +1,194 @@
+"""The IFT phase's recipe, top to bottom: load the start model and the data; with the untouched start model,
+evaluate it and select the restoring set (each once per sweep, cached and shared across trials); then for each
+epoch train, probe, and report a checkpoint SFT_e (full DeepSpeed state for resuming + a plain Hugging Face model +
+per-question probe results). If Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()`
+returns the last checkpoint and the loop continues after its epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from forgetray import flatness, probes
+from forgetray.data.instruct import collate
+from forgetray.data.passages import load_passage_set
+from forgetray.data.restoring import build_restoring_set, score_pool, text_key
+from forgetray.methods import wiseft
+from forgetray.metrics import registry
+from forgetray.models import load_tokenizer
+from forgetray.plan import Phase, checkpoint_name
+from forgetray.train.checkpoints import checkpoint_epoch, computed_once, report_checkpoint
+from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
+from forgetray.train.evaluate import ProbeSuite, evaluate, format_metrics, memorization
+from forgetray.train.worker import Worker, maybe_fail_once, start_weights
+
+
+def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
+    import ray.train
+
+    trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
+    torch.manual_seed(trial.seed)
+    tokenizer = load_tokenizer(worker.resolved["model"])
+    model, _scope = worker.load(start, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
+    data = worker.training_set(phase, tokenizer)  # with rehearsal: the phase's own plus the replayed examples
+    own = worker.instructions(phase.data.source, tokenizer)
+    theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None
+    steps = steps_per_epoch(len(data), phase)
+    suite = ProbeSuite.load(worker.resolved, trial)
+    em_examples = own[: trial.em_examples] if trial.em_examples else own
+    flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
+    engine, scheduler = build_engine(model, phase, worker.engine_config(phase), total_steps=steps * phase.epochs)
+    checkpoint = ray.train.get_checkpoint()
+
+    if checkpoint is None:
+        # The engine before its first step is the phase's starting model (under ZeRO-3 only the engine can run it).
+        base = computed_once(worker.dirs["base_eval_dir"], rank,
+                             lambda out: _evaluate_base(engine, tokenizer, suite, device, out, rank))
+        base.update(computed_once(worker.dirs["base_em_dir"], rank,
+                                  lambda out: _base_memorization(engine, tokenizer, em_examples, suite, device, out,
+                                                                 rank)))
+        if worker.resolved.get("restore_pool"):
+            computed_once(worker.dirs["restoring_dir"], rank,
+                          lambda out: _select_restoring_set(engine, tokenizer, own, worker, out))
+        ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
+        start_epoch = 0
+    else:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
+        start_epoch = checkpoint_epoch(checkpoint)
+
+    early = _early_steps(steps, trial.early_checkpoints)
+
+    def probe_early(step: int) -> None:  # fine-grained probes inside epoch 1 (format alignment happens early)
+        if step in early:
+            found, _ = evaluate(engine, tokenizer, suite, device, state="sft", knowledge_only=True)
+            ray.train.report({"kind": "step", "epoch": 1, "global_step": step, **format_metrics(found)})
+
+    for epoch in range(start_epoch + 1, phase.epochs + 1):
+        t0 = time.perf_counter()
+        stats = train_epoch(engine, data, phase, epoch, trial.seed, rank, world, tokenizer.pad_token_id, device,
+                            after_step=probe_early if epoch == 1 and early else None)
+        seconds = time.perf_counter() - t0
+        # The checkpoint SFT_e that is probed (and restored) is the Wise-FT mix when alpha < 1; training goes on
+        # from the trained weights, which the DeepSpeed state keeps.
+        surface = None
+        with wiseft_weights(engine.module, theta0, phase.methods.wiseft_alpha) as model_state:
+            found, frames = evaluate(engine, tokenizer, suite, device, state="sft", ift_examples=em_examples)
+            if flatness_batch is not None and rank == 0:
+                surface, flat = _flatness(engine.module, flatness_batch, trial)
+                found.update(flat)
+        metrics = {
+            "kind": "epoch", "epoch": epoch, "global_step": epoch * steps,
+            registry.TRAIN_LOSS.name(): stats["loss"],
+            registry.TRAIN_TOKENS.name(): stats["tokens"],
+            registry.TRAIN_EXAMPLES.name(): len(data),
+            registry.TRAIN_TOKENS_PER_S.name(): stats["tokens"] / seconds,
+            registry.TRAIN_EPOCH_SECONDS.name(): seconds,
+            registry.TRAIN_LR.name(): scheduler.get_last_lr()[0],
+            **found, **format_metrics(found),
+        }
+        report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
+                          model_state=model_state, surface=surface)
+        if rank == 0:
+            maybe_fail_once(epoch)
+
+
+@contextlib.contextmanager
+def wiseft_weights(module, theta0: dict | None, alpha: float):
+    """Inside the block the module holds (1-alpha)*theta0 + alpha*theta_trained (yields that state dict, for the
+    checkpoint's Hugging Face model); afterwards exactly the trained weights again. No-op without theta0."""
+    if theta0 is None:
+        yield None
+        return
+    trained = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    mixed = wiseft.interpolate_state_dicts({k: v.to(trained[k].device) for k, v in theta0.items()}, trained, alpha)
+    module.load_state_dict(mixed)
+    try:
+        yield mixed
+    finally:
+        module.load_state_dict(trained)
+
+
+def _flatness_batch(suite: ProbeSuite, tokenizer, trial, device) -> dict:
+    """The fixed held-out batch of the loss surface: the first `flatness_batch` probing passages, [BOS] + tokens,
+    loss on every token (the same batch for every model of a sweep)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    examples = []
+    for ids in probes.encode(tokenizer, suite.passages[: trial.flatness_batch]):
+        ids = (bos + ids)[: trial.probe_max_length]
+        examples.append({"input_ids": ids, "labels": ids})
+    return {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+
+
+def _flatness(module, batch: dict, trial) -> tuple:
+    """The loss surface around the checkpoint and its SC / AG / MAG / flatness degree (METHODS.md §7). Rank 0 only:
+    ZeRO 0-2 keep the full weights on every rank."""
+    surface, h = flatness.loss_surface(module, lambda m: m(**batch).loss, steps=trial.flatness_grid, seed=trial.seed)
+    return (surface, h), {registry.FLATNESS.name(state="sft", key=k): v
+                          for k, v in flatness.surface_metrics(surface, h).items()}
+
+
+def _evaluate_base(engine, tokenizer, suite, device, out: Path, rank: int) -> None:
+    """The start model's probes: depend on the model and the probe suite only (shared by every trial of them)."""
+    metrics, frames = evaluate(engine, tokenizer, suite, device, state="base")
+    if rank == 0:
+        for bench, frame in frames.items():
+            frame.to_parquet(out / f"{bench}.parquet")
+        (out / "summary.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def _base_memorization(engine, tokenizer, em_examples, suite, device, out: Path, rank: int) -> None:
+    """The start model's exact memorization of this trial's IFT data (depends on the data, unlike the probes)."""
+    engine.eval()
+    with torch.no_grad():
+        em = memorization(engine, em_examples, probes.padding_id(tokenizer), suite.batch_size, device)
+    engine.train()
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps({registry.EM.name(state="base"): em}, indent=1))
+
+
+def _select_restoring_set(engine, tokenizer, data, worker: Worker, out: Path) -> None:
+    """Rank the restoring pool by base-model perplexity (each rank scores its share of the stream) and keep the
+    lowest-perplexity passages worth one IFT epoch of tokens (METHODS.md §2). The passages the trial probes (the
+    first `probe_passages` of the probing set, and no more: it may be an endless stream) are never selected."""
+    trial, resolved, rank, world, device = worker.trial, worker.resolved, worker.rank, worker.world, worker.device
+    probe_texts = excluded_passages(resolved, trial)
+    exclude = frozenset(text_key(t) for t in probe_texts)
+    engine.eval()
+    with torch.no_grad():
+        def score(texts):
+            return probes.passage_nlls(engine, tokenizer, texts, batch_size=trial.probe_batch_size,
+                                       max_length=trial.probe_max_length, device=device)
+
+        batches = score_pool(score, resolved["restore_pool"]["path"], out / f"scores-{rank}.parquet",
+                             batch_size=trial.probe_batch_size, shard=(rank, world), exclude=exclude,
+                             count_tokens=lambda texts: [len(ids) for ids in probes.encode(tokenizer, texts)])
+        if world > 1:  # ZeRO-3: every rank must make the same number of forward calls
+            most = torch.tensor([batches])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            for _ in range(int(most) - batches):
+                score([probe_texts[0]] * trial.probe_batch_size)
+    engine.train()
+    if world > 1:
+        dist.barrier()  # every rank's scores are written
+    if rank == 0:
+        budget = sum(len(example["input_ids"]) for example in data)
+        summary = build_restoring_set(resolved["restore_pool"]["path"], sorted(out.glob("scores-*.parquet")),
+                                      budget, tokenizer, out / "dataset")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+
+
+def excluded_passages(resolved: dict, trial) -> list[str]:
+    """The probing passages the restoring set must not contain: exactly those the probes score."""
+    return load_passage_set(resolved["probe_set"], limit=trial.probe_passages)
+
+
+def _early_steps(steps_per_epoch: int, count: int) -> set[int]:
+    """`count` evenly spaced optimizer steps strictly inside epoch 1."""
+    return {round(i * steps_per_epoch / (count + 1)) for i in range(1, count + 1)} - {0, steps_per_epoch}
