@@ -1,5 +1,7 @@
-"""Multiple-choice questions: the `MCQuestion` type every benchmark is normalised to, and the MMLU-style JSONL
-reader for local benchmark files (hub benchmarks are converted in `data.hub`).
+"""Multiple-choice questions: the `MCQuestion` type (a question, its choices and answer: what a benchmark file
+holds), the `MCPrompt` type (a question as a model is asked it: context and scored continuations, lm-eval's
+multiple-choice request), and the MMLU-style JSONL reader for local benchmark files (hub benchmarks are converted in
+`data.hub`).
 
 A record is `{"id"?, "question", "choices", "answer", "subject"?}`; `answer` is an index or a letter of `LETTERS`.
 """
@@ -35,6 +37,40 @@ class MCQuestion:
             raise ValueError(f"answer must be an int index, got {self.answer!r}")
         if not 0 <= self.answer < len(self.choices):
             raise ValueError(f"answer {self.answer} out of range for {len(self.choices)} choices")
+
+
+@dataclass(frozen=True)
+class MCPrompt:
+    """A multiple-choice question as a model is asked it (lm-eval's `multiple_choice` request): the model sees
+    `prefix + query` and each continuation is scored as what follows it.
+
+    `prefix` is text shared by a group of prompts (a task description and its few-shot examples: every question of an
+    MMLU subject shares its 5 dev examples), so a scorer may compute it once and reuse it; "" if none. Continuations
+    carry their target delimiter (" Paris", " A"). `gold` is the index of the correct continuation; `true_set` lists
+    every true one where a task has several (TruthfulQA MC2), else it is empty.
+    """
+
+    id: str
+    prefix: str
+    query: str
+    continuations: tuple[str, ...]
+    gold: int
+    true_set: tuple[int, ...] = ()
+    subject: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "continuations", tuple(self.continuations))
+        object.__setattr__(self, "true_set", tuple(self.true_set))
+        if len(self.continuations) < 1 or not all(isinstance(c, str) and c for c in self.continuations):
+            raise ValueError(f"prompt {self.id!r}: needs at least one non-empty continuation")
+        if not 0 <= self.gold < len(self.continuations):
+            raise ValueError(f"prompt {self.id!r}: gold {self.gold} out of range for {len(self.continuations)}")
+        if any(not 0 <= k < len(self.continuations) for k in self.true_set):
+            raise ValueError(f"prompt {self.id!r}: true_set {self.true_set} out of range")
+
+    @property
+    def context(self) -> str:
+        return self.prefix + self.query
 
 
 def load_mc_jsonl(path: str | Path) -> list[MCQuestion]:
