@@ -1,15 +1,15 @@
 # forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 """SAM against forgetting (CF, "Revisiting Catastrophic Forgetting in Large Language Model Tuning"; METHODS.md §5-7)
-for a GPU cluster. Every model first learns instructions on Alpaca (3 epochs, the prior stage); the trial's stage then
+for a GPU cluster. Every model first learns instructions on Alpaca (3 epochs, the prior phase); the IFT phase then
 fine-tunes on one downstream set (ShareGPT, Open-Platypus or MetaMathQA), without SAM for 2 epochs or with SAM for
 1 epoch (the paper's equal-compute comparison: a SAM step costs two passes), over a rho grid, alone and with Wise-FT
 (alpha 0.5 against the Alpaca model) or rehearsal (1% of Alpaca replayed). Forgetting is read against the Alpaca
-model (the stage's start) on MMLU (DK) and ARC-Challenge (Exams), next to each checkpoint's flatness (21 x 21).
+model (the IFT phase's start) on MMLU (DK) and ARC-Challenge (Exams), next to each checkpoint's flatness (21 x 21).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 
-SAM perturbs full weights on each rank, so ZeRO-2 (stage 3 is refused with SAM); bf16 on 8 GPUs per trial.
+SAM perturbs full weights on each rank, so ZeRO-2 (ZeRO-3 is refused with SAM); bf16 on 8 GPUs per trial.
 Settings the paper does not state are METHODS.md's choices (lr 2e-5 cosine, 3% warm-up, max length 512).
 """
 

@@ -1,9 +1,9 @@
 # forgetray run sweeps/sam_cf_organism.py
 """The SAM / Wise-FT / rehearsal study (CF; METHODS.md §5-7) on the built-in model organism, on the CPU, in minutes.
 
-Like the paper: a prior stage teaches instructions (organism-alpaca), then the trial's stage fine-tunes on a far
+Like the paper: a prior phase teaches instructions (organism-alpaca), then the IFT phase fine-tunes on a far
 task (organism-math); forgetting is the organism's knowledge (held-out facts, option likelihood) lost against the
-stage's start. Rows: plain fine-tuning vs SAM, alone and with Wise-FT (alpha 0.5 against the stage's start) and
+IFT phase's start. Rows: plain fine-tuning vs SAM, alone and with Wise-FT (alpha 0.5 against the phase's start) and
 rehearsal (10% of the alpaca data replayed: 1% of 320 examples would be 3). Every checkpoint also gets its 21 x 21
 loss surface on 16 probing passages (SC / AG / MAG, the contour plot). The report ends with the Table-2-shaped table.
 Needs the organism built once (`forgetray organism build`, part of `make quickstart`).

@@ -394,7 +394,7 @@ def test_missing_store_is_an_error_and_creates_nothing(in_tmp_cwd, capsys):
 
 def test_methods_table_has_the_table2_shape():
     """Rows method x SAM at each trial's last checkpoint; knowledge per benchmark, their average and its change from
-    the stage's start, computed here by hand from the constructed histories."""
+    the IFT phase's start, computed here by hand from the constructed histories."""
     from forgetray.report import TrialData, methods_table as _methods_table, methods_text as _methods_text
 
     def trial(name, settings, sft_a, sft_b, flat):

@@ -1,4 +1,4 @@
-"""Rehearsal (METHODS.md §6): a stage's training set also replays a small sample of an earlier stage's data; by
+"""Rehearsal (METHODS.md §6): a fine-tuning phase's training set also replays a small sample of an earlier phase's data; by
 default 1% of the earlier dataset (Scialom et al. 2022), sweepable.
 
 Count: replay_count = round(ratio * n_previous), rounding halves up, computed on the decimal value of `ratio` as
@@ -60,7 +60,7 @@ def replay_indices(n_previous: int, ratio: float, seed: int) -> list[int]:
 
 
 def mix(current: Sequence[T], previous: Sequence[T], ratio: float, seed: int) -> list[T]:
-    """The stage's training set: all of `current` (in order), then the replayed sample of `previous` (in index
+    """The phase's training set: all of `current` (in order), then the replayed sample of `previous` (in index
     order). len(result) == len(current) + replay_count(len(previous), ratio)."""
     replayed = [previous[i] for i in replay_indices(len(previous), ratio, seed)]
     return list(current) + replayed

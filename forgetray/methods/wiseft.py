@@ -1,11 +1,11 @@
 """Wise-FT weight interpolation (METHODS.md §6): theta_a = (1 - a) * theta_0 + a * theta_1 for every weight tensor,
-theta_0 = the model before the stage (CF: the Alpaca model), theta_1 = the model after it; a defaults to 0.5.
+theta_0 = the model before the fine-tuning phase (CF: the Alpaca model), theta_1 = the model after it; a defaults to 0.5.
 
 Numerics: each floating tensor is interpolated in float32 (float64 when either input is float64) and cast back to
 theta_1's dtype, so bf16/fp16 checkpoints do not lose precision in the arithmetic itself. a = 0 and a = 1 are
 special-cased so that they return theta_0 / theta_1 bit for bit (the formula in floating point would not always).
 Non-floating tensors (integer buffers, e.g. position ids or counters) are not interpolated: theta_1's are kept, also
-at a = 0, so the output's non-weight state always comes from the model after the stage.
+at a = 0, so the output's non-weight state always comes from the model after the phase.
 
 `interpolate_model_dirs` applies the same rule to two Hugging Face model directories stored as safetensors, one
 shard at a time, and writes a directory that loads with `from_pretrained` like theta_1's.

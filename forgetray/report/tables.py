@@ -122,7 +122,7 @@ def _sam(trial: TrialData) -> str:
 
 def methods_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame:
     """One row per trial at its last checkpoint, shaped like CF's Table 2: method and SAM as the row labels, the
-    other varying settings, knowledge per benchmark, their average and its change from the stage's start (base),
+    other varying settings, knowledge per benchmark, their average and its change from the IFT phase's start (base),
     then probing perplexity, EM and flatness. Empty unless some trial uses a mitigation method."""
     if not any(_method(t) != "fine-tuning" or _sam(t) != "without SAM" for t in trials):
         return pd.DataFrame()
@@ -257,7 +257,7 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
             lines += ["", "other benchmarks (knowledge; stages are judged on the primary benchmark only):", others]
     if methods is not None and not methods.empty:
         lines += ["", "mitigation methods at the last checkpoint (CF Table 2 shape; knowledge per benchmark, their "
-                      "average and its change from the stage's start; ppl = probing perplexity; flatness = "
+                      "average and its change from the IFT phase's start; ppl = probing perplexity; flatness = "
                       "mean(SC, AG, MAG)):", methods_text(methods)]
     lines += ["", "transition epoch (first epoch with actual forgetting):"]
     lines += [_transition_line(trial, varying) for trial in trials]

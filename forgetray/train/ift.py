@@ -72,7 +72,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
 
     for epoch in range(start_epoch + 1, phase.epochs + 1):
         t0 = time.perf_counter()
-        stats = train_epoch(engine, data, phase, epoch, trial.seed, rank, world, tokenizer.pad_token_id, device,
+        stats = train_epoch(engine, data, phase, epoch, trial.seed, rank, world, probes.padding_id(tokenizer), device,
                             after_step=probe_early if epoch == 1 and early else None)
         seconds = time.perf_counter() - t0
         # The checkpoint SFT_e that is probed (and restored) is the Wise-FT mix when alpha < 1; training goes on
@@ -123,7 +123,7 @@ def _flatness_batch(suite: ProbeSuite, tokenizer, trial, device) -> dict:
     for ids in probes.encode(tokenizer, suite.passages[: trial.flatness_batch]):
         ids = (bos + ids)[: trial.probe_max_length]
         examples.append({"input_ids": ids, "labels": ids})
-    return {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    return {k: v.to(device) for k, v in collate(examples, probes.padding_id(tokenizer)).items()}
 
 
 def _flatness(module, batch: dict, trial) -> tuple:

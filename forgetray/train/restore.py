@@ -79,7 +79,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
 
     measure(0)
     stats = train_epoch(engine, chunks, phase, epoch=1, seed=trial.seed, rank=rank, world=world,
-                        pad_id=tokenizer.pad_token_id, device=device, after_step=measure)
+                        pad_id=probes.padding_id(tokenizer), device=device, after_step=measure)
     found, frames = evaluate(engine, tokenizer, suite, device, state="restored", ift_examples=em_examples)
     metrics = {"kind": "restored", "epoch": epoch, registry.RESTORE_LOSS.name(): stats["loss"],
                registry.RESTORE_TOKENS.name(): stats["tokens"], registry.RESTORE_STEPS.name(): stats["steps"],

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from forgetray import probes
 from forgetray.data import rehearsal
 from forgetray.data.instruct import tokenize_dataset
 from forgetray.methods import wiseft
@@ -124,7 +125,7 @@ def run_prior(worker: Worker, phase: Phase, model=None):
     k = int(phase.name.split("_")[1])
     for epoch in range(1, phase.epochs + 1):
         stats = train_epoch(engine, data, phase, epoch, worker.trial.seed, worker.rank, worker.world,
-                            tokenizer.pad_token_id, worker.device)
+                            probes.padding_id(tokenizer), worker.device)
         ray.train.report({"kind": "prior", "epoch": 0, "phase_epoch": epoch,
                           registry.PRIOR_LOSS.name(k=k): stats["loss"]})
     module = engine.module
