@@ -61,6 +61,9 @@ class Task:
     num_fewshot: int = 0
     sampler: str = "default"
     fewshot_seed: int = LM_EVAL_FEWSHOT_SEED
+    # lm-eval passes the doc to its sampler (which then draws n + 1 and drops the doc) iff the yaml's fewshot_split
+    # equals its test_split: also when both are unset (hellaswag, boolq, siqa, ...). None: iff the splits are equal.
+    shots_exclude_doc: bool | None = None
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     description: Callable[[str | None], str] = field(default=lambda config: "")
@@ -108,10 +111,10 @@ class Task:
         """MCPrompts for `docs` with `shots` examples from `pool`, sampled as lm-eval's sampler does."""
         description = self.description(config)
         rnd = random.Random(self.fewshot_seed)  # one generator per lm-eval task (an MMLU subject), drawn doc by doc
-        same_split = self.fewshot_split == self.eval_split
+        exclude = self.fewshot_split == self.eval_split if self.shots_exclude_doc is None else self.shots_exclude_doc
         out = []
         for i, doc in enumerate(docs):
-            examples = sample_shots(self.sampler, rnd, pool, shots, doc if same_split else None)
+            examples = sample_shots(self.sampler, rnd, pool, shots, doc if exclude else None)
             choices = self.doc_to_choice(doc)
             true_set = tuple(self.true_labels(doc)) if self.true_labels else ()
             out.append(MCPrompt(

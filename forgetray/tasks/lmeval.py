@@ -70,7 +70,7 @@ def hellaswag() -> Task:
     return Task(
         name="hellaswag", source="lm-eval hellaswag (lm_eval/tasks/hellaswag/hellaswag.yaml, utils.py)",
         lm_eval_task="hellaswag", dataset_path="Rowan/hellaswag", configs=(None,), eval_split="validation",
-        fewshot_split="train", process_docs=_hellaswag_docs,
+        fewshot_split="train", shots_exclude_doc=True, process_docs=_hellaswag_docs,
         doc_to_text=lambda d: d["query"], doc_to_choice=lambda d: list(d["choices"]),
         doc_to_target=lambda d: int(d["label"]),
         scores=("acc", "acc_norm"), primary="acc_norm", category="Reasoning",
@@ -81,7 +81,8 @@ def _super_glue(name: str, lm_name: str, config: str, text, choices, category: s
     return Task(
         name=name, source=f"lm-eval {lm_name} (lm_eval/tasks/super_glue/{config}/default.yaml)", lm_eval_task=lm_name,
         dataset_path="aps/super_glue", configs=(config,), eval_split="validation", fewshot_split="train",
-        doc_to_text=text, doc_to_choice=choices, doc_to_target=lambda d: int(d["label"]), category=category,
+        shots_exclude_doc=True, doc_to_text=text, doc_to_choice=choices, doc_to_target=lambda d: int(d["label"]),
+        category=category,
     )
 
 
@@ -125,6 +126,7 @@ def siqa() -> Task:
     return Task(
         name="siqa", source="lm-eval social_iqa (lm_eval/tasks/siqa/siqa.yaml)", lm_eval_task="social_iqa",
         dataset_path="lighteval/siqa", configs=(None,), eval_split="validation", fewshot_split="train",
+        shots_exclude_doc=True,
         doc_to_text=lambda d: f"Q: {d['context']} {d['question']}\nA:",
         doc_to_choice=lambda d: [d["answerA"], d["answerB"], d["answerC"]],
         doc_to_target=lambda d: int(d["label"]) - 1, category="Reasoning",
@@ -182,6 +184,7 @@ def _race(level: str) -> Task:
                f"reads EleutherAI/race (high only, article-level); forgetray reads ehovy/race {level} and groups its "
                "questions by article into the same docs",
         dataset_path="ehovy/race", configs=(level,), eval_split="test", fewshot_split="test", process_docs=race_docs,
+        shots_exclude_doc=False,  # lm-eval's race.yaml names no fewshot_split: shots come from test, doc not excluded
         doc_to_text=race_text,
         doc_to_choice=lambda d: [ast.literal_eval(d["problems"])[-1]["options"][i] for i in range(4)],
         doc_to_target=lambda d: _LETTER[ast.literal_eval(d["problems"])[-1]["answer"]], category="Understanding",
