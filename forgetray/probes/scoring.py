@@ -1,0 +1,113 @@
+"""Scoring multiple-choice prompts (`MCPrompt`) the way lm-eval's HFLM `loglikelihood` does, faster.
+
+Entry point, for probes and benchmark tasks alike::
+
+    scores = score_prompts(model, tokenizer, prompts, bos="auto", batch_size=32, max_length=2048, device="cuda",
+                           shard=(rank, world), answer_sets=None)
+
+One `PromptScore` per prompt of this rank's share (`shard_indices(len(prompts), shard)`, real items only, in that
+order): per continuation its summed log-probability, whether it was the greedy continuation, its token and character
+lengths (characters of the continuation as given, delimiter included); with `answer_sets` (lists of token ids, e.g.
+`letter_token_ids`) also the summed probability of each set and the entropy of the whole vocabulary at the first
+answer position (after the context's last token), which letter scoring needs for P_fmt, H_V and H_opt.
+
+Tokens are lm-eval's (`tokens.encode_pairs`): the context's trailing whitespace moves into the continuations, and a
+continuation's tokens are those of encode(context + continuation) after the context's tokens. `bos` is the BOS rule
+of `tokens.encode_contexts`: "auto" is lm-eval's (the tokenizer's own), "always" forgetray's (the organism's).
+
+Speed, with results equal to one unbatched forward per (context, continuation) up to float rounding:
+- the context is run once for all of a prompt's continuations: single-token continuations are read off its last
+  logits, longer ones are fed (minus their last token) in one more pass on the context's KV cache;
+- the `prefix` of a group of prompts (MMLU's 5 dev examples) is run ONCE per group and its KV cache reused by every
+  prompt of the group (see `passes.plan_groups` for the token check and the fallback);
+- batches are sorted by length; log-softmax and gathers are vectorised.
+Inputs longer than `max_length` are cut from the left, keeping a leading BOS (forgetray's rule; lm-eval drops it),
+and then scored without any reuse. Every rank makes the same number of forward calls (ZeRO-3): ranks with fewer
+calls make one-token dummy calls at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from forgetray.data.questions import MCPrompt
+from forgetray.probes import passes
+from forgetray.probes.shards import shard_indices
+from forgetray.probes.tokens import check_bos, check_sizes, encode_contexts, encode_pairs, padding_id
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """What `score_prompts` returns for one prompt (see the module docstring)."""
+
+    logprobs: tuple[float, ...]
+    greedy: tuple[bool, ...]
+    token_lengths: tuple[int, ...]
+    char_lengths: tuple[int, ...]
+    answer_probs: tuple[float, ...] | None = None
+    entropy_vocab: float | None = None
+
+
+@torch.no_grad()
+def score_prompts(
+    model,
+    tokenizer,
+    prompts: Sequence[MCPrompt],
+    *,
+    bos: str = "auto",
+    batch_size: int = 32,
+    max_length: int = 2048,
+    device: Any = "cpu",
+    shard: tuple[int, int] = (0, 1),
+    answer_sets: Sequence[Sequence[int]] | None = None,
+) -> list[PromptScore]:
+    """Score this rank's share of `prompts` (see the module docstring)."""
+    check_sizes(batch_size, max_length)
+    check_bos(bos)
+    prompts = list(prompts)
+    requests = tokenize(tokenizer, prompts, bos, max_length)  # every prompt, so that every rank fails alike
+    world = shard[1]
+    shares = [shard_indices(len(prompts), (r, world)) for r in range(world)]
+    mine = [i for i in shares[shard[0]][0][: shares[shard[0]][1]]]
+    keep_head = _keep_head(tokenizer, bos)
+    plans = {r: passes.plan_groups([requests[i] for i in idx[:n]], batch_size, max_length, keep_head)
+             for r, (idx, n) in enumerate(shares) if world > 1 or r == shard[0]}
+    most_calls = max(plan.n_calls for plan in plans.values())
+    plan = plans[shard[0]]
+    results = passes.run(model, plan, padding_id(tokenizer), device, answer_sets, most_calls)
+    out = []
+    for local, i in enumerate(mine):
+        logprobs, greedy, answer = results[local]
+        out.append(PromptScore(
+            logprobs=tuple(logprobs), greedy=tuple(greedy),
+            token_lengths=tuple(len(c) for c in requests[i].conts),
+            char_lengths=tuple(len(c) for c in prompts[i].continuations),
+            answer_probs=None if answer is None else tuple(answer[0]),
+            entropy_vocab=None if answer is None else answer[1],
+        ))
+    return out
+
+
+def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) -> list[passes.Request]:
+    """Every prompt's context and continuation tokens (lm-eval's), and its prefix's own tokens for KV reuse."""
+    contexts, conts = encode_pairs(tokenizer, [p.context for p in prompts], [p.continuations for p in prompts], bos)
+    prefixes = sorted({p.prefix for p in prompts if p.prefix})
+    prefix_ids = dict(zip(prefixes, encode_contexts(tokenizer, prefixes, bos)))
+    requests = []
+    for prompt, context, continuations in zip(prompts, contexts, conts):
+        for k, ids in enumerate(continuations):
+            if not ids:
+                raise ValueError(f"prompt {prompt.id!r}: continuation {k} has no tokens of its own after the context")
+            if len(ids) > max_length - 1:  # its first token needs a context token before it to be predicted from
+                raise ValueError(f"prompt {prompt.id!r}: continuation {k} is {len(ids)} tokens, more than "
+                                 f"max_length - 1 = {max_length - 1}")
+        requests.append(passes.Request(context, continuations, prompt.prefix, prefix_ids.get(prompt.prefix, [])))
+    return requests
+
+
+def _keep_head(tokenizer, bos: str) -> int | None:
+    """The token id truncation keeps at the start of an input (the BOS the rule puts there), or None."""
+    return None if bos == "never" else tokenizer.bos_token_id
