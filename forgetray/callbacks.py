@@ -16,7 +16,8 @@ from pathlib import Path
 from forgetray.metrics import registry
 from forgetray.tracking import Tracker
 
-REPORT_KEYS = ("kind", "epoch", "global_step", "restore_step", "phase_epoch")  # a report's fields, not metrics
+# A report's fields, not metrics: its kind and the step fields the registry declares (a new step meaning needs none).
+REPORT_KEYS = ("kind", *(field for field, _ in registry.STEPS.values()))
 
 
 def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):

@@ -36,8 +36,10 @@ def test_every_declared_name_parses_back_to_its_own_declaration(metric):
             name = metric.name(**fields)
             found = registry.parse(name)
             assert found is not None and found[0] is metric, (name, found)
-            assert registry.step_of(name, {"epoch": 3, "global_step": 40, "restore_step": 5, "phase_epoch": 2}) == \
-                {"epoch": 3, "optimizer step": 40, "restoring step": 5, "phase epoch": 2}[metric.step]
+            report = {"epoch": 3, "global_step": 40, "restore_step": 5, "phase_epoch": 2, "ft_step": 1}
+            assert registry.step_of(name, report) == \
+                {"epoch": 3, "optimizer step": 40, "restoring step": 5, "phase epoch": 2,
+                 "fine-tuning step": 1}[metric.step]
 
 
 def test_names_by_hand():

@@ -24,6 +24,7 @@ STEPS = {
     "optimizer step": ("global_step", "IFT optimizer step (0 = base; points inside epoch 1, then every epoch end)"),
     "restoring step": ("restore_step", "optimizer step of the restoration (0 = before it)"),
     "phase epoch": ("phase_epoch", "epoch of that prior fine-tuning phase"),
+    "fine-tuning step": ("ft_step", "fine-tuning step t: 0 = before any, k+1 = after the IFT phase"),
 }
 STATES = ("base", "sft", "restored")
 PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch"}  # how the README shows the step per state
@@ -119,12 +120,23 @@ STAGE_D_SFT = Metric("stage/d_sft", "epoch", True, "dS: knowledge of SFT_e minus
 STAGE_D_RESTORED = Metric("stage/d_restored", "epoch", True, "dR: knowledge of R_e minus base")
 STAGE_P_SFT = Metric("stage/p_sft", "epoch", None, "paired-test p-value of dS")
 STAGE_P_RESTORED = Metric("stage/p_restored", "epoch", None, "paired-test p-value of dR")
+# --- continual learning over the fine-tuning steps t = 0..k+1 (METHODS.md §9; forgetray.metrics.continual) ---
+CONTINUAL_KNOWLEDGE = Metric("continual/{bench}/knowledge", "fine-tuning step", True,
+                             "a[t][b]: the benchmark's primary score after fine-tuning step t (0 = before any, "
+                             "1..k = after prior phase k, k+1 = the IFT phase's last checkpoint)")
+CONTINUAL_FORGETTING = Metric("continual/{bench}/forgetting", "fine-tuning step", False,
+                              "max over t < T of a[t][b] - a[T][b], logged at T = k+1 (signed: < 0 = ended above "
+                              "every earlier value)")
+CONTINUAL_BWT = Metric("continual/bwt", "fine-tuning step", True,
+                       "backward transfer: mean over steps i < T with an own benchmark of a[T][own_i] - a[i][own_i], "
+                       "logged at T")
 
 METRICS: tuple[Metric, ...] = (
     LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
+    CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )
 BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT,
                                                             ENTROPY_VOCAB, ENTROPY_OPTIONS)}
