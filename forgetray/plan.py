@@ -80,6 +80,9 @@ class Data:
     format: str  # one of DATA_FORMATS: "instructions" = loss on responses; "packed_text" = loss on every token
     max_length: int  # instructions: truncation length; packed text: the sequence length it is packed to
     rehearse: str | None = None  # source replayed into this phase (with `Methods.rehearsal_ratio`)
+    # The benchmark measuring this data's own task, as the trial names it in `benchmarks` ("" = none): backward
+    # transfer compares it after the phase and at the end (METHODS.md §9, forgetray.metrics.continual).
+    own_benchmark: str = ""
 
     def __post_init__(self):
         if self.format not in DATA_FORMATS:
@@ -134,7 +137,8 @@ def plan(trial: TrialConfig) -> list[Phase]:
     phases.append(Phase(
         name="ift", kind="ift",
         data=Data("dataset", "instructions", trial.max_length,
-                  rehearse=_previous_source(len(trial.prior_phases)) if trial.rehearsal_ratio else None),
+                  rehearse=_previous_source(len(trial.prior_phases)) if trial.rehearsal_ratio else None,
+                  own_benchmark=trial.own_benchmark),
         optimizer=ift_optimizer, batching=ift_batching, epochs=trial.epochs, drop_last=True,
         checkpoint_every_epoch=True,
         methods=Methods(trial.sam_rho, trial.sam_adaptive, trial.sam_every, trial.wiseft_alpha,
@@ -163,6 +167,12 @@ def restore_phase(trial: TrialConfig, epoch: int) -> Phase:
     )
 
 
+def fine_tuning_steps(phases: list[Phase]) -> list[Phase]:
+    """The fine-tuning steps t = 1..T of the continual-learning metrics (METHODS.md §9): the prior phases in order,
+    then the IFT phase (T); step 0 is the model before any of them."""
+    return [p for p in phases if p.kind == "prior"] + [p for p in phases if p.kind == "ift"]
+
+
 def checkpoint_name(phase: Phase, epoch: int) -> str:
     """The name of the checkpoint a phase reports after `epoch` (a folder of its Ray Train run): SFT_e is
     `epoch_NNN` of the IFT run, R_e `restored_epoch_NNN` of a restoring run."""
@@ -184,12 +194,13 @@ def groups(trial: TrialConfig, phases: list[Phase]) -> list[list[Phase]]:
 
 def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batching, optimizer: Optimizer) -> Phase:
     """Prior phase i: the trial's batching, schedule and weight decay; its own dataset, epochs, lr (default: the
-    trial's) and methods (default: none)."""
+    trial's), methods (default: none) and own benchmark (default: none)."""
     methods = Methods(**{k: setting[k] for k in dataclasses.asdict(Methods()) if k in setting})
     return Phase(
         name=f"prior_{index + 1}", kind="prior",
         data=Data(f"prior_datasets/{index}", "instructions", trial.max_length,
-                  rehearse=_previous_source(index) if methods.rehearsal_ratio else None),
+                  rehearse=_previous_source(index) if methods.rehearsal_ratio else None,
+                  own_benchmark=setting.get("own_benchmark", "")),
         optimizer=dataclasses.replace(optimizer, lr=setting.get("lr", trial.lr)),
         batching=batching, epochs=setting["epochs"], drop_last=True, checkpoint_every_epoch=False, methods=methods,
     )

@@ -104,6 +104,8 @@ class TrialConfig:
     prior_phases: tuple = ()  # fine-tuning phases before IFT, in order: dicts of PHASE_KEYS; unset keys = plain IFT
     flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (METHODS.md §7: 21) around every checkpoint
     flatness_batch: int = 16  # probing-set passages in the fixed held-out batch the surface's loss is taken on
+    # --- continual-learning metrics (METHODS.md §9) ---
+    own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
     def __post_init__(self):
         # Dicts and lists from sweep files / JSON are normalised to hashable tuples first.
@@ -164,7 +166,8 @@ class TrialConfig:
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
 # What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
 # those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
-PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
+PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio",
+              "own_benchmark")
 
 
 def _phase(index: int, phase: Any) -> tuple:
@@ -184,10 +187,15 @@ def _phase(index: int, phase: Any) -> tuple:
         raise SpecError(f"{where}: rehearsal_ratio needs an earlier phase to replay (the first phase has none)")
     try:
         # A phase is checked as a trial with its values; its rehearsal replays the phase before it, which a lone
-        # trial would not have, so the ratio is checked as if that phase existed.
+        # trial would not have, so the ratio is checked as if that phase existed. Its own benchmark must be one of
+        # the trial's benchmarks, which only the trial knows (`_check_values`): here it is checked as a lone
+        # trial's only benchmark, for its type.
         ratio = phase.get("rehearsal_ratio", 0.0)
-        checked = TrialConfig(**{k: v for k, v in phase.items() if k != "rehearsal_ratio"},
-                              rehearsal_ratio=ratio, prior_phases=[{"dataset": "-", "epochs": 1}] if ratio else ())
+        own = phase.get("own_benchmark", "")
+        lone = {"own_benchmark": own, **({"benchmarks": [own]} if own and isinstance(own, str) else {})}
+        checked = TrialConfig(**{k: v for k, v in phase.items() if k not in ("rehearsal_ratio", "own_benchmark")},
+                              **lone, rehearsal_ratio=ratio,
+                              prior_phases=[{"dataset": "-", "epochs": 1}] if ratio else ())
     except SpecError as e:
         raise SpecError(f"{where}: {e}") from None
     return tuple(sorted((k, getattr(checked, k)) for k in phase))
@@ -272,6 +280,14 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.flatness_grid == 0 or (cfg.flatness_grid >= 3 and cfg.flatness_grid % 2 == 1), "flatness_grid",
          "must be 0 (off) or an odd number >= 3 (the grid is centred on the checkpoint)")
     need(cfg.flatness_batch >= 1, "flatness_batch", "must be >= 1")
+    # "The benchmark of a step's own data" (BWT, METHODS.md §9) is named as written in `benchmarks`.
+    need(not cfg.own_benchmark or cfg.own_benchmark in cfg.benchmarks, "own_benchmark",
+         f"must be one of the trial's benchmarks {list(cfg.benchmarks)} (or '' for none)")
+    for index, phase in enumerate(cfg.prior_phases):
+        own = dict(phase).get("own_benchmark", "")
+        if own and own not in cfg.benchmarks:
+            raise SpecError(f"setting 'prior_phases'[{index}]: own_benchmark must be one of the trial's benchmarks "
+                            f"{list(cfg.benchmarks)} (or '' for none), got {own!r}")
     if cfg.micro_batch_size:
         per_step = cfg.micro_batch_size * cfg.workers
         need(cfg.batch_size % per_step == 0, "batch_size",

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from forgetray.plan import Phase, checkpoint_name, groups, plan
+from forgetray.plan import Phase, checkpoint_name, fine_tuning_steps, groups, plan
 from forgetray.spec import SpecError, TrialConfig
 
 TRIAL = dict(lr=5e-3, batch_size=16, weight_decay=0.01, warmup_ratio=0.1, lr_schedule="constant", epochs=3,
@@ -124,3 +124,32 @@ def test_restoring_set_excludes_exactly_the_probed_passages(tmp_path):
     trial = TrialConfig(probe_passages=25)
     got = excluded_passages({"probe_set": {"kind": "file", "path": str(path)}}, trial)
     assert got == [f"passage {i}" for i in range(25)]
+
+
+def test_own_benchmark_is_carried_by_the_plan_and_logged_with_the_phase():
+    trial = TrialConfig(**TRIAL, benchmarks=["facts", "data/math.jsonl"], own_benchmark="data/math.jsonl",
+                        prior_phases=[{"dataset": "a.jsonl", "epochs": 1, "own_benchmark": "facts"},
+                                      {"dataset": "b.jsonl", "epochs": 1}])
+    first, second, ift = plan(trial)
+    assert (first.data.own_benchmark, second.data.own_benchmark, ift.data.own_benchmark) == \
+        ("facts", "", "data/math.jsonl")  # unset: the phase's data has no benchmark of its own
+    assert first.params()["prior_1.data.own_benchmark"] == "facts"
+    assert ift.params()["ift.data.own_benchmark"] == "data/math.jsonl"
+    assert Phase.from_dict(json.loads(json.dumps(first.to_dict()))) == first
+    with_restoration = TrialConfig(**TRIAL, restore_pool="p.jsonl", benchmarks=trial.benchmarks,
+                                   prior_phases=trial.prior_phases)
+    assert [p.name for p in fine_tuning_steps(plan(with_restoration))] == \
+        ["prior_1", "prior_2", "ift"]  # steps t = 1..T; the restorations are no fine-tuning step
+    assert TrialConfig.from_dict(trial.to_dict()) == trial
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(own_benchmark="mmlu"), r"setting 'own_benchmark' must be one of the trial's benchmarks \['facts'\]"),
+    (dict(prior_phases=[{"dataset": "a", "epochs": 1, "own_benchmark": "mmlu"}]),
+     r"setting 'prior_phases'\[0\]: own_benchmark must be one of the trial's benchmarks \['facts'\].*'mmlu'"),
+    (dict(prior_phases=[{"dataset": "a", "epochs": 1, "own_benchmark": 3}]),
+     r"setting 'prior_phases'\[0\]: setting 'own_benchmark' must be str"),
+])
+def test_own_benchmark_must_name_one_of_the_trials_benchmarks(settings, message):
+    with pytest.raises(SpecError, match=message):
+        TrialConfig(benchmarks=["facts"], **settings)
