@@ -5,7 +5,9 @@
    workers run `train.worker.phase_worker` under DeepSpeed: the prior fine-tuning phases with the IFT phase (a
    checkpoint per epoch; the base model's probes and the restoring set are computed there, once per sweep), then
    the restorations of the IFT checkpoints, groups concurrently;
-3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`).
+3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`);
+4. continual-learning summaries (METHODS.md §9): once the training phases are done, the matrix a[t][b] is read back
+   from the run and completed, and forgetting per benchmark and backward transfer are logged (`log_continual`).
 
 Every trainer's storage folder is derived from the trial's config hash, so a re-run of the same trial (Tune retry,
 `--resume`) finds Ray Train's snapshots there and continues from the last checkpoints; finished restorations leave a
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import plan as planning
+from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig, flatten
 from forgetray.tracking import Tracker
@@ -137,6 +141,9 @@ def run_trial(config: dict) -> None:
     ok = False
     try:
         _fit(trial, resolved, dirs, context, run_id, "ift", training)
+        # Right after training: the summaries need nothing from the restorations, and a restoration that fails
+        # then does not cost them.
+        log_continual(tracker, run_id, trial, resolved, phases)
         if restorations:
             _restore_all(trial, resolved, dirs, context, run_id, restorations)
             checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
@@ -144,6 +151,49 @@ def run_trial(config: dict) -> None:
         ok = True
     finally:
         tracker.end_run(run_id, ok=ok)
+
+
+def log_continual(tracker: Tracker, run_id: str, trial: TrialConfig, resolved: dict,
+                  phases: list[Phase]) -> dict[str, float]:
+    """Complete the continual-learning matrix and log its summaries at T (returns what it logged).
+
+    a[t][b] = `continual/<b>/knowledge` at step t: t = 0..k were probed by the workers (trials with k prior phases);
+    a[T] (T = k + 1) is the IFT phase's last checkpoint (`sft/<b>/knowledge`) and, without prior phases, a[0] is the
+    base model (`base/<b>/knowledge`): those are logged here under the matrix's name, so the matrix reads from one
+    metric. Then `continual/<b>/forgetting` and `continual/bwt` at step T. What the run already has at a step is not
+    logged again (a re-run of the trial); what is missing (a failed probe) is left out of the summaries."""
+    benches = list(resolved["benchmarks"])  # metric keys, in the order of trial.benchmarks
+    steps = planning.fine_tuning_steps(phases)
+    last = len(steps)  # T
+    cell = {b: registry.CONTINUAL_KNOWLEDGE.name(bench=b) for b in benches}
+    forgetting = {b: registry.CONTINUAL_FORGETTING.name(bench=b) for b in benches}
+    sources = {b: (registry.KNOWLEDGE.name(state="base", bench=b), registry.KNOWLEDGE.name(state="sft", bench=b))
+               for b in benches}
+    history = tracker.metric_history(run_id, [*cell.values(), *forgetting.values(), registry.CONTINUAL_BWT.name(),
+                                              *(name for pair in sources.values() for name in pair)])
+    matrix: list[dict[str, float]] = [{} for _ in range(last + 1)]
+    for bench in benches:
+        for t, value in history[cell[bench]].items():
+            if t <= last:
+                matrix[t][bench] = value
+        base, sft = sources[bench]
+        if last == 1 and 0 in history[base]:
+            matrix[0].setdefault(bench, history[base][0])
+        if trial.epochs in history[sft]:
+            matrix[last][bench] = history[sft][trial.epochs]
+    own = [None] + [benches[trial.benchmarks.index(p.data.own_benchmark)] if p.data.own_benchmark else None
+                    for p in steps]
+    logged: dict[str, float] = {}
+    for t in (0, last):
+        new = {cell[b]: v for b, v in matrix[t].items() if t not in history[cell[b]]}
+        tracker.log_metrics(run_id, new, step=t)
+        logged.update(new)
+    summary = {forgetting[b]: v for b, v in continual.forgetting_by_benchmark(matrix).items()}
+    summary[registry.CONTINUAL_BWT.name()] = continual.backward_transfer(matrix, own)
+    summary = {name: v for name, v in summary.items() if last not in history[name] and math.isfinite(v)}
+    tracker.log_metrics(run_id, summary, step=last)  # undefined (nan: no BWT with T = 1) is not logged
+    logged.update(summary)
+    return logged
 
 
 def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str, name: str,

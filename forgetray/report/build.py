@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from forgetray.report.continual import continual_table, continual_text
 from forgetray.report.figures import FIG3A, FIG3B, FIG3C_GLOB, FIG4, FIG5, Drawn, draw_figures
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
 from forgetray.report.tables import TEXT_COLUMNS, empty_columns, methods_table, report_text, stage_table
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 REPORT_ARTIFACT_PATH = "report"  # where the report's files go on the sweep's parent run
 DEFAULT_RESULTS_DIR = Path("forgetray-results")  # what `forgetray run` uses when given no --tracking-uri
 TABLE_CSV, TABLE_TXT, METHODS_CSV = "stage_table.csv", "stage_table.txt", "methods_table.csv"
+CONTINUAL_CSV = "continual_table.csv"
 
 
 @dataclass
@@ -40,8 +42,8 @@ class Report:
 def _clear_previous(out_dir: Path) -> None:
     """Remove the report's files from an earlier report in out_dir, so a figure skipped now is not left stale
     (and logged again). Other files in out_dir are left alone."""
-    for path in [*(out_dir / name for name in (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV)),
-                 *out_dir.glob(FIG3C_GLOB)]:
+    names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV)
+    for path in [*(out_dir / name for name in names), *out_dir.glob(FIG3C_GLOB)]:
         path.unlink(missing_ok=True)
 
 
@@ -74,10 +76,14 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
         notes.append(f"no stage logged (no restoration?) for: {', '.join(unjudged)}")
 
     methods = methods_table(trials, varying)
-    text = report_text(experiment, parent, trials, varying, table, notes, methods)
+    continual = continual_table(trials, varying)  # empty unless some trial has prior phases
+    text = report_text(experiment, parent, trials, varying, table, notes, methods,
+                       continual_text(continual, varying) if not continual.empty else None)
     table.to_csv(out_dir / TABLE_CSV, index=False)
     if not methods.empty:
         methods.to_csv(out_dir / METHODS_CSV, index=False)
+    if not continual.empty:
+        continual.to_csv(out_dir / CONTINUAL_CSV, index=False)
     (out_dir / TABLE_TXT).write_text(text)
     if log_to_mlflow:
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)

@@ -234,9 +234,10 @@ def methods_text(table: pd.DataFrame) -> str:
 
 
 def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: list[str], table: pd.DataFrame,
-                notes: list[str], methods: pd.DataFrame | None = None) -> str:
+                notes: list[str], methods: pd.DataFrame | None = None, continual: str | None = None) -> str:
     """What `forgetray report` prints (and stage_table.txt holds): the header, the stage table, other benchmarks,
-    the methods table when there is one, each trial's transition epoch and the notes."""
+    the methods table and the continual-learning table (its text) when there are, each trial's transition epoch
+    and the notes."""
     name = parent.data.tags.get("mlflow.runName", parent.info.run_id)
     lines = [f"forgetray report: experiment {experiment!r}, sweep run {name} ({parent.info.run_id}), "
              f"{len(trials)} trial(s)"]
@@ -259,6 +260,11 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
         lines += ["", "mitigation methods at the last checkpoint (CF Table 2 shape; knowledge per benchmark, their "
                       "average and its change from the IFT phase's start; ppl = probing perplexity; flatness = "
                       "mean(SC, AG, MAG)):", methods_text(methods)]
+    if continual:
+        lines += ["", "continual learning (METHODS.md §9): a[t] = knowledge per benchmark after fine-tuning step t "
+                      "(0 = before any, then each prior phase, last = the IFT phase's last checkpoint); forgetting = "
+                      "max over t < T of a[t] - a[T] (signed); BWT = mean over steps with an own benchmark of "
+                      "a[T] - a[t] on it:", continual]
     lines += ["", "transition epoch (first epoch with actual forgetting):"]
     lines += [_transition_line(trial, varying) for trial in trials]
     if notes:

@@ -3,17 +3,26 @@ trial's plan (`forgetray.plan`) that it was given, in turn, on the DeepSpeed eng
 
 The worker starts once (rank, device, logging); each phase then loads its starting weights, its data, builds its
 engine and runs its recipe: `run_prior` here, `forgetray.train.ift.run_ift`, `forgetray.train.restore.run_restore`.
-Every report to Ray Train carries `kind` ("base" | "step" | "epoch" | "prior" | "restore_step" | "restored") and the
-step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`).
+Every report to Ray Train carries `kind` ("base" | "step" | "epoch" | "prior" | "continual" | "restore_step" |
+"restored") and the step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`,
+`ft_step`).
 
 Prior phases hand their weights on in memory; the IFT phase starts from the result, saved once in the trial folder
 (`ift_start/`) so a restarted run does not train the prior phases again.
+
+With prior phases, the model is also probed (knowledge only) before the first and after each of them: the
+continual-learning matrix a[t][b] for t = 0..k (METHODS.md §9), reported as kind "continual" at `ft_step` t. A
+report reaches MLflow asynchronously (Ray Train queues it on the worker), so the probes are also written to the trial
+folder (`continual_probes.json`) before `ift_start/` is, and a run that skips the prior phases reports them again
+from there; the MLflow callback skips the steps a run already has, so they are neither lost nor logged twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch, w
 # epoch's checkpoint ("path:epoch"). Lets tests exercise restart-from-checkpoint without mocking Ray.
 FAIL_ONCE_ENV = "FORGETRAY_FAIL_ONCE"
 IFT_START = "ift_start"  # the trial folder's model after the prior phases (the IFT phase's start)
+CONTINUAL_PROBES = "continual_probes.json"  # the trial folder's a[t][b], t = 0..k (written before IFT_START)
 
 
 @dataclass
@@ -91,22 +101,76 @@ def phase_worker(config: dict) -> None:
                     {k: config.get(k) for k in ("trial_dir", "base_eval_dir", "base_em_dir", "restoring_dir")},
                     dist.get_rank(), dist.get_world_size(), worker_device())
     phases = [Phase.from_dict(p) for p in config["phases"]]
-    last_prior = next((p.name for p in reversed(phases) if p.kind == "prior"), None)
+    priors = [p for p in phases if p.kind == "prior"]
     start_dir = Path(worker.dirs["trial_dir"]) / IFT_START
-    prior_done = (start_dir / "config.json").is_file()  # a restarted run does not train the prior phases again
-    model = None  # the weights a prior phase hands to the next
+    if priors:
+        if (start_dir / "config.json").is_file():  # a restarted run does not train the prior phases again
+            report_saved_probes(worker)
+        else:
+            run_priors(worker, priors, start_dir)
     for phase in phases:
         if phase.kind == "prior":
-            if not prior_done:
-                model = run_prior(worker, phase, model)
-                if phase.name == last_prior:
-                    save_model_dir(model, load_tokenizer(worker.resolved["model"]), start_dir, worker.rank,
-                                   worker.world)
+            continue
         elif phase.kind == "ift":
             start = {"name": "IFT start", "path": str(start_dir)} if start_dir.is_dir() else worker.resolved["model"]
             run_ift(worker, phase, start)
         else:
             run_restore(worker, phase)
+
+
+def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
+    """Train the prior phases in turn (each hands its model to the next), probing the knowledge benchmarks before
+    the first and after each one (fine-tuning steps t = 0..k); save the probes, then the result as `start_dir`."""
+    from forgetray.train.evaluate import ProbeSuite
+
+    tokenizer = load_tokenizer(worker.resolved["model"])
+    suite = ProbeSuite.load(worker.resolved, worker.trial)
+    model, _ = worker.load(worker.resolved["model"], priors[0])  # prior phases refuse ZeRO-3 (spec): no scope
+    # Probed before the engine exists, so the model goes to the worker's device first (the engine would move it).
+    matrix = [probe_step(worker, model.to(worker.device), tokenizer, suite, 0)]
+    for t, phase in enumerate(priors, start=1):
+        model = run_prior(worker, phase, model)
+        matrix.append(probe_step(worker, model, tokenizer, suite, t))
+    if worker.rank == 0:
+        # Complete or absent, and before IFT_START: a run that finds IFT_START finds every probe here.
+        trial_dir = Path(worker.dirs["trial_dir"])
+        with tempfile.NamedTemporaryFile("w", dir=trial_dir, prefix=f".{CONTINUAL_PROBES}-", delete=False) as f:
+            json.dump({"knowledge": matrix}, f, indent=1, sort_keys=True)
+        Path(f.name).rename(trial_dir / CONTINUAL_PROBES)
+    save_model_dir(model, tokenizer, start_dir, worker.rank, worker.world)
+
+
+def probe_step(worker: Worker, model, tokenizer, suite, t: int) -> dict:
+    """a[t][b] for every benchmark (its primary score; knowledge only: no perplexity or EM), reported as
+    `continual/<bench>/knowledge` at fine-tuning step t. Every rank probes its shard; rank 0 returns the values."""
+    import ray.train
+
+    from forgetray.train.evaluate import evaluate
+
+    found, _ = evaluate(model, tokenizer, suite, worker.device, state="base", knowledge_only=True)
+    values = {registry.CONTINUAL_KNOWLEDGE.name(bench=bench): found[registry.KNOWLEDGE.name(state="base", bench=bench)]
+              for bench in suite.benchmarks if worker.rank == 0}
+    ray.train.report(continual_report(t, values))
+    return values
+
+
+def report_saved_probes(worker: Worker) -> None:
+    """Report the probes `run_priors` saved again (a restarted run: the MLflow callback skips steps already logged,
+    and logs any whose first report was lost with the failed run)."""
+    import ray.train
+
+    path = Path(worker.dirs["trial_dir"]) / CONTINUAL_PROBES
+    if not path.is_file():  # a trial folder from before the continual metrics: its prior models are gone
+        logging.getLogger(__name__).warning("%s is missing: the continual metrics of steps 0..k are not reported",
+                                            path)
+        return
+    for t, values in enumerate(json.loads(path.read_text())["knowledge"]):
+        ray.train.report(continual_report(t, values if worker.rank == 0 else {}))
+
+
+def continual_report(t: int, values: dict) -> dict:
+    # epoch 0: the continual probes come before the IFT phase's first epoch, like the prior phases' reports.
+    return {"kind": "continual", "epoch": 0, "ft_step": t, **values}
 
 
 def run_prior(worker: Worker, phase: Phase, model=None):
