@@ -84,15 +84,16 @@ def model(tokenizer):
 
 
 class CountingModel:
-    """Accepts only the call the probes may make, counts calls, and exposes nothing but `.logits` of the output."""
+    """Accepts only keyword calls, counts them, and exposes nothing but `.logits` and `.past_key_values`."""
 
     def __init__(self, model):
         self.model = model
         self.calls = 0
 
-    def __call__(self, *, input_ids, attention_mask):
+    def __call__(self, *, input_ids, attention_mask, **kwargs):
         self.calls += 1
-        return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.past_key_values)
 
 
 # --- the naive reference --------------------------------------------------------------------------------------------
@@ -158,12 +159,13 @@ def _ref_knowledge(model, tokenizer, questions, shots, max_length):
         context = _ids(tokenizer, "Question: " + q.question + "\nAnswer:")
         for choice in q.choices:
             cont = _ids(tokenizer, " " + choice)
-            seq = _ref_truncate(bos, context + cont, max_length)
+            # The model reads context + continuation without its last token (as lm-eval), cut to max_length.
+            seq = _ref_truncate(bos, (context + cont)[:-1], max_length)
             probs = _ref_next_token_probs(model, seq)
             total = 0.0
             for i, token in enumerate(cont):
-                position = len(seq) - len(cont) + i  # where `token` sits; predicted one position earlier
-                total += math.log(float(probs[position - 1, token]))
+                position = len(seq) - len(cont) + i  # predicts `token`
+                total += math.log(float(probs[position, token]))
             logprobs.append(total)
         row["acc_pred"] = int(np.argmax(logprobs))
         row["acc_correct"] = row["acc_pred"] == q.answer
@@ -214,16 +216,16 @@ def test_prompt_formats():
     assert format_option_continuations(q) == [" yes", " no", " maybe"]
 
 
-def test_letter_token_ids_merge_and_skip_variants(tokenizer):
+def test_letter_token_ids_merge_every_piece_of_a_letter(tokenizer):
     both = letter_token_ids(tokenizer, 5)
     assert both == [[_ids(tokenizer, " " + L)[0], _ids(tokenizer, L)[0]] for L in "ABCDE"]
     assert all(len(set(v)) == 2 for v in both)
 
-    # A stand-in tokenizer: " A" and "A" are the same token (deduplicated), " B" is two tokens (skipped),
-    # and neither form of "C" is a single token (an error).
-    table = {" A": [5], "A": [5], " B": [6, 7], "B": [8], " C": [9, 10], "C": [11, 12]}
-    fake = lambda texts, add_special_tokens: {"input_ids": [table[t] for t in texts]}  # noqa: E731
-    assert letter_token_ids(fake, 2) == [[5], [8]]
+    # A stand-in vocabulary: "▁A", "ĠA", " A" and "A" all count for A; B has only its bare piece; "AB" and "<0x43>"
+    # are not letters; C has no piece (an error).
+    vocab = {"\u2581A": 7, "\u0120A": 5, " A": 9, "A": 3, "B": 8, "AB": 4, "<0x43>": 11, "\u2581\u2581C": 12}
+    fake = SimpleNamespace(get_vocab=lambda: vocab)
+    assert letter_token_ids(fake, 2) == [[5, 7, 9, 3], [8]]
     with pytest.raises(ValueError, match="'C'"):
         letter_token_ids(fake, 3)
 
@@ -279,10 +281,8 @@ def test_sharded_knowledge_merges_to_the_unsharded_result(model, tokenizer):
         calls.append(counting.calls)
     assert [len(f) for f in frames] == [3, 2, 2]
     assert frames[1]["index"].tolist() == [1, 4]  # rank::world, with the padding copy dropped
-    # Every rank makes the same number of forward calls (ZeRO-3): 2 letter batches of 2 (3 questions, one of them a
-    # padding copy on ranks 1 and 2), then 6 option batches of 2 although the ranks have 12, 8 and 12 option
-    # sequences (rank 1 alone would stop after 4).
-    assert calls == [8, 8, 8]
+    # Every rank makes the same number of forward calls (ZeRO-3), although rank 0 has one question more.
+    assert len(set(calls)) == 1
 
     merged = merge_shards(frames[::-1])
     assert merged["id"].tolist() == [q.id for q in QUESTIONS]
@@ -312,7 +312,7 @@ def test_probe_knowledge_rejects_what_it_cannot_score(model, tokenizer):
     # Every rank raises, also the one whose share does not hold the question, before any forward call.
     for rank in range(2):
         counting = CountingModel(model)
-        with pytest.raises(ValueError, match="'long'.*max_length"):
+        with pytest.raises(ValueError, match="'long/option'.*max_length"):
             probe_knowledge(counting, tokenizer, [QUESTIONS[0], long_choice], max_length=20, shard=(rank, 2))
         assert counting.calls == 0
     with pytest.raises(ValueError, match="n_shot=3"):
@@ -326,6 +326,26 @@ def test_shard_indices():
     assert shard_indices(0, (0, 2)) == ([], 0)
     with pytest.raises(ValueError):
         shard_indices(5, (3, 3))
+
+
+@pytest.mark.parametrize("n_shot", [0, 3])
+def test_organism_frame_is_unchanged(test_organism, n_shot):
+    """The organism's knowledge frame equals the old implementation's (one unbatched forward per letter prompt and
+    per option, [BOS] + tokens, " A"/"A" merged): the organism keeps prepending BOS (bos="always")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetray.organism.paths import data_path, model_path
+
+    questions = load_mc_jsonl(data_path("organism-facts", test_organism))[: 12 + n_shot]
+    shots, scored = questions[:n_shot], questions[n_shot:]
+    path = model_path("organism-tiny", test_organism)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    frame = probe_knowledge(model, tokenizer, scored, batch_size=5, max_length=256, n_shot=n_shot, shots=shots)
+    reference = []
+    for q in scored:
+        picked = sorted(shots, key=lambda s: s.subject != q.subject)[:n_shot]
+        reference += _ref_knowledge(model, tokenizer, [q], picked, 256)
+    _assert_matches_reference(frame, reference)
 
 
 # --- perplexity probe -----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The knowledge probe (METHODS.md §3): each multiple-choice question scored two ways in one pass over the model.
 
 - Letter scoring (MMLU): at the first answer position of the letter prompt, the option letters' probabilities
-  (" A" and "A" variants merged) give the prediction, P_fmt and the two entropies.
+  (" A" and "A" variants merged) give the prediction, P_fmt and the two entropies; lm-eval's MMLU rule (the best
+  continuation among " A", " B", ...) is `letter_rule="lm_eval"`.
 - Option likelihood (lm-eval's acc / acc_norm): each choice scored as a continuation of the question.
 
 One row per question (KNOWLEDGE_COLUMNS); `summarize_knowledge` averages them and `merge_shards` puts the frames of
@@ -13,16 +14,17 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from forgetray import metrics
-from forgetray.data.questions import MCQuestion
-from forgetray.probes.prompts import (format_letter_prompt, format_option_context, format_option_continuations,
-                                      select_shots)
+from forgetray.data.questions import LETTERS, MCPrompt, MCQuestion
+from forgetray.probes.prompts import (format_letter_prompt, format_letter_question, format_option_context,
+                                      format_option_continuations, select_shots)
+from forgetray.probes.scoring import score_shares
 from forgetray.probes.shards import shard_indices
-from forgetray.probes.tokens import (bos_prefix, check_sizes, encode, forward, letter_token_ids, padding_id,
-                                     truncate_left)
+from forgetray.probes.tokens import bos_prefix, check_sizes, encode, letter_token_ids, truncate_left
 
 # Columns of probe_knowledge's frame: `index` is the question's position in the full list (merge_shards sorts by it).
 KNOWLEDGE_COLUMNS = (
@@ -43,6 +45,9 @@ KNOWLEDGE_COLUMNS = (
 )
 
 
+LETTER_RULES = ("merged", "lm_eval")
+
+
 @torch.no_grad()
 def probe_knowledge(
     model,
@@ -55,46 +60,49 @@ def probe_knowledge(
     shots: Sequence[MCQuestion] = (),
     device: Any = "cpu",
     shard: tuple[int, int] = (0, 1),
+    bos: str = "always",
+    letter_rule: str = "merged",
 ) -> pd.DataFrame:
     """Score this rank's share of `questions` both ways; one row per question, columns KNOWLEDGE_COLUMNS.
 
-    Letter scoring: at the first answer position of the letter prompt, the option letters' probabilities (variants
-    merged) give letter_pred, p_fmt, entropy_vocab (whole vocabulary) and entropy_options (options renormalised).
-    Option likelihood: each choice is scored as a continuation of the question (summed token log-probs in
-    option_logprobs); acc_pred is their argmax, acc_norm_pred the argmax after dividing by the choice's length in
-    characters (the choice text without the leading space, as lm-eval).
+    Letter scoring: at the first answer position of the letter prompt, the option letters' probabilities (every
+    vocabulary piece of a letter merged, `letter_token_ids`) give p_fmt, entropy_vocab (whole vocabulary) and
+    entropy_options (options renormalised); letter_pred is their argmax with `letter_rule="merged"` (forgetray's,
+    METHODS.md §3), or with "lm_eval" the argmax of the log-likelihood of the continuations " A", " B", ... (lm-eval's
+    MMLU). Option likelihood: each choice is scored as the continuation " {choice}" of the question (summed token
+    log-probs in option_logprobs); acc_pred is their argmax, acc_norm_pred the argmax after dividing by the
+    choice's length in characters (without the leading space, as lm-eval). `bos` is the BOS rule (`tokens.
+    encode_contexts`): "always" for the organism, trained with BOS; "auto" for real models, as lm-eval.
+    Both prompts of a question go through `scoring.score_shares` in one call: the shots prefix is shared by the
+    questions of a subject and computed once.
     """
+    if letter_rule not in LETTER_RULES:
+        raise ValueError(f"letter_rule must be one of {LETTER_RULES}, got {letter_rule!r}")
     check_sizes(batch_size, max_length)
     questions = list(questions)
     if n_shot < 0:
         raise ValueError(f"n_shot must be >= 0, got {n_shot}")
     shots = list(shots)
+    rank, world = shard
     indices, n_real = shard_indices(len(questions), shard)
-    mine = [questions[i] for i in indices]
-    if not mine:
+    if not questions:
         return pd.DataFrame(columns=list(KNOWLEDGE_COLUMNS))
-    pad_id = padding_id(tokenizer)
-
-    # Checks that look at all questions, not just this rank's, so that every rank fails alike before any forward
-    # call (a rank failing alone would leave the others waiting in ZeRO-3's collectives).
+    # Checked on all questions, not just this rank's, so that every rank fails alike before any forward call (a
+    # rank failing alone would leave the others waiting in ZeRO-3's collectives).
     letter_ids = letter_token_ids(tokenizer, max(len(q.choices) for q in questions))
-    continuations = encode_continuations(tokenizer, questions, max_length)
-
-    prompts = letter_prompts(tokenizer, mine, shots, n_shot, max_length)
-    letters = _letter_scores(model, prompts, mine, letter_ids, batch_size, pad_id, device)
-    # Every rank must run as many option batches as the rank with the most option sequences.
-    world = shard[1]
-    most_sequences = max(sum(len(questions[i].choices) for i in shard_indices(len(questions), (r, world))[0])
-                         for r in range(world))
-    seqs, cont_lengths = option_sequences(tokenizer, mine, [continuations[i] for i in indices], max_length)
-    logprobs = _option_logprobs(model, seqs, cont_lengths, most_sequences, batch_size, pad_id, device)
+    prompts = mc_prompts(questions, shots, n_shot)  # question i: letter prompt 2i, option prompt 2i + 1
+    shares = [[2 * i + j for i in idx[:n] for j in (0, 1)]
+              for idx, n in (shard_indices(len(questions), (r, world)) for r in range(world))]
+    scores = score_shares(model, tokenizer, prompts, shares, rank, bos=bos, batch_size=batch_size,
+                          max_length=max_length, device=device, answer_sets=letter_ids)
 
     rows = []
-    start = 0
     for pos in range(n_real):
-        question, count = mine[pos], len(mine[pos].choices)
-        option_logprobs = logprobs[start : start + count]
-        start += count
+        question, letter, option = questions[indices[pos]], scores[2 * pos], scores[2 * pos + 1]
+        count = len(question.choices)
+        probs = torch.tensor(letter.answer_probs[:count], dtype=torch.float64)  # letters beyond the choices: no
+        option_logprobs = list(option.logprobs)
+        letter_pred = int(probs.argmax()) if letter_rule == "merged" else int(np.argmax(letter.logprobs))
         acc_pred, acc_norm_pred = metrics.option_likelihood_predictions(
             [option_logprobs], [[len(choice) for choice in question.choices]]
         )
@@ -103,8 +111,11 @@ def probe_knowledge(
             "id": question.id,
             "subject": question.subject,
             "answer": question.answer,
-            **letters[pos],
-            "letter_correct": letters[pos]["letter_pred"] == question.answer,
+            "letter_pred": letter_pred,
+            "letter_correct": letter_pred == question.answer,
+            "p_fmt": float(metrics.format_probability(probs)),
+            "entropy_vocab": float(letter.entropy_vocab),
+            "entropy_options": float(metrics.entropy_options(probs)),
             "acc_pred": int(acc_pred[0]),
             "acc_correct": int(acc_pred[0]) == question.answer,
             "acc_norm_pred": int(acc_norm_pred[0]),
@@ -112,6 +123,19 @@ def probe_knowledge(
             "option_logprobs": option_logprobs,
         })
     return pd.DataFrame(rows, columns=list(KNOWLEDGE_COLUMNS))
+
+
+def mc_prompts(questions: Sequence[MCQuestion], shots: Sequence[MCQuestion], n_shot: int) -> list[MCPrompt]:
+    """Each question's letter prompt (prefix: its solved shots, shared by the questions of a subject; continuations
+    " A", " B", ...) then its option-likelihood prompt (no prefix; continuations " {choice}")."""
+    out = []
+    for q in questions:
+        solved = format_letter_prompt(q, select_shots(q, shots, n_shot))[: -len(format_letter_question(q))]
+        out.append(MCPrompt(f"{q.id}/letter", solved, format_letter_question(q),
+                            tuple(f" {LETTERS[k]}" for k in range(len(q.choices))), q.answer, subject=q.subject))
+        out.append(MCPrompt(f"{q.id}/option", "", format_option_context(q), tuple(format_option_continuations(q)),
+                            q.answer, subject=q.subject))
+    return out
 
 
 def letter_prompts(tokenizer, questions: Sequence[MCQuestion], shots: Sequence[MCQuestion], n_shot: int,
@@ -139,9 +163,9 @@ def option_sequences(tokenizer, questions: Sequence[MCQuestion], continuations: 
                      max_length: int) -> tuple[list[list[int]], list[int]]:
     """Context + continuation for every choice, flattened in question order, and each continuation's length.
 
-    Context and continuation are tokenized separately and concatenated, so the scored tokens are exactly the
-    continuation's.
-    """
+    Context and continuation tokenized separately and concatenated: the bench's plain baseline
+    (bench/throughput_probes.py); the probe itself tokenizes as lm-eval (`tokens.encode_pairs`), the same tokens
+    for byte-level BPE with a leading space."""
     bos = bos_prefix(tokenizer)
     contexts = encode(tokenizer, [format_option_context(q) for q in questions])
     seqs, cont_lengths = [], []
@@ -150,49 +174,6 @@ def option_sequences(tokenizer, questions: Sequence[MCQuestion], continuations: 
             seqs.append(truncate_left(bos, context + cont, max_length))
             cont_lengths.append(len(cont))
     return seqs, cont_lengths
-
-
-def _letter_scores(model, prompts: list[list[int]], questions: list[MCQuestion], letter_ids: list[list[int]],
-                   batch_size: int, pad_id: int, device: Any) -> list[dict[str, float | int]]:
-    """Per question: letter_pred, p_fmt, entropy_vocab, entropy_options at the first answer position."""
-    scores: list[dict[str, float | int]] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        logits = forward(model, batch, pad_id, device)
-        # Only the logits at each prompt's last token (which predict the answer letter) are kept.
-        rows = torch.arange(len(batch), device=logits.device)
-        last = torch.tensor([len(seq) - 1 for seq in batch], device=logits.device)
-        at_answer = logits[rows, last].float()
-        option_probs = metrics.letter_probabilities(at_answer, letter_ids).cpu()
-        h_vocab = metrics.entropy_vocab(at_answer).cpu()
-        for j, question in enumerate(questions[start : start + batch_size]):
-            probs = option_probs[j, : len(question.choices)]  # letters beyond this question's choices do not count
-            scores.append({
-                "letter_pred": int(probs.argmax()),
-                "p_fmt": float(metrics.format_probability(probs)),
-                "entropy_vocab": float(h_vocab[j]),
-                "entropy_options": float(metrics.entropy_options(probs)),
-            })
-    return scores
-
-
-def _option_logprobs(model, seqs: list[list[int]], cont_lengths: list[int], n_sequences: int, batch_size: int,
-                     pad_id: int, device: Any) -> list[float]:
-    """Summed log-prob of every sequence's continuation, in order; padding copies of the first sequence bring the
-    count up to `n_sequences` (run, then dropped)."""
-    n_real = len(seqs)
-    seqs = seqs + [seqs[0]] * (n_sequences - n_real)
-    cont_lengths = cont_lengths + [cont_lengths[0]] * (n_sequences - n_real)
-
-    sums: list[float] = []
-    for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        logits = forward(model, batch, pad_id, device)
-        for j, seq in enumerate(batch):
-            n, c = len(seq), cont_lengths[start + j]
-            # Logits at position t predict token t + 1: the continuation's tokens n-c..n-1 come from n-c-1..n-2.
-            sums.append(float(metrics.token_logprobs(logits[j, n - c - 1 : n - 1], seq[n - c :]).sum()))
-    return sums[:n_real]
 
 
 def summarize_knowledge(df: pd.DataFrame) -> dict[str, float]:

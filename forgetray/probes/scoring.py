@@ -65,19 +65,29 @@ def score_prompts(
     answer_sets: Sequence[Sequence[int]] | None = None,
 ) -> list[PromptScore]:
     """Score this rank's share of `prompts` (see the module docstring)."""
+    world = shard[1]
+    shares = [idx[:n] for idx, n in (shard_indices(len(prompts), (r, world)) for r in range(world))]
+    return score_shares(model, tokenizer, prompts, shares, shard[0], bos=bos, batch_size=batch_size,
+                        max_length=max_length, device=device, answer_sets=answer_sets)
+
+
+@torch.no_grad()
+def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence[Sequence[int]], rank: int, *,
+                 bos: str = "auto", batch_size: int = 32, max_length: int = 2048, device: Any = "cpu",
+                 answer_sets: Sequence[Sequence[int]] | None = None) -> list[PromptScore]:
+    """`score_prompts` with the shares given: rank r scores prompts shares[r], in that order (a caller that shards
+    by something else than prompts, e.g. by question with two prompts each). Every rank makes as many forward calls
+    as the busiest; every prompt is checked on every rank before any call."""
     check_sizes(batch_size, max_length)
     check_bos(bos)
     prompts = list(prompts)
     requests = tokenize(tokenizer, prompts, bos, max_length)  # every prompt, so that every rank fails alike
-    world = shard[1]
-    shares = [shard_indices(len(prompts), (r, world)) for r in range(world)]
-    mine = [i for i in shares[shard[0]][0][: shares[shard[0]][1]]]
+    mine = list(shares[rank])
     keep_head = _keep_head(tokenizer, bos)
-    plans = {r: passes.plan_groups([requests[i] for i in idx[:n]], batch_size, max_length, keep_head)
-             for r, (idx, n) in enumerate(shares) if world > 1 or r == shard[0]}
+    plans = {r: passes.plan_groups([requests[i] for i in share], batch_size, max_length, keep_head)
+             for r, share in enumerate(shares) if len(shares) > 1 or r == rank}
     most_calls = max(plan.n_calls for plan in plans.values())
-    plan = plans[shard[0]]
-    results = passes.run(model, plan, padding_id(tokenizer), device, answer_sets, most_calls)
+    results = passes.run(model, plans[rank], padding_id(tokenizer), device, answer_sets, most_calls)
     out = []
     for local, i in enumerate(mine):
         logprobs, greedy, answer = results[local]
