@@ -192,11 +192,12 @@ class Bench:
                 idx = order[step * self.batch:(step + 1) * self.batch].tolist()
                 for m in range(self.args.grad_accum):
                     part = idx[m * self.args.micro_batch:(m + 1) * self.args.micro_batch]
-                    batch = {k: v.to(self.device) for k, v in collate([data[i] for i in part], 0).items()}
+                    host = collate([data[i] for i in part], 0)
+                    tokens += int(host["attention_mask"].sum())  # counted on the host: no GPU sync per micro-batch
+                    batch = {k: v.to(self.device) for k, v in host.items()}
                     loss = model(**batch).loss
                     (loss / self.args.grad_accum).backward()
                     losses.append(loss.detach().float())
-                    tokens += int(batch["attention_mask"].sum())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             float(torch.stack(losses).mean())  # like train_epoch: the losses reach the host
@@ -306,7 +307,11 @@ def one_group(bench: Bench, z: int, with_sam: bool) -> list[dict]:
         if with_sam:
             sides[f"sam/off/z{z}"] = bench.forgetray_side(engine, bench.phase(z, bench.args.rho), False, "SAM")
         resident = torch.cuda.memory_allocated() / 2**30 if bench.device.type == "cuda" else 0.0
-        return make_rows(bench, z, bench.group(sides), resident, with_sam)
+        t0 = time.perf_counter()
+        rows = make_rows(bench, z, bench.group(sides), resident, with_sam)
+        print(f"ZeRO-{z} group: warm-up + {bench.args.rounds} rounds in {time.perf_counter() - t0:.0f} s; tokens/s "
+              + ", ".join(f"{r['key']} {r['tok_s']:,.0f}" for r in rows), flush=True)  # progress, if killed later
+        return rows
     finally:
         engine.destroy()  # DeepSpeed's hooks and buffers (ZeRO-3's above all) go with it
 
