@@ -1,6 +1,6 @@
-"""The mitigation methods in a real sweep (local Ray, Ray Train + DeepSpeed ZeRO-2, sqlite MLflow): a prior stage,
-then a stage with SAM, rehearsal, Wise-FT and the flatness surface at every checkpoint; checked against the saved
-weights and independent computations."""
+"""The mitigation methods in a real sweep (local Ray, Ray Train + DeepSpeed ZeRO-2, sqlite MLflow): prior phases,
+then an IFT phase with or without SAM, with rehearsal, Wise-FT and the flatness surface at every checkpoint; checked
+against the saved weights and independent computations."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_session):
+    """Two trials equal but for the IFT phase's SAM (rho 0 and 0.05), side by side: the same prior phases give
+    bit-identical IFT starts, SAM changes the trained weights and the loss, and the methods act as documented."""
     import ray
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forgetray import Sweep, flatness, run
+    from forgetray import Sweep, flatness, grid, run
 
     ray.init(num_cpus=2, include_dashboard=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -30,39 +32,71 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
         "methods", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2, lr=3e-3,
         batch_size=8, max_length=256, workers=1, zero_stage=2, benchmarks=[str(fixture_files["benchmark"])],
         probe_set=str(fixture_files["probe_set"]), probe_passages=16,
-        # Two prior stages, the second with its own method switch: engines are rebuilt on the same module.
-        prior_stages=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3},
+        # Two prior phases, the second with its own method switch: engines are rebuilt on the same module.
+        prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3},
                       {"dataset": str(fixture_files["dataset"]), "epochs": 1, "sam_rho": 0.05}],
-        sam_rho=0.05, rehearsal_ratio=0.25, wiseft_alpha=0.5, flatness_grid=5, flatness_batch=4,
+        sam_rho=grid([0.0, 0.05]), rehearsal_ratio=0.25, wiseft_alpha=0.5, flatness_grid=5, flatness_batch=4,
     )
     run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("methods")
-    (trial,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("forgetray.kind") == "trial"]
-    assert trial.info.status == "FINISHED"
-    history = {k: [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, k)]
-               for k in ("train/examples", "sft/flatness/sc", "sft/flatness/ag", "sft/flatness/mag", "sft/flatness/flatness",
-                         "prior/stage_1/epoch_001/train_loss", "prior/stage_2/epoch_001/train_loss")}
-    # Rehearsal: the stage trains on its own examples plus the replayed quarter of the prior stage's.
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("forgetray.kind") == "trial"]
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
+    by_rho = {float(t.data.params["trial.sam_rho"]): t for t in trials}
+    assert sorted(by_rho) == [0.0, 0.05]
+    # Each trial's folder, found through the MLflow run id it stores.
+    dirs = {(d / "mlflow_run_id").read_text().strip(): d
+            for d in (tmp_path / "storage").glob("methods/*/trials/*") if (d / "mlflow_run_id").is_file()}
+    assert len(dirs) == 2
+    trial_dirs = {rho: dirs[t.info.run_id] for rho, t in by_rho.items()}
+
+    def metric_history(trial, names):
+        return {k: [(m.step, m.value) for m in client.get_metric_history(trial.info.run_id, k)] for k in names}
+
+    names = ("train/examples", "train/loss", "sft/flatness/sc", "sft/flatness/ag", "sft/flatness/mag",
+             "sft/flatness/flatness", "prior/1/train/loss", "prior/2/train/loss")
+    histories = {rho: metric_history(t, names) for rho, t in by_rho.items()}
+    trial, history, trial_dir = by_rho[0.05], histories[0.05], trial_dirs[0.05]
+    # Rehearsal: the phase trains on its own examples plus the replayed quarter of the prior phase's.
     replayed = replay_count(n_examples, 0.25)
     assert replayed == 10 and history["train/examples"] == [(1, n_examples + replayed), (2, n_examples + replayed)]
-    for stage in (1, 2):
-        assert len(history[f"prior/stage_{stage}/epoch_001/train_loss"]) == 1
+    for k in (1, 2):
+        # one epoch per prior phase, logged at step = that phase's epoch, the same in both trials (deterministic)
+        assert [step for step, _ in history[f"prior/{k}/train/loss"]] == [1]
+        assert histories[0.0][f"prior/{k}/train/loss"] == history[f"prior/{k}/train/loss"]
 
-    trial_dir = next((tmp_path / "storage").glob("methods/*/trials/*"))
-    start = AutoModelForCausalLM.from_pretrained(trial_dir / "stage_start")
+    start = AutoModelForCausalLM.from_pretrained(trial_dir / "ift_start")
     base = AutoModelForCausalLM.from_pretrained(fixture_files["model"])
-    assert not torch.equal(start.lm_head.weight, base.lm_head.weight), "the prior stage did not train"
+    assert not torch.equal(start.lm_head.weight, base.lm_head.weight), "the prior phases did not train"
+    # Both trials trained the same prior phases on one CPU each: their IFT starts are bit-identical.
+    plain_start = AutoModelForCausalLM.from_pretrained(trial_dirs[0.0] / "ift_start").state_dict()
+    start_state = start.state_dict()
+    assert plain_start.keys() == start_state.keys()
+    for name, value in start_state.items():
+        assert torch.equal(value, plain_start[name]), name
+
+    def trained_weights(rho, epoch):
+        ckpt = trial_dirs[rho] / "ift" / f"epoch_{epoch:03d}"
+        return torch.load(next((ckpt / "deepspeed" / "state").glob("mp_rank_00_model_states.pt")),
+                          weights_only=False)["module"]
+
+    # SAM acted: from identical starts, the trained weights after IFT epoch 1 differ far beyond float noise (twins
+    # with the same start and settings differ by 0), and so does the logged training loss.
+    with_sam, without = trained_weights(0.05, 1), trained_weights(0.0, 1)
+    assert with_sam.keys() == without.keys()
+    difference = max(float((with_sam[k].float() - without[k].float()).abs().max()) for k in with_sam)
+    assert difference > 1e-4, f"SAM and plain IFT left (almost) the same weights: max |diff| = {difference}"
+    loss_sam, loss_plain = dict(history["train/loss"]), dict(histories[0.0]["train/loss"])
+    assert sorted(loss_sam) == sorted(loss_plain) == [1, 2]
+    assert abs(loss_sam[1] - loss_plain[1]) > 1e-6, (loss_sam, loss_plain)
 
     for epoch in (1, 2):
         ckpt = trial_dir / "ift" / f"epoch_{epoch:03d}"
-        # Wise-FT: the checkpoint's model is the even mix of the stage's start and the trained weights, which the
+        # Wise-FT: the checkpoint's model is the even mix of the phase's start and the trained weights, which the
         # DeepSpeed state holds (training continues from those).
-        trained = torch.load(next((ckpt / "deepspeed" / "state").glob("mp_rank_00_model_states.pt")),
-                             weights_only=False)["module"]
+        trained = trained_weights(0.05, epoch)
         mixed = AutoModelForCausalLM.from_pretrained(ckpt / "model").eval()
-        start_state = start.state_dict()
         for name, value in mixed.state_dict().items():
             expected = 0.5 * start_state[name].float() + 0.5 * trained[name].float()
             assert torch.allclose(value, expected, atol=1e-6), name

@@ -6,6 +6,7 @@ Everything is read back with the MLflow client and checked against independent c
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -41,13 +42,77 @@ def steps(uri, run_id, metric):
     return sorted(m.step for m in client(uri).get_metric_history(run_id, metric))
 
 
+# The Stanford Alpaca prompt templates, written out here (not imported) for the independent token count.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def alpaca_epoch_tokens(path, tokenizer, max_length):
+    """Tokens in one IFT epoch of an Alpaca JSONL file: per example [BOS] + prompt ids + response ids + [EOS]
+    (prompt and response tokenized separately), cut to max_length; examples left without a response token (the
+    response's ids and its EOS) are dropped."""
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
+        prompt = tokenizer(template.format(instruction=record["instruction"], input=record.get("input", "")),
+                           add_special_tokens=False)["input_ids"]
+        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        ids = [tokenizer.bos_token_id] + prompt + response + [tokenizer.eos_token_id]
+        if 1 + len(prompt) >= max_length:
+            continue  # nothing of the response (nor its EOS) survives the cut
+        total += min(len(ids), max_length)
+    return total
+
+
+def exact_mcnemar(reference, other):
+    """Two-sided exact McNemar test of `other` against `reference` (per-question correctness): an exact binomial
+    test of the discordant pairs against Binomial(n_discordant, 1/2). Returns (p, acc(other) - acc(reference))."""
+    reference, other = [bool(x) for x in reference], [bool(x) for x in other]
+    gained = sum(1 for r, o in zip(reference, other) if not r and o)
+    lost = sum(1 for r, o in zip(reference, other) if r and not o)
+    n = gained + lost
+    if n == 0:
+        return 1.0, 0.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1))
+    return min(1.0, 2 * tail / 2**n), (gained - lost) / len(reference)
+
+
+N_QUESTIONS = 40  # the restoration test's benchmark
+STAGE_CODE = {"not_restored": -1, "no_forgetting": 0, "pseudo_forgetting": 1, "actual_forgetting": 2}
+
+
+def expected_stage(base, sft, restored, base_ppl, restored_ppl, alpha=0.05, ppl_tolerance=0.05):
+    """METHODS.md §4 / README step 8, recomputed: not restored if R_e's probing PPL exceeds (1 + tol) x base's;
+    else actual if R_e dropped, pseudo if only SFT_e dropped, no otherwise (drop = lower accuracy and p < alpha)."""
+    p_sft, d_sft = exact_mcnemar(base, sft)
+    p_restored, d_restored = exact_mcnemar(base, restored)
+    if not restored_ppl <= (1 + ppl_tolerance) * base_ppl:  # a nan perplexity is not restored either
+        stage = "not_restored"
+    elif d_restored < 0 and p_restored < alpha:
+        stage = "actual_forgetting"
+    elif d_sft < 0 and p_sft < alpha:
+        stage = "pseudo_forgetting"
+    else:
+        stage = "no_forgetting"
+    return stage, p_sft, p_restored
+
+
 def test_two_trial_sweep_with_two_deepspeed_workers(tmp_path, fixture_files, hub_model, ray_session):
     import ray
 
     from forgetray import Sweep, grid, run
     from forgetray.data.questions import load_mc_jsonl
     from forgetray.probes import probe_knowledge, summarize_knowledge
-    from forgetray.train.loop import FAIL_ONCE_ENV
+    from forgetray.train.worker import FAIL_ONCE_ENV
 
     marker = tmp_path / "failed-once"
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
@@ -174,18 +239,30 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, us
 def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files, ray_session):
     """IFT -> every epoch checkpoint restored (concurrently) -> stages -> report, all from one real tiny sweep."""
     import datasets
+    from fixtures import make_benchmark_file, make_pool_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fixtures import make_pool_file
     from forgetray import Sweep, run
-    from forgetray.data.instruct import tokenize_dataset
-    from forgetray.models import load_tokenizer
+    from forgetray.data.questions import load_mc_jsonl
+    from forgetray.probes import probe_knowledge
     from forgetray.report import build_report
 
     pool = make_pool_file(tmp_path / "pool.jsonl", n=800)
+    # A benchmark the base model answers (its own letter predictions are the answers), so that fine-tuning can
+    # make it forget significantly and the stage rule has drops to judge (a random model's 25% cannot drop).
+    benchmark = make_benchmark_file(tmp_path / "bench.jsonl", n=N_QUESTIONS)
+    base_model = AutoModelForCausalLM.from_pretrained(fixture_files["model"]).eval()
+    with torch.no_grad():
+        base_frame = probe_knowledge(base_model, AutoTokenizer.from_pretrained(fixture_files["model"]),
+                                     load_mc_jsonl(benchmark), batch_size=5, max_length=256)
+    records = [json.loads(line) for line in benchmark.read_text().splitlines()]
+    for record, predicted in zip(records, base_frame.sort_values("index")["letter_pred"]):
+        record["answer"] = int(predicted)
+    benchmark.write_text("".join(json.dumps(r) + "\n" for r in records))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = Sweep(
         "restore-e2e", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=3, lr=3e-3,
-        batch_size=8, max_length=256, benchmarks=[str(fixture_files["benchmark"])],
+        batch_size=8, max_length=256, benchmarks=[str(benchmark)],
         probe_set=str(fixture_files["probe_set"]), probe_passages=16, restore_pool=str(pool), restore_lr=1e-3,
         restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=3, early_checkpoints=2,
         restore_group=2,  # epochs 1-2 restored in turn by one trainer, epoch 3 by another, concurrently
@@ -206,24 +283,48 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
     # fine-grained probes inside epoch 1 sit between base (step 0) and the end of epoch 1 (5 steps of 8 of 40)
     assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10, 15]
     tags = client(uri).get_run(run_id).data.tags
-    assert {tags[f"forgetray.stage.epoch_00{e}"] for e in (1, 2, 3)} <= {
-        "no_forgetting", "pseudo_forgetting", "actual_forgetting", "not_restored"}
-    assert "forgetray.transition_epoch" in tags
+    assert tags["forgetray.stage_benchmark"] == "bench"
 
-    # The restoring set holds exactly one IFT epoch's tokens (counted independently here).
+    # The restoring set holds exactly one IFT epoch's tokens, counted here from the JSONL with the HF tokenizer.
     restoring_dir = next((tmp_path / "storage").glob("restore-e2e/*/restoring/*/dataset")).parent
-    tokenizer = load_tokenizer({"name": "m", "path": str(fixture_files["model"])})
-    ift = tokenize_dataset({"kind": "local", "name": "d", "path": str(fixture_files["dataset"])}, tokenizer, 256)
+    tokenizer = AutoTokenizer.from_pretrained(fixture_files["model"])
+    ift_tokens = alpaca_epoch_tokens(fixture_files["dataset"], tokenizer, max_length=256)
     restoring = datasets.load_from_disk(str(restoring_dir / "dataset"))
-    assert sum(len(ids) for ids in restoring["input_ids"]) == sum(len(ids) for ids in ift["input_ids"])
+    assert ift_tokens > 0 and sum(len(ids) for ids in restoring["input_ids"]) == ift_tokens
+    assert json.loads((restoring_dir / "summary.json").read_text())["budget"] == ift_tokens
 
-    # The logged deltas equal what the per-question artifact says (an independent recomputation).
+    # Every checkpoint's stage, recomputed from the per-question artifact and the logged probing PPLs with the rule
+    # written above (no forgetray code): the stage tags, stage/code, the p-values and the transition epoch agree.
     art = client(uri).download_artifacts(run_id, "stages/per_question_bench.parquet", str(tmp_path))
     per_question = pd.read_parquet(art)
+    history = {name: {m.step: m.value for m in client(uri).get_metric_history(run_id, name)} for name in (
+        "base/probe/ppl", "restored/probe/ppl", "base/bench/knowledge", "sft/bench/knowledge",
+        "restored/bench/knowledge", "stage/code", "stage/d_sft", "stage/d_restored", "stage/p_sft",
+        "stage/p_restored")}
+    base_ppl = history["base/probe/ppl"][0]
+    mine = {}
+    assert sorted(per_question["epoch"].unique()) == [1, 2, 3]
     for epoch, group in per_question.groupby("epoch"):
-        d_sft = group["sft_correct"].mean() - group["base_correct"].mean()
-        logged = {m.step: m.value for m in client(uri).get_metric_history(run_id, "stage/d_sft")}
-        assert logged[epoch] == pytest.approx(d_sft)
+        group = group.sort_values("index")
+        assert len(group) == N_QUESTIONS and group["index"].is_unique  # every question of the benchmark, once
+        base, sft, restored = (group[c].astype(bool).tolist() for c in ("base_correct", "sft_correct",
+                                                                         "restored_correct"))
+        # the artifact's columns are the states' logged primary scores
+        for state, correct in (("base", base), ("sft", sft), ("restored", restored)):
+            logged = history[f"{state}/bench/knowledge"][0 if state == "base" else epoch]
+            assert logged == pytest.approx(sum(correct) / len(correct)), (state, epoch)
+        stage, p_sft, p_restored = expected_stage(base, sft, restored, base_ppl, history["restored/probe/ppl"][epoch])
+        mine[epoch] = stage
+        assert tags[f"forgetray.stage.epoch_{epoch:03d}"] == stage, epoch
+        assert history["stage/code"][epoch] == STAGE_CODE[stage], epoch
+        assert history["stage/d_sft"][epoch] == pytest.approx((sum(sft) - sum(base)) / len(base))
+        assert history["stage/d_restored"][epoch] == pytest.approx((sum(restored) - sum(base)) / len(base))
+        assert history["stage/p_sft"][epoch] == pytest.approx(p_sft, rel=1e-12)
+        assert history["stage/p_restored"][epoch] == pytest.approx(p_restored, rel=1e-12)
+    # the benchmark gives the rule drops to judge (with no drop at all, most mistakes in the rule would pass)
+    assert set(mine.values()) - {"no_forgetting", "not_restored"}, mine
+    actual = [e for e, stage in sorted(mine.items()) if stage == "actual_forgetting"]
+    assert tags["forgetray.transition_epoch"] == (str(actual[0]) if actual else "none")
 
     report = build_report("restore-e2e", uri, tmp_path / "report")
     assert len(report.stage_table) == 3
