@@ -5,8 +5,8 @@ input: encoding, the BOS rule, left truncation, the padding rule, the one model 
 option-likelihood prompt formats, text only), `shards` (which items a rank evaluates, padded so every rank makes
 the same forward calls), `knowledge` (letter scoring and option likelihood, their summary, merging ranks' frames)
 and `perplexity` (per-passage NLLs and their sum). `scoring` (with `passes`, its forward passes) scores
-`MCPrompt`s as lm-eval does, faster (`score_prompts`); `knowledge` is built on it. The question type and its file format are data, in
-`forgetray.data.questions`. This package re-exports the public names, so callers write `probes.probe_knowledge`.
+`MCPrompt`s as lm-eval does, faster (`score_prompts`); `knowledge` is built on it. The question type and its file
+format are data, in `forgetray.data.questions`. This package re-exports the public names, so callers write `probes.probe_knowledge`.
 """
 
 from forgetray.probes.knowledge import (KNOWLEDGE_COLUMNS, LETTER_RULES, encode_continuations, letter_prompts,
@@ -22,8 +22,8 @@ from forgetray.probes.tokens import (BOS_RULES, bos_prefix, check_sizes, encode,
 
 __all__ = [
     "BOS_RULES", "KNOWLEDGE_COLUMNS", "LETTER_RULES", "PromptScore", "encode_contexts", "encode_pairs", "mc_prompts",
-    "score_prompts", "score_shares", "bos_prefix", "check_sizes", "encode", "encode_continuations", "format_letter_prompt",
-    "format_letter_question", "format_option_context", "format_option_continuations", "forward", "letter_prompts",
+    "score_prompts", "score_shares", "bos_prefix", "check_sizes", "encode", "encode_continuations",
+    "format_letter_prompt", "format_letter_question", "format_option_context", "format_option_continuations", "forward", "letter_prompts",
     "letter_token_ids", "merge_shards", "option_sequences", "pad_right", "padding_id", "passage_nlls",
     "passage_sequences", "probe_knowledge", "probe_perplexity", "select_shots", "sequence_nlls", "shard_indices",
     "summarize_knowledge", "truncate_left",

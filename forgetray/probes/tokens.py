@@ -74,7 +74,8 @@ def encode_contexts(tokenizer, texts: Sequence[str], bos: str) -> list[list[int]
     prefix_text = None if prefix_id is None else tokenizer.decode(prefix_id)
     plain = [prefix_text is not None and text.startswith(prefix_text) for text in texts]
     out: list[list[int]] = [[] for _ in texts]
-    for add_special, rows in ((True, [i for i, p in enumerate(plain) if not p]), (False, [i for i, p in enumerate(plain) if p])):
+    for add_special in (True, False):
+        rows = [i for i, p in enumerate(plain) if p != add_special]
         if rows:
             encoded = tokenizer([texts[i] for i in rows], add_special_tokens=add_special)["input_ids"]
             for i, ids in zip(rows, encoded):
