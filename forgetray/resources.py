@@ -87,20 +87,43 @@ def resolve_dataset(name: str) -> dict:
     return {"kind": "hub", "name": name, "path": name}
 
 
+def is_task_name(name: str) -> bool:
+    """A benchmark by name with its standard protocol (`forgetray.tasks`): "mmlu", or "mmlu@/local/dir"."""
+    from forgetray import tasks
+
+    return name.partition("@")[0] in tasks.names()
+
+
+def expand_suites(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Benchmarks with every named suite ("cf-suite") replaced by its tasks, in order, without repeats."""
+    from forgetray import tasks
+
+    out: list[str] = []
+    for name in names:
+        for one in (tasks.suite(name) if name in tasks.SUITES else (name,)):
+            if one not in out:
+                out.append(one)
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=None)
 def resolve_benchmark(name: str) -> dict:
-    """-> {"name", "path", "default_score", "questions"}; the organism's primary score is option likelihood."""
+    """-> {"name", "kind", "path", "default_score", "scores", "questions"}; the organism's primary score is option
+    likelihood, a task's its protocol's (`Task.primary`)."""
     from forgetray import organism
     from forgetray.data import hub
     from forgetray.data.questions import load_mc_jsonl
 
+    if is_task_name(name):
+        return _resolve_task(name)
     if hub.is_hub_name(name):
         try:
             hub.parse(name, "test")
         except ValueError as exc:
             raise SpecError(f"setting 'benchmarks': {exc}") from None
         # Hub benchmarks are loaded by the workers (on the cluster); MMLU/ARC are scored by letter, as in PS.
-        return {"name": name, "kind": "hub", "path": name, "default_score": "letter", "questions": None}
+        return {"name": name, "kind": "hub", "path": name, "default_score": "letter", "scores": QUESTION_SCORES,
+                "questions": None}
     if organism.is_organism_name(name):
         path = _organism_path(name, "benchmark", "benchmarks")
         # Tiny models know facts but cannot answer by letter (DESIGN.md): option likelihood is the knowledge score.
@@ -116,7 +139,26 @@ def resolve_benchmark(name: str) -> dict:
         raise SpecError(f"setting 'benchmarks': {exc}") from None
     if not questions:
         raise SpecError(f"setting 'benchmarks': {path} has no questions")
-    return {"name": name, "kind": "file", "path": str(path), "default_score": default, "questions": len(questions)}
+    return {"name": name, "kind": "file", "path": str(path), "default_score": default, "scores": QUESTION_SCORES,
+            "questions": len(questions)}
+
+
+QUESTION_SCORES = ("letter", "acc", "acc_norm")  # what probe_knowledge gives a question file or hub benchmark
+
+
+def _resolve_task(name: str) -> dict:
+    """A task: its local data directory is checked here (its rows are read by the workers, as hub data is)."""
+    from forgetray import tasks
+    from forgetray.tasks.base import resolve_source
+
+    task, source = tasks.parse_spec(name)
+    try:
+        local = resolve_source(task.name, source)
+    except FileNotFoundError as exc:
+        raise SpecError(f"setting 'benchmarks': {exc}") from None
+    return {"name": name, "kind": "task", "task": task.name, "path": str(local) if local else task.dataset_path,
+            "local": local is not None, "default_score": task.primary, "scores": tuple(task.scores),
+            "questions": None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,10 +189,12 @@ def resolve_passages(name: str, setting: str = "probe_set") -> dict:
 
 
 def benchmark_key(name: str) -> str:
-    """The short name a benchmark's metrics are logged under: the organism name, or a file's stem."""
+    """The short name a benchmark's metrics are logged under: the task or organism name, or a file's stem."""
     from forgetray import organism
     from forgetray.data import hub
 
+    if is_task_name(name):
+        return name.partition("@")[0]
     if hub.is_hub_name(name):
         return hub.short_name(name)
     return name if organism.is_organism_name(name) else Path(name).name.split(".")[0]
@@ -159,13 +203,21 @@ def benchmark_key(name: str) -> str:
 def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
     """Everything a trial's workers need to find their inputs, as a plain dict (recorded in MLflow params)."""
     benchmarks = {}
-    for name in trial.benchmarks:
+    for name in expand_suites(trial.benchmarks):
         key = benchmark_key(name)
         if key in benchmarks:
             raise SpecError(f"setting 'benchmarks': two benchmarks would both be logged as {key!r}; rename one file")
         bench = dict(resolve_benchmark(name))
         bench["score"] = trial.primary_score_for(name, bench["default_score"])
+        if bench["score"] not in bench["scores"]:
+            raise SpecError(f"setting 'primary_score': {name!r} offers {', '.join(bench['scores'])}, "
+                            f"not {bench['score']!r}")
         benchmarks[key] = bench
+    first = next(iter(benchmarks.values()))
+    if trial.restore_pool and first["score"] == "mc2":
+        raise SpecError("setting 'primary_score': the stage rule pairs per-question correctness on the first benchmark; "
+                        "mc2 is a probability per question, so put another benchmark (or score) first")
+    model = resolve_model(trial.model)
     prior = []
     for i, phase in enumerate(trial.prior_phases):
         try:
@@ -173,7 +225,9 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         except SpecError as e:
             raise SpecError(f"setting 'prior_phases'[{i}]: {e}") from None
     return {
-        "model": resolve_model(trial.model),
+        "model": model,
+        # The probes' BOS rule: the organism was trained with BOS; other models follow their tokenizer, as lm-eval.
+        "bos": trial.bos if trial.bos != "model" else ("always" if model["kind"] == "organism" else "auto"),
         "prior_datasets": prior,  # one per prior phase, in order
         "dataset": resolve_dataset(trial.dataset),
         "benchmarks": benchmarks,

@@ -43,7 +43,9 @@ def grid(values: Iterable[Any]) -> Grid:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "constant")
-KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm")
+KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm", "mc1", "mc2")  # which a benchmark offers: forgetray.resources
+BOS_RULES = ("model", "auto", "always", "never")
+LETTER_RULES = ("merged", "lm_eval")
 STAGE_TESTS = ("mcnemar", "bootstrap")
 
 
@@ -73,8 +75,10 @@ class TrialConfig:
     max_failures: int = 1  # a failed trial restarts from its last checkpoint this many times
     # --- probes (METHODS.md §3) ---
     benchmarks: tuple = ("organism-facts",)  # MC benchmark names or local MMLU-style .jsonl files
-    primary_score: tuple = ()  # per-benchmark primary knowledge score: {"bench": "letter"|"acc"|"acc_norm"}
-    n_shot: int = 0  # in-context examples in the letter-scored prompt
+    primary_score: tuple = ()  # per-benchmark primary knowledge score: {"bench": "letter"|"acc"|"acc_norm"|...}
+    n_shot: int = 0  # in-context examples in the letter-scored prompt of question files (tasks: their own protocol)
+    bos: str = "model"  # BOS before probe prompts: "model" = organism "always", others "auto" (the tokenizer's rule)
+    letter_rule: str = "merged"  # letter scoring of question files: " A"/"A" merged (PS) or "lm_eval" (" A" only)
     probe_set: str = "organism-probe"  # probing-perplexity passages: name or local .jsonl with a "text" field
     probe_passages: int = 500  # how many passages of the probing set are scored
     probe_max_length: int = 256
@@ -247,6 +251,8 @@ def _check_values(cfg: TrialConfig) -> None:
         need(bench in cfg.benchmarks, "primary_score", f"names benchmark {bench!r}, which is not in 'benchmarks'")
         need(score in KNOWLEDGE_SCORES, "primary_score", f"must map to one of {KNOWLEDGE_SCORES}")
     need(0 <= cfg.n_shot <= 25, "n_shot", "must be in [0, 25]")
+    need(cfg.bos in BOS_RULES, "bos", f"must be one of {BOS_RULES}")
+    need(cfg.letter_rule in LETTER_RULES, "letter_rule", f"must be one of {LETTER_RULES}")
     need(bool(cfg.probe_set.strip()), "probe_set", "must name a probing set")
     need(cfg.probe_passages >= 1, "probe_passages", "must be >= 1")
     need(cfg.probe_max_length >= 8, "probe_max_length", "must be >= 8")

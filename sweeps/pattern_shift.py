@@ -1,8 +1,10 @@
 # forgetray run sweeps/pattern_shift.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 """The Pattern-Shifting testbed (PS; METHODS.md §1-4) on Llama-2 7B/13B with Alpaca and Vicuna (ShareGPT) data:
 IFT for 10 epochs with a checkpoint after every epoch and fine-grained probes inside epoch 1, every checkpoint
-restored on Common Crawl text (CC-MAIN-2023-40) ranked by base-model perplexity, probes on MMLU (5-shot, letter
-scored) and ARC-Challenge, each checkpoint classified no / pseudo / actual forgetting. For a GPU cluster:
+restored on Common Crawl text (CC-MAIN-2023-40) ranked by base-model perplexity, probes on MMLU (5-shot from each
+subject's dev split, scored by the answer letter, as lm-eval's mmlu) and ARC-Challenge (lm-eval's arc_challenge:
+option likelihood; PS scored ARC by letter too), each checkpoint classified no / pseudo / actual forgetting on MMLU.
+For a GPU cluster:
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         forgetray run sweeps/pattern_shift.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
@@ -32,8 +34,7 @@ sweep = Sweep(
     warmup_ratio=0.03,
     lr_schedule="cosine",
     early_checkpoints=8,  # format alignment happens within a few steps of epoch 1
-    benchmarks=["hf:cais/mmlu:all@test", "hf:allenai/ai2_arc:ARC-Challenge@test"],
-    n_shot=5,
+    benchmarks=["mmlu", "arc_challenge"],  # forgetray.tasks: hub data (or $FORGETRAY_TASK_DATA) as lm-eval loads it
     probe_set=CC,  # the probing set: the first passages of the stream, excluded from restoring
     probe_passages=10_000,
     probe_max_length=2048,

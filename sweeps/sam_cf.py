@@ -4,7 +4,8 @@ for a GPU cluster. Every model first learns instructions on Alpaca (3 epochs, th
 fine-tunes on one downstream set (ShareGPT, Open-Platypus or MetaMathQA), without SAM for 2 epochs or with SAM for
 1 epoch (the paper's equal-compute comparison: a SAM step costs two passes), over a rho grid, alone and with Wise-FT
 (alpha 0.5 against the Alpaca model) or rehearsal (1% of Alpaca replayed). Forgetting is read against the Alpaca
-model (the IFT phase's start) on MMLU (DK) and ARC-Challenge (Exams), next to each checkpoint's flatness (21 x 21).
+model (the IFT phase's start) on CF's suite (DK, Understanding, Reasoning, Exams and their AVG), next to each
+checkpoint's flatness (21 x 21).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
@@ -36,8 +37,7 @@ def cf_sweep(name: str, **rows) -> Sweep:
         precision="bf16",
         zero_stage=2,
         max_length=512,
-        benchmarks=["hf:cais/mmlu:all@test", "hf:allenai/ai2_arc:ARC-Challenge@test"],
-        n_shot=5,
+        benchmarks=["cf-suite"],  # CF's evaluation suite (docs/benchmarks.md); the report adds its categories
         probe_set="hf:HuggingFaceFW/fineweb:CC-MAIN-2023-40",
         probe_passages=2_000,
         probe_max_length=2048,

@@ -11,7 +11,7 @@ import pytest
 from forgetray.metrics import registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SAMPLE = {"state": "sft", "bench": "mmlu_test", "k": 2, "epoch": 7, "key": None}
+SAMPLE = {"state": "sft", "bench": "mmlu_test", "k": 2, "epoch": 7, "key": None, "group": "stem"}
 
 
 def test_readme_metric_table_is_the_registry():

@@ -33,7 +33,8 @@ FORMAT_KEYS = ("p_fmt", "entropy_vocab", "entropy_options", "knowledge")  # what
 BENCH_SCORES = ("letter_acc", "acc", "acc_norm", "knowledge", "p_fmt", "entropy_vocab", "entropy_options")
 
 _FIELD = re.compile(r"\{(\w+)\}")
-_FIELD_PATTERNS = {"bench": r"[^/]+", "k": r"\d+", "epoch": r"\d{3}"}
+_FIELD_PATTERNS = {"bench": r"[^/]+", "k": r"\d+", "epoch": r"\d{3}", "group": r"[^/]+"}
+CF_KEYS = ("DK", "Understanding", "Reasoning", "Exams", "AVG")  # CF's evaluation categories (METHODS.md §7)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _probe(leaf: str, higher: bool | None, meaning: str, states: tuple[str, ...]
 
 # --- probes of a model state (METHODS.md §3) ---
 LETTER_ACC = _probe("letter_acc", True, "letter-scored accuracy")
-ACC = _probe("acc", True, "option-likelihood accuracy")
+ACC = _probe("acc", True, "accuracy by the log-likelihood of each option's continuation (lm-eval's acc)")
 ACC_NORM = _probe("acc_norm", True, "length-normalised option-likelihood accuracy")
 KNOWLEDGE = _probe("knowledge", True, "the benchmark's primary score (one of the three above)")
 P_FMT = _probe("p_fmt", True, "mean format probability P_fmt")
@@ -92,6 +93,15 @@ ENTROPY_OPTIONS = _probe("entropy_options", None, "mean H_opt (nats)")
 PROBE_PPL = Metric("{state}/probe/ppl", "epoch", False, "probing perplexity")
 PROBE_TOKENS = Metric("{state}/probe/tokens", "epoch", None, "tokens scored for it")
 EM = Metric("{state}/ift/em", "epoch", None, "exact memorization of the IFT data")
+# --- benchmarks by name (forgetray.tasks), beyond acc / acc_norm / knowledge above ---
+MC1 = _probe("mc1", True, "TruthfulQA MC1 accuracy (the single true answer ranked first)")
+MC2 = _probe("mc2", True, "TruthfulQA MC2: mean normalised probability of the true answers")
+ACC_MACRO = _probe("acc_macro", True, "mean of per-subject accuracies (MMLU; acc is the micro mean)")
+GROUP_ACC = Metric("{state}/{bench}/group/{group}/acc", "epoch", True,
+                   "accuracy over a group of the benchmark's subjects (MMLU: stem, humanities, social_sciences, other)")
+CF_CATEGORY = Metric("{state}/cf/{key}", "epoch", True,
+                     "CF's categories: DK, Understanding, Reasoning, Exams (means of their tasks' primary scores), AVG",
+                     keys=CF_KEYS)
 FLATNESS = Metric("{state}/flatness/{key}", "epoch", False,
                   "loss-surface sharpness SC, AG, MAG and their mean, the flatness degree (METHODS.md §7)", ("sft",))
 # --- training (the IFT phase at step = epoch; a restoration at the restored checkpoint's epoch) ---
@@ -132,14 +142,28 @@ CONTINUAL_BWT = Metric("continual/bwt", "fine-tuning step", True,
                        "logged at T")
 
 METRICS: tuple[Metric, ...] = (
-    LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
+    LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, MC1, MC2, ACC_MACRO, GROUP_ACC,
+    CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )
-BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT,
+BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, MC1, MC2, ACC_MACRO,
                                                             ENTROPY_VOCAB, ENTROPY_OPTIONS)}
+
+
+def task_metrics(state: str, bench: str, summary: dict) -> dict[str, float]:
+    """A task's summary (`probes.summarize_task`: score -> value, groups as "group/<name>/acc") as metric names."""
+    out = {}
+    for key, value in summary.items():
+        if key.startswith("group/"):
+            out[GROUP_ACC.name(state=state, bench=bench, group=key.split("/")[1])] = float(value)
+        elif key in BENCH_METRICS:
+            out[BENCH_METRICS[key].name(state=state, bench=bench)] = float(value)
+        else:
+            raise KeyError(f"task summary key {key!r} of {bench!r} is not a declared metric")
+    return out
 
 
 def parse(name: str) -> tuple[Metric, dict[str, str]] | None:

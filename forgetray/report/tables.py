@@ -140,6 +140,10 @@ def methods_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame:
         row.update({bench: value for bench, value in zip(benches, sft)})
         row["average"] = sum(sft) / len(sft) if sft else math.nan
         row["delta"] = row["average"] - (sum(base) / len(base) if base else math.nan)
+        # CF's categories (DK / Understanding / Reasoning / Exams / AVG) when the trial probed their tasks.
+        for key in registry.CF_KEYS:
+            row[f"cf_{key}"] = trial.at(registry.CF_CATEGORY.name(state="sft", key=key), last)
+        row["cf_delta_AVG"] = row["cf_AVG"] - trial.at(registry.CF_CATEGORY.name(state="base", key="AVG"), 0)
         row["ppl"] = trial.at(registry.PROBE_PPL.name(state="sft"), last)
         row["em"] = trial.at(registry.EM.name(state="sft"), last)
         row["flatness"] = trial.at(registry.FLATNESS.name(state="sft", key="flatness"), last)

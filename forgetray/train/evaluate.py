@@ -22,22 +22,36 @@ from forgetray.metrics import em_ratio, exact_memorization, perplexity, registry
 
 @dataclass(frozen=True)
 class ProbeSuite:
-    benchmarks: dict  # name -> {"questions": [MCQuestion], "shots": [MCQuestion], "score": "letter"|"acc"|"acc_norm"}
+    """What a trial probes: `benchmarks` maps a name to either a question benchmark {"questions": [MCQuestion],
+    "shots": [MCQuestion], "score"} or a task {"task": Task, "prompts": [MCPrompt], "score"}; the probing passages;
+    the batching; the BOS rule (resolved: "auto" | "always" | "never") and the letter rule of question benchmarks."""
+
+    benchmarks: dict
     passages: list
     n_shot: int
     batch_size: int
     max_length: int
+    bos: str = "always"
+    letter_rule: str = "merged"
 
     @classmethod
     def load(cls, resolved: dict, trial) -> "ProbeSuite":
+        from forgetray import tasks
+
         benchmarks = {}
         for name, bench in resolved["benchmarks"].items():
+            if bench["kind"] == "task":
+                task = tasks.get(bench["task"])
+                prompts = task.load(bench["path"] if bench.get("local") else None)
+                benchmarks[name] = {"task": task, "prompts": prompts, "score": bench["score"]}
+                continue
             questions = load_questions(bench)
             # k-shot examples are the first k questions, which are then not scored (never a question's own answer).
             shots, scored = questions[: trial.n_shot], questions[trial.n_shot:]
             benchmarks[name] = {"questions": scored, "shots": shots, "score": bench["score"]}
         passages = load_passage_set(resolved["probe_set"], limit=trial.probe_passages)
-        return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length)
+        return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length,
+                   resolved.get("bos", "always"), trial.letter_rule)
 
 
 def load_questions(bench: dict) -> list:
@@ -87,22 +101,35 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
     model.eval()
     with torch.no_grad():
         for name, bench in suite.benchmarks.items():
-            local = probes.probe_knowledge(
-                model, tokenizer, bench["questions"], batch_size=suite.batch_size, max_length=suite.max_length,
-                n_shot=suite.n_shot, shots=bench["shots"], device=device, shard=(rank, world),
-            )
+            if "task" in bench:
+                # A task follows its own protocol: its prompts may be long (MMLU 5-shot), so up to the model's context.
+                local = probes.probe_task(
+                    model, tokenizer, bench["task"], bench["prompts"], bos=suite.bos, batch_size=suite.batch_size,
+                    max_length=_context_length(model, suite.max_length), device=device, shard=(rank, world))
+            else:
+                local = probes.probe_knowledge(
+                    model, tokenizer, bench["questions"], batch_size=suite.batch_size, max_length=suite.max_length,
+                    n_shot=suite.n_shot, shots=bench["shots"], device=device, shard=(rank, world), bos=suite.bos,
+                    letter_rule=suite.letter_rule)
             if world > 1:
                 gathered = [None] * world if rank == 0 else None
                 dist.gather_object(local, gathered, dst=0)
                 local = probes.merge_shards(gathered) if rank == 0 else local
             if rank == 0:
                 frames[name] = local
-                summary = probes.summarize_knowledge(local)
-                for key, value in summary.items():
-                    metrics[registry.BENCH_METRICS[key].name(state=state, bench=name)] = float(value)
+                if "task" in bench:
+                    summary = probes.summarize_task(local, bench["task"])
+                    metrics.update(registry.task_metrics(state, name, summary))
+                    primary = bench["score"]
+                else:
+                    summary = probes.summarize_knowledge(local)
+                    for key, value in summary.items():
+                        metrics[registry.BENCH_METRICS[key].name(state=state, bench=name)] = float(value)
+                    primary = {"letter": "letter_acc"}.get(bench["score"], bench["score"])
                 # The primary knowledge score under one name, so stage analysis needs no per-benchmark logic.
-                primary = {"letter": "letter_acc"}.get(bench["score"], bench["score"])
                 metrics[registry.KNOWLEDGE.name(state=state, bench=name)] = float(summary[primary])
+        if rank == 0:
+            metrics.update(_cf_categories(state, metrics))
         if knowledge_only:
             model.train(was_training)
             return metrics, frames
@@ -131,3 +158,22 @@ def format_metrics(metrics: dict) -> dict:
         if found and found[0].pattern.startswith("{state}/{bench}/") and name.rsplit("/", 1)[1] in registry.FORMAT_KEYS:
             out[registry.STEPS_FORMAT.name(bench=found[1]["bench"], key=name.rsplit("/", 1)[1])] = value
     return out
+
+
+def _context_length(model, floor: int) -> int:
+    """How long a task's prompt may be: the model's context (as lm-eval's default max_length), at least `floor`."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    return max(floor, int(getattr(config, "max_position_embeddings", 0) or 0) or 2048)
+
+
+def _cf_categories(state: str, metrics: dict) -> dict:
+    """CF's category averages (METHODS.md §7) when the trial probes every task they need, else nothing."""
+    from forgetray import tasks
+
+    knowledge = {}
+    for name in tasks.suite("cf-categories"):
+        value = metrics.get(registry.KNOWLEDGE.name(state=state, bench=name))
+        if value is None:
+            return {}
+        knowledge[name] = value
+    return {registry.CF_CATEGORY.name(state=state, key=k): v for k, v in tasks.cf_categories(knowledge).items()}
