@@ -5,8 +5,10 @@ input: encoding, the BOS rule, left truncation, the padding rule, the one model 
 option-likelihood prompt formats, text only), `shards` (which items a rank evaluates, padded so every rank makes
 the same forward calls), `knowledge` (letter scoring and option likelihood, their summary, merging ranks' frames)
 and `perplexity` (per-passage NLLs and their sum). `scoring` (with `passes`, its forward passes) scores
-`MCPrompt`s as lm-eval does, faster (`score_prompts`); `knowledge` is built on it. The question type and its file
-format are data, in `forgetray.data.questions`. This package re-exports the public names, so callers write `probes.probe_knowledge`.
+`MCPrompt`s as lm-eval does, faster (`score_prompts`); `knowledge` is built on it, and so is `tasks` (a
+benchmark's prompts with its scores computed per question as lm-eval computes them: `probe_task`,
+`summarize_task`). The question type and its file format are data, in `forgetray.data.questions`. This package
+re-exports the public names, so callers write `probes.probe_knowledge`.
 """
 
 from forgetray.probes.knowledge import (KNOWLEDGE_COLUMNS, LETTER_RULES, encode_continuations, letter_prompts,
@@ -17,6 +19,7 @@ from forgetray.probes.prompts import (format_letter_prompt, format_letter_questi
                                       format_option_continuations, select_shots)
 from forgetray.probes.scoring import PromptScore, score_prompts, score_shares
 from forgetray.probes.shards import shard_indices
+from forgetray.probes.tasks import TASK_SCORES, probe_task, summarize_task, task_columns
 from forgetray.probes.tokens import (BOS_RULES, bos_prefix, check_sizes, encode, encode_contexts, encode_pairs,
                                      forward, letter_token_ids, pad_right, padding_id, truncate_left)
 
@@ -26,5 +29,5 @@ __all__ = [
     "format_letter_prompt", "format_letter_question", "format_option_context", "format_option_continuations", "forward", "letter_prompts",
     "letter_token_ids", "merge_shards", "option_sequences", "pad_right", "padding_id", "passage_nlls",
     "passage_sequences", "probe_knowledge", "probe_perplexity", "select_shots", "sequence_nlls", "shard_indices",
-    "summarize_knowledge", "truncate_left",
+    "summarize_knowledge", "truncate_left", "TASK_SCORES", "probe_task", "summarize_task", "task_columns",
 ]
