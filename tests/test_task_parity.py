@@ -4,11 +4,11 @@ that lm-eval has and each of the three tokenizer families.
 
 lm-eval's task is its installed yaml `include`d by a temporary yaml that only points it at the fixture's local files
 (the mechanism of tests/test_tasks.py, whose yaml table and RACE conversion are reused); its shots are forgetray's
-standard (MMLU 5, every other task 0). One simple_evaluate call per family runs all of them (a call per task costs
-seconds of task loading each), then each (task, family) compares, doc by doc, lm-eval's logged samples
-(`filtered_resps`: the continuations' log-likelihoods; the per-doc metric values) with probe_task's rows:
-log-likelihoods to 1e-4, acc / acc_norm / mc1 correctness and predictions exactly, mc2 values to 1e-4, and the task
-means with lm-eval's aggregated results. MMLU's `letter` is forgetray's on purpose (METHODS.md §3): it is checked to
+standard (MMLU 5, every other task 0). One simple_evaluate call per (task, family) (MMLU: its three fixture
+subjects' tasks in one call; about a second each, the file about 40 s on 2 cores), then, doc by doc, lm-eval's
+logged samples (`arguments`: the requests; `filtered_resps`: the continuations' log-likelihoods; the per-doc metric
+values) against probe_task's rows: the same requests, log-likelihoods to 1e-4, acc / acc_norm / mc1 correctness
+and predictions exactly, mc2 values to 1e-4, and the task means with lm-eval's aggregated results. MMLU's `letter` is forgetray's on purpose (METHODS.md §3): it is checked to
 be lm-eval's " k" probability plus the bare "k" piece's.
 
 The fixture's choices are of equal length in the acc_norm tasks (ARC, HellaSwag, OpenBookQA), where acc_norm could
