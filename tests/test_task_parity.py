@@ -19,6 +19,7 @@ length normalisation, and counting the target delimiter in the length, change so
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ PARITY_TASKS = tuple(n for n in tasks.suite("cf-suite") if tasks.get(n).lm_eval_
 # Choice texts of very different lengths (words the fixture tokenizers know), for the acc_norm tasks' eval rows.
 TEXTS = ("no", "a", "Oslo", "the old town of Velmar", "one two three four", "yes", "Rome and Paris", "maybe", "B",
          "the planet has three moons", "Lund", "river runs past")
-N_ROWS = 8  # eval rows of each acc_norm task
+N_ROWS = 20  # eval rows of each acc_norm task
 ACC_NORM_TASKS = tuple(n for n in PARITY_TASKS if "acc_norm" in tasks.get(n).scores)
 
 
@@ -52,8 +53,9 @@ def lm_ids(name: str) -> list[str]:
     return [f"fr_{name}"]
 
 
-def varied_choices(i: int, n: int) -> list[str]:
-    return [TEXTS[(3 * i + 5 * k) % len(TEXTS)] for k in range(n)]
+def varied_choices(key: str, n: int) -> list[str]:
+    """n different TEXTS, drawn by a generator seeded with `key` (a str seed is hashed with sha512: reproducible)."""
+    return random.Random(key).sample(TEXTS, n)
 
 
 def rewrite_eval_rows(data: dict[str, Path]) -> None:
@@ -62,13 +64,14 @@ def rewrite_eval_rows(data: dict[str, Path]) -> None:
 
     edits = {  # task -> (eval file, how row i becomes a varied-length row): every task of ACC_NORM_TASKS
         "arc_challenge": ("ARC-Challenge/test.parquet", lambda r, i: {**r, "question": f"Which {i}?", "choices": {
-            "text": varied_choices(i, len(r["choices"]["label"])), "label": r["choices"]["label"]}}),
+            "text": varied_choices(f"arc_challenge{i}", len(r["choices"]["label"])), "label": r["choices"]["label"]}}),
         "arc_easy": ("ARC-Easy/test.parquet", lambda r, i: {**r, "question": f"What is {i}?", "choices": {
-            "text": varied_choices(i + 1, len(r["choices"]["label"])), "label": r["choices"]["label"]}}),
-        "hellaswag": ("validation.parquet", lambda r, i: {**r, "ind": i, "label": str(i % 4),
-                                                          "endings": varied_choices(i + 2, 4)}),
-        "openbookqa": ("main/test.parquet", lambda r, i: {**r, "id": f"{i}-test", "choices": {
-            "text": varied_choices(i + 3, 4), "label": r["choices"]["label"]}}),
+            "text": varied_choices(f"arc_easy{i}", len(r["choices"]["label"])), "label": r["choices"]["label"]}}),
+        "hellaswag": ("validation.parquet", lambda r, i: {**r, "ind": i, "label": str(i % 4), "ctx_a": f"Row {i}.",
+                                                          "endings": varied_choices(f"hellaswag{i}", 4)}),
+        "openbookqa": ("main/test.parquet", lambda r, i: {**r, "id": f"{i}-test", "question_stem": f"Pick {i}:",
+                                                          "choices": {
+            "text": varied_choices(f"openbookqa{i}", 4), "label": r["choices"]["label"]}}),
     }
     assert set(edits) == set(ACC_NORM_TASKS)
     for name, (rel, edit) in edits.items():
@@ -220,17 +223,19 @@ def check_mmlu(frame, summary, run, model, tokenizer, prompts, lls) -> None:
         assert row.letter_pred == int(np.argmax(merged)) and row.letter_correct == (row.letter_pred == row.gold)
 
 
-def test_acc_norm_fixtures_can_tell_the_rules_apart(setup):
-    """Guard: on the rewritten rows lm-eval's acc_norm differs from acc on some docs, and dividing by the
-    continuation's length WITH the delimiter would change some acc_norm prediction (so the parity test sees it)."""
+@pytest.mark.parametrize("family", tokenizer_fixtures.FAMILIES)
+@pytest.mark.parametrize("name", ACC_NORM_TASKS)
+def test_acc_norm_rows_can_tell_the_rules_apart(setup, name, family):
+    """Guard: on the rewritten rows, for every acc_norm task and family, lm-eval's acc_norm differs from acc on some
+    doc, and dividing by the continuation's length WITH the delimiter would change some acc_norm prediction, so the
+    parity test above would see either mistake."""
+    docs = lm_eval_docs(lm_eval_run(setup, name, family), name)
     differs_from_acc, differs_with_delimiter = 0, 0
-    for family in tokenizer_fixtures.FAMILIES:
-        for name in ACC_NORM_TASKS:
-            for doc in lm_eval_docs(lm_eval_run(setup, name, family), name):
-                lls, lengths = doc["lls"], [len(c) for c in doc["choices"]]
-                norm = acc_norm_prediction(lls, lengths)
-                differs_from_acc += norm != int(np.argmax(lls))
-                differs_with_delimiter += norm != acc_norm_prediction(lls, [n + 1 for n in lengths])
+    for doc in docs:
+        lls, lengths = doc["lls"], [len(c) for c in doc["choices"]]
+        norm = acc_norm_prediction(lls, lengths)
+        differs_from_acc += norm != int(np.argmax(lls))
+        differs_with_delimiter += norm != acc_norm_prediction(lls, [n + 1 for n in lengths])
     assert differs_from_acc > 0 and differs_with_delimiter > 0, (differs_from_acc, differs_with_delimiter)
 
 
