@@ -44,13 +44,13 @@ def test_every_declared_name_parses_back_to_its_own_declaration(metric):
 
 def test_names_by_hand():
     assert registry.KNOWLEDGE.name(state="restored", bench="organism-facts") == "restored/organism-facts/knowledge"
-    assert registry.RESTORE_TRAJECTORY.name(epoch=3) == "restore/epoch_003/probe_ppl"
+    assert registry.RESTORE_TRAJECTORY.name(epoch=3) == "restore/probe_ppl/epoch_003"
     assert registry.PRIOR_LOSS.name(k=1) == "prior/1/train/loss"
     assert registry.STEPS_FORMAT.name(bench="b", key="p_fmt") == "steps/b/p_fmt"
 
 
 def test_undeclared_or_malformed_names_are_refused():
-    for name in ("sft/b/accuracy", "steps/b/sc", "base/flatness/sc", "restore/epoch_3/probe_ppl", "train/los"):
+    for name in ("sft/b/accuracy", "steps/b/sc", "base/flatness/sc", "restore/probe_ppl/epoch_3", "train/los"):
         assert registry.parse(name) is None, name
         with pytest.raises(KeyError, match="not declared"):
             registry.step_of(name, {"epoch": 1})
@@ -59,4 +59,4 @@ def test_undeclared_or_malformed_names_are_refused():
     with pytest.raises(KeyError):
         registry.KNOWLEDGE.name(state="sft")  # a field missing
     with pytest.raises(KeyError, match="no 'restore_step'"):
-        registry.step_of("restore/epoch_001/probe_ppl", {"epoch": 1})
+        registry.step_of("restore/probe_ppl/epoch_001", {"epoch": 1})

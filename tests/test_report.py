@@ -94,7 +94,7 @@ def _metrics_of(spec: dict) -> list[tuple[str, float, int]]:
             start, end = spec["sft"]["ppl"][i], spec["restored"]["ppl"][i]
             for j, step in enumerate(RESTORE_STEPS):  # geometric from SFT_e's PPL down to R_e's
                 value = start * (end / start) ** (j / (len(RESTORE_STEPS) - 1))
-                out.append((f"restore/epoch_{epoch:03d}/probe_ppl", value, step))
+                out.append((f"restore/probe_ppl/epoch_{epoch:03d}", value, step))
             test, fixed = spec["stages"][i]
             out += [("stage/code", STAGE_CODES[test], epoch), ("stage/fixed_code", STAGE_CODES[fixed], epoch),
                     ("stage/d_sft", spec["sft"][BENCH][i] - base[BENCH], epoch),
@@ -266,7 +266,7 @@ def test_figure_files_are_pngs_and_tables_are_written(report, store):
 def test_fig3a_plots_each_restoring_trajectory(report, logged):
     """One line per restored checkpoint, the probing PPL along its restoration; the base model's PPL as a level.
     gamma restored nothing: no panel."""
-    series = {(trial, f"epoch {int(name.split('_')[1].split('/')[0])}"): points
+    series = {(trial, f"epoch {int(name.rsplit('_', 1)[1])}"): points
               for trial, history in logged.items() for name, points in history.items() if name.startswith("restore/")}
     levels = {(trial, "base"): logged[trial]["base/probe/ppl"][1][0] for trial in ("alpha", "beta")}
     assert len(series) == 6

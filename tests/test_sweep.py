@@ -278,8 +278,8 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
         assert steps(uri, run_id, name) == [1, 2, 3], name
     assert steps(uri, run_id, "base/ift/em") == [0]
     for epoch in (1, 2, 3):
-        assert steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")[0] == 0
-        assert len(steps(uri, run_id, f"restore/epoch_{epoch:03d}/probe_ppl")) >= 3
+        assert steps(uri, run_id, f"restore/probe_ppl/epoch_{epoch:03d}")[0] == 0
+        assert len(steps(uri, run_id, f"restore/probe_ppl/epoch_{epoch:03d}")) >= 3
     # fine-grained probes inside epoch 1 sit between base (step 0) and the end of epoch 1 (5 steps of 8 of 40)
     assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10, 15]
     tags = client(uri).get_run(run_id).data.tags

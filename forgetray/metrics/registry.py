@@ -120,8 +120,9 @@ RESTORE_STEPS = Metric("restored/train/steps", "epoch", None, "optimizer steps o
 STEPS_FORMAT = Metric("steps/{bench}/{key}", "optimizer step", None,
                       "the format probes along IFT: p_fmt, entropy_vocab, entropy_options, knowledge (Figure 4)",
                       keys=FORMAT_KEYS)
-RESTORE_TRAJECTORY = Metric("restore/epoch_{epoch}/probe_ppl", "restoring step", False,
-                            "probing PPL along the restoration of SFT_NNN (Figure 3a)")
+RESTORE_TRAJECTORY = Metric("restore/probe_ppl/epoch_{epoch}", "restoring step", False,
+                            "probing PPL along the restoration of SFT_NNN (Figure 3a; one MLflow chart section, a chart "
+                            "per checkpoint)")
 # --- the forgetting stage of each checkpoint (METHODS.md §4) ---
 STAGE_CODE = Metric("stage/code", "epoch", None,
                     "stage by paired test: -1 not restored, 0 no, 1 pseudo, 2 actual forgetting")

@@ -49,7 +49,7 @@ class Drawn:
 
 
 def _shown(metric: registry.Metric, **fields: str) -> str:
-    """A metric's name for a note, the fields not given shown as placeholders (`restore/epoch_NNN/probe_ppl`)."""
+    """A metric's name for a note, the fields not given shown as placeholders (`restore/probe_ppl/epoch_NNN`)."""
     placeholders = {name: "NNN" if name == "epoch" else f"<{name}>" for name in metric.fields}
     return metric.pattern.format(**{**placeholders, **fields})
 
