@@ -252,3 +252,20 @@ def test_rules_by_hand():
     with np.errstate(all="ignore"):
         assert np.isnan(process_results_mc2(doc, [(ll - 2000, False) for ll in lls])["acc"])
     assert mc2([ll - 2000 for ll in lls], (0, 2)) == pytest.approx(mc2(lls, (0, 2)), abs=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in tasks.suite("cf-suite") if tasks.get(n).lm_eval_task is None])
+def test_probe_task_runs_the_tasks_lm_eval_lacks(setup, name):
+    """AX-b, AX-g, OpenBookQA-fact, CSL (OpenCompass's): no lm-eval run to compare with; probe_task scores them with
+    the same rules (CSL's letters with no delimiter: " A" and "A" merged at the position after "答：")."""
+    task = tasks.get(name)
+    model, tokenizer = tokenizer_fixtures.load(setup["families"]["metaspace"])
+    prompts = task.load(setup["data"][name])
+    frame = probe_task(model, tokenizer, task, prompts, batch_size=2)
+    assert frame["id"].tolist() == [p.id for p in prompts] and frame["gold"].tolist() == [p.gold for p in prompts]
+    for row in frame.itertuples():
+        if "acc" in task.scores:
+            assert row.acc_pred == int(np.argmax(row.option_logprobs))
+        if "letter" in task.scores:
+            assert row.letter_pred == int(np.argmax(row.letter_probs)) and 0 < sum(row.letter_probs) <= 1
+    assert set(summarize_task(frame, task)) == set(task.scores)
