@@ -25,7 +25,11 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
     metric raises), and per-question probe results as Parquet artifacts.
 
     `artifact_dirs` maps a report kind to (local dir or None for the checkpoint's probes/, artifact path with
-    `{epoch:03d}`). Steps a re-attached run already has are not logged twice."""
+    `{epoch:03d}`). Steps a re-attached run already has are not logged twice.
+
+    A tracking store that is down or locked is waited for (`tracking.retrying`: backoff up to
+    $FORGETRAY_TRACKING_RETRY_S, default 600 s) while the report is held here, so no metric is lost; past the bound
+    the callback raises `TrackingUnavailable` and the trial fails with that error."""
     from ray.train import UserCallback
 
     class MlflowReportLogger(UserCallback):
@@ -35,7 +39,7 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
 
         def _logged(self, name: str) -> set[int]:
             if name not in self._seen:
-                self._seen[name] = {m.step for m in self._tracker.client.get_metric_history(run_id, name)}
+                self._seen[name] = self._tracker.logged_steps(run_id, name)  # retried while MLflow is down
             return self._seen[name]
 
         def after_report(self, run_context, metrics, checkpoint):

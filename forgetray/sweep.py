@@ -21,6 +21,7 @@ import pandas as pd
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.spec import SpecError, Sweep, flatten
 from forgetray.tracking import Tracker, default_tracking_uri
+from forgetray.trial import failure_reason
 
 DEFAULT_RESULTS = Path("forgetray-results")
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (it only orchestrates; workers hold the model)
@@ -47,6 +48,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     tracker = Tracker(tracking_uri, artifact_root=Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts"
                       if tracking_uri.startswith("sqlite:///") else None)
     if resume:
+        end_stale_driver(execution_dir, verbose)
         parent_run_id = state["parent_run_id"]
         tracker.reopen(parent_run_id)
     else:
@@ -66,13 +68,71 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
         failed = [r for r in results if r.error is not None]
         ok = not failed
         for r in failed:
-            _say(True, f"[forgetray] trial failed: {r.config.get('trial_index')}: {type(r.error).__name__}: {r.error}")
+            index = r.config.get("trial_index")
+            name = sweep.trials[index].short_name() if isinstance(index, int) else index
+            _say(True, f"[forgetray] trial failed: {name}: {failure_reason(r.error)}")
     finally:
         tracker.end_run(parent_run_id, ok=ok)
     table = tracker.checkpoint_table(parent_run_id)
     table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
                         "execution_dir": str(execution_dir), "failed_trials": 0 if ok else len(failed)})
     return table
+
+
+DRIVER_FILE = "driver.json"  # the driver's pid and, if it started one, its local Ray session (for --resume)
+
+
+def _record_driver(execution_dir: Path) -> None:
+    """Note who drives this execution: a driver killed with SIGKILL runs no clean-up, and `--resume` must know which
+    processes were its local Ray cluster. Joining an existing cluster (`ray job submit`, RAY_ADDRESS) records none."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    own = node is not None and node.head and bool(getattr(node, "all_processes", None))  # started here
+    record = {"pid": os.getpid(), "session_dir": node.get_session_dir_path() if own else None}
+    (execution_dir / DRIVER_FILE).write_text(json.dumps(record))
+
+
+def end_stale_driver(execution_dir: Path, verbose: bool) -> list[int]:
+    """Before `--resume`: refuse if the execution's driver still runs; else end the processes left of the local Ray
+    cluster it started (found by its session folder in their command lines; by PID, never `ray stop`): Ray's own
+    processes die with their parent, but workers in the middle of a step may linger, and they must not keep
+    writing checkpoints and metrics beside the resumed execution. Returns the PIDs ended."""
+    import signal
+
+    import psutil
+
+    path = execution_dir / DRIVER_FILE
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    try:
+        old = psutil.Process(record["pid"])
+        if old.pid != os.getpid() and "forgetray" in " ".join(old.cmdline()):
+            raise SpecError(f"--resume: the driver of {execution_dir} is still running (pid {old.pid})")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    session = record.get("session_dir")
+    if not session:
+        return []
+    name = Path(session).name
+    stale = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(name in part for part in proc.info["cmdline"] or []):
+                stale.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in stale:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(stale, timeout=30)
+    if stale:
+        _say(verbose, f"[forgetray] ended {len(stale)} process(es) left of the killed driver's Ray session {name}: "
+                      f"{sorted(p.pid for p in stale)}")
+    return sorted(p.pid for p in stale)
 
 
 def _latest_execution(sweep_root: Path) -> tuple[Path, dict]:
@@ -97,6 +157,7 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         # shows forgetray's progress, and a failed trial's error is printed with its traceback snippet anyway.
         ray.init(include_dashboard=False, logging_level="WARNING",
                  log_to_driver=os.environ.get("FORGETRAY_WORKER_LOGS", "0") == "1")
+    _record_driver(execution_dir)
     context = {
         "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,

@@ -29,6 +29,51 @@ TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI nests by
 TAG_RUN_NAME = "mlflow.runName"
 TAG_TRANSITION = "forgetray.transition_epoch"  # first epoch classified actual forgetting, or "none"
 TAG_STAGE_BENCHMARK = "forgetray.stage_benchmark"
+TAG_ERROR = "forgetray.error"  # why a failed trial failed (its first line: exception type and message)
+
+# A tracking server that is down (restarting) or a sqlite store that is locked by another process is waited for: every
+# write and the reads the callback needs are retried with backoff for up to this many seconds, then the caller
+# (a trial) fails with TrackingUnavailable. Writes are idempotent on retry (same metric timestamps).
+RETRY_ENV = "FORGETRAY_TRACKING_RETRY_S"
+DEFAULT_RETRY_S = 600.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer within the retry bound."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """A server that is down or restarting, a connection cut, a sqlite lock: worth retrying. A request the server
+    answered with a client error (bad parameter, missing run) is not."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    markers = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout",
+               "temporarily_unavailable", "503", "502", "504", "remote end closed", "broken pipe")
+    return any(m in text for m in markers)
+
+
+def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = None, **kwargs):
+    """`call(*args, **kwargs)`, retried on transient tracking errors with exponential backoff (1 s doubling to 30 s)
+    for up to `bound_s` seconds (default: $FORGETRAY_TRACKING_RETRY_S or 600 s)."""
+    import logging
+    import os
+    import time
+
+    bound = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)) if bound_s is None else bound_s
+    deadline, delay = time.monotonic() + bound, 1.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 (filtered by _transient)
+            if not _transient(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailable(f"{what}: the tracking store did not answer for {bound:.0f} s "
+                                          f"({RETRY_ENV}); last error: {type(exc).__name__}: "
+                                          f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+            logging.getLogger(__name__).warning("%s failed (%s), retrying in %.0f s", what,
+                                                str(exc).splitlines()[0][:200] if str(exc) else exc, delay)
+            time.sleep(delay)
+            delay = min(30.0, delay * 2)
 
 
 def stage_tag(epoch: int) -> str:
@@ -80,13 +125,23 @@ class Tracker:
 
     def reopen(self, run_id: str) -> None:
         """A resumed sweep or trial continues in its run (status back to RUNNING) instead of making a duplicate."""
-        self.client.update_run(run_id, status="RUNNING")
+        retrying(self.client.update_run, run_id, status="RUNNING", what="reopen run")
 
     def end_run(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        retrying(self.client.set_terminated, run_id, status="FINISHED" if ok else "FAILED", what="end run")
 
     def set_tag(self, run_id: str, key: str, value: Any) -> None:
-        self.client.set_tag(run_id, key, str(value))
+        retrying(self.client.set_tag, run_id, key, str(value), what="set tag")
+
+    def find_trial_run(self, parent_run_id: str, config_hash: str) -> str | None:
+        """The trial run of this config under the parent, if one was created (a driver killed right after creating
+        it, before storing its id, must not make the next execution create a second one)."""
+        runs = [r for r in self.trial_runs(parent_run_id) if r.data.tags.get(TAG_CONFIG_HASH) == config_hash]
+        return min(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+
+    def logged_steps(self, run_id: str, name: str) -> set[int]:
+        """The steps at which `name` is logged (retried like a write: the callback needs it before logging)."""
+        return {m.step for m in retrying(self.client.get_metric_history, run_id, name, what="read metric history")}
 
     # --- data ---
     def log_params(self, run_id: str, params: dict) -> None:
@@ -94,7 +149,7 @@ class Tracker:
 
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # the REST API accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            retrying(self.client.log_batch, run_id, params=items[start:start + 100], what="log params")
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
         import time
@@ -104,11 +159,11 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+        for start in range(0, len(items), 1000):  # a retry re-sends the same timestamps: the store keeps one copy
+            retrying(self.client.log_batch, run_id, metrics=items[start:start + 1000], what="log metrics")
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        retrying(self.client.log_artifacts, run_id, str(local_dir), artifact_path, what="log artifacts")
 
     def log_table(self, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,9 +26,28 @@ from forgetray import plan as planning
 from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig, flatten
-from forgetray.tracking import Tracker
+from forgetray.tracking import TAG_ERROR, Tracker
 
 RUN_ID_FILE = "mlflow_run_id"
+# Written when a trial has finished (its run is FINISHED): a later execution (`--resume` after a driver that was
+# killed before Tune recorded the trial as done) returns at once instead of running the trial again.
+DONE_FILE = "trial_done"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a trial failed: the innermost worker error's type and message when Ray wrapped it
+    (Ray Train's WorkerGroupError / ControllerError, Ray's task errors), else the exception's own first line."""
+    import re
+
+    inner = getattr(exc, "worker_failures", None)
+    if inner:
+        exc = next(iter(inner.values()))
+    exc = getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc
+    text = f"{type(exc).__name__}: {exc}"
+    found = re.findall(r"^\s*((?:[\w.]+\.)?\w+(?:Error|Exception|Loss|Unavailable)(?:\([^)]*\))?: .+)$", text,
+                       re.MULTILINE)
+    line = found[-1].strip() if found else text.splitlines()[0]
+    return line[:500]
 
 
 def trial_key(trial: TrialConfig) -> str:
@@ -107,9 +126,13 @@ def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolv
                      phases: list[Phase]) -> str:
     """The trial's MLflow run: created once, its id stored with the trial's checkpoints, reused on resume."""
     id_file = trial_dir / RUN_ID_FILE
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    # A driver killed between creating the run and storing its id left the run without the file: reuse it.
+    run_id = run_id or tracker.find_trial_run(context["parent_run_id"], trial.config_hash())
+    if run_id:
         tracker.reopen(run_id)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         return run_id
     run_id = tracker.start_trial_run(context["sweep_name"], context["parent_run_id"], trial_key(trial),
                                      trial.config_hash(), trial_params(trial, resolved, phases))
@@ -129,6 +152,11 @@ def run_trial(config: dict) -> None:
     trial_dir = execution_dir / "trials" / trial_key(trial)
     phases = planning.plan(trial)
     tracker = Tracker(context["tracking_uri"])
+    if (trial_dir / DONE_FILE).is_file():  # finished by an earlier execution: not run again
+        run_id = (trial_dir / RUN_ID_FILE).read_text().strip()
+        if tracker.get_run(run_id).info.status != "FINISHED":  # killed between the marker and ending the run
+            tracker.end_run(run_id, ok=True)
+        return
     run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir, phases)
     dirs = {
         "trial_dir": str(trial_dir),
@@ -149,6 +177,15 @@ def run_trial(config: dict) -> None:
             checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
             stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
         ok = True
+        (trial_dir / DONE_FILE).write_text(run_id + "\n")
+    except BaseException as exc:  # the run says why (the console summary prints the same line)
+        reason = failure_reason(exc)
+        if "TrackingUnavailable" not in reason:  # a store that is gone is not waited for again
+            try:
+                tracker.set_tag(run_id, TAG_ERROR, reason)
+            except Exception:  # noqa: BLE001 (the trial's own error is what must surface)
+                pass
+        raise
     finally:
         tracker.end_run(run_id, ok=ok)
 

@@ -7,6 +7,11 @@ order[s*B:(s+1)*B] and rank r takes its contiguous slice, split into gradient-ac
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,6 +21,16 @@ from forgetray.data.instruct import collate
 from forgetray.plan import Phase
 from forgetray.train.sam import sam_step
 from forgetray.train.schedule import lr_factor, warmup_steps
+
+
+# Test hook ("DIR:EPOCH:STEP"): every step of an IFT phase appends "pid epoch step" to DIR/progress; the first
+# process to finish optimizer step STEP of epoch EPOCH writes its pid to DIR/held and then waits (up to 300 s) for the
+# test to SIGKILL it from outside: a worker killed mid-epoch, at a known point (tests/test_faults.py).
+HOLD_ENV = "FORGETRAY_HOLD_AT"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A training step's loss is nan or inf: the phase stops instead of training on (and saving) garbage."""
 
 
 def build_engine(model, phase: Phase, ds_config: dict, total_steps: int):
@@ -85,6 +100,7 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
             micro_batches.append({k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()})
             tokens += int(micro_batches[-1]["attention_mask"].sum())
         global_step = (epoch - 1) * steps + step + 1
+        before = len(losses)
         if methods.sam_rho > 0 and global_step % methods.sam_every == 0:
             losses += sam_step(engine, micro_batches, methods.sam_rho, methods.sam_adaptive, world)
         else:
@@ -93,6 +109,13 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
                 losses.append(loss.detach().float())
+        step_loss = float(torch.stack(losses[before:]).mean())  # one host sync per optimizer step
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(f"non-finite loss ({step_loss}) in phase {phase.name!r}, epoch {epoch}, step "
+                                f"{step + 1}/{steps} (global step {global_step}, rank {rank}): lower the lr, check "
+                                "the data or use bf16/fp32")
+        if phase.kind == "ift" and os.environ.get(HOLD_ENV):
+            _hold_for_kill(os.environ[HOLD_ENV], epoch, step + 1)
         if after_step is not None:
             after_step(step + 1)
     stats = torch.tensor([float(torch.stack(losses).mean()), float(tokens)], dtype=torch.float64)
@@ -100,3 +123,24 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
         dist.all_reduce(stats)
         stats[0] /= world
     return {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}
+
+
+def _hold_for_kill(spec: str, epoch: int, step: int) -> None:
+    """The HOLD_ENV test hook (see there)."""
+    folder, at_epoch, at_step = spec.rsplit(":", 2)
+    folder = Path(folder)
+    with open(folder / "progress", "a") as f:
+        f.write(f"{os.getpid()} {epoch} {step}\n")
+    if (epoch, step) != (int(at_epoch), int(at_step)):
+        return
+    tmp = folder / f".held-{os.getpid()}"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "epoch": epoch, "step": step}))
+    try:
+        os.link(tmp, folder / "held")  # atomic: only the first process to get here is held
+    except FileExistsError:
+        return
+    finally:
+        tmp.unlink()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
