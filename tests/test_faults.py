@@ -1,0 +1,360 @@
+"""Faults a sweep survives, each produced for real: a training worker SIGKILLed mid-epoch, a NaN loss in one trial,
+the MLflow server killed and restarted mid-sweep, the driver SIGKILLed then resumed, four trials writing to one
+sqlite store at once. Sweeps run through the `forgetray` command (a subprocess with its own local Ray) on the tiny
+fixture model, so each test takes one to three minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TIMINGS = {"train/tokens_per_s", "train/epoch_seconds"}
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def runs_of(uri, experiment):
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("forgetray.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("forgetray.kind") == "trial"]
+    return parents, trials
+
+
+def histories(uri, run) -> dict[str, list]:
+    """Every metric of the run: name -> its full history (all logged points, not the latest only)."""
+    c = client(uri)
+    return {name: sorted(c.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+            for name in c.get_run(run.info.run_id).data.metrics}
+
+
+def assert_no_duplicate_steps(history: dict[str, list]) -> None:
+    for name, points in history.items():
+        steps = [m.step for m in points]
+        assert len(steps) == len(set(steps)), f"{name} logged twice at a step: {steps}"
+
+
+def sweep_file(tmp_path: Path, fixture_files: dict, name: str, **settings) -> Path:
+    """A sweep file on the fixture model and data; `settings` are written as Python source (values or grid(...))."""
+    base = {"model": repr(str(fixture_files["model"])), "dataset": repr(str(fixture_files["dataset"])),
+            "benchmarks": repr([str(fixture_files["benchmark"])]), "probe_set": repr(str(fixture_files["probe_set"])),
+            "probe_passages": "16", "probe_batch_size": "5", "epochs": "2", "lr": "3e-3", "batch_size": "8",
+            "max_length": "256"}
+    base.update(settings)
+    args = ", ".join(f"{k}={v}" for k, v in base.items())
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"# forgetray run {path.name}\nfrom forgetray import Sweep, grid\nsweep = Sweep({name!r}, {args})\n")
+    return path
+
+
+def cli(path: Path, uri: str, tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "forgetray.cli", "run", str(path), "--tracking-uri", uri,
+            "--storage", str(tmp_path / "storage"), *extra]
+
+
+class Driver:
+    """`forgetray run` as a subprocess whose output lines are collected by a thread (the test waits on them)."""
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = predicate()
+            if found:
+                return found
+            assert self.proc.poll() is None or self.reader.is_alive(), f"driver exited before {what}:\n{self.log[-4000:]}"
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log[-4000:]}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"driver did not finish in {timeout} s:\n{self.log[-4000:]}") from None
+        self.reader.join(10)
+        return rc
+
+
+def session_processes(session_dir: str) -> list[psutil.Process]:
+    """Processes of a Ray session (its folder's name is in their command lines)."""
+    name = Path(session_dir).name
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(name in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+# --- 1. a training worker SIGKILLed mid-epoch ---
+
+def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics(tmp_path, fixture_files):
+    """Two trials that differ only in `max_failures` (which does not change what is trained) run at once; the worker
+    of whichever first finishes step 2 of epoch 2 is held there by the FORGETRAY_HOLD_AT hook and SIGKILLed by this
+    test. Ray Train restarts the worker group from the epoch-1 checkpoint; both trials must log the same metrics."""
+    from forgetray.train.engine import HOLD_ENV
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    path = sweep_file(tmp_path, fixture_files, "killed-worker", epochs="3", max_failures="grid([1, 2])",
+                      max_concurrent_trials="2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = Driver(cli(path, uri, tmp_path), tmp_path, {HOLD_ENV: f"{hold}:2:2"})
+    held = driver.wait_for(lambda: (hold / "held").is_file() and json.loads((hold / "held").read_text()), 600,
+                           "a worker held at epoch 2, step 2")
+    # Ray Train registers a checkpoint when its controller polls the report (not when the worker makes it): wait
+    # until both trials' epoch-1 reports are in (their metrics reached MLflow), so the last checkpoint is epoch 1.
+    def epoch_one_logged():
+        found = client(uri).get_experiment_by_name("killed-worker")
+        runs = client(uri).search_runs([found.experiment_id], "tags.`forgetray.kind` = 'trial'") if found else []
+        return len(runs) == 2 and all(1 in {m.step for m in client(uri).get_metric_history(r.info.run_id,
+                                                                                           "train/loss")}
+                                      for r in runs)
+
+    driver.wait_for(epoch_one_logged, 600, "both trials' epoch-1 reports")
+    victim = psutil.Process(held["pid"])
+    assert victim.is_running() and victim.pid != driver.proc.pid  # a Ray Train worker, not the driver
+    os.kill(held["pid"], signal.SIGKILL)
+    rc = driver.finish(900)
+    assert rc == 0, driver.log[-4000:]
+
+    # The killed process trained epochs 1 and 2 (to step 2); its replacement started at epoch 2: from the checkpoint.
+    progress = [tuple(map(int, line.split())) for line in (hold / "progress").read_text().splitlines()]
+    by_pid: dict[int, list] = {}
+    for pid, epoch, step in progress:
+        by_pid.setdefault(pid, []).append((epoch, step))
+    assert by_pid[held["pid"]][-1] == (2, 2)
+    restarted = [pid for pid, points in by_pid.items() if points[0] == (2, 1)]
+    assert len(restarted) == 1, by_pid
+    assert by_pid[restarted[0]][-1] == (3, 5)  # 40 examples / batch 8: 5 steps an epoch, to the end
+
+    parents, trials = runs_of(uri, "killed-worker")
+    assert len(parents) == 1 and len(trials) == 2, "the restart made another run"
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    logged = [histories(uri, t) for t in trials]
+    for history in logged:
+        assert_no_duplicate_steps(history)
+        assert [m.step for m in history["train/loss"]] == [1, 2, 3]
+    assert set(logged[0]) == set(logged[1])
+    compared = sorted(set(logged[0]) - TIMINGS)
+    assert len(compared) > 20
+    for name in compared:
+        a = [(m.step, m.value) for m in logged[0][name]]
+        b = [(m.step, m.value) for m in logged[1][name]]
+        assert a == b, name  # exactly: same seed, same batches, the optimizer and schedule state restored
+
+
+# --- 2. a NaN loss in one trial ---
+
+def test_nan_loss_fails_its_trial_alone_and_says_why(tmp_path, fixture_files):
+    """lr 1e8 (a real cause, no hook): AdamW moves every weight by ~lr in the first steps, the activations overflow
+    fp32 and the loss becomes nan within the first epoch. That trial fails with the phase, epoch and step named, in
+    its MLflow run and on the console; the other trial finishes; exit code 1."""
+    path = sweep_file(tmp_path, fixture_files, "nan-loss", lr="grid([3e-3, 1e8])", max_failures="0",
+                      max_concurrent_trials="2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(cli(path, uri, tmp_path), check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+
+    parents, trials = runs_of(uri, "nan-loss")
+    assert len(parents) == 1 and len(trials) == 2
+    bad = next(t for t in trials if float(t.data.params["trial.lr"]) == 1e8)
+    good = next(t for t in trials if t is not bad)
+    assert good.info.status == "FINISHED" and bad.info.status == "FAILED"
+    assert parents[0].info.status == "FAILED"
+    assert [m.step for m in client(uri).get_metric_history(good.info.run_id, "sft/bench/knowledge")] == [1, 2]
+    reason = bad.data.tags["forgetray.error"]
+    assert "NonFiniteLoss: non-finite loss (nan)" in reason or "NonFiniteLoss: non-finite loss (inf)" in reason, reason
+    assert "in phase 'ift', epoch 1, step" in reason, reason
+    # The console names the failed trial and says why, on stderr.
+    name = bad.data.tags["forgetray.trial"].rsplit("-", 1)[0]
+    failed_lines = [line for line in done.stderr.splitlines() if line.startswith("[forgetray] trial failed:")]
+    assert len(failed_lines) == 1 and name in failed_lines[0] and "non-finite loss" in failed_lines[0], done.stderr
+
+
+# --- 3. the MLflow server killed and restarted mid-sweep ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """A real tracking server (its own process group, so that killing it kills its uvicorn worker too)."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+    raise AssertionError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the server's group: `mlflow server` and its uvicorn worker
+    server.wait(10)
+
+
+def test_mlflow_server_killed_and_restarted_loses_no_metric(tmp_path, fixture_files):
+    """The server is SIGKILLed once the first epoch is reported and comes back 15 s later on the same port and store;
+    reports that arrive meanwhile wait in the callback (retried with backoff) and are logged once it is back."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    path = sweep_file(tmp_path, fixture_files, "server-restart", epochs="4", lr="grid([3e-3, 1e-3])",
+                      early_checkpoints="2", max_concurrent_trials="2")
+    try:
+        driver = Driver(cli(path, uri, tmp_path), tmp_path)
+        driver.wait_for(lambda: "epoch 1/4" in driver.log, 600, "the first epoch")
+        kill_server(server)
+        down_at = len(driver.lines)
+        time.sleep(15)
+        during = driver.lines[down_at:]
+        server = start_mlflow_server(tmp_path, port)
+        rc = driver.finish(900)
+        assert rc == 0, driver.log[-4000:]
+        # reports did arrive while the server was down (the console's lines come from the same reports)
+        assert any("epoch" in line for line in during), "".join(during)
+
+        parents, trials = runs_of(uri, "server-restart")
+        assert len(parents) == 1 and len(trials) == 2
+        assert {t.info.status for t in trials} == {"FINISHED"} and parents[0].info.status == "FINISHED"
+        for trial in trials:
+            history = histories(uri, trial)
+            assert_no_duplicate_steps(history)
+            # every metric of every epoch report, as the checkpoint saved it, is in the run exactly once
+            ckpts = sorted((tmp_path / "storage").glob(f"server-restart/*/trials/{trial.data.tags['forgetray.trial']}"
+                                                      "/ift/epoch_*/state.json"))
+            assert len(ckpts) == 4
+            for ckpt in ckpts:
+                state = json.loads(ckpt.read_text())
+                epoch = state["epoch"]
+                for name, value in state["metrics"].items():
+                    if name in ("kind", "epoch", "global_step") or isinstance(value, bool):
+                        continue
+                    points = [m for m in history.get(name, []) if m.step == epoch]
+                    assert len(points) == 1, (name, epoch)
+                    assert points[0].value == pytest.approx(value), (name, epoch)
+            assert [m.step for m in history["base/bench/knowledge"]] == [0]
+            assert [m.step for m in history["steps/bench/knowledge"]] == [0, 2, 3, 5, 10, 15, 20]
+    finally:
+        if server.poll() is None:
+            kill_server(server)
+
+
+# --- 4. the driver SIGKILLed, then --resume ---
+
+def test_driver_killed_then_resumed_without_rerun_or_duplicates(tmp_path, fixture_files):
+    path = sweep_file(tmp_path, fixture_files, "killed-driver", lr="grid([3e-3, 1e-3])", max_concurrent_trials="1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = Driver(cli(path, uri, tmp_path), tmp_path)
+    driver.wait_for(lambda: "[1/2 trials done" in driver.log and "epoch 1/2" in driver.log.split("[1/2 trials done")[-1],
+                    600, "the first trial done and the second one epoch in")
+    driver.proc.send_signal(signal.SIGKILL)
+    driver.finish(30)
+
+    execution = next((tmp_path / "storage" / "killed-driver").glob("*/driver.json")).parent
+    record = json.loads((execution / "driver.json").read_text())
+    assert record["pid"] == driver.proc.pid and record["session_dir"]
+    # What SIGKILL leaves: the runs of the parent and of the interrupted trial still say RUNNING.
+    parents, trials = runs_of(uri, "killed-driver")
+    assert len(parents) == 1 and len(trials) == 2
+    assert parents[0].info.status == "RUNNING"
+    assert sorted(t.info.status for t in trials) == ["FINISHED", "RUNNING"]
+    first = next(t for t in trials if t.info.status == "FINISHED")
+
+    done = subprocess.run(cli(path, uri, tmp_path, "--resume"), check=False, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not session_processes(record["session_dir"]), "processes of the killed driver's Ray are left"
+
+    parents, trials = runs_of(uri, "killed-driver")
+    assert len(parents) == 1 and len(trials) == 2, "resume created duplicate runs"
+    assert {t.info.status for t in trials} == {"FINISHED"} and parents[0].info.status == "FINISHED"
+    again = next(t for t in trials if t.info.run_id == first.info.run_id)
+    assert again.info.end_time == first.info.end_time, "the finished trial was re-run"
+    for t in trials:
+        history = histories(uri, t)
+        assert_no_duplicate_steps(history)
+        assert [m.step for m in history["sft/bench/knowledge"]] == [1, 2]
+        assert [m.step for m in history["base/bench/knowledge"]] == [0]
+
+
+# --- 5. four concurrent trials on one sqlite store ---
+
+def test_four_concurrent_trials_on_one_sqlite_store(tmp_path, fixture_files, ray_session):
+    """Four trials at once (a local Ray with 4 CPU slots on this 2-core machine), each logging base, early-step,
+    epoch and continual metrics from its driver and its Train controller into one sqlite file."""
+    import ray
+
+    from forgetray import Sweep, grid, run
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = Sweep(
+        "sqlite-4", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2,
+        lr=grid([1e-3, 2e-3, 3e-3, 4e-3]), batch_size=8, max_length=256, early_checkpoints=3,
+        benchmarks=[str(fixture_files["benchmark"])], probe_set=str(fixture_files["probe_set"]), probe_passages=16,
+        probe_batch_size=5, max_concurrent_trials=4,
+    )
+    table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
+    assert table.attrs["failed_trials"] == 0 and len(table) == 8
+    _, trials = runs_of(uri, "sqlite-4")
+    assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}
+    # they did run at once: every trial started before any ended
+    assert max(t.info.start_time for t in trials) < min(t.info.end_time for t in trials)
+    for t in trials:
+        history = histories(uri, t)
+        assert_no_duplicate_steps(history)
+        assert [m.step for m in history["sft/bench/knowledge"]] == [1, 2]
+        assert [m.step for m in history["steps/bench/knowledge"]] == [0, 1, 2, 4, 5, 10]
