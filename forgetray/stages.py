@@ -19,7 +19,9 @@ from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_f
 from forgetray.plan import checkpoint_name, restore_phase
 from forgetray.tracking import TAG_STAGE_BENCHMARK, TAG_TRANSITION, stage_tag
 
-CORRECT_COLUMN = {"letter": "letter_correct", "acc": "acc_correct", "acc_norm": "acc_norm_correct"}
+# The per-question correctness the stage rule pairs, by primary score (question files and tasks alike; mc2 has none).
+CORRECT_COLUMN = {"letter": "letter_correct", "acc": "acc_correct", "acc_norm": "acc_norm_correct",
+                  "mc1": "mc1_correct"}
 
 
 def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, checkpoints: list[Path]) -> pd.DataFrame:

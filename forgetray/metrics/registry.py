@@ -96,9 +96,13 @@ EM = Metric("{state}/ift/em", "epoch", None, "exact memorization of the IFT data
 # --- benchmarks by name (forgetray.tasks), beyond acc / acc_norm / knowledge above ---
 MC1 = _probe("mc1", True, "TruthfulQA MC1 accuracy (the single true answer ranked first)")
 MC2 = _probe("mc2", True, "TruthfulQA MC2: mean normalised probability of the true answers")
-ACC_MACRO = _probe("acc_macro", True, "mean of per-subject accuracies (MMLU; acc is the micro mean)")
-GROUP_ACC = Metric("{state}/{bench}/group/{group}/acc", "epoch", True,
-                   "accuracy over a group of the benchmark's subjects (MMLU: stem, humanities, social_sciences, other)")
+GROUP_KEYS = ("acc", "letter_acc")  # the accuracies a benchmark with subjects (MMLU) also reports per group / macro
+GROUP_ACC = Metric("{state}/{bench}/group/{group}/{key}", "epoch", True,
+                   "accuracy over a group of the benchmark's subjects (MMLU: stem, humanities, social_sciences, other)",
+                   keys=GROUP_KEYS)
+MACRO_ACC = Metric("{state}/{bench}/macro/{key}", "epoch", True,
+                   "mean of the per-subject accuracies (MMLU; acc itself is the micro mean, lm-eval's number)",
+                   keys=GROUP_KEYS)
 CF_CATEGORY = Metric("{state}/cf/{key}", "epoch", True,
                      "CF's categories: DK, Understanding, Reasoning, Exams (means of their tasks' primary scores), AVG",
                      keys=CF_KEYS)
@@ -143,25 +147,32 @@ CONTINUAL_BWT = Metric("continual/bwt", "fine-tuning step", True,
                        "logged at T")
 
 METRICS: tuple[Metric, ...] = (
-    LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, MC1, MC2, ACC_MACRO, GROUP_ACC,
+    LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, MC1, MC2, GROUP_ACC, MACRO_ACC,
     CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )
-BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, MC1, MC2, ACC_MACRO,
+BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, MC1, MC2,
                                                             ENTROPY_VOCAB, ENTROPY_OPTIONS)}
 
 
 def task_metrics(state: str, bench: str, summary: dict) -> dict[str, float]:
-    """A task's summary (`probes.summarize_task`: score -> value, groups as "group/<name>/acc") as metric names."""
+    """A task's summary (`probes.summarize_task`: acc, acc_norm, letter, mc1, mc2, and for MMLU `<score>_<group>`
+    and `<score>_macro`) as declared metric names; a key it cannot place raises."""
     out = {}
     for key, value in summary.items():
-        if key.startswith("group/"):
-            out[GROUP_ACC.name(state=state, bench=bench, group=key.split("/")[1])] = float(value)
-        elif key in BENCH_METRICS:
-            out[BENCH_METRICS[key].name(state=state, bench=bench)] = float(value)
+        score, _, rest = key.partition("_")
+        if key in ("acc_norm",) or not rest:
+            score, rest = key, ""
+        leaf = "letter_acc" if score == "letter" else score
+        if not rest and leaf in BENCH_METRICS:
+            out[BENCH_METRICS[leaf].name(state=state, bench=bench)] = float(value)
+        elif rest == "macro" and leaf in GROUP_KEYS:
+            out[MACRO_ACC.name(state=state, bench=bench, key=leaf)] = float(value)
+        elif rest and leaf in GROUP_KEYS:
+            out[GROUP_ACC.name(state=state, bench=bench, group=rest, key=leaf)] = float(value)
         else:
             raise KeyError(f"task summary key {key!r} of {bench!r} is not a declared metric")
     return out
