@@ -116,7 +116,9 @@ def _run(sweep: Sweep, args) -> int:
         run_report(sweep.name, uri, table.attrs["parent_run_id"], Path(table.attrs["execution_dir"]) / "report")
     print(f"\nMLflow: {uri}  experiment {sweep.name!r}, parent run {table.attrs['parent_run_id']}")
     if uri.startswith("sqlite:"):
-        print(f"browse: mlflow ui --backend-store-uri {uri}")
+        print(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if table.attrs.get("ui_link"):  # the trial runs as knowledge curves (README: "Browsing results in MLflow")
+        print(f"knowledge curves: {table.attrs['ui_link']}")
     failed = table.attrs.get("failed_trials", 0)
     if failed:
         print(f"forgetray: {failed} trial(s) failed", file=sys.stderr)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.spec import SpecError, Sweep, flatten
-from forgetray.tracking import Tracker, default_tracking_uri
+from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide, ui_base
 from forgetray.trial import failure_reason
 
 DEFAULT_RESULTS = Path("forgetray-results")
@@ -54,6 +54,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     else:
         execution_dir.mkdir(parents=True, exist_ok=False)
         parent_run_id = tracker.start_sweep_run(sweep.name, execution_dir.name, flatten({"sweep": sweep.to_dict()}))
+        tracker.set_tag(parent_run_id, TAG_NOTE, _sweep_note(sweep, execution_dir.name,
+                                                             tracker.trial_charts_view(parent_run_id)))
         state = {
             "sweep": sweep.to_dict(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
             "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials],
@@ -62,6 +64,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s); MLflow {tracking_uri} "
                   f"(parent run {parent_run_id}); storage {execution_dir}")
 
+    ui_link = ui_base(tracking_uri) + "/" + tracker.trial_charts_view(parent_run_id)
+    _say(verbose, f"[forgetray] the trials' knowledge curves in the MLflow UI: {ui_link}")
     ok = False
     try:
         results = _tune(sweep, trials, resolved, execution_dir, tracking_uri, parent_run_id, resume, verbose)
@@ -74,7 +78,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     finally:
         tracker.end_run(parent_run_id, ok=ok)
     table = tracker.checkpoint_table(parent_run_id)
-    table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+    table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "ui_link": ui_link,
                         "execution_dir": str(execution_dir), "failed_trials": 0 if ok else len(failed)})
     return table
 
@@ -135,6 +139,16 @@ def end_stale_driver(execution_dir: Path, verbose: bool) -> list[int]:
     return sorted(p.pid for p in stale)
 
 
+def _sweep_note(sweep: Sweep, execution: str, charts: str) -> str:
+    """The parent run's description (markdown): what the execution ran and the link to its trials' curves."""
+    axes = ", ".join(f"`{k}` over {list(v)}" for k, v in sweep.axes.items()) or "none (a single trial)"
+    return (f"Execution `{execution}` of sweep **{sweep.name}**: {sweep.size} trial(s), the nested runs below "
+            f"(expand this run). Swept: {axes}; every setting is a `sweep.settings.*` parameter.\n\n"
+            f"[The trials' knowledge curves]({charts}) (the trial runs only, in chart mode, charts filtered to "
+            f"`knowledge`; clear the chart filter for every metric). After the sweep, `report/` holds the stage "
+            f"table and the figures.\n\nWhat `step` means, by chart section:\n\n" + metric_guide())
+
+
 def _latest_execution(sweep_root: Path) -> tuple[Path, dict]:
     executions = sorted(p for p in sweep_root.glob("*/sweep.json")) if sweep_root.is_dir() else []
     if not executions:
@@ -161,6 +175,7 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
     context = {
         "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+        "system_metrics": os.environ.get(SYSTEM_METRICS_ENV, "auto"),  # decided here: the driver's environment
     }
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
     tune_dir = execution_dir / "tune"

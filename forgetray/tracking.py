@@ -29,6 +29,17 @@ TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI nests by
 TAG_RUN_NAME = "mlflow.runName"
 TAG_TRANSITION = "forgetray.transition_epoch"  # first epoch classified actual forgetting, or "none"
 TAG_STAGE_BENCHMARK = "forgetray.stage_benchmark"
+# What the MLflow UI (3.x) reads: a run's / an experiment's description (markdown), the experiment's kind (without it
+# the UI may open the experiment in its GenAI mode: traces, no runs table) and the saved views its links open.
+TAG_NOTE = "mlflow.note.content"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's classic ML view: runs table, charts, artifacts
+TAG_SHARED_VIEW = "mlflow.sharedViewState."  # + a key: the UI state `?viewStateShareKey=<key>` opens
+# MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) logged by the rank-0 worker of each
+# Ray Train run into the trial's run: "auto" (default) = when the trial has GPUs, "1" = always, "0" = never.
+SYSTEM_METRICS_ENV = "FORGETRAY_SYSTEM_METRICS"
+# The charts the printed link shows (a regular expression the UI matches against metric names).
+KNOWLEDGE_CHARTS = "/knowledge$"
 TAG_ERROR = "forgetray.error"  # why a failed trial failed (its first line: exception type and message)
 
 # A tracking server that is down (restarting) or a sqlite store that is locked by another process is waited for: every
@@ -103,22 +114,31 @@ class Tracker:
         if self.artifact_root is not None and self.uri.startswith("sqlite:"):
             # A sqlite store keeps artifacts in ./mlruns of the *current directory* by default: pin them instead.
             location = (Path(self.artifact_root).resolve() / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location, tags={
+            TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, TAG_NOTE: experiment_note(name)})
 
-    def start_sweep_run(self, sweep_name: str, execution: str, params: dict) -> str:
+    def start_sweep_run(self, sweep_name: str, execution: str, params: dict, description: str = "") -> str:
+        experiment_id = self.experiment_id(sweep_name)
+        experiment = self.client.get_experiment(experiment_id)
+        if experiment.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:  # made by an older forgetray, or by hand
+            self.client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+        if TAG_NOTE not in experiment.tags:
+            self.client.set_experiment_tag(experiment_id, TAG_NOTE, experiment_note(sweep_name))
         run = self.client.create_run(
-            self.experiment_id(sweep_name), run_name=f"{sweep_name}-{execution}",
-            tags={TAG_KIND: "sweep", TAG_SWEEP: sweep_name},
+            experiment_id, run_name=f"{sweep_name}-{execution}",
+            tags={TAG_KIND: "sweep", TAG_SWEEP: sweep_name, TAG_NOTE: description or f"Sweep {sweep_name!r}."},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def start_trial_run(self, sweep_name: str, parent_run_id: str, trial_name: str, config_hash: str,
-                        params: dict) -> str:
+                        params: dict, run_name: str | None = None, description: str = "") -> str:
+        """`trial_name` (tag forgetray.trial) identifies the trial; `run_name` is what the UI shows (the swept
+        settings first, so its truncated column still tells trials apart)."""
         run = self.client.create_run(
-            self.experiment_id(sweep_name), run_name=trial_name,
+            self.experiment_id(sweep_name), run_name=run_name or trial_name,
             tags={TAG_KIND: "trial", TAG_SWEEP: sweep_name, TAG_PARENT: parent_run_id, TAG_CONFIG_HASH: config_hash,
-                  TAG_TRIAL: trial_name},
+                  TAG_TRIAL: trial_name, **({TAG_NOTE: description} if description else {})},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -163,6 +183,9 @@ class Tracker:
             retrying(self.client.log_batch, run_id, metrics=items[start:start + 1000], what="log metrics")
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        """The folder as is, plus a CSV beside each Parquet file (`x.parquet` -> `x.csv`): the UI previews CSV,
+        not Parquet."""
+        self._log_csv_copies(run_id, Path(local_dir), artifact_path)
         retrying(self.client.log_artifacts, run_id, str(local_dir), artifact_path, what="log artifacts")
 
     def log_table(self, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
@@ -170,10 +193,60 @@ class Tracker:
             path = Path(tmp) / Path(artifact_file).name
             if path.suffix == ".parquet":
                 frame.to_parquet(path)
+                frame.to_csv(path.with_suffix(".csv"), index=False)  # what the UI previews
+                self.client.log_artifact(run_id, str(path.with_suffix(".csv")),
+                                         None if str(Path(artifact_file).parent) == "." else str(Path(artifact_file).parent))
             else:
                 frame.to_csv(path, index=False)
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def _log_csv_copies(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        parquets = sorted(p for p in local_dir.rglob("*.parquet") if not p.with_suffix(".csv").exists())
+        if not parquets:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in parquets:
+                target = Path(tmp) / path.relative_to(local_dir).with_suffix(".csv")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pd.read_parquet(path).to_csv(target, index=False)
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def log_datasets(self, run_id: str, datasets: list[dict]) -> None:
+        """The run's inputs as MLflow datasets (the UI's Dataset column and the run's overview): each
+        {"name", "source", "digest", "context", "source_type", "profile"}; `context` (training, evaluation, ...) is
+        the input tag mlflow.data.context."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                                       source=json.dumps({"uri": d["source"]}),
+                                       profile=json.dumps(d.get("profile") or {})),
+                               tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def save_view(self, experiment_id: str, key: str, state: dict) -> None:
+        """A saved UI view (search filter, chart filter, ...): `?viewStateShareKey=<key>` on the experiment's
+        page opens it (MLflow 3.x reads the experiment tag mlflow.sharedViewState.<key> as JSON)."""
+        import json
+
+        self.client.set_experiment_tag(experiment_id, TAG_SHARED_VIEW + key, json.dumps(state))
+
+    def trial_charts_view(self, parent_run_id: str) -> str:
+        """Save the UI view of one sweep execution's trials as knowledge curves and return its address in the UI
+        (relative: `#/experiments/<id>/runs?...`; prefix the UI's base URL). The view: the runs table filtered to
+        the execution's trial runs (the parent is left out, so nothing is collapsed), all of them shown in the
+        charts, in chart mode, with the charts filtered to the `.../knowledge` metrics."""
+        experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        key = f"forgetray-{parent_run_id}"
+        self.save_view(experiment_id, key, {
+            "searchFilter": f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+            "orderByKey": "attributes.start_time", "orderByAsc": True,
+            "chartsSearchFilter": KNOWLEDGE_CHARTS, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+        })
+        return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}&compareRunsMode=CHART"
 
     # --- reading back ---
     def get_run(self, run_id: str):
@@ -232,6 +305,67 @@ class Tracker:
         if not rows:
             return pd.DataFrame(columns=["trial", "epoch"])
         return pd.DataFrame(rows).sort_values(["trial", "epoch"], ignore_index=True)
+
+
+def metric_guide() -> str:
+    """Markdown: what `step` means for each family of metrics (the UI's chart sections: a metric's name up to its
+    last '/'), generated from the registry."""
+    lines = []
+    for meaning, (_, text) in registry.STEPS.items():
+        sections: dict[str, None] = {}
+        for m in registry.METRICS:
+            if m.step != meaning:
+                continue
+            shown = m.pattern.rsplit("/", 1)[0]
+            if "{state}" in shown:
+                shown = shown.replace("{state}", "{" + ",".join(m.states) + "}" if len(m.states) > 1 else m.states[0])
+            for field in m.fields:
+                shown = shown.replace("{" + field + "}", f"<{field}>")
+            sections[f"`{shown}/`"] = None
+        if sections:
+            lines.append(f"- step = **{text}**: {', '.join(sections)}")
+    lines.append("- `system/`: MLflow's system metrics (when enabled), step = sample number")
+    return "\n".join(lines)
+
+
+def experiment_note(name: str) -> str:
+    return (f"forgetray sweep **{name}**: one parent run per execution of the sweep (`forgetray.kind = sweep`), "
+            "one nested run per trial (`forgetray.kind = trial`), named by the settings the sweep varies.\n\n"
+            "The parent runs are collapsed in the runs table; expand one (or open the link `forgetray run` prints, "
+            "also in the parent run's description) to chart its trials. What `step` means, by chart section:\n\n"
+            + metric_guide())
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the UI of this store is: the tracking server itself, else `mlflow ui`'s default address."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def system_metrics_wanted(setting: str | None, gpus_per_worker: float) -> bool:
+    setting = (setting or "auto").strip().lower()
+    return gpus_per_worker > 0 if setting == "auto" else setting in ("1", "true", "yes", "on")
+
+
+class system_metrics:  # noqa: N801 (a context manager used like a function)
+    """MLflow's system metrics monitor logging into `run_id` while the block runs (`system/...`, continuing the
+    run's earlier samples). Needs psutil (nvidia-ml-py for GPU metrics)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, sampling_interval: float = 10):
+        self.args = (tracking_uri, run_id, sampling_interval)
+        self.monitor = None
+
+    def __enter__(self):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        tracking_uri, run_id, interval = self.args
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                            tracking_uri=tracking_uri)
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.monitor.finish()
+        return False
 
 
 def _per_epoch(name: str) -> bool:
