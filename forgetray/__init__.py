@@ -2,9 +2,11 @@
 
     from forgetray import Sweep, grid, run
     table = run(Sweep("demo", model=grid(["organism-tiny", "organism-small"]), epochs=3))
+    Sweep("demo", model=grid(["organism-tiny", "organism-small"]), replicates=3)  # 3 seeds per point, pooled
 """
 
-from forgetray.spec import Grid, SpecError, Sweep, TrialConfig, grid
+from forgetray.grids import Grid, Sweep, grid, replicate_group
+from forgetray.spec import SpecError, TrialConfig
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,4 @@ def run(sweep, **kwargs):
     return run_sweep(sweep, **kwargs)
 
 
-__all__ = ["Grid", "SpecError", "Sweep", "TrialConfig", "grid", "run", "__version__"]
+__all__ = ["Grid", "SpecError", "Sweep", "TrialConfig", "grid", "replicate_group", "run", "__version__"]

@@ -1,44 +1,25 @@
-"""What a sweep is: the grid of trial configurations, validated on construction.
+"""What a trial is: its configuration, validated on construction.
 
 `TrialConfig` is the single source of truth for every setting's name, type, default and bounds. A `Sweep` is a name plus
-a value or a `grid([...])` for any of those settings; it expands to the cartesian product of its grids, and every point
-is a validated `TrialConfig`. Only plain data lives here: resolving a model or dataset name to files is
-`forgetray.resources` (`resolve_sweep`), which runs before any compute starts; the plan of a trial's training is
-`forgetray.plan`.
+a value or a `grid([...])` for any of those settings; it expands to the cartesian product of its grids (optionally
+replicated over seeds), and every point is a validated `TrialConfig`: `forgetray.grids`, whose names (`Sweep`, `Grid`,
+`grid`, `replicate_group`, `parse_override`, `flatten`) this module re-exports. Only plain data lives here: resolving
+a model or dataset name to files is `forgetray.resources` (`resolve_sweep`), which runs before any compute starts; the
+plan of a trial's training is `forgetray.plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 
 class SpecError(ValueError):
     """A sweep or trial setting is invalid. The message is one line naming the setting (and file/line if any)."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A sweep axis: every value is tried, one trial each (cartesian product with the other grids)."""
-
-    values: tuple
-
-    def __post_init__(self):
-        if len(self.values) == 0:
-            raise SpecError("grid([]) is empty: a grid needs at least one value")
-
-
-def grid(values: Iterable[Any]) -> Grid:
-    """Make a sweep axis from the given values, e.g. `epochs=grid([1, 2, 4])`."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise SpecError(f"grid() takes a list of values, got {values!r}")
-    return Grid(tuple(values))
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -304,92 +285,14 @@ def _check_values(cfg: TrialConfig) -> None:
          f"must be a multiple of workers = {cfg.workers}")
 
 
-@dataclass(frozen=True, init=False)
-class Sweep:
-    """A named grid of trials. Any `TrialConfig` setting may be a single value or a `grid([...])`.
-
-    >>> Sweep("demo", model=grid(["organism-tiny", "organism-small"]), epochs=grid([1, 2])).size
-    4
-    """
-
-    name: str
-    settings: Mapping[str, Any]  # what the user set (values or Grids); the rest take TrialConfig's defaults
-    max_concurrent_trials: int  # 0 = as many as the cluster's resources allow
-    trials: tuple = field(repr=False)
-
-    def __init__(self, name: str, *, max_concurrent_trials: int = 0, **settings: Any):
-        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
-            raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
-        if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
-            raise SpecError(f"max_concurrent_trials must be an int >= 0, got {max_concurrent_trials!r}")
-        unknown = [k for k in settings if k not in SETTINGS]
-        if unknown:
-            raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "settings", types.MappingProxyType(dict(settings)))
-        object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
-        object.__setattr__(self, "trials", tuple(_expand(settings)))
-
-    @property
-    def size(self) -> int:
-        return len(self.trials)
-
-    @property
-    def axes(self) -> dict[str, tuple]:
-        """The settings that vary: name -> values."""
-        return {k: v.values for k, v in self.settings.items() if isinstance(v, Grid)}
-
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "Sweep":
-        """A copy with some settings replaced (the CLI's `--set key=value`)."""
-        return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, **{**self.settings, **overrides})
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "max_concurrent_trials": self.max_concurrent_trials,
-            "settings": {k: (list(v.values) if isinstance(v, Grid) else v) for k, v in self.settings.items()},
-            "axes": sorted(self.axes),
-        }
+# The grid and the sweep live in forgetray.grids, which imports this module: re-exported lazily (PEP 562), so that
+# `from forgetray.spec import Sweep` keeps working without an import cycle.
+_IN_GRIDS = ("Grid", "grid", "Sweep", "replicate_group", "parse_override", "flatten")
 
 
-def _expand(settings: Mapping[str, Any]) -> list[TrialConfig]:
-    names = list(settings)
-    choices = [settings[n].values if isinstance(settings[n], Grid) else (settings[n],) for n in names]
-    trials, seen = [], set()
-    for combo in itertools.product(*choices):
-        trial = TrialConfig(**dict(zip(names, combo)))
-        key = trial.config_hash()
-        if key in seen:
-            raise SpecError(f"the grid produces the same trial twice ({trial.short_name()}): remove duplicate values")
-        seen.add(key)
-        trials.append(trial)
-    return trials
+def __getattr__(name: str) -> Any:
+    if name in _IN_GRIDS:
+        from forgetray import grids
 
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one `--set key=value`. The value is JSON if it parses (numbers, lists -> grid), else a string."""
-    if "=" not in text:
-        raise SpecError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if key not in SETTINGS:
-        raise SpecError(f"--set: unknown axis {key!r} (known axes: {', '.join(SETTINGS)})")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    if isinstance(value, list) and key != "benchmarks":
-        return key, grid(value)
-    return key, value
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": value}: how resolved configs become MLflow params."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+        return getattr(grids, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

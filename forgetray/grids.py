@@ -1,0 +1,176 @@
+"""Sweep grids: `grid([...])` axes, the `Sweep` (a named grid of `TrialConfig`s, optionally replicated over seeds),
+its expansion, the CLI's `--set key=value` parsing and `flatten`.
+
+Split out of `forgetray.spec` (which keeps `TrialConfig`, the settings and their validation, and re-exports these
+names, so `from forgetray.spec import Sweep` keeps working). The module is `grids`, not `grid`: `forgetray.grid` is
+the `grid()` function in the package namespace.
+
+Replicates (METHODS.md §10): `Sweep(..., replicates=n)` runs every grid point with the seeds seed, seed + 1, ...,
+seed + n - 1: a hidden seed axis. The trials are exactly those `seed=grid([seed, ..., seed + n - 1])` gives (same
+configs, same config hashes, same runs and checkpoints); what differs is that they are declared replicates of one
+grid point, so the report pools them (`forgetray.metrics.pooled`, `forgetray.report.pooled`) instead of listing
+independent trials. A trial's replicate group is `replicate_group(trial)`, the config hash of its grid point without
+the seed. Because of that, `replicates > 1` takes a single seed (the first replicate's), never a seed grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import types
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from forgetray.spec import SETTINGS, SpecError, TrialConfig
+
+SWEEP_OPTIONS = ("replicates",)  # sweep-level settings that `--set` accepts besides TrialConfig's
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sweep axis: every value is tried, one trial each (cartesian product with the other grids)."""
+
+    values: tuple
+
+    def __post_init__(self):
+        if len(self.values) == 0:
+            raise SpecError("grid([]) is empty: a grid needs at least one value")
+
+
+def grid(values: Iterable[Any]) -> Grid:
+    """Make a sweep axis from the given values, e.g. `epochs=grid([1, 2, 4])`."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise SpecError(f"grid() takes a list of values, got {values!r}")
+    return Grid(tuple(values))
+
+
+def replicate_group(trial: TrialConfig) -> str:
+    """The trial's replicate group: a stable short hash of its config without the seed (its grid point). The
+    replicates of one grid point share it; so would trials of a `seed=grid(...)` sweep, which the report still
+    keeps apart (it pools only a sweep run with `replicates > 1`)."""
+    data = trial.to_dict()
+    del data["seed"]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, init=False)
+class Sweep:
+    """A named grid of trials. Any `TrialConfig` setting may be a single value or a `grid([...])`; `replicates=n` runs
+    each grid point with n seeds (seed, seed + 1, ..., seed + n - 1; module docstring).
+
+    >>> Sweep("demo", model=grid(["organism-tiny", "organism-small"]), epochs=grid([1, 2])).size
+    4
+    >>> Sweep("demo", epochs=grid([1, 2]), seed=7, replicates=3).size
+    6
+    """
+
+    name: str
+    settings: Mapping[str, Any]  # what the user set (values or Grids); the rest take TrialConfig's defaults
+    max_concurrent_trials: int  # 0 = as many as the cluster's resources allow
+    replicates: int  # seeds per grid point; 1 = none
+    trials: tuple = field(repr=False)  # grid points in order, each point's replicates next to each other
+
+    def __init__(self, name: str, *, max_concurrent_trials: int = 0, replicates: int = 1, **settings: Any):
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
+            raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
+        if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
+            raise SpecError(f"max_concurrent_trials must be an int >= 0, got {max_concurrent_trials!r}")
+        if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
+            raise SpecError(f"replicates must be an int >= 1 (seeds per grid point; 1 = none), got {replicates!r}")
+        unknown = [k for k in settings if k not in SETTINGS]
+        if unknown:
+            raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
+        if replicates > 1 and isinstance(settings.get("seed"), Grid):
+            raise SpecError(f"replicates={replicates} runs each grid point with seeds seed, seed+1, ...: give 'seed' "
+                            "one value (the first replicate's), not a grid (seed=grid([...]) alone runs independent "
+                            "trials)")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "settings", types.MappingProxyType(dict(settings)))
+        object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
+        object.__setattr__(self, "replicates", replicates)
+        object.__setattr__(self, "trials", tuple(_expand(settings, replicates)))
+
+    @property
+    def size(self) -> int:
+        return len(self.trials)
+
+    @property
+    def axes(self) -> dict[str, tuple]:
+        """The settings that vary: name -> values (the replicates' hidden seed axis is not one of them)."""
+        return {k: v.values for k, v in self.settings.items() if isinstance(v, Grid)}
+
+    @property
+    def replicate_groups(self) -> dict[str, tuple[TrialConfig, ...]]:
+        """Replicate group (`replicate_group`) -> its trials in seed order, in grid order; {} without replicates."""
+        if self.replicates == 1:
+            return {}
+        groups: dict[str, list[TrialConfig]] = {}
+        for trial in self.trials:
+            groups.setdefault(replicate_group(trial), []).append(trial)
+        return {group: tuple(trials) for group, trials in groups.items()}
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Sweep":
+        """A copy with some settings replaced (the CLI's `--set key=value`; `replicates` included)."""
+        settings = dict(overrides)
+        replicates = settings.pop("replicates", self.replicates)
+        return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, replicates=replicates,
+                     **{**self.settings, **settings})
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "max_concurrent_trials": self.max_concurrent_trials,
+            "replicates": self.replicates,
+            "settings": {k: (list(v.values) if isinstance(v, Grid) else v) for k, v in self.settings.items()},
+            "axes": sorted(self.axes),
+        }
+
+
+def _expand(settings: Mapping[str, Any], replicates: int = 1) -> list[TrialConfig]:
+    names = list(settings)
+    choices = [settings[n].values if isinstance(settings[n], Grid) else (settings[n],) for n in names]
+    trials, seen = [], set()
+    for combo in itertools.product(*choices):
+        point = TrialConfig(**dict(zip(names, combo)))
+        for replicate in range(replicates):
+            trial = dataclasses.replace(point, seed=point.seed + replicate) if replicate else point
+            key = trial.config_hash()
+            if key in seen:
+                raise SpecError(f"the grid produces the same trial twice ({trial.short_name()}): remove duplicate "
+                                "values")
+            seen.add(key)
+            trials.append(trial)
+    return trials
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`. The value is JSON if it parses (numbers, lists -> grid), else a string.
+    `replicates` (a sweep option, not a trial setting) is never a grid."""
+    if "=" not in text:
+        raise SpecError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in SETTINGS and key not in SWEEP_OPTIONS:
+        raise SpecError(f"--set: unknown axis {key!r} (known axes: {', '.join(SETTINGS)}; sweep options: "
+                        f"{', '.join(SWEEP_OPTIONS)})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, list) and key not in ("benchmarks", *SWEEP_OPTIONS):
+        return key, grid(value)
+    return key, value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}: how resolved configs become MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
