@@ -133,8 +133,10 @@ def loss_surface(
 
     loss_fn gets the model in eval mode under torch.no_grad() and returns a scalar (float or one-element tensor);
     use one fixed held-out batch for every model compared. The parameters are overwritten in place, never copied per
-    grid point: memory is one saved copy of the trainable parameters plus the two directions. Afterwards, also when
-    loss_fn raises, the saved originals are copied back (bit-identical) and every module's train/eval mode restored.
+    grid point: memory is one saved copy of the trainable parameters plus the two directions. In bf16/fp16 each
+    point is computed in float32 from the saved weights and rounded once (in place it would round at every add).
+    Afterwards, also when loss_fn raises, the saved originals are copied back (bit-identical) and every module's
+    train/eval mode restored.
     """
     coords, h = grid_coordinates(steps, radius)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -154,7 +156,10 @@ def loss_surface(
                     # Rebuild from theta at every point rather than stepping, so rounding never accumulates and the
                     # centre (a = b = 0) is theta exactly.
                     for p, theta, u, v in zip(params, saved, d1, d2):
-                        p.copy_(theta).add_(u, alpha=float(a)).add_(v, alpha=float(b))
+                        if p.dtype in (torch.float32, torch.float64):
+                            p.copy_(theta).add_(u, alpha=float(a)).add_(v, alpha=float(b))
+                        else:  # bf16/fp16: the point in float32 from the saved weights, rounded once
+                            p.copy_((theta.float() + float(a) * u.float() + float(b) * v.float()).to(p.dtype))
                     F[i, j] = float(loss_fn(model))
         finally:
             for p, theta in zip(params, saved):

@@ -39,3 +39,12 @@ def perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
         return [(p.detach().to(dt).abs() * s * scale).to(dt) for p, s, dt in zip(params, scaled, dtype)]
     scale = rho / (global_norm(grads) + EPS)
     return [(g.to(dt) * scale).to(dt) for g, dt in zip(grads, dtype)]
+
+
+def perturbed(w: torch.Tensor, e: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """w + e in `dtype` (w's by default), computed in float32 (or wider) from `w` — the fp32 master or the
+    weights themselves — and rounded once: in bf16/fp16 adding e to the weights in place would round e first and the
+    sum again. In float32 it is the same value as w + e."""
+    dtype = dtype or w.dtype
+    wide = torch.promote_types(torch.promote_types(w.dtype, e.dtype), torch.float32)
+    return (w.detach().to(wide) + e.to(wide)).to(dtype)

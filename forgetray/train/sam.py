@@ -5,7 +5,9 @@ Per optimizer step (one global batch, possibly several gradient-accumulation mic
 1. the gradient at w over this rank's micro-batches, by plain autograd on the bare module (so none of DeepSpeed's
    gradient hooks fire and its accumulation state is untouched), scaled like DeepSpeed scales it (1 / accumulation
    steps) and averaged over the ranks by an all-reduce: the *global* gradient, identical on every rank;
-2. e from that gradient (its global norm), added to the weights in place; the unperturbed weights are kept;
+2. e from that gradient (its global norm); the unperturbed weights are kept (a copy in their own dtype), and the
+   weights become w + e computed in float32 and rounded once to their dtype (`methods.sam.perturbed`: in bf16 an
+   in-place add would round e to bf16 first and the sum again);
 3. the ordinary DeepSpeed forward/backward on every micro-batch at w + e (DeepSpeed reduces the gradients as usual);
 4. the weights copied back (exactly, not by subtracting e) before the engine's optimizer step, so the base optimizer
    steps from w with the gradient taken at w + e. If anything fails after step 2, the weights are put back first.
@@ -21,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from forgetray.methods.sam import perturbation
+from forgetray.methods.sam import perturbation, perturbed
 
 
 def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, world: int) -> list[torch.Tensor]:
@@ -44,8 +46,8 @@ def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, 
     losses = []
     try:
         with torch.no_grad():
-            for p, step in zip(params, e):
-                p.add_(step.to(p.dtype))
+            for p, step in zip(params, e):  # w + e rounded once in the weights' dtype (bf16: from fp32)
+                p.copy_(perturbed(p, step))
         del e
         for i, batch in enumerate(micro_batches):
             loss = engine(**batch).loss
