@@ -11,6 +11,15 @@ from forgetray.metrics.knowledge import (
     token_logprobs,
 )
 from forgetray.metrics.memorization import IGNORE_INDEX, em_ratio, exact_memorization
+from forgetray.metrics.pooled import (
+    PooledMcNemar,
+    PooledStage,
+    ReplicateOutcome,
+    TransitionSummary,
+    classify_pooled,
+    pooled_mcnemar,
+    transition_summary,
+)
 from forgetray.metrics.significance import (
     BootstrapResult,
     McNemarResult,
@@ -46,6 +55,14 @@ __all__ = [
     "IGNORE_INDEX",
     "em_ratio",
     "exact_memorization",
+    # pooled over replicates
+    "PooledMcNemar",
+    "PooledStage",
+    "ReplicateOutcome",
+    "TransitionSummary",
+    "classify_pooled",
+    "pooled_mcnemar",
+    "transition_summary",
     # significance
     "BootstrapResult",
     "McNemarResult",
