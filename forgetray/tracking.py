@@ -236,17 +236,22 @@ class Tracker:
 
     def trial_charts_view(self, parent_run_id: str) -> str:
         """Save the UI view of one sweep execution's trials as knowledge curves and return its address in the UI
-        (relative: `#/experiments/<id>/runs?...`; prefix the UI's base URL). The view: the runs table filtered to
-        the execution's trial runs (the parent is left out, so nothing is collapsed), all of them shown in the
-        charts, in chart mode, with the charts filtered to the `.../knowledge` metrics."""
+        (relative: `#/experiments/<id>/runs?...`; prefix the UI's base URL). The view: the UI's classic ML mode
+        (`workflowType=machine_learning`; 3.17 opens in GenAI mode otherwise, whatever the experiment's kind), the
+        runs table filtered to the execution's trial runs and grouped by `forgetray.kind` (the UI still adds the
+        parent run, in a group of its own; without grouping the trials would sit collapsed under it and the charts
+        be empty), every trial its own line in the charts, chart mode, charts filtered to `.../knowledge`."""
         experiment_id = self.client.get_run(parent_run_id).info.experiment_id
         key = f"forgetray-{parent_run_id}"
         self.save_view(experiment_id, key, {
             "searchFilter": f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
             "orderByKey": "attributes.start_time", "orderByAsc": True,
             "chartsSearchFilter": KNOWLEDGE_CHARTS, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": TAG_KIND}]},
+            "useGroupedValuesInCharts": False,
         })
-        return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}&compareRunsMode=CHART"
+        return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
+                "&compareRunsMode=CHART")
 
     # --- reading back ---
     def get_run(self, run_id: str):

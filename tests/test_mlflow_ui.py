@@ -102,11 +102,13 @@ def test_the_printed_link_opens_a_saved_view_of_the_trials(tracker):
     parent = tracker.start_sweep_run("s", "e", {})
     fragment = tracker.trial_charts_view(parent)
     experiment = tracker.client.get_experiment_by_name("s")
-    assert fragment == (f"#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=forgetray-{parent}"
-                        "&compareRunsMode=CHART")
+    assert fragment == (f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+                        f"&viewStateShareKey=forgetray-{parent}&compareRunsMode=CHART")
     state = json.loads(experiment.tags[f"mlflow.sharedViewState.forgetray-{parent}"])
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
     assert state["chartsSearchFilter"] == tracking.KNOWLEDGE_CHARTS and state["runsHiddenMode"] == "SHOW_ALL"
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "forgetray.kind"}]
+    assert state["useGroupedValuesInCharts"] is False
     # The filter is one MLflow search accepts, and it finds the trials (not the parent).
     child = tracker.start_trial_run("s", parent, "k", "h", {})
     found = tracker.client.search_runs([experiment.experiment_id], filter_string=state["searchFilter"])
