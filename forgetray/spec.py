@@ -28,6 +28,7 @@ KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm", "mc1", "mc2")  # which a benchm
 BOS_RULES = ("model", "auto", "always", "never")
 LETTER_RULES = ("merged", "lm_eval")
 STAGE_TESTS = ("mcnemar", "bootstrap")
+KEPT_STATES = ("latest", "all")  # which checkpoints of a running phase keep DeepSpeed state
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,15 @@ class TrialConfig:
     lr_schedule: str = "cosine"
     seed: int = 0
     max_length: int = 256  # IFT sequences are truncated to this many tokens
-    # --- distribution ---
+    # --- distribution, faults and storage (README: "Checkpoints and storage") ---
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     workers: int = 1  # Ray Train workers (DeepSpeed ranks) per trial
     gpus_per_worker: int = 0  # 0 = CPU (DeepSpeed's CPU accelerator over gloo)
     cpus_per_worker: int = 1
     precision: str = "fp32"
     max_failures: int = 1  # a failed trial restarts from its last checkpoint this many times
+    keep_optimizer_state: str = "latest"  # DeepSpeed state of a running phase: its newest checkpoint | "all"
+    delete_finished_state: bool = True  # drop a phase's DeepSpeed state once it finished (models and probes stay)
     # --- probes (METHODS.md §3) ---
     benchmarks: tuple = ("organism-facts",)  # MC benchmark names or local MMLU-style .jsonl files
     primary_score: tuple = ()  # per-benchmark primary knowledge score: {"bench": "letter"|"acc"|"acc_norm"|...}
@@ -226,6 +229,9 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
     need(cfg.precision == "fp32" or cfg.gpus_per_worker > 0, "precision", "bf16/fp16 need gpus_per_worker >= 1")
     need(cfg.max_failures >= 0, "max_failures", "must be >= 0")
+    need(cfg.keep_optimizer_state in KEPT_STATES, "keep_optimizer_state", f"must be one of {KEPT_STATES}")
+    need(cfg.keep_optimizer_state != "all" or not cfg.delete_finished_state, "keep_optimizer_state",
+         "= 'all' needs delete_finished_state=False (else a phase's states are deleted when it finishes)")
     need(len(cfg.benchmarks) >= 1, "benchmarks", "must name at least one benchmark")
     need(len(set(cfg.benchmarks)) == len(cfg.benchmarks), "benchmarks", "must not repeat a benchmark")
     for bench, score in cfg.primary_score:

@@ -253,6 +253,11 @@ def run_trial(config: dict) -> None:
     ok = False
     try:
         _fit(trial, resolved, dirs, context, run_id, "ift", training)
+        if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
+            from forgetray.train.checkpoints import drop_state
+
+            for checkpoint in sorted((trial_dir / "ift").glob("epoch_*")):
+                drop_state(checkpoint)
         # Right after training: the summaries need nothing from the restorations, and a restoration that fails
         # then does not cost them.
         log_continual(tracker, run_id, trial, resolved, phases)
@@ -325,6 +330,7 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from forgetray.callbacks import make_report_logger
+    from forgetray.train.checkpoints import make_state_pruner
     from forgetray.train.worker import phase_worker
 
     use_gpu = trial.gpus_per_worker > 0
@@ -348,7 +354,9 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
             storage_path=dirs["trial_dir"],
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
-            callbacks=[TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs)],
+            callbacks=[TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs),
+                       # the IFT phase resumes from its newest checkpoint's DeepSpeed state only
+                       *([make_state_pruner()] if name == "ift" and trial.keep_optimizer_state == "latest" else [])],
         ),
     )
     result = trainer.fit()

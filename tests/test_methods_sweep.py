@@ -36,6 +36,7 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
         prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-3},
                       {"dataset": str(fixture_files["dataset"]), "epochs": 1, "sam_rho": 0.05}],
         sam_rho=grid([0.0, 0.05]), rehearsal_ratio=0.25, wiseft_alpha=0.5, flatness_grid=5, flatness_batch=4,
+        keep_optimizer_state="all", delete_finished_state=False,  # the trained (un-mixed) weights are read below
     )
     run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
 

@@ -6,6 +6,7 @@ to a temporary directory that is renamed into place (or handed to Ray Train) at 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -15,18 +16,22 @@ import torch.distributed as dist
 
 from forgetray import flatness
 
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state (optimizer, schedule, weights): what resuming loads
+STATE_FILE = "state.json"  # a checkpoint's epoch and metrics
+
 
 def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int, name: str,
-                      model_state: dict | None = None, surface: tuple | None = None) -> None:
-    """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards) so a restarted run
-    resumes exactly, a plain Hugging Face model (what probes, restoration and users load; `model_state` if given,
-    e.g. the Wise-FT mix), per-question probes (and the flatness surface with its contour plot, the paper's
-    Figure 1, when given)."""
+                      model_state: dict | None = None, surface: tuple | None = None, save_state: bool = True) -> None:
+    """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards; unless `save_state`
+    is False) so a restarted run resumes exactly, a plain Hugging Face model in the training dtype (what probes,
+    restoration and users load; `model_state` if given, e.g. the Wise-FT mix), per-question probes (and the
+    flatness surface with its contour plot, the paper's Figure 1, when given)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
         out = Path(tmp)
-        engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+        if save_state:
+            engine.save_checkpoint(str(out / DEEPSPEED_DIR), tag="state")
         state = model_state
         if engine.zero_optimization_stage() == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
@@ -41,7 +46,7 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int,
                 np.save(out / "probes" / "flatness_surface.npy", grid)
                 radius = h * (grid.shape[0] // 2)
                 flatness.contour_png(grid, radius, out / "probes" / "flatness.png", title=f"{name} (h={h:g})")
-            (out / "state.json").write_text(json.dumps({"epoch": metrics["epoch"], "metrics": metrics}, indent=1,
+            (out / STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "metrics": metrics}, indent=1,
                                                        sort_keys=True))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
@@ -49,7 +54,7 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int,
 def checkpoint_epoch(checkpoint) -> int:
     """The epoch a reported checkpoint (a `ray.train.Checkpoint`) was taken at."""
     with checkpoint.as_directory() as ckpt_dir:
-        return int(json.loads((Path(ckpt_dir) / "state.json").read_text())["epoch"])
+        return int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["epoch"])
 
 
 def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) -> dict:
@@ -96,3 +101,87 @@ def save_model_dir(model, tokenizer, out: Path, rank: int, world: int) -> None:
         tmp.rename(out)  # a crash never leaves a half-written model
     if world > 1:
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Storage: which checkpoints keep DeepSpeed state (settings keep_optimizer_state, delete_finished_state)
+
+
+def drop_state(checkpoint_dir: Path) -> bool:
+    """Delete a checkpoint's DeepSpeed state (its `model/`, `probes/` and `state.json` stay). True if it had one."""
+    state = Path(checkpoint_dir) / DEEPSPEED_DIR
+    if not state.is_dir():
+        return False
+    shutil.rmtree(state)
+    return True
+
+
+def drop_older_states(newest: Path) -> list[str]:
+    """Delete the DeepSpeed state of every checkpoint of `newest`'s Ray Train run except `newest` itself: the
+    checkpoints Ray Train would no longer resume from. Returns the names of the checkpoints it pruned."""
+    newest = Path(newest)
+    return [d.name for d in sorted(newest.parent.iterdir())
+            if d.is_dir() and d.name != newest.name and (d / STATE_FILE).is_file() and drop_state(d)]
+
+
+def make_state_pruner():
+    """A Ray Train `UserCallback` (it runs in the Train controller) keeping DeepSpeed state in the newest checkpoint
+    only (keep_optimizer_state="latest"). Ray Train's checkpoint manager handles a report first (it records the new
+    checkpoint as the one to resume from, in memory and in its snapshot on storage), the user callbacks after it: so
+    when this deletes the older checkpoints' state, no restart (of the workers or of the sweep) can resume from them.
+    A report the controller never received (a worker killed right after reporting) prunes nothing."""
+    from ray.train import UserCallback
+
+    class StatePruner(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                drop_older_states(Path(checkpoint.path))
+
+    return StatePruner()
+
+
+OPTIMIZER_BYTES = 12  # per parameter, measured: DeepSpeed's fp32 master weights + AdamW's fp32 m and v
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def storage_per_trial(params: float, epochs: int, restorations: int, precision: str = "bf16", zero_stage: int = 3,
+                      keep_optimizer_state: str = "latest", delete_finished_state: bool = True) -> dict[str, float]:
+    """Bytes a trial leaves in storage, by piece, and the most it holds at once while the IFT phase runs (`peak`).
+    With W = bytes per weight of the training dtype and O = OPTIMIZER_BYTES: every checkpoint (IFT epoch SFT_e and
+    restored R_e) keeps its Hugging Face model (W per parameter); a checkpoint with DeepSpeed state adds O (the
+    optimizer) plus DeepSpeed's own copy of the weights (W under ZeRO 0-2, none under ZeRO-3: its weights live
+    partitioned in the optimizer state). Probes, tokenizers and state.json are negligible."""
+    w = WEIGHT_BYTES[precision]
+    state = (OPTIMIZER_BYTES + (w if zero_stage < 3 else 0)) * params
+    model = w * params
+    kept = epochs if keep_optimizer_state == "all" else 1  # IFT checkpoints holding state while the phase runs
+    out = {
+        "ift_models": epochs * model,
+        "ift_states": 0.0 if delete_finished_state else kept * state,
+        "restored_models": restorations * model,
+        "restored_states": 0.0 if delete_finished_state else restorations * state,
+    }
+    out["total"] = sum(out.values())
+    # While epoch e's checkpoint is written, epoch e-1's state is still there (pruned once e is recorded).
+    out["peak"] = max(out["total"], epochs * model + min(epochs, kept + 1) * state)
+    return out
+
+
+def storage_table(params: float = 6.74e9, epochs: int = 10, precision: str = "bf16", zero_stage: int = 3) -> str:
+    """The README's table (PS settings: every epoch restored): `python -m forgetray.train.checkpoints`."""
+    before = storage_per_trial(params, epochs, epochs, precision, zero_stage, "all", False)
+    after = storage_per_trial(params, epochs, epochs, precision, zero_stage)
+    w, o = WEIGHT_BYTES[precision], OPTIMIZER_BYTES + (WEIGHT_BYTES[precision] if zero_stage < 3 else 0)
+    rows = [(f"IFT models `ift/epoch_NNN/model/` ({epochs} x {w} B/param)", "ift_models"),
+            (f"IFT DeepSpeed state `ift/epoch_NNN/deepspeed/` ({epochs} x {o} B/param)", "ift_states"),
+            (f"restored models `restore_*/restored_epoch_NNN/model/` ({epochs} x {w} B/param)", "restored_models"),
+            (f"restorations' DeepSpeed state ({epochs} x {o} B/param)", "restored_states"),
+            ("**total, after the trial**", "total"),
+            ("most at once (after: during IFT, the models so far and the newest two states)", "peak")]
+    lines = ["| piece | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {before[key] / 1e9:,.0f} GB | {after[key] / 1e9:,.0f} GB |" for label, key in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(storage_table())

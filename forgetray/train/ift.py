@@ -1,8 +1,9 @@
 """The IFT phase's recipe, top to bottom: load the start model and the data; with the untouched start model,
 evaluate it and select the restoring set (each once per sweep, cached and shared across trials); then for each
-epoch train, probe, and report a checkpoint SFT_e (full DeepSpeed state for resuming + a plain Hugging Face model +
-per-question probe results). If Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()`
-returns the last checkpoint and the loop continues after its epoch.
+epoch train, probe, and report a checkpoint SFT_e (DeepSpeed state for resuming + a plain Hugging Face model +
+per-question probe results; README "Checkpoints and storage" says which checkpoints keep the DeepSpeed state). If
+Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()` returns the last checkpoint and the loop
+continues after its epoch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     import ray.train
 
     trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and checkpoint_epoch(checkpoint) >= phase.epochs:
+        return  # finished (a re-run of the group): its DeepSpeed state may be gone (delete_finished_state)
     torch.manual_seed(trial.seed)
     tokenizer = load_tokenizer(worker.resolved["model"])
     model, _scope = worker.load(start, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
@@ -44,7 +48,6 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     em_examples = own[: trial.em_examples] if trial.em_examples else own
     flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
     engine, scheduler = build_engine(model, phase, worker.engine_config(phase), total_steps=steps * phase.epochs)
-    checkpoint = ray.train.get_checkpoint()
 
     if checkpoint is None:
         # The engine before its first step is the phase's starting model (under ZeRO-3 only the engine can run it).
@@ -93,8 +96,10 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             registry.TRAIN_LR.name(): scheduler.get_last_lr()[0],
             **found, **format_metrics(found),
         }
+        # DeepSpeed state for resuming; the last epoch's is never resumed from, so it is kept only on request
         report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
-                          model_state=model_state, surface=surface)
+                          model_state=model_state, surface=surface,
+                          save_state=epoch < phase.epochs or not trial.delete_finished_state)
         if rank == 0:
             maybe_fail_once(epoch)
 

@@ -84,5 +84,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
     metrics = {"kind": "restored", "epoch": epoch, registry.RESTORE_LOSS.name(): stats["loss"],
                registry.RESTORE_TOKENS.name(): stats["tokens"], registry.RESTORE_STEPS.name(): stats["steps"],
                **found}
-    report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch))
+    # R_e is probed and nothing resumes from its DeepSpeed state: written only with delete_finished_state=False
+    report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
+                      save_state=not trial.delete_finished_state)
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
