@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 from forgetray.spec import SETTINGS, SpecError, TrialConfig
 
 SWEEP_OPTIONS = ("replicates",)  # sweep-level settings that `--set` accepts besides TrialConfig's
+TAG_REPLICATE_GROUP = "forgetray.replicate_group"  # a trial run's `replicate_group` (set with its stages)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Inputs are the trial's own files: per-question probe results of the base model, 
 every restored R_e, and their probing perplexities. The rule itself is pure (`metrics.stage`); this module only
 lines the questions up, picks the primary benchmark and score, and writes the outcome to MLflow:
 `stage/*` metrics at step = epoch, a `forgetray.stage.epoch_NNN` tag per checkpoint, `forgetray.transition_epoch`,
-and `stages/per_question_<bench>.parquet` + `stages/stages.csv` artifacts.
+`forgetray.replicate_group` (`grids.replicate_group`), and `stages/per_question_<bench>.parquet` +
+`stages/stages.csv` artifacts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from forgetray.grids import TAG_REPLICATE_GROUP, replicate_group
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_fixed, transition_epoch
 from forgetray.plan import checkpoint_name, restore_phase
@@ -52,6 +54,8 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
         per_question.append(pd.DataFrame({"epoch": epoch, "index": base.index, "base_correct": b,
                                           "sft_correct": s, "restored_correct": r}))
     table = pd.DataFrame(rows)
+    # The grid point without its seed: what the report pools the replicates of a `replicates=n` sweep by.
+    tracker.set_tag(run_id, TAG_REPLICATE_GROUP, replicate_group(trial))
     _log(tracker, run_id, bench, table, pd.concat(per_question, ignore_index=True) if per_question else None)
     return table
 

@@ -420,3 +420,199 @@ def test_methods_table_has_the_table2_shape():
     assert "SAM rho=0.05" in text and "-0.050" in text and "0.750" in text
     # A sweep without any method has no such table.
     assert _methods_table(trials[:1], []).empty
+
+
+# --- a replicated sweep (METHODS.md §10): the pooled stage table and Figures 3b/3c over seeds ------------------------
+
+REPLICATED = "replicated-sweep"
+# Per group (lr) and seed, per epoch: the questions as (count, base, sft, restored) correctness rows, base right on
+# the first 16 of 20 questions in every replicate and epoch (one base model per replicate).
+OUTCOMES = {
+    "1e-3": {1: [[(5, 1, 0, 1), (11, 1, 1, 1), (4, 0, 0, 0)], [(4, 1, 0, 1), (12, 1, 1, 1), (4, 0, 0, 0)],
+                 [(6, 1, 0, 1), (10, 1, 1, 1), (4, 0, 0, 0)]],
+             2: [[(4, 1, 0, 0), (1, 1, 0, 1), (11, 1, 1, 1), (4, 0, 0, 0)]] * 2
+                + [[(6, 1, 0, 0), (10, 1, 1, 1), (4, 0, 0, 0)]]},
+    "2e-3": {1: [[(5, 1, 0, 1), (1, 1, 1, 0), (10, 1, 1, 1), (4, 0, 0, 0)]] * 3,
+             2: [[(8, 1, 0, 1), (8, 1, 1, 1), (4, 0, 0, 0)], [(2, 1, 0, 1), (14, 1, 1, 1), (2, 0, 1, 0), (2, 0, 0, 0)],
+                 [(16, 1, 1, 1), (3, 0, 1, 0), (1, 0, 0, 0)]]},
+}
+# Probing PPL per group and seed at epochs 1, 2 (base 10.0 everywhere); lr 2e-3 seed 1 is not restored at epoch 1.
+PPL = {"1e-3": {"sft": [[30, 40], [32, 44], [34, 48]], "restored": [[10.1, 10.2], [10.2, 10.3], [10.0, 10.4]]},
+       "2e-3": {"sft": [[31, 41], [33, 45], [35, 49]], "restored": [[10.1, 10.2], [10.8, 10.3], [10.2, 10.1]]}}
+
+
+def _per_question(lr: str, seed: int) -> pd.DataFrame:
+    frames = []
+    for epoch, by_seed in OUTCOMES[lr].items():
+        rows = [row[1:] for row in by_seed[seed] for _ in range(row[0])]
+        frames.append(pd.DataFrame({"epoch": epoch, "index": range(len(rows)),
+                                    **{f"{state}_correct": [bool(r[i]) for r in rows]
+                                       for i, state in enumerate(("base", "sft", "restored"))}}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _fill_replicated(uri: str, artifacts, tmp) -> dict:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(REPLICATED, artifact_location=artifacts.as_uri())
+    parent = client.create_run(experiment, tags={"forgetray.kind": "sweep"}).info.run_id
+    client.log_param(parent, "sweep.replicates", "3")
+    now = int(time.time() * 1000)
+    groups = {}
+    for lr in OUTCOMES:
+        groups[lr] = f"grp{lr}"
+        for seed in range(3):
+            name = f"lr{lr}.s{seed}"
+            run = client.create_run(experiment, tags={
+                "forgetray.kind": "trial", "mlflow.parentRunId": parent, "forgetray.trial": name,
+                "forgetray.stage_benchmark": BENCH, "forgetray.replicate_group": groups[lr]}).info.run_id
+            frame = _per_question(lr, seed)
+            metrics = [(f"base/{BENCH}/knowledge", 0.8, 0), ("base/probe/ppl", 10.0, 0)]
+            for epoch, rows in frame.groupby("epoch"):
+                metrics += [(f"{state}/{BENCH}/knowledge", rows[f"{state}_correct"].mean(), epoch)
+                            for state in ("sft", "restored")]
+                metrics += [(f"{state}/probe/ppl", PPL[lr][state][seed][epoch - 1], epoch)
+                            for state in ("sft", "restored")]
+            params = [Param("trial.lr", lr), Param("trial.seed", str(seed)), Param("trial.stage_alpha", "0.05"),
+                      Param("trial.ppl_tolerance", "0.05"), Param("trial.benchmarks", f"['{BENCH}']"),
+                      Param(f"resolved.benchmarks.{BENCH}.score", "acc")]
+            client.log_batch(run, metrics=[Metric(n, float(v), now, int(s)) for n, v, s in metrics], params=params)
+            path = tmp / name / f"per_question_{BENCH}.parquet"
+            path.parent.mkdir(parents=True)
+            frame.to_parquet(path)
+            client.log_artifact(run, str(path), "stages")
+            client.set_terminated(run)
+    client.set_terminated(parent)
+    return {"parent": parent, "groups": groups}
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicated-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    filled = _fill_replicated(uri, root / "artifacts", root / "tmp")
+    report = build_report(REPLICATED, uri, root / "out")
+    return {**filled, "uri": uri, "root": root, "report": report}
+
+
+def test_pooled_table_equals_the_hand_computation(replicated):
+    """The pooled rule by hand (exact McNemar on discordant pairs summed over the 3 seeds, B = drops, C = gains,
+    p = 2 P[X <= min(B, C)], X ~ Bin(B + C, 1/2)); per seed the single-trial rule; knowledge = correct / 20.
+    lr 1e-3, epoch 1: SFT drops 5, 4, 6 (alone p = 2/32, 2/16, 2/64: only seed 2 < 0.05): B = 15, p = 2/2^15; R_e
+      drops none: p = 1. Pseudo; 1/3 agree. SFT knowledge 0.55, 0.60, 0.50: mean 0.55, sd 0.05.
+    lr 1e-3, epoch 2: SFT drops 5, 5, 6: B = 16, p = 2/2^16; R_e drops 4, 4, 6 (alone 2/16, 2/16, 2/64): B = 14,
+      p = 2/2^14, dR = -14/60. Actual; 1/3 agree. SFT 0.55, 0.55, 0.50: mean 1.6/3, sd sqrt(3)/60; R_e 0.6, 0.6,
+      0.5: mean 1.7/3, sd sqrt(3)/30. Transition: pooled 2; per seed none, none, 2: median none, range 2-2, 1/3.
+    lr 2e-3, epoch 1: B = 15 as above, but seed 1's R_e PPL 10.8 > 10.0 * 1.05: not restored (2/3 restored);
+      per seed no, not restored, no: 1/3 agree; R_e drops 1 each: B = 3, p = 2/8.
+    lr 2e-3, epoch 2: SFT drops 8, 2, 0 and gains 0, 2, 3: B = 10, C = 5, p = 2 (1 + 15 + 105 + 455 + 1365 + 3003)
+      / 2^15 = 9888/32768; dS = -5/60. No forgetting; per seed pseudo (p = 2/2^8), no, no: 2/3 agree. SFT 0.40,
+      0.80, 0.95: mean 43/60, sd sqrt(((24-43)^2 + (48-43)^2 + (57-43)^2) / 2)/60 = sqrt(291)/60. No transition."""
+    table = replicated["report"].pooled_table
+    groups = replicated["groups"]
+    expected = [  # group, epoch, stage, agreeing, own stages, restored, p_sft, p_restored, d_sft, d_restored
+        (groups["1e-3"], 1, "pseudo_forgetting", "1/3", "no,no,pseudo", "3/3", 2 / 2**15, 1.0, -15 / 60, 0.0),
+        (groups["1e-3"], 2, "actual_forgetting", "1/3", "no,no,actual", "3/3", 2 / 2**16, 2 / 2**14, -16 / 60,
+         -14 / 60),
+        (groups["2e-3"], 1, "not_restored", "1/3", "no,not restored,no", "2/3", 2 / 2**15, 2 / 2**3, -15 / 60,
+         -3 / 60),
+        (groups["2e-3"], 2, "no_forgetting", "2/3", "pseudo,no,no", "3/3", 9888 / 32768, 1.0, -5 / 60, 0.0),
+    ]
+    assert len(table) == len(expected)
+    for row, (group, epoch, stage, agreeing, own, restored, p_sft, p_restored, d_sft, d_restored) in zip(
+            table.to_dict("records"), expected):
+        assert (row["group"], row["epoch"], row["stage"], row["agreeing"], row["replicate_stages"], row["restored"],
+                row["replicates"], row["seeds"], row["benchmark"]) == \
+            (group, epoch, stage, agreeing, own, restored, 3, "0,1,2", BENCH)
+        assert (row["p_sft"], row["p_restored"], row["d_sft"], row["d_restored"]) == \
+            pytest.approx((p_sft, p_restored, d_sft, d_restored))
+        assert row["knowledge_base_mean"] == pytest.approx(0.8) and row["knowledge_base_sd"] == pytest.approx(0.0)
+    knowledge = {(r["group"], r["epoch"]): (r["knowledge_sft_mean"], r["knowledge_sft_sd"],
+                                            r["knowledge_restored_mean"], r["knowledge_restored_sd"])
+                 for r in table.to_dict("records")}
+    assert knowledge[(groups["1e-3"], 1)] == pytest.approx((0.55, 0.05, 0.8, 0.0))
+    assert knowledge[(groups["1e-3"], 2)] == pytest.approx((1.6 / 3, 3**0.5 / 60, 1.7 / 3, 3**0.5 / 30))
+    assert knowledge[(groups["2e-3"], 1)] == pytest.approx((0.55, 0.0, 0.75, 0.0))
+    assert knowledge[(groups["2e-3"], 2)] == pytest.approx((43 / 60, 291**0.5 / 60, 0.8, 0.0))
+    first = table[table["group"] == groups["1e-3"]].iloc[0]
+    assert (first["transition_pooled"], first["transition_low"], first["transition_high"],
+            first["transition_reached"]) == (2, 2, 2, "1/3") and pd.isna(first["transition_median"])
+    second = table[table["group"] == groups["2e-3"]].iloc[0]
+    assert pd.isna(second["transition_pooled"]) and second["transition_reached"] == "0/3"
+    assert list(table["lr"]) == ["1e-3", "1e-3", "2e-3", "2e-3"] and "seed" not in table.columns
+
+
+def test_pooled_table_files_text_and_logging(replicated):
+    report, out = replicated["report"], replicated["root"] / "out"
+    csv = pd.read_csv(out / "pooled_stage_table.csv")
+    assert list(csv["stage"]) == list(report.pooled_table["stage"])
+    text = (out / "pooled_stage_table.txt").read_text()
+    assert text in report.text and "pooled over replicates" in text
+    assert "lr=1e-3 (seeds 0,1,2)" in text and "transition epoch: pooled 2; replicates median none, range 2-2" in text
+    line = next(row for row in text.splitlines() if row.strip().startswith("2  actual"))
+    assert "1/3" in line and "0.533+-0.029" in line
+    assert {"pooled_stage_table.csv", "pooled_stage_table.txt"} <= _report_artifacts(replicated["uri"],
+                                                                                      replicated["parent"])
+
+
+def _band_of(ax, gid: str) -> dict[float, tuple[float, float]]:
+    """x -> (lowest, highest) y of the filled band with this gid: what the band covers at each epoch."""
+    collection = next(c for c in ax.collections if c.get_gid() == gid)
+    out: dict[float, list[float]] = {}
+    for x, y in collection.get_paths()[0].vertices:
+        out.setdefault(float(x), []).append(float(y))
+    return {x: (min(ys), max(ys)) for x, ys in out.items()}
+
+
+def _mean_min_max(per_seed: list[list[float]]) -> tuple[list[float], dict[float, tuple[float, float]]]:
+    columns = list(zip(*per_seed))
+    return [sum(c) / len(c) for c in columns], {float(e + 1): (min(c), max(c)) for e, c in enumerate(columns)}
+
+
+def test_band_figures_plot_mean_and_min_max_over_seeds(replicated):
+    """Figures 3b and 3c have a panel per group (gid = group id), the mean over seeds as the line, the min-max over
+    seeds as the band, the base level; 3c's background is the pooled stage."""
+    from matplotlib.colors import to_rgba
+
+    from forgetray.report.figures import STAGE_COLORS
+
+    report, groups = replicated["report"], replicated["groups"]
+    assert set(report.plots) == {"fig3b_ppl_vs_epoch.png", f"fig3c_accuracy_{BENCH}.png"}
+    ppl_series, acc_series, ppl_levels, acc_levels = {}, {}, {}, {}
+    for lr, group in groups.items():
+        ppl_levels[(group, "base")], acc_levels[(group, "base")] = 10.0, 0.8
+        for state in ("sft", "restored"):
+            mean, _ = _mean_min_max(PPL[lr][state])
+            ppl_series[(group, state)] = ([1, 2], mean)
+            knowledge = [[_per_question(lr, s).query(f"epoch == {e}")[f"{state}_correct"].mean() for e in (1, 2)]
+                         for s in range(3)]
+            acc_series[(group, state)] = ([1, 2], _mean_min_max(knowledge)[0])
+    fig3b, fig3c = report.plots["fig3b_ppl_vs_epoch.png"], report.plots[f"fig3c_accuracy_{BENCH}.png"]
+    _assert_plots(fig3b, ppl_series, ppl_levels)
+    _assert_plots(fig3c, acc_series, acc_levels)
+    panels = {ax.get_gid(): ax for ax in fig3b.axes if ax.get_visible()}
+    assert set(panels) == set(groups.values())
+    for lr, group in groups.items():
+        for state in ("sft", "restored"):
+            drawn, expected = _band_of(panels[group], f"{state} band"), _mean_min_max(PPL[lr][state])[1]
+            assert drawn.keys() == expected.keys()
+            for epoch, (low, high) in expected.items():
+                assert drawn[epoch] == pytest.approx((low, high)), (group, state, epoch)
+    # By hand: lr 2e-3 restored PPL at epoch 1 is 10.1, 10.8, 10.2 over seeds: band 10.1-10.8, mean 31.1/3.
+    assert _band_of(panels[groups["2e-3"]], "restored band")[1.0] == pytest.approx((10.1, 10.8))
+    # SFT knowledge of lr 2e-3 at epoch 2: 0.40, 0.80, 0.95.
+    acc_panels = {ax.get_gid(): ax for ax in fig3c.axes if ax.get_visible()}
+    assert _band_of(acc_panels[groups["2e-3"]], "sft band")[2.0] == pytest.approx((0.40, 0.95))
+    spans = {(ax.get_gid(), p.get_gid()): p.get_facecolor() for ax in fig3c.axes for p in ax.patches if p.get_gid()}
+    pooled = {(groups["1e-3"], "stage 1"): "pseudo_forgetting", (groups["1e-3"], "stage 2"): "actual_forgetting",
+              (groups["2e-3"], "stage 1"): "not_restored", (groups["2e-3"], "stage 2"): "no_forgetting"}
+    assert spans.keys() == pooled.keys()
+    for key, stage in pooled.items():
+        assert spans[key] == pytest.approx(to_rgba(STAGE_COLORS[stage])), key
+
+
+def test_a_sweep_without_replicates_has_no_pooled_table(report, store):
+    assert report.pooled_table.empty and "pooled over replicates" not in report.text
+    assert not (store["root"] / "out" / "pooled_stage_table.csv").exists()

@@ -6,8 +6,9 @@ its trial runs through `forgetray.tracking.Tracker` into `TrialData` (metric nam
 `forgetray.metrics.registry`); `tables` turns trials into the stage table, the methods table and the printed text;
 `figures` draws Figures 3a/3b/3c/4/5 with matplotlib (imported only when a figure is drawn) and hands back each
 `Figure`; `build` puts them together, writes the folder and logs it to the parent run (`build_report`,
-`run_report`). What a trial did not log is left out, with a line in `Report.notes`; the report never fails on a
-missing metric.
+`run_report`). A sweep run with `replicates=n` is also pooled per grid point: `pooled` (the pooled stage table)
+and `bands` (Figures 3b/3c over seeds). What a trial did not log is left out, with a line in `Report.notes`; the
+report never fails on a missing metric.
 
     report = build_report("quickstart", "sqlite:///forgetray-results/mlflow.db", Path("report"))
     print(report.text)            # the stage table and each trial's transition epoch

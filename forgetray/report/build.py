@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from forgetray.report.bands import draw_band_figures
 from forgetray.report.continual import continual_table, continual_text
 from forgetray.report.figures import FIG3A, FIG3B, FIG3C_GLOB, FIG4, FIG5, Drawn, draw_figures
+from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pooled_table, pooled_text,
+                                     replicate_groups, sweep_replicates)
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
 from forgetray.report.tables import TEXT_COLUMNS, empty_columns, methods_table, report_text, stage_table
 from forgetray.tracking import Tracker, default_tracking_uri
@@ -28,7 +31,8 @@ CONTINUAL_CSV = "continual_table.csv"
 @dataclass
 class Report:
     """A sweep execution's report. `text` is what the CLI prints; `notes` says what was left out and why;
-    `plots` holds each saved figure's matplotlib Figure by file name, for reading back what it shows."""
+    `plots` holds each saved figure's matplotlib Figure by file name, for reading back what it shows;
+    `pooled_table` is the stage table pooled over replicates (empty unless the sweep ran `replicates=n`)."""
 
     stage_table: pd.DataFrame
     figures: list[Path]
@@ -37,12 +41,13 @@ class Report:
     out_dir: Path
     notes: list[str] = field(default_factory=list)
     plots: dict[str, Figure] = field(default_factory=dict)
+    pooled_table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _clear_previous(out_dir: Path) -> None:
     """Remove the report's files from an earlier report in out_dir, so a figure skipped now is not left stale
     (and logged again). Other files in out_dir are left alone."""
-    names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV)
+    names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV, POOLED_CSV, POOLED_TXT)
     for path in [*(out_dir / name for name in names), *out_dir.glob(FIG3C_GLOB)]:
         path.unlink(missing_ok=True)
 
@@ -63,10 +68,16 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir)
+    # A replicated sweep (METHODS.md §10) is also pooled per grid point, and draws Figures 3b/3c over its seeds.
+    groups = replicate_groups(trials, sweep_replicates(parent), varying)
+    pooled_notes = load_outcomes(tracker, groups)
+    pooled = pooled_table(groups)
     # Each figure comes back drawn and saved, or as the one line saying why it was not.
-    results = draw_figures(trials, varying, out_dir)
+    results = draw_figures(trials, varying, out_dir, per_trial_checkpoints=not groups)
+    if groups:
+        results[1:1] = draw_band_figures(groups, pooled, out_dir)
     drawn = [result for result in results if isinstance(result, Drawn)]
-    notes = [result for result in results if isinstance(result, str)]
+    notes = [result for result in results if isinstance(result, str)] + pooled_notes
     empty = empty_columns(table)
     if not table.empty and empty:
         headings = ", ".join(TEXT_COLUMNS[column][0] for column in empty)
@@ -79,6 +90,10 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     continual = continual_table(trials, varying)  # empty unless some trial has prior phases
     text = report_text(experiment, parent, trials, varying, table, notes, methods,
                        continual_text(continual, varying) if not continual.empty else None)
+    if not pooled.empty:
+        pooled.to_csv(out_dir / POOLED_CSV, index=False)
+        (out_dir / POOLED_TXT).write_text(pooled_text(pooled))
+        text += "\n" + pooled_text(pooled)
     table.to_csv(out_dir / TABLE_CSV, index=False)
     if not methods.empty:
         methods.to_csv(out_dir / METHODS_CSV, index=False)
@@ -89,7 +104,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)
     return Report(stage_table=table, figures=[out_dir / d.file for d in drawn], text=text,
                   parent_run_id=parent.info.run_id, out_dir=out_dir, notes=notes,
-                  plots={d.file: d.figure for d in drawn})
+                  plots={d.file: d.figure for d in drawn}, pooled_table=pooled)
 
 
 def default_out_dir(experiment: str) -> Path:
@@ -105,7 +120,8 @@ def run_report(experiment: str, tracking_uri: str | None = None, parent_run_id: 
     report = build_report(experiment, tracking_uri, out_dir, parent_run_id=parent_run_id, log_to_mlflow=log_to_mlflow)
     print(report.text, end="")
     print(f"\nreport files in {report.out_dir}:")
-    for path in [*report.figures, report.out_dir / TABLE_CSV, report.out_dir / TABLE_TXT]:
+    pooled = [report.out_dir / POOLED_CSV, report.out_dir / POOLED_TXT] if not report.pooled_table.empty else []
+    for path in [*report.figures, report.out_dir / TABLE_CSV, report.out_dir / TABLE_TXT, *pooled]:
         print(f"  {path}")
     if log_to_mlflow:
         print(f"logged to MLflow run {report.parent_run_id} under {REPORT_ARTIFACT_PATH}/")

@@ -340,13 +340,16 @@ def _draw(name: str, figure: Callable[..., Drawn | str], out_dir: Path, *args: A
         return f"{name} failed: {type(exc).__name__}: {exc}"
 
 
-def draw_figures(trials: list[TrialData], varying: list[str], out_dir: Path) -> list[Drawn | str]:
+def draw_figures(trials: list[TrialData], varying: list[str], out_dir: Path,
+                 per_trial_checkpoints: bool = True) -> list[Drawn | str]:
     """Every figure of the report, saved into out_dir, in the report's order; a figure that cannot be drawn comes
-    back as the one line saying why."""
+    back as the one line saying why. Without `per_trial_checkpoints`, Figures 3b and 3c are left to the caller (a
+    replicated sweep draws them over seeds: `report.bands`)."""
     benches = list(dict.fromkeys(bench for trial in trials for bench in trial.benchmarks))
-    results = [_draw("fig3a", fig_restoring_ppl, out_dir, trials, varying),
-               _draw("fig3b", fig_ppl_vs_epoch, out_dir, trials, varying)]
-    results += [_draw(f"fig3c for {bench}", fig_accuracy, out_dir, trials, varying, bench) for bench in benches]
+    results = [_draw("fig3a", fig_restoring_ppl, out_dir, trials, varying)]
+    if per_trial_checkpoints:
+        results.append(_draw("fig3b", fig_ppl_vs_epoch, out_dir, trials, varying))
+        results += [_draw(f"fig3c for {bench}", fig_accuracy, out_dir, trials, varying, bench) for bench in benches]
     if not benches:
         results.append(f"fig3c skipped: no trial logged {_shown(registry.KNOWLEDGE)}")
     results += [_draw("fig4", fig_format_entropy, out_dir, trials, varying),
