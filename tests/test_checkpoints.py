@@ -47,20 +47,23 @@ def test_storage_per_trial_by_hand():
 
 
 def test_drop_older_states_keeps_models_and_probes(tmp_path):
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2, 3, 4):
         ckpt = tmp_path / f"epoch_{epoch:03d}"
         for sub in ("deepspeed/state", "model", "probes"):
             (ckpt / sub).mkdir(parents=True)
         (ckpt / "deepspeed" / "state" / "optim_states.pt").write_bytes(b"x")
         (ckpt / "model" / "model.safetensors").write_bytes(b"x")
-        (ckpt / "state.json").write_text("{}")
+        (ckpt / "state.json").write_text(json.dumps({"epoch": epoch}))
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's own files are not touched
+    # Epoch 3 was just recorded; epoch 4 is already on storage (the workers train on while the controller records
+    # a report): it keeps its state, which the next resume needs. (Deleting it was a bug the sweep test caught.)
     assert drop_older_states(tmp_path / "epoch_003") == ["epoch_001", "epoch_002"]
-    assert [p.name for p in sorted(tmp_path.glob("*/deepspeed"))] == ["deepspeed"]
+    assert [p.parent.name for p in sorted(tmp_path.glob("*/deepspeed"))] == ["epoch_003", "epoch_004"]
     assert (tmp_path / "epoch_003" / "deepspeed" / "state" / "optim_states.pt").is_file()
-    assert len(list(tmp_path.glob("epoch_*/model/model.safetensors"))) == 3 and len(list(tmp_path.glob(
-        "epoch_*/probes"))) == 3
+    assert len(list(tmp_path.glob("epoch_*/model/model.safetensors"))) == 4 and len(list(tmp_path.glob(
+        "epoch_*/probes"))) == 4
     assert drop_older_states(tmp_path / "epoch_003") == []
+    assert drop_older_states(tmp_path / "epoch_004") == ["epoch_003"]
 
 
 def _sweep_run(tmp_path, name, fixture_files, **settings):

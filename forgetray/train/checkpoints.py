@@ -117,19 +117,26 @@ def drop_state(checkpoint_dir: Path) -> bool:
 
 
 def drop_older_states(newest: Path) -> list[str]:
-    """Delete the DeepSpeed state of every checkpoint of `newest`'s Ray Train run except `newest` itself: the
-    checkpoints Ray Train would no longer resume from. Returns the names of the checkpoints it pruned."""
+    """Delete the DeepSpeed state of the checkpoints of `newest`'s Ray Train run taken at an earlier epoch than
+    `newest`: those Ray Train no longer resumes from once it recorded `newest`. Later ones are left alone: the
+    controller records a report while the workers already train on, so the next checkpoint may be on storage
+    before this one is recorded. Returns the names of the checkpoints it pruned."""
     newest = Path(newest)
+
+    def epoch(checkpoint: Path) -> int:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["epoch"])
+
+    last = epoch(newest)
     return [d.name for d in sorted(newest.parent.iterdir())
-            if d.is_dir() and d.name != newest.name and (d / STATE_FILE).is_file() and drop_state(d)]
+            if d.is_dir() and (d / STATE_FILE).is_file() and epoch(d) < last and drop_state(d)]
 
 
 def make_state_pruner():
     """A Ray Train `UserCallback` (it runs in the Train controller) keeping DeepSpeed state in the newest checkpoint
     only (keep_optimizer_state="latest"). Ray Train's checkpoint manager handles a report first (it records the new
     checkpoint as the one to resume from, in memory and in its snapshot on storage), the user callbacks after it: so
-    when this deletes the older checkpoints' state, no restart (of the workers or of the sweep) can resume from them.
-    A report the controller never received (a worker killed right after reporting) prunes nothing."""
+    when this deletes the earlier checkpoints' state, no restart (of the workers or of the sweep) can resume from
+    them. A report the controller never received (a worker killed right after reporting) prunes nothing."""
     from ray.train import UserCallback
 
     class StatePruner(UserCallback):
