@@ -77,13 +77,14 @@ def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = Non
         except Exception as exc:  # noqa: BLE001 (filtered by _transient)
             if not _transient(exc):
                 raise
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TrackingUnavailable(f"{what}: the tracking store did not answer for {bound:.0f} s "
                                           f"({RETRY_ENV}); last error: {type(exc).__name__}: "
                                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
             logging.getLogger(__name__).warning("%s failed (%s), retrying in %.0f s", what,
                                                 str(exc).splitlines()[0][:200] if str(exc) else exc, delay)
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(30.0, delay * 2)
 
 

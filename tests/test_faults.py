@@ -71,9 +71,13 @@ def cli(path: Path, uri: str, tmp_path: Path, *extra: str) -> list[str]:
 
 
 class Driver:
-    """`forgetray run` as a subprocess whose output lines are collected by a thread (the test waits on them)."""
+    """`forgetray run` as a subprocess whose output lines are collected by a thread (the test waits on them). Every
+    driver a test starts is SIGKILLed at teardown if it still runs (its local Ray dies with it)."""
+
+    started: list[Driver] = []
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
+        Driver.started.append(self)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -106,6 +110,16 @@ class Driver:
             raise AssertionError(f"driver did not finish in {timeout} s:\n{self.log[-4000:]}") from None
         self.reader.join(10)
         return rc
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_left():
+    yield
+    while Driver.started:
+        driver = Driver.started.pop()
+        if driver.proc.poll() is None:
+            driver.proc.kill()
+            driver.proc.wait(30)
 
 
 def session_processes(session_dir: str) -> list[psutil.Process]:
@@ -227,7 +241,7 @@ def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
         stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
     import urllib.request
 
-    deadline = time.time() + 90
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
@@ -245,8 +259,11 @@ def kill_server(server: subprocess.Popen) -> None:
 
 
 def test_mlflow_server_killed_and_restarted_loses_no_metric(tmp_path, fixture_files):
-    """The server is SIGKILLed once the first epoch is reported and comes back 15 s later on the same port and store;
-    reports that arrive meanwhile wait in the callback (retried with backoff) and are logged once it is back."""
+    """The server is SIGKILLed once the first epoch is reported and comes back on the same port and store once another
+    report has arrived (at least 10 s later); reports that arrive meanwhile wait in the callback (retried with
+    backoff) and are logged once it is back."""
+    from forgetray.metrics import registry
+
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path, port)
@@ -256,8 +273,11 @@ def test_mlflow_server_killed_and_restarted_loses_no_metric(tmp_path, fixture_fi
         driver = Driver(cli(path, uri, tmp_path), tmp_path)
         driver.wait_for(lambda: "epoch 1/4" in driver.log, 600, "the first epoch")
         kill_server(server)
-        down_at = len(driver.lines)
-        time.sleep(15)
+        down_at, down_since = len(driver.lines), time.time()
+        # Down until at least one more report has arrived (its console line is printed by Tune's callback, which
+        # runs before the MLflow one), and for at least 10 s.
+        driver.wait_for(lambda: any("epoch" in line for line in driver.lines[down_at:])
+                        and time.time() - down_since > 10, 600, "a report while the server is down")
         during = driver.lines[down_at:]
         server = start_mlflow_server(tmp_path, port)
         rc = driver.finish(900)
@@ -276,14 +296,14 @@ def test_mlflow_server_killed_and_restarted_loses_no_metric(tmp_path, fixture_fi
                                                       "/ift/epoch_*/state.json"))
             assert len(ckpts) == 4
             for ckpt in ckpts:
-                state = json.loads(ckpt.read_text())
-                epoch = state["epoch"]
-                for name, value in state["metrics"].items():
+                report = json.loads(ckpt.read_text())["metrics"]
+                for name, value in report.items():
                     if name in ("kind", "epoch", "global_step") or isinstance(value, bool):
                         continue
-                    points = [m for m in history.get(name, []) if m.step == epoch]
-                    assert len(points) == 1, (name, epoch)
-                    assert points[0].value == pytest.approx(value), (name, epoch)
+                    step = registry.step_of(name, report)  # the epoch, or the optimizer step for steps/...
+                    points = [m for m in history.get(name, []) if m.step == step]
+                    assert len(points) == 1, (name, step)
+                    assert points[0].value == pytest.approx(value), (name, step)
             assert [m.step for m in history["base/bench/knowledge"]] == [0]
             assert [m.step for m in history["steps/bench/knowledge"]] == [0, 2, 3, 5, 10, 15, 20]
     finally:
@@ -358,3 +378,17 @@ def test_four_concurrent_trials_on_one_sqlite_store(tmp_path, fixture_files, ray
         assert_no_duplicate_steps(history)
         assert [m.step for m in history["sft/bench/knowledge"]] == [1, 2]
         assert [m.step for m in history["steps/bench/knowledge"]] == [0, 1, 2, 4, 5, 10]
+
+
+def test_tracking_store_gone_for_good_fails_within_the_bound(monkeypatch):
+    """Past FORGETRAY_TRACKING_RETRY_S a write gives up with TrackingUnavailable, which names the bound (the
+    callback raises it and the trial fails with it). MLflow's own client retries are turned off here to time ours."""
+    from forgetray.tracking import RETRY_ENV, Tracker, TrackingUnavailable
+
+    monkeypatch.setenv(RETRY_ENV, "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="did not answer for 3 s"):
+        tracker.log_metrics("0" * 32, {"train/loss": 1.0}, step=1)
+    assert 2 <= time.monotonic() - start < 30
