@@ -1,0 +1,55 @@
+"""The keys of what a sweep computes once and shares between trials: a trial's id, and the cache keys of the
+base model's probes, its exact memorization and the restoring set (each names everything the result depends on)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from forgetray import plan as planning
+from forgetray.spec import TrialConfig
+
+
+def trial_key(trial: TrialConfig) -> str:
+    return f"{trial.short_name()}-{trial.config_hash()}"
+
+
+def _digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _model_name(trial: TrialConfig) -> str:
+    return trial.model.rstrip("/").split("/")[-1]
+
+
+def start_key(trial: TrialConfig, resolved: dict) -> dict:
+    """What makes the IFT phase's starting weights: the model, and the prior phases with all they train with."""
+    phases = [p.to_dict() for p in planning.plan(trial) if p.kind == "prior"]
+    return {"model": resolved["model"]["path"], "precision": trial.precision, "seed": trial.seed,
+            "prior_phases": [[p, data["path"]] for p, data in zip(phases, resolved["prior_datasets"])]}
+
+
+def base_eval_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the base model's probes depend on: the starting weights and the probe suite (not the IFT data)."""
+    parts = {
+        "start": start_key(trial, resolved),
+        "benchmarks": {k: [v["path"], v["score"]] for k, v in resolved["benchmarks"].items()},
+        "probe_set": resolved["probe_set"]["path"],
+        "probe": [trial.n_shot, trial.probe_passages, trial.probe_max_length],
+    }
+    return f"{_model_name(trial)}-{_digest(parts)}"
+
+
+def base_em_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the base model's exact memorization depends on: the starting weights and the IFT examples scored."""
+    parts = {"start": start_key(trial, resolved), "dataset": resolved["dataset"]["path"],
+             "max_length": trial.max_length, "em_examples": trial.em_examples, "batch": trial.probe_batch_size}
+    return f"{_model_name(trial)}-{_digest(parts)}"
+
+
+def restoring_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the restoring set depends on: start model, pool, the passages probed (excluded), the IFT data (the token
+    budget)."""
+    parts = [start_key(trial, resolved), resolved["restore_pool"]["path"], resolved["probe_set"]["path"],
+             trial.probe_passages, resolved["dataset"]["path"], trial.max_length, trial.probe_max_length]
+    return f"{_model_name(trial)}-{_digest(parts)}"
