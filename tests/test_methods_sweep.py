@@ -154,6 +154,7 @@ def test_zero3_trial_on_two_cpu_workers(tmp_path, fixture_files, ray_session):
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     with torch.no_grad():
         frame = probe_knowledge(model, AutoTokenizer.from_pretrained(ckpt / "model"),
-                                load_mc_jsonl(fixture_files["benchmark"]), batch_size=4, max_length=256)
+                                load_mc_jsonl(fixture_files["benchmark"]), batch_size=4, max_length=256,
+                                bos="auto")  # the trial's rule for a non-organism model (README: `bos`)
     logged = client.get_metric_history(trial.info.run_id, "sft/bench/acc")
     assert logged[-1].value == pytest.approx(summarize_knowledge(frame)["acc"], abs=1e-5)

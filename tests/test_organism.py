@@ -237,11 +237,21 @@ def test_option_likelihood_accuracy_scores_the_continuation():
     favoured = tok.encode(" cat", add_special_tokens=False)
     assert len(favoured) == 1
 
-    class AlwaysCat(torch.nn.Module):  # a "model" that puts all probability on " cat" at every position
-        def forward(self, input_ids, attention_mask=None):
-            logits = torch.full((*input_ids.shape, len(tok)), -30.0)
-            logits[..., favoured[0]] = 0.0
-            return type("Out", (), {"logits": logits})()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class AlwaysCat(torch.nn.Module):  # a model that puts all probability on " cat" at every position
+        def __init__(self):
+            super().__init__()
+            # A real tiny Llama underneath gives the probe the KV cache it reuses; its logits are replaced.
+            self.inner = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                      num_hidden_layers=1, num_attention_heads=2,
+                                                      num_key_value_heads=2, max_position_embeddings=512))
+
+        def forward(self, input_ids, **kwargs):
+            out = self.inner(input_ids=input_ids, **kwargs)
+            out.logits = torch.full((*input_ids.shape, len(tok)), -30.0)
+            out.logits[..., favoured[0]] = 0.0
+            return out
 
     questions = [
         {"question": "Which?", "choices": ["cat", "dog", "cow", "dog and cow"], "answer": 0},
