@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +19,7 @@ import pandas as pd
 
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGES
-from forgetray.report.figures import (FIG3B, STAGE_COLORS, _CHECKPOINT_STATES, Drawn, _draw, _figure,
-                                      _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y,
+from forgetray.report.figures import (panel_grid, FIG3B, STAGE_COLORS, _CHECKPOINT_STATES, Drawn, _draw, _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y,
                                       _min_span, _panel_ylabel, _suptitle)
 from forgetray.report.pooled import ReplicateGroup
 from forgetray.report.tables import STAGE_SHORT
@@ -52,17 +50,7 @@ def base_level(group: ReplicateGroup, metric: str) -> float:
 
 def _group_panels(groups: list[ReplicateGroup], width: float = 3.6, height: float = 2.8,
                   max_cols: int = 4) -> tuple[Figure, list[Axes]]:
-    n = len(groups)
-    cols = min(n, max_cols)
-    rows = math.ceil(n / cols)
-    fig = _figure(width * cols + 1.2, height * rows + 1.2)
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    for ax, group in zip(axes, groups):
-        ax.set_gid(group.group)
-        ax.set_title("\n".join(textwrap.wrap(group.label, 42)), fontsize=9)
-    return fig, list(axes[:n])
+    return panel_grid([(group.group, group.label) for group in groups], width, height, max_cols)
 
 
 def _draw_states(ax: Axes, group: ReplicateGroup, metric_of: dict[str, str]) -> None:

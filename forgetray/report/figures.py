@@ -72,16 +72,22 @@ def _panels(trials: list[TrialData], varying: list[str], width: float = 3.6, hei
 
     The panels share their y axis: trials of one sweep measure the same quantity on the same data, and a common
     scale is what makes them comparable at a glance."""
-    n = len(trials)
+    return panel_grid([(trial.name, trial.label(varying)) for trial in trials], width, height, max_cols)
+
+
+def panel_grid(panels: list[tuple[str, str]], width: float = 3.6, height: float = 2.8,
+               max_cols: int = 4) -> tuple[Figure, list[Axes]]:
+    """A figure with one panel per (gid, title), up to `max_cols` per row, sharing the y axis."""
+    n = len(panels)
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
     fig = _figure(width * cols + 1.2, height * rows + 1.2)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
-    for ax, trial in zip(axes, trials):
-        ax.set_gid(trial.name)
-        ax.set_title("\n".join(textwrap.wrap(trial.label(varying), 42)), fontsize=9)
+    for ax, (gid, title) in zip(axes, panels):
+        ax.set_gid(gid)
+        ax.set_title("\n".join(textwrap.wrap(title, 42)), fontsize=9)
     return fig, list(axes[:n])
 
 
