@@ -19,8 +19,9 @@ import pandas as pd
 
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGES
-from forgetray.report.figures import (panel_grid, FIG3B, STAGE_COLORS, _CHECKPOINT_STATES, Drawn, _draw, _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y,
-                                      _min_span, _panel_ylabel, _suptitle)
+from forgetray.report.figures import (_CHECKPOINT_STATES, FIG3B, STAGE_COLORS, _draw, Drawn, _figure_handles,
+                                      _file_safe, _integer_epochs, _legend_columns, _log_y, _min_span, panel_grid,
+                                      _panel_ylabel, _suptitle)
 from forgetray.report.pooled import ReplicateGroup
 from forgetray.report.tables import STAGE_SHORT
 
