@@ -58,7 +58,10 @@ def _transient(exc: BaseException) -> bool:
     answered with a client error (bad parameter, missing run) is not."""
     text = f"{type(exc).__name__}: {exc}".lower()
     markers = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout",
-               "temporarily_unavailable", "503", "502", "504", "remote end closed", "broken pipe")
+               "temporarily_unavailable", "503", "502", "504", "remote end closed", "broken pipe",
+               # trials of one sweep log the same dataset at once; MLflow checks-then-inserts it, so all but one
+               # lose the race on the row; a retry finds the row and links to it
+               "unique constraint failed: datasets")
     return any(m in text for m in markers)
 
 
@@ -226,7 +229,7 @@ class Tracker:
                                        profile=json.dumps(d.get("profile") or {})),
                                tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
         if inputs:
-            self.client.log_inputs(run_id, datasets=inputs)
+            retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets")
 
     def save_view(self, experiment_id: str, key: str, state: dict) -> None:
         """A saved UI view (search filter, chart filter, ...): `?viewStateShareKey=<key>` on the experiment's

@@ -394,3 +394,35 @@ def test_tracking_store_gone_for_good_fails_within_the_bound(monkeypatch):
     with pytest.raises(TrackingUnavailable, match="did not answer for 3 s"):
         tracker.log_metrics("0" * 32, {"train/loss": 1.0}, step=1)
     assert 2 <= time.monotonic() - start < 30
+
+
+def _log_shared_datasets(uri: str, run_id: str, start: float) -> str:
+    from forgetray.tracking import Tracker
+
+    tracker = Tracker(uri)
+    for k in range(8):  # all processes insert the same dataset row at the same instant, 8 times over
+        while time.time() < start + 0.5 * k:
+            pass
+        tracker.log_datasets(run_id, [{"name": "alpaca", "source": "/data/alpaca.jsonl", "digest": f"d{k}",
+                                       "context": "training", "source_type": "local"}])
+    return run_id
+
+
+def test_trials_logging_one_dataset_at_once_all_link_it(tmp_path):
+    """MLflow checks-then-inserts a dataset row, so concurrent trials logging the same dataset collide on its unique
+    key (this failed a CI run: UNIQUE constraint failed: datasets...); the loser's retry links the existing row."""
+    import multiprocessing as mp
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("race")
+    runs = [client.create_run(experiment).info.run_id for _ in range(4)]
+    start = time.time() + 15  # after the spawned processes have imported MLflow
+    with mp.get_context("spawn").Pool(len(runs)) as pool:
+        done = pool.starmap(_log_shared_datasets, [(uri, r, start) for r in runs])
+    assert done == runs
+    for r in runs:
+        inputs = client.get_run(r).inputs.dataset_inputs
+        assert sorted(i.dataset.digest for i in inputs) == [f"d{k}" for k in range(8)]
