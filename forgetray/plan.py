@@ -35,8 +35,9 @@ class Optimizer:
 
     lr: float
     weight_decay: float
-    schedule: str  # "cosine" | "constant"
+    schedule: str  # "cosine" | "constant" | "step"
     warmup_ratio: float
+    lr_decay: float = 1.0  # "step": the factor per epoch (the trial's lr_decay); restoration (1 epoch) keeps 1
     betas: tuple[float, float] = ADAM_BETAS
     eps: float = ADAM_EPS
     grad_clip: float = GRAD_CLIP
@@ -131,7 +132,7 @@ class Phase:
 def plan(trial: TrialConfig) -> list[Phase]:
     """The trial's phases in the order they run."""
     ift_batching = Batching(trial.batch_size, trial.micro_batch, trial.workers)
-    ift_optimizer = Optimizer(trial.lr, trial.weight_decay, trial.lr_schedule, trial.warmup_ratio)
+    ift_optimizer = Optimizer(trial.lr, trial.weight_decay, trial.lr_schedule, trial.warmup_ratio, trial.lr_decay)
     phases = [_prior_phase(trial, i, dict(setting), ift_batching, ift_optimizer)
               for i, setting in enumerate(trial.prior_phases)]
     phases.append(Phase(

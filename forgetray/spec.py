@@ -23,7 +23,7 @@ class SpecError(ValueError):
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "step")  # "step": x lr_decay per epoch (CF, METHODS.md §1)
 KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm", "mc1", "mc2")  # which a benchmark offers: forgetray.resources
 BOS_RULES = ("model", "auto", "always", "never")
 LETTER_RULES = ("merged", "lm_eval")
@@ -46,6 +46,7 @@ class TrialConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"
+    lr_decay: float = 0.85  # "step" schedule: epoch e trains at lr * lr_decay^(e-1) (CF: 0.85); unused otherwise
     seed: int = 0
     max_length: int = 256  # IFT sequences are truncated to this many tokens
     # --- distribution, faults and storage (README: "Checkpoints and storage") ---
@@ -221,6 +222,7 @@ def _check_values(cfg: TrialConfig) -> None:
     need(0 <= cfg.weight_decay, "weight_decay", "must be >= 0")
     need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
     need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}")
+    need(0 < cfg.lr_decay <= 1, "lr_decay", "must be in (0, 1] (the 'step' schedule's factor per epoch)")
     need(cfg.max_length >= 8, "max_length", "must be >= 8")
     need(cfg.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
     need(cfg.workers >= 1, "workers", "must be >= 1")

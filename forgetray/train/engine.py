@@ -33,16 +33,18 @@ class NonFiniteLoss(FloatingPointError):
     """A training step's loss is nan or inf: the phase stops instead of training on (and saving) garbage."""
 
 
-def build_engine(model, phase: Phase, ds_config: dict, total_steps: int):
-    """The DeepSpeed engine with the phase's optimizer (torch AdamW) and lr schedule (warm-up + cosine/constant)."""
+def build_engine(model, phase: Phase, ds_config: dict, total_steps: int, steps_per_epoch: int = 0):
+    """The DeepSpeed engine with the phase's optimizer (torch AdamW) and lr schedule (warm-up + cosine/constant/step;
+    "step" decays once per `steps_per_epoch` optimizer steps, default: total_steps / the phase's epochs)."""
     import deepspeed
 
     opt = phase.optimizer
     warmup = warmup_steps(total_steps, opt.warmup_ratio)
+    per_epoch = steps_per_epoch or max(1, total_steps // phase.epochs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                   weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, opt.schedule))
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, opt.schedule, per_epoch, opt.lr_decay))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, scheduler
 
