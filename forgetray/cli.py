@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from forgetray.resources import resolve_sweep
 
+            from forgetray.sharing import describe
+
             resolve_sweep(sweep)
             print(f"ok: sweep {sweep.name!r}, {sweep.size} trial(s); axes: "
                   + (", ".join(f"{k}={list(v)}" for k, v in sweep.axes.items()) or "none"))
+            print("\n".join(describe(list(sweep.trials), sweep.share_trajectories)))
             return EXIT_OK
         return _run(sweep, args)
     except SpecError as exc:

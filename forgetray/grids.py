@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from forgetray.spec import SETTINGS, SpecError, TrialConfig
 
-SWEEP_OPTIONS = ("replicates",)  # sweep-level settings that `--set` accepts besides TrialConfig's
+SWEEP_OPTIONS = ("replicates", "share_trajectories")  # sweep-level settings that `--set` accepts besides TrialConfig's
 TAG_REPLICATE_GROUP = "forgetray.replicate_group"  # a trial run's `replicate_group` (set with its stages)
 
 
@@ -71,15 +71,21 @@ class Sweep:
     settings: Mapping[str, Any]  # what the user set (values or Grids); the rest take TrialConfig's defaults
     max_concurrent_trials: int  # 0 = as many as the cluster's resources allow
     replicates: int  # seeds per grid point; 1 = none
+    # Trials differing only in `epochs` train one trajectory when the schedule allows (forgetray.sharing). A sweep
+    # option, not a trial setting: the results are the same either way, so the trials' identities must not change.
+    share_trajectories: bool
     trials: tuple = field(repr=False)  # grid points in order, each point's replicates next to each other
 
-    def __init__(self, name: str, *, max_concurrent_trials: int = 0, replicates: int = 1, **settings: Any):
+    def __init__(self, name: str, *, max_concurrent_trials: int = 0, replicates: int = 1,
+                 share_trajectories: bool = True, **settings: Any):
         if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
             raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
         if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
             raise SpecError(f"max_concurrent_trials must be an int >= 0, got {max_concurrent_trials!r}")
         if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
             raise SpecError(f"replicates must be an int >= 1 (seeds per grid point; 1 = none), got {replicates!r}")
+        if not isinstance(share_trajectories, bool):
+            raise SpecError(f"share_trajectories must be True or False, got {share_trajectories!r}")
         unknown = [k for k in settings if k not in SETTINGS]
         if unknown:
             raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
@@ -91,6 +97,7 @@ class Sweep:
         object.__setattr__(self, "settings", types.MappingProxyType(dict(settings)))
         object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
         object.__setattr__(self, "replicates", replicates)
+        object.__setattr__(self, "share_trajectories", share_trajectories)
         object.__setattr__(self, "trials", tuple(_expand(settings, replicates)))
 
     @property
@@ -116,14 +123,16 @@ class Sweep:
         """A copy with some settings replaced (the CLI's `--set key=value`; `replicates` included)."""
         settings = dict(overrides)
         replicates = settings.pop("replicates", self.replicates)
+        share = settings.pop("share_trajectories", self.share_trajectories)
         return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, replicates=replicates,
-                     **{**self.settings, **settings})
+                     share_trajectories=share, **{**self.settings, **settings})
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "max_concurrent_trials": self.max_concurrent_trials,
             "replicates": self.replicates,
+            "share_trajectories": self.share_trajectories,
             "settings": {k: (list(v.values) if isinstance(v, Grid) else v) for k, v in self.settings.items()},
             "axes": sorted(self.axes),
         }

@@ -11,7 +11,13 @@ checkpoint's flatness (21 x 21).
         forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 
 SAM perturbs full weights on each rank, so ZeRO-2 (ZeRO-3 is refused with SAM); bf16 on 8 GPUs per trial.
-Settings the paper does not state are METHODS.md's choices (lr 2e-5 cosine, 3% warm-up, max length 512).
+The lr schedule is CF's step decay, x0.85 per epoch, no warm-up (METHODS.md §1 "CF settings"; the paper's text in
+../shared/papers states only the lrs, batch 128 and AdamW, App. A.3): the prior phase's lr is 2e-5 as the paper's
+first phase. Settings the paper does not state are METHODS.md's choices (max length 512).
+
+Shared training (README "Training shared across trials"): the Alpaca phase is trained once per model (3 starts, not
+216), and with the step schedule each 1-epoch grid point is the first epoch of its 2-epoch twin's trajectory, so
+`forgetray validate` counts 225 training epochs instead of 972.
 """
 
 from forgetray import Sweep, grid
@@ -25,10 +31,13 @@ def cf_sweep(name: str, **rows) -> Sweep:
         name,
         model=grid(["TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf",
                     "meta-llama/Llama-2-13b-hf"]),
-        prior_phases=[{"dataset": ALPACA, "epochs": 3}],
+        prior_phases=[{"dataset": ALPACA, "epochs": 3, "lr": 2e-5}],  # explicit: an IFT lr grid keeps one start
         dataset=grid(["anon8231489123/ShareGPT_Vicuna_unfiltered", "garage-bAInd/Open-Platypus",
                       "meta-math/MetaMathQA"]),
         lr=2e-5,
+        lr_schedule="step",  # CF: lr x 0.85 after every epoch; a shorter run is a prefix of a longer one
+        lr_decay=0.85,
+        warmup_ratio=0.0,
         batch_size=128,
         micro_batch_size=4,  # 8 GPUs x 4 x 4 accumulation steps
         workers=8,

@@ -28,7 +28,32 @@ def good_settings(files, **extra) -> str:
 def test_validate_accepts_a_good_sweep(in_tmp_cwd, files, capsys):
     path = write_sweep(in_tmp_cwd / "good.py", f"sweep = Sweep('good', {good_settings(files, epochs='grid([1, 2])')})\n")
     assert main(["validate", path]) == EXIT_OK
-    assert "2 trial(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 trial(s)" in out
+    # the default cosine schedule depends on the total: the epochs grid is trained twice, and validate says why
+    assert "training epochs: 3 without sharing, 3 with (epoch prefixes: 3 -> 3)" in out
+    assert "epochs grid not shared: lr_schedule 'cosine' depends on the total steps" in out
+
+
+def test_validate_counts_the_training_sam_cf_shares():
+    """sweeps/sam_cf.py: 3 models x 3 datasets x rho 3 x Wise-FT 2 x rehearsal 2 x epochs {1, 2} = 216 trials; the
+    3-epoch Alpaca phase is 648 epochs unshared, 9 trained once per model; the IFT phase 108 x (1 + 2) = 324 epochs,
+    216 with each 1-epoch point taken from its 2-epoch twin."""
+    from pathlib import Path
+
+    from forgetray.cli import load_sweep
+    from forgetray.sharing import describe
+
+    # validate prints these lines after resolving the sweep's inputs, which needs the hub here (tests run offline)
+    sweep_file = str(Path(__file__).resolve().parents[1] / "sweeps" / "sam_cf.py")
+    sweep = load_sweep(sweep_file)
+    assert describe(list(sweep.trials), sweep.share_trajectories) == [
+        "training epochs: 972 without sharing, 225 with (prior phases trained once per start: 648 -> 9; "
+        "epoch prefixes: 324 -> 216)"]
+    off = load_sweep(sweep_file, ["share_trajectories=false"])
+    assert describe(list(off.trials), off.share_trajectories) == [
+        "training epochs: 972 without sharing, 333 with (prior phases trained once per start: 648 -> 9; "
+        "epoch prefixes: 324 -> 324)", "epochs grid not shared: share_trajectories=False"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -51,7 +51,8 @@ def modules_under(package: str) -> list[str]:
 
 
 def pure_modules() -> list[str]:
-    names = modules_under("forgetray.metrics") + modules_under("forgetray.methods") + ["forgetray.flatness"]
+    names = modules_under("forgetray.metrics") + modules_under("forgetray.methods") + ["forgetray.flatness",
+                                                                                       "forgetray.sharing"]
     if (PACKAGE / "plan.py").is_file() or (PACKAGE / "plan" / "__init__.py").is_file():  # plan may not exist yet
         names += modules_under("forgetray.plan")
     return names
