@@ -1,14 +1,12 @@
 """Checkpoints that fit (README "Checkpoints and storage"): which checkpoints keep DeepSpeed state, the storage
-formula by hand, and a real sweep that resumes exactly from the one state it kept."""
+formula by hand. A real sweep resuming exactly from the one state it kept is test_faults.py's worker-kill test."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from forgetray.spec import SpecError, TrialConfig
 from forgetray.train.checkpoints import drop_older_states, storage_per_trial
@@ -78,58 +76,6 @@ def _sweep_run(tmp_path, name, fixture_files, **settings):
     assert table.attrs["failed_trials"] == 0
     (trial_dir,) = (tmp_path / name).glob(f"{name}/*/trials/*")
     return uri, trial_dir
-
-
-@pytest.mark.slow
-def test_resume_from_the_only_state_kept_is_exact(tmp_path, fixture_files, ray_session):
-    from mlflow.tracking import MlflowClient
-    from safetensors import safe_open
-
-    from forgetray.train.worker import FAIL_ONCE_ENV
-
-    import ray
-
-    marker = tmp_path / "failed-once"
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {**env, FAIL_ONCE_ENV: f"{marker}:2"}})
-    # Interrupted after epoch 2's checkpoint (the hook fails once: the marker then exists); its state is kept at
-    # the end to be inspected.
-    uri, trial_dir = _sweep_run(tmp_path, "interrupted", fixture_files, delete_finished_state=False)
-    assert marker.exists(), "the injected failure did not happen"
-    # The reference: uninterrupted (the marker exists), default settings (no DeepSpeed state left at the end).
-    ref_uri, ref_dir = _sweep_run(tmp_path, "reference", fixture_files)
-
-    epochs = [trial_dir / "ift" / f"epoch_{e:03d}" for e in (1, 2, 3)]
-    # Only the newest checkpoint holds DeepSpeed state: the restart resumed from epoch 2's (epoch 1's was already
-    # gone when it failed: had the pruning taken the wrong one, the restart could not have loaded it).
-    assert [(c / "deepspeed").exists() for c in epochs] == [False, False, True]
-    assert list((epochs[2] / "deepspeed" / "state").glob("*optim_states.pt")), "the optimizer state is missing"
-    assert not list((ref_dir / "ift").glob("epoch_*/deepspeed")), "a finished phase kept its DeepSpeed state"
-    for ckpt in epochs + sorted((ref_dir / "ift").glob("epoch_*")):
-        assert (ckpt / "probes" / "bench.parquet").is_file() and (ckpt / "state.json").is_file()
-        with safe_open(str(ckpt / "model" / "model.safetensors"), "pt") as f:  # the training dtype (fp32 on CPU)
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
-    # Ray Train's own bookkeeping still lists every epoch (every model stays for restoration).
-    snapshot = json.loads((trial_dir / "ift" / "checkpoint_manager_snapshot.json").read_text())
-    assert len(snapshot["checkpoint_results"]) == 3
-
-    # The resumed run's metrics and final weights equal the uninterrupted run's.
-    def history(tracking_uri):
-        client = MlflowClient(tracking_uri)
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        (run,) = [r for r in runs if r.data.tags.get("forgetray.kind") == "trial"]
-        names = ("train/loss", "sft/bench/acc", "sft/bench/letter_acc", "sft/probe/ppl", "train/lr")
-        return {n: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, n),
-                                                       key=lambda m: m.step)] for n in names}
-
-    mine, reference = history(uri), history(ref_uri)
-    for name, values in reference.items():
-        assert [s for s, _ in mine[name]] == [1, 2, 3], name  # each epoch logged once, also after the restart
-        assert [v for _, v in mine[name]] == pytest.approx([v for _, v in values], rel=1e-6, abs=1e-9), name
-    final, ref_final = (Path(d) / "ift" / "epoch_003" / "model" / "model.safetensors" for d in (trial_dir, ref_dir))
-    with safe_open(str(final), "pt") as a, safe_open(str(ref_final), "pt") as b:
-        worst = max(float((a.get_tensor(k) - b.get_tensor(k)).abs().max()) for k in a.keys())
-    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
 
 
 def test_readme_storage_table_is_the_functions():

@@ -1,7 +1,8 @@
-"""Faults a sweep survives, each produced for real: a training worker SIGKILLed mid-epoch, a NaN loss in one trial,
-the MLflow server killed and restarted mid-sweep, the driver SIGKILLed then resumed, four trials writing to one
-sqlite store at once. Sweeps run through the `forgetray` command (a subprocess with its own local Ray) on the tiny
-fixture model, so each test takes one to three minutes on 2 cores.
+"""Faults a sweep survives, each produced for real: a training worker SIGKILLed mid-epoch (resuming from the one
+DeepSpeed state kept), the MLflow server killed and restarted mid-sweep, the driver SIGKILLed then resumed, four
+trials writing to one sqlite store at once while one of them fails on a NaN loss, trials racing to log one dataset.
+Sweeps run through the `forgetray` command (a subprocess with its own local Ray, or `cli.main` in-process where the
+test needs a Ray with more CPU slots than the machine) on the tiny fixture model: one to three minutes each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -139,41 +141,44 @@ def session_processes(session_dir: str) -> list[psutil.Process]:
 
 def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics(tmp_path, fixture_files):
     """Two trials that differ only in `max_failures` (which does not change what is trained) run at once; the worker
-    of whichever first finishes step 2 of epoch 2 is held there by the FORGETRAY_HOLD_AT hook and SIGKILLed by this
-    test. Ray Train restarts the worker group from the epoch-1 checkpoint; both trials must log the same metrics."""
+    of whichever first finishes step 2 of epoch 3 is held there by the FORGETRAY_HOLD_AT hook and SIGKILLed by this
+    test. By then only epoch 2's DeepSpeed state is kept (keep_optimizer_state='latest' pruned epoch 1's): Ray Train
+    restarts the worker group from it, and both trials must log the same metrics and end with the same weights."""
+    from safetensors import safe_open
+
     from forgetray.train.engine import HOLD_ENV
 
     hold = tmp_path / "hold"
     hold.mkdir()
     path = sweep_file(tmp_path, fixture_files, "killed-worker", epochs="3", max_failures="grid([1, 2])",
-                      max_concurrent_trials="2")
+                      max_concurrent_trials="2", zero_stage="2", delete_finished_state="False")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    driver = Driver(cli(path, uri, tmp_path), tmp_path, {HOLD_ENV: f"{hold}:2:2"})
+    driver = Driver(cli(path, uri, tmp_path), tmp_path, {HOLD_ENV: f"{hold}:3:2"})
     held = driver.wait_for(lambda: (hold / "held").is_file() and json.loads((hold / "held").read_text()), 600,
-                           "a worker held at epoch 2, step 2")
+                           "a worker held at epoch 3, step 2")
     # Ray Train registers a checkpoint when its controller polls the report (not when the worker makes it): wait
-    # until both trials' epoch-1 reports are in (their metrics reached MLflow), so the last checkpoint is epoch 1.
-    def epoch_one_logged():
+    # until both trials' epoch-2 reports are in (their metrics reached MLflow), so the last checkpoint is epoch 2.
+    def epoch_two_logged():
         found = client(uri).get_experiment_by_name("killed-worker")
         runs = client(uri).search_runs([found.experiment_id], "tags.`forgetray.kind` = 'trial'") if found else []
-        return len(runs) == 2 and all(1 in {m.step for m in client(uri).get_metric_history(r.info.run_id,
+        return len(runs) == 2 and all(2 in {m.step for m in client(uri).get_metric_history(r.info.run_id,
                                                                                            "train/loss")}
                                       for r in runs)
 
-    driver.wait_for(epoch_one_logged, 600, "both trials' epoch-1 reports")
+    driver.wait_for(epoch_two_logged, 600, "both trials' epoch-2 reports")
     victim = psutil.Process(held["pid"])
     assert victim.is_running() and victim.pid != driver.proc.pid  # a Ray Train worker, not the driver
     os.kill(held["pid"], signal.SIGKILL)
     rc = driver.finish(900)
     assert rc == 0, driver.log[-4000:]
 
-    # The killed process trained epochs 1 and 2 (to step 2); its replacement started at epoch 2: from the checkpoint.
+    # The killed process trained epochs 1 to 3 (to step 2); its replacement started at epoch 3: from the checkpoint.
     progress = [tuple(map(int, line.split())) for line in (hold / "progress").read_text().splitlines()]
     by_pid: dict[int, list] = {}
     for pid, epoch, step in progress:
         by_pid.setdefault(pid, []).append((epoch, step))
-    assert by_pid[held["pid"]][-1] == (2, 2)
-    restarted = [pid for pid, points in by_pid.items() if points[0] == (2, 1)]
+    assert by_pid[held["pid"]][-1] == (3, 2)
+    restarted = [pid for pid, points in by_pid.items() if points[0] == (3, 1)]
     assert len(restarted) == 1, by_pid
     assert by_pid[restarted[0]][-1] == (3, 5)  # 40 examples / batch 8: 5 steps an epoch, to the end
 
@@ -192,34 +197,23 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics
         b = [(m.step, m.value) for m in logged[1][name]]
         assert a == b, name  # exactly: same seed, same batches, the optimizer and schedule state restored
 
-
-# --- 2. a NaN loss in one trial ---
-
-def test_nan_loss_fails_its_trial_alone_and_says_why(tmp_path, fixture_files):
-    """lr 1e8 (a real cause, no hook): AdamW moves every weight by ~lr in the first steps, the activations overflow
-    fp32 and the loss becomes nan within the first epoch. That trial fails with the phase, epoch and step named, in
-    its MLflow run and on the console; the other trial finishes; exit code 1."""
-    path = sweep_file(tmp_path, fixture_files, "nan-loss", lr="grid([3e-3, 1e8])", max_failures="0",
-                      max_concurrent_trials="2")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run(cli(path, uri, tmp_path), check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-
-    parents, trials = runs_of(uri, "nan-loss")
-    assert len(parents) == 1 and len(trials) == 2
-    bad = next(t for t in trials if float(t.data.params["trial.lr"]) == 1e8)
-    good = next(t for t in trials if t is not bad)
-    assert good.info.status == "FINISHED" and bad.info.status == "FAILED"
-    assert parents[0].info.status == "FAILED"
-    assert [m.step for m in client(uri).get_metric_history(good.info.run_id, "sft/bench/knowledge")] == [1, 2]
-    reason = bad.data.tags["forgetray.error"]
-    assert "NonFiniteLoss: non-finite loss (nan)" in reason or "NonFiniteLoss: non-finite loss (inf)" in reason, reason
-    assert "in phase 'ift', epoch 1, step" in reason, reason
-    # The console names the failed trial and says why, on stderr.
-    name = bad.data.tags["forgetray.trial"].rsplit("-", 1)[0]
-    failed_lines = [line for line in done.stderr.splitlines() if line.startswith("[forgetray] trial failed:")]
-    assert len(failed_lines) == 1 and name in failed_lines[0] and "non-finite loss" in failed_lines[0], done.stderr
+    trial_dirs = [next((tmp_path / "storage").glob(f"killed-worker/*/trials/{t.data.tags['forgetray.trial']}"))
+                  for t in trials]
+    for trial_dir in trial_dirs:
+        epochs = [trial_dir / "ift" / f"epoch_{e:03d}" for e in (1, 2, 3)]
+        # Only the newest checkpoint holds DeepSpeed state (delete_finished_state=False keeps the last one).
+        assert [(c / "deepspeed").exists() for c in epochs] == [False, False, True]
+        assert list((epochs[2] / "deepspeed" / "state").glob("*optim_states.pt")), "the optimizer state is missing"
+        for ckpt in epochs:
+            assert (ckpt / "probes" / "bench.parquet").is_file() and (ckpt / "state.json").is_file()
+        # Ray Train's own bookkeeping still lists every epoch (every model stays for restoration).
+        snapshot = json.loads((trial_dir / "ift" / "checkpoint_manager_snapshot.json").read_text())
+        assert len(snapshot["checkpoint_results"]) == 3
+    finals = [d / "ift" / "epoch_003" / "model" / "model.safetensors" for d in trial_dirs]
+    with safe_open(str(finals[0]), "pt") as a, safe_open(str(finals[1]), "pt") as b:
+        assert {a.get_tensor(k).dtype for k in a.keys()} == {torch.float32}  # the training dtype (fp32 on CPU)
+        worst = max(float((a.get_tensor(k) - b.get_tensor(k)).abs().max()) for k in a.keys())
+    assert worst == 0.0, f"the resumed trial's weights differ from the uninterrupted one's by {worst}"
 
 
 # --- 3. the MLflow server killed and restarted mid-sweep ---
@@ -353,33 +347,50 @@ def test_driver_killed_then_resumed_without_rerun_or_duplicates(tmp_path, fixtur
 
 # --- 5. four concurrent trials on one sqlite store ---
 
-def test_four_concurrent_trials_on_one_sqlite_store(tmp_path, fixture_files, ray_session):
+def test_four_concurrent_trials_on_one_sqlite_store_one_failing_alone(tmp_path, fixture_files, ray_session, capsys):
     """Four trials at once (a local Ray with 4 CPU slots on this 2-core machine), each logging base, early-step,
-    epoch and continual metrics from its driver and its Train controller into one sqlite file."""
+    epoch and continual metrics from its driver and its Train controller into one sqlite file, through
+    `forgetray run` (cli.main, in this process). One has lr 1e8 (a real cause of a NaN, no hook): AdamW moves every
+    weight by ~lr in the first steps, the activations overflow fp32 and the loss becomes nan within epoch 1. That
+    trial fails with the phase, epoch and step named, in its MLflow run and on the console; the others finish;
+    exit code 1."""
     import ray
 
-    from forgetray import Sweep, grid, run
+    from forgetray import cli as forgetray_cli
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = Sweep(
-        "sqlite-4", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=2,
-        lr=grid([1e-3, 2e-3, 3e-3, 4e-3]), batch_size=8, max_length=256, early_checkpoints=3,
-        benchmarks=[str(fixture_files["benchmark"])], probe_set=str(fixture_files["probe_set"]), probe_passages=16,
-        probe_batch_size=5, max_concurrent_trials=4,
-    )
-    table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
-    assert table.attrs["failed_trials"] == 0 and len(table) == 8
-    _, trials = runs_of(uri, "sqlite-4")
-    assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}
-    # they did run at once: every trial started before any ended
-    assert max(t.info.start_time for t in trials) < min(t.info.end_time for t in trials)
-    for t in trials:
+    path = sweep_file(tmp_path, fixture_files, "sqlite-4", lr="grid([1e-3, 2e-3, 3e-3, 1e8])", early_checkpoints="3",
+                      max_failures="0", max_concurrent_trials="4")
+    rc = forgetray_cli.main(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "storage")])
+    out, err = capsys.readouterr()
+    assert rc == forgetray_cli.EXIT_TRIAL_FAILED, out[-3000:] + err[-3000:]
+
+    parents, trials = runs_of(uri, "sqlite-4")
+    assert len(parents) == 1 and len(trials) == 4 and parents[0].info.status == "FAILED"
+    bad = next(t for t in trials if float(t.data.params["trial.lr"]) == 1e8)
+    good = [t for t in trials if t is not bad]
+    assert bad.info.status == "FAILED" and {t.info.status for t in good} == {"FINISHED"}
+    reason = bad.data.tags["forgetray.error"]
+    assert "NonFiniteLoss: non-finite loss (nan)" in reason or "NonFiniteLoss: non-finite loss (inf)" in reason, reason
+    assert "in phase 'ift', epoch 1, step" in reason, reason
+    # The console names the failed trial and says why, on stderr.
+    name = bad.data.tags["forgetray.trial"].rsplit("-", 1)[0]
+    failed_lines = [line for line in err.splitlines() if line.startswith("[forgetray] trial failed:")]
+    assert len(failed_lines) == 1 and name in failed_lines[0] and "non-finite loss" in failed_lines[0], err[-3000:]
+
+    # they did run at once: every finishing trial started before any of them ended
+    assert max(t.info.start_time for t in good) < min(t.info.end_time for t in good)
+    for t in good:
         history = histories(uri, t)
         assert_no_duplicate_steps(history)
         assert [m.step for m in history["sft/bench/knowledge"]] == [1, 2]
         assert [m.step for m in history["steps/bench/knowledge"]] == [0, 1, 2, 4, 5, 10]
+        # a finished phase keeps no DeepSpeed state by default (delete_finished_state): models and probes stay
+        trial_dir = next((tmp_path / "storage").glob(f"sqlite-4/*/trials/{t.data.tags['forgetray.trial']}"))
+        assert not list((trial_dir / "ift").glob("epoch_*/deepspeed"))
+        assert len(list((trial_dir / "ift").glob("epoch_*/model/model.safetensors"))) == 2
 
 
 def test_tracking_store_gone_for_good_fails_within_the_bound(monkeypatch):
