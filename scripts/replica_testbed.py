@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--restore-every", type=int, default=1, help="restore every k-th checkpoint")
     p.add_argument("--pool", default=None, help="a .jsonl pool instead of organism-restore")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the IFT data order's seed (the sweep's `seed`)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
             line += f" | R acc {r_acc:.3f} ppl {r_ppl:.2f}"
         print(f"{line}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    train(copy.deepcopy(base), ift, args.lr, args.batch, args.epochs, seed=0, after_epoch=after_epoch)
+    train(copy.deepcopy(base), ift, args.lr, args.batch, args.epochs, seed=args.seed, after_epoch=after_epoch)
     return 0
 
 
