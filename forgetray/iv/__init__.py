@@ -1,0 +1,34 @@
+"""Instruction vectors (issue 12; Jiang et al., arXiv 2406.12227, built on Todd et al.'s function vectors) as pure
+computation on a model and tensors: no Ray, MLflow or DeepSpeed.
+
+- `tasks`: an instruction task (examples, instruction, few-shot template), its clean and corrupted prompts, and a
+  JSONL loader;
+- `heads`: per-head o_proj inputs of Llama-like models: record them at one position per sequence, patch them;
+- `vector`: mean head activations over clean prompts, causal indirect effects on corrupted prompts, the top heads,
+  the vector, and its injection into the residual stream;
+- `loss`: the IV-guided loss (CE + thresholded first-token and all-position KL + head MSE), each term returned;
+- `schedule`: the progressive intervention degree.
+
+Conventions (details and citations in each module): CIE is the first-answer-token probability difference (Todd et
+al.; FvForgetting ranks heads by the answer NLL instead, not implemented); the vector leaves any o_proj bias out;
+injection adds to a decoder layer's output (site="layer", Todd) or to its o_proj output (site="attn", FvForgetting's
+trainer); the loss's KL is KL(p_model || p_ref) at temperature T without T^2, "batchmean" over the first dimension;
+thresholds count x * [x > thr]; the progressive degree holds 1.0 through the first tenth of its window.
+
+Not yet orchestrated: extracting a vector per task as a sweep step (tokenising prompts, batching, filtering clean
+prompts), IV-guided training in the DeepSpeed engine (the reference forward with LoRA adapters disabled or a frozen
+copy, the degree per step), and logging the terms to MLflow.
+"""
+
+from forgetray.iv.heads import (HeadLayout, head_layout, last_prompt_positions, last_token_positions, patch_heads,
+                                record_heads)
+from forgetray.iv.loss import IVLossWeights, iv_guided_loss, kl_t
+from forgetray.iv.schedule import degree
+from forgetray.iv.tasks import Example, Prompt, Task, Template, load_task, n_shot_prompts, zero_shot_prompts
+from forgetray.iv.vector import (answered_correctly, causal_indirect_effect, inject_vector, instruction_vector,
+                                 mean_head_activations, top_heads)
+
+__all__ = ["Example", "HeadLayout", "IVLossWeights", "Prompt", "Task", "Template", "answered_correctly",
+           "causal_indirect_effect", "degree", "head_layout", "inject_vector", "instruction_vector", "iv_guided_loss",
+           "kl_t", "last_prompt_positions", "last_token_positions", "load_task", "mean_head_activations",
+           "n_shot_prompts", "patch_heads", "record_heads", "top_heads", "zero_shot_prompts"]
