@@ -53,6 +53,7 @@ def modules_under(package: str) -> list[str]:
 def pure_modules() -> list[str]:
     names = modules_under("forgetray.metrics") + modules_under("forgetray.methods") + ["forgetray.flatness",
                                                                                        "forgetray.sharing"]
+    names += modules_under("forgetray.iv")
     if (PACKAGE / "plan.py").is_file() or (PACKAGE / "plan" / "__init__.py").is_file():  # plan may not exist yet
         names += modules_under("forgetray.plan")
     return names
