@@ -71,9 +71,13 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
     return MlflowReportLogger()
 
 
-def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], verbose: bool):
+def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], verbose: bool,
+                  followers: dict[int, list[int]] | None = None):
     """One console line per epoch, restoration and finished trial: trials done / total and what each is doing.
-    `names`, `epochs`, `benchmarks` (the primary benchmark's metric name) are per trial index."""
+    `names`, `epochs`, `benchmarks` (the primary benchmark's metric name) are per trial index; the total counts
+    every grid point, and a trajectory's shorter grid points (`followers` of a Tune trial's index) are done with
+    it, "from trajectory <its name>"."""
+    followers = followers or {}
     from ray.tune import Callback
 
     def say(text: str, error: bool = False) -> None:
@@ -116,11 +120,17 @@ def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], ve
                 "(Ray Train workers, DeepSpeed engine, base-model probes)")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            i = trial.config["trial_index"]
             self.done += 1
-            say(f"{self._prefix()} {names[trial.config['trial_index']]}: finished")
+            say(f"{self._prefix()} {names[i]}: finished")
+            for f in followers.get(i, []):
+                self.done += 1
+                say(f"{self._prefix()} {names[f]}: finished (from trajectory {names[i]})")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            say(f"{self._prefix()} {names[trial.config['trial_index']]}: FAILED (see the log above)")
+            i = trial.config["trial_index"]
+            self.done += 1 + len(followers.get(i, []))
+            say(f"{self._prefix()} {names[i]}: FAILED (see the log above)"
+                + (f"; so did {len(followers[i])} grid point(s) from its trajectory" if followers.get(i) else ""))
 
     return Progress()

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from forgetray import plan as planning
+from forgetray import sharing
 from forgetray.spec import TrialConfig
 
 
@@ -23,10 +24,24 @@ def _model_name(trial: TrialConfig) -> str:
 
 
 def start_key(trial: TrialConfig, resolved: dict) -> dict:
-    """What makes the IFT phase's starting weights: the model, and the prior phases with all they train with."""
+    """What makes the IFT phase's starting weights: the model, and the prior phases with all they train with (also
+    the ZeRO stage and device, which change their numerics: `sharing.start_settings`)."""
     phases = [p.to_dict() for p in planning.plan(trial) if p.kind == "prior"]
-    return {"model": resolved["model"]["path"], "precision": trial.precision, "seed": trial.seed,
-            "prior_phases": [[p, data["path"]] for p, data in zip(phases, resolved["prior_datasets"])]}
+    key = {"model": resolved["model"]["path"], "precision": trial.precision, "seed": trial.seed,
+           "prior_phases": [[p, data["path"]] for p, data in zip(phases, resolved["prior_datasets"])]}
+    if phases:  # without prior phases the start is the model itself (and the keys stay those of earlier sweeps)
+        key.update(sharing.start_settings(trial))
+    return key
+
+
+def prior_start_key(trial: TrialConfig, resolved: dict) -> str:
+    """The folder of the trained start a trial with prior phases shares with the trials of the sweep that have the
+    same one (`<execution>/start/<key>/`): its weights, and the continual probes a[t][b] taken along the prior
+    phases, so the probe suite too (`sharing.start_identity` is the same by the names the trial gives)."""
+    parts = {"start": start_key(trial, resolved),
+             "benchmarks": {k: [v["path"], v["score"]] for k, v in resolved["benchmarks"].items()},
+             "probe": sharing.probe_settings(trial)}
+    return f"{_model_name(trial)}-{_digest(parts)}"
 
 
 def base_eval_key(trial: TrialConfig, resolved: dict) -> str:

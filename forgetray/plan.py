@@ -185,12 +185,15 @@ def checkpoint_name(phase: Phase, epoch: int) -> str:
 
 
 def groups(trial: TrialConfig, phases: list[Phase]) -> list[list[Phase]]:
-    """Which phases one Ray Train run executes in turn: the prior phases with the IFT phase (they hand weights on in
-    memory), then the restorations in groups of `restore_group` (groups run concurrently: on a GPU cluster groups
-    of 1 restore every checkpoint at once; on a small machine a group saves worker start-ups)."""
-    training = [p for p in phases if p.kind != "restore"]
+    """Which phases one Ray Train run executes in turn: the prior phases (if any; they hand weights on in memory and
+    leave the IFT phase's start, trained once per sweep for all trials sharing it: `forgetray.sharing`), the IFT
+    phase, then the restorations in groups of `restore_group` (groups run concurrently: on a GPU cluster groups of 1
+    restore every checkpoint at once; on a small machine a group saves worker start-ups)."""
+    priors = [p for p in phases if p.kind == "prior"]
+    ift = [p for p in phases if p.kind == "ift"]
     restores = [p for p in phases if p.kind == "restore"]
-    return [training] + [restores[i:i + trial.restore_group] for i in range(0, len(restores), trial.restore_group)]
+    return ([priors] if priors else []) + [ift] + [restores[i:i + trial.restore_group]
+                                                   for i in range(0, len(restores), trial.restore_group)]
 
 
 def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batching, optimizer: Optimizer) -> Phase:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 from forgetray import plan as planning
+from forgetray.metrics import registry
 from forgetray.spec import TrialConfig
 
 PREFIX_SCHEDULES = ("constant", "step")  # the lr of a step depends on its epoch, never on the total
@@ -77,7 +78,7 @@ def start_settings(trial: TrialConfig) -> dict:
 def probe_settings(trial: TrialConfig) -> list:
     """The probe-suite settings of the continual probes a[t][b] (besides the benchmark files themselves)."""
     return [list(trial.benchmarks), sorted(trial.primary_score), trial.n_shot, trial.bos, trial.letter_rule,
-            trial.probe_max_length]
+            trial.probe_max_length, trial.probe_batch_size]
 
 
 def training_epochs(trials: list[TrialConfig], share_trajectories: bool = True) -> dict:
@@ -108,3 +109,51 @@ def describe(trials: list[TrialConfig], share_trajectories: bool = True) -> list
     else:
         lines += unshared_reasons(trials)
     return lines
+
+
+# Recomputed for a follower from its own settings, never copied: its stages (`stages.classify_trial`) and its
+# continual summaries at T (`trial.log_continual`; a[T] is its own last checkpoint).
+RECOMPUTED = (registry.STAGE_CODE, registry.STAGE_FIXED_CODE, registry.STAGE_D_SFT, registry.STAGE_D_RESTORED,
+              registry.STAGE_P_SFT, registry.STAGE_P_RESTORED, registry.CONTINUAL_FORGETTING, registry.CONTINUAL_BWT)
+
+
+def follower_metrics(history: dict[str, dict[int, float]], epochs: int, leader_epochs: int,
+                     prior_phases: int) -> dict[int, dict[str, float]]:
+    """What a follower with `epochs` takes from its leader's run (`history`: name -> {step: value}), by step, by
+    what the registry says `step` means: per-epoch metrics up to its epoch (0 = base included); optimizer-step
+    metrics up to the end of its epoch (the last one is the leader's epoch end, equal epochs); the prior phases'
+    losses; the continual probes a[t] of t = 0..k (a[T] is recomputed); restoring trajectories of its checkpoints.
+    Undeclared metrics (system/*: the leader's machine) and RECOMPUTED ones are not taken."""
+    recomputed = {m.pattern for m in RECOMPUTED}
+    optimizer_steps = [max(h) for name, h in history.items() if h and _meaning(name) == "optimizer step"]
+    per_epoch = max(optimizer_steps) // leader_epochs if optimizer_steps else 0
+    out: dict[int, dict[str, float]] = {}
+    for name, values in history.items():
+        found = registry.parse(name)
+        if found is None or found[0].pattern in recomputed:
+            continue
+        metric, fields = found
+        keep = {"epoch": lambda step: step <= epochs,
+                "optimizer step": lambda step: step <= per_epoch * epochs,
+                "phase epoch": lambda step: True,
+                "restoring step": lambda step: int(fields["epoch"]) <= epochs,
+                "fine-tuning step": lambda step: step <= prior_phases}[metric.step]
+        for step, value in values.items():
+            if keep(step):
+                out.setdefault(step, {})[name] = value
+    return out
+
+
+def _meaning(name: str) -> str | None:
+    found = registry.parse(name)
+    return found[0].step if found else None
+
+
+def follower_artifact(path: str, epochs: int) -> bool:
+    """Whether a leader's artifact folder (`probes/base`, `probes/sft/epoch_NNN`, `probes/restored/epoch_NNN`) is a
+    follower's too; stage tables are recomputed."""
+    parts = path.split("/")
+    if parts[:2] == ["probes", "base"]:
+        return True
+    return len(parts) >= 3 and parts[0] == "probes" and parts[2].startswith("epoch_") \
+        and int(parts[2][len("epoch_"):]) <= epochs

@@ -5,7 +5,12 @@ Storage layout (`--storage`, default ./forgetray-results/storage):
     <storage>/<sweep name>/<execution id>/sweep.json        what ran, the parent MLflow run id
                                          /tune/             Ray Tune's experiment (used by --resume)
                                          /trials/<key>/     each trial's Ray Train run, checkpoints, MLflow run id
+                                         /start/<key>/      a trained start (prior phases), shared by its trials
                                          /base_eval/<key>/  base-model probes, shared by the trials of one model
+
+Trials that differ only in `epochs` share one trajectory when the schedule allows (`forgetray.sharing`, unless
+`Sweep(share_trajectories=False)`): Tune runs one driver per trajectory, its leader (the most epochs), which then
+makes each shorter grid point's run from its own (`trial.materialise_follower`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from forgetray import sharing
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.spec import SpecError, Sweep, flatten
 from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide, ui_base
@@ -37,7 +43,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     trials = [t.to_dict() for t in sweep.trials]
     if resume:
         execution_dir, state = _latest_execution(sweep_root)
-        if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials]:
+        if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials] or \
+                state["sweep"].get("share_trajectories", False) != sweep.share_trajectories:
             raise SpecError(f"--resume: the sweep {sweep.name!r} changed since {execution_dir} ran; "
                             "resume needs the same grid and settings")
         tracking_uri = state["tracking_uri"]
@@ -61,7 +68,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
             "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials],
         }
         (execution_dir / "sweep.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-    _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s); MLflow {tracking_uri} "
+    trained = len(sharing.trajectories(list(sweep.trials), sweep.share_trajectories))
+    shared = f" ({trained} trained; the shorter epochs from their trajectory)" if trained < sweep.size else ""
+    _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s){shared}; MLflow {tracking_uri} "
                   f"(parent run {parent_run_id}); storage {execution_dir}")
 
     ui_link = ui_base(tracking_uri) + "/" + tracker.trial_charts_view(parent_run_id)
@@ -71,15 +80,19 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
         results = _tune(sweep, trials, resolved, execution_dir, tracking_uri, parent_run_id, resume, verbose)
         failed = [r for r in results if r.error is not None]
         ok = not failed
+        followers = _followers(sweep)
         for r in failed:
             index = r.config.get("trial_index")
             name = sweep.trials[index].short_name() if isinstance(index, int) else index
             _say(True, f"[forgetray] trial failed: {name}: {failure_reason(r.error)}")
+            for f in followers.get(str(index), []):  # a failed trajectory's shorter grid points have no results
+                _say(True, f"[forgetray] trial failed: {sweep.trials[f].short_name()}: from trajectory {name}")
+        failed_count = sum(1 + len(followers.get(str(r.config.get("trial_index")), [])) for r in failed)
     finally:
         tracker.end_run(parent_run_id, ok=ok)
     table = tracker.checkpoint_table(parent_run_id)
     table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "ui_link": ui_link,
-                        "execution_dir": str(execution_dir), "failed_trials": 0 if ok else len(failed)})
+                        "execution_dir": str(execution_dir), "failed_trials": 0 if ok else failed_count})
     return table
 
 
@@ -172,8 +185,11 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         ray.init(include_dashboard=False, logging_level="WARNING",
                  log_to_driver=os.environ.get("FORGETRAY_WORKER_LOGS", "0") == "1")
     _record_driver(execution_dir)
+    followers = _followers(sweep)
+    leaders = [i for i in range(len(trials)) if not any(i in f for f in followers.values())]
     context = {
         "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
+        "followers": followers,
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
         "system_metrics": os.environ.get(SYSTEM_METRICS_ENV, "auto"),  # decided here: the driver's environment
     }
@@ -182,21 +198,27 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space={"trial_index": tune.grid_search(list(range(len(trials)))),
-                                                "context": context})
+                                   param_space={"trial_index": tune.grid_search(leaders), "context": context})
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial_index": tune.grid_search(list(range(len(trials)))), "context": context},
+            param_space={"trial_index": tune.grid_search(leaders), "context": context},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(execution_dir), verbose=0,
                 callbacks=[make_progress([t.short_name() for t in sweep.trials], [t.epochs for t in sweep.trials],
-                                         [benchmark_key(t.benchmarks[0]) for t in sweep.trials], verbose)],
+                                         [benchmark_key(t.benchmarks[0]) for t in sweep.trials], verbose,
+                                         {int(k): v for k, v in followers.items()})],
                 failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
             ),
         )
     return list(tuner.fit())
+
+
+def _followers(sweep: Sweep) -> dict[str, list[int]]:
+    """Leader's trial index (a string: it crosses Ray as JSON-like data) -> the shorter grid points it serves."""
+    groups = sharing.trajectories(list(sweep.trials), sweep.share_trajectories)
+    return {str(group[0]): group[1:] for group in groups if len(group) > 1}
 
 
 def _concurrency(sweep: Sweep) -> int:

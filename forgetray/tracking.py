@@ -41,6 +41,9 @@ SYSTEM_METRICS_ENV = "FORGETRAY_SYSTEM_METRICS"
 # The charts the printed link shows (a regular expression the UI matches against metric names).
 KNOWLEDGE_CHARTS = "/knowledge$"
 TAG_ERROR = "forgetray.error"  # why a failed trial failed (its first line: exception type and message)
+# The run id of the trial that trained the trajectory a trial's results come from (forgetray.sharing: epoch prefixes),
+# on the leader (its own id) and on each follower.
+TAG_TRAJECTORY = "forgetray.trajectory"
 
 # A tracking server that is down (restarting) or a sqlite store that is locked by another process is waited for: every
 # write and the reads the callback needs are retried with backoff for up to this many seconds, then the caller

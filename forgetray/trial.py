@@ -2,7 +2,8 @@
 
 1. attach the trial to its MLflow run (re-attaching on resume), with every phase's settings as params;
 2. plan the trial's phases (`forgetray.plan`) and run them, one Ray Train `TorchTrainer` per group of phases whose
-   workers run `train.worker.phase_worker` under DeepSpeed: the prior fine-tuning phases with the IFT phase (a
+   workers run `train.worker.phase_worker` under DeepSpeed: the prior fine-tuning phases once per sweep for every
+   trial that shares them (`ensure_start`: a file lock, the start in `<execution>/start/<key>/`), the IFT phase (a
    checkpoint per epoch; the base model's probes and the restoring set are computed there, once per sweep), then
    the restorations of the IFT checkpoints, groups concurrently;
 3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`);
@@ -22,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import plan as planning
-from forgetray.keys import base_em_key, base_eval_key, restoring_key, start_key, trial_key  # noqa: F401 (re-exported)
+from forgetray.keys import (base_em_key, base_eval_key, prior_start_key, restoring_key, start_key,  # noqa: F401
+                            trial_key)
 from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
 from forgetray.records import (RUN_ID_FILE, attach_trial_run, run_name, trial_datasets,  # noqa: F401 (re-exported)
@@ -52,32 +54,57 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def run_trial(config: dict) -> None:
-    """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep)."""
-    from forgetray import stages
-
+    """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep). With epoch
+    prefixes shared (`context["followers"]`), trial i leads a trajectory: once it is done, each shorter grid point
+    of it gets its own run from i's (`materialise_follower`)."""
     context, index = config["context"], config["trial_index"]
     trial = TrialConfig.from_dict(context["trials"][index])
     resolved = context["resolved"][index]
     execution_dir = Path(context["execution_dir"])
-    trial_dir = execution_dir / "trials" / trial_key(trial)
-    phases = planning.plan(trial)
     tracker = Tracker(context["tracking_uri"])
-    if (trial_dir / DONE_FILE).is_file():  # finished by an earlier execution: not run again
-        run_id = (trial_dir / RUN_ID_FILE).read_text().strip()
-        if tracker.get_run(run_id).info.status != "FINISHED":  # killed between the marker and ending the run
-            tracker.end_run(run_id, ok=True)
-        return
-    run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir, phases)
-    dirs = {
-        "trial_dir": str(trial_dir),
+    dirs = trial_dirs(execution_dir, trial, resolved)
+    run_id = _run_leader(tracker, context, trial, resolved, dirs)
+    for follower in context.get("followers", {}).get(str(index), []):
+        materialise_follower(tracker, context, follower, trial, run_id, dirs)
+
+
+def trial_dirs(execution_dir: Path, trial: TrialConfig, resolved: dict) -> dict:
+    """The trial's own folder and the sweep's shared ones it uses (plain paths for the workers)."""
+    return {
+        "trial_dir": str(execution_dir / "trials" / trial_key(trial)),
+        "start_dir": str(execution_dir / "start" / prior_start_key(trial, resolved)) if trial.prior_phases else None,
         "base_eval_dir": str(execution_dir / "base_eval" / base_eval_key(trial, resolved)),
         "base_em_dir": str(execution_dir / "base_em" / base_em_key(trial, resolved)),
         "restoring_dir": str(execution_dir / "restoring" / restoring_key(trial, resolved))
         if resolved.get("restore_pool") else None,
     }
-    training, *restorations = planning.groups(trial, phases)
-    ok = False
-    try:
+
+
+def _finished_before(tracker: Tracker, trial_dir: Path) -> str | None:
+    """The run id of a trial finished by an earlier execution (not run again), else None."""
+    if not (trial_dir / DONE_FILE).is_file():
+        return None
+    run_id = (trial_dir / RUN_ID_FILE).read_text().strip()
+    if tracker.get_run(run_id).info.status != "FINISHED":  # killed between the marker and ending the run
+        tracker.end_run(run_id, ok=True)
+    return run_id
+
+
+def _run_leader(tracker: Tracker, context: dict, trial: TrialConfig, resolved: dict, dirs: dict) -> str:
+    from forgetray import stages
+
+    trial_dir = Path(dirs["trial_dir"])
+    done = _finished_before(tracker, trial_dir)
+    if done:
+        return done
+    phases = planning.plan(trial)
+    run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir, phases)
+    *priors, training = [g for g in planning.groups(trial, phases) if g[0].kind != "restore"]
+    restorations = [g for g in planning.groups(trial, phases) if g[0].kind == "restore"]
+
+    def body() -> None:
+        if priors:
+            ensure_start(trial, resolved, dirs, context, priors[0])
         _fit(trial, resolved, dirs, context, run_id, "ift", training)
         if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
             from forgetray.train.checkpoints import drop_state
@@ -91,6 +118,65 @@ def run_trial(config: dict) -> None:
             _restore_all(trial, resolved, dirs, context, run_id, restorations)
             checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
             stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
+
+    _in_run(tracker, run_id, trial_dir, body)
+    return run_id
+
+
+def materialise_follower(tracker: Tracker, context: dict, index: int, leader: TrialConfig, leader_run_id: str,
+                         leader_dirs: dict) -> None:
+    """Grid point `index` (epochs e < the leader's) from its leader's trajectory, as its own run: its own params,
+    the leader's metrics and probe artifacts up to epoch e (`sharing.follower_metrics`), then what depends on its
+    own settings recomputed: the continual summaries (a[T] = SFT_e) and the stages of the leader's checkpoints
+    1..e. Tagged `forgetray.trajectory` = the leader's run, on both; a DONE marker, so a resume skips it."""
+    import tempfile
+
+    from forgetray import sharing, stages
+    from forgetray.tracking import TAG_TRAJECTORY
+
+    trial = TrialConfig.from_dict(context["trials"][index])
+    resolved = context["resolved"][index]
+    trial_dir = Path(trial_dirs(Path(context["execution_dir"]), trial, resolved)["trial_dir"])
+    if _finished_before(tracker, trial_dir):
+        return
+    phases = planning.plan(trial)
+    run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir, phases)
+
+    def body() -> None:
+        tracker.set_tag(leader_run_id, TAG_TRAJECTORY, leader_run_id)
+        tracker.set_tag(run_id, TAG_TRAJECTORY, leader_run_id)
+        names = list(tracker.get_run(leader_run_id).data.metrics)
+        copied = sharing.follower_metrics(tracker.metric_history(leader_run_id, names), trial.epochs, leader.epochs,
+                                          len(trial.prior_phases))
+        for step, values in sorted(copied.items()):
+            tracker.log_metrics(run_id, values, step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            for folder in _artifact_folders(tracker, leader_run_id, "probes"):
+                if sharing.follower_artifact(folder, trial.epochs):
+                    local = tracker.download_artifacts(leader_run_id, folder, Path(tmp))
+                    tracker.log_artifacts(run_id, local, folder)
+        log_continual(tracker, run_id, trial, resolved, phases)
+        if trial.restore_pool:  # the leader's checkpoints and restorations, with the follower's stage settings
+            checkpoints = sorted((Path(leader_dirs["trial_dir"]) / "ift").glob("epoch_*"))[:trial.epochs]
+            stages.classify_trial(tracker, run_id, trial, resolved, leader_dirs, checkpoints)
+
+    _in_run(tracker, run_id, trial_dir, body)
+
+
+def _artifact_folders(tracker: Tracker, run_id: str, path: str) -> list[str]:
+    """The leaf folders (`probes/sft/epoch_001`) under `path` of a run's artifacts."""
+    entries = tracker.list_artifacts(run_id, path)
+    folders = [e for e in entries if not Path(e).suffix]
+    if not folders:
+        return [path] if entries else []
+    return [leaf for folder in folders for leaf in _artifact_folders(tracker, run_id, folder)]
+
+
+def _in_run(tracker: Tracker, run_id: str, trial_dir: Path, body) -> None:
+    """Run `body`; mark the trial done, or tag why it failed; end the run either way."""
+    ok = False
+    try:
+        body()
         ok = True
         (trial_dir / DONE_FILE).write_text(run_id + "\n")
     except BaseException as exc:  # the run says why (the console summary prints the same line)
@@ -148,9 +234,39 @@ def log_continual(tracker: Tracker, run_id: str, trial: TrialConfig, resolved: d
     return logged
 
 
-def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str, name: str,
+def ensure_start(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, priors: list[Phase]) -> Path:
+    """The trained start of a trial with prior phases: trained here if no trial of the sweep has (yet), else found.
+
+    An exclusive `fcntl.flock` on `<start>.lock` makes the trials that share the start wait for the one training it,
+    across drivers on one node and across nodes on shared storage with working locks (NFS v4; not NFS v3 without
+    lockd). The lock dies with its process, and the start is renamed into place complete (`worker.run_priors`), so
+    a killed driver leaves either no start (the next one removes the partial folder and trains it) or all of it.
+    The trial folder gets a link `ift_start` to it."""
+    import fcntl
+    import shutil
+
+    from forgetray.train.worker import IFT_START, partial_start
+
+    start = Path(dirs["start_dir"])
+    if not start.is_dir():
+        start.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{start}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes or the process dies
+            if not start.is_dir():  # nobody trained it while this trial waited
+                shutil.rmtree(partial_start(start), ignore_errors=True)
+                _fit(trial, resolved, dirs, context, None, start.name, priors)
+    link = Path(dirs["trial_dir"]) / IFT_START
+    if not link.exists():
+        link.unlink(missing_ok=True)  # a dangling link
+        link.symlink_to(os.path.relpath(start, link.parent))
+    return start
+
+
+def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str | None, name: str,
          phases: list[Phase]):
-    """Run one group of phases as one Ray Train run to completion; raise on failure."""
+    """Run one group of phases as one Ray Train run to completion; raise on failure. The prior phases' run
+    (`run_id` None: it serves every trial sharing its start) has its storage in the sweep's start folder and
+    reports to no run: each trial reports the saved probes and losses into its own."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -171,18 +287,19 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
     setting = context.get("system_metrics", os.environ.get(SYSTEM_METRICS_ENV))
     trainer = TorchTrainer(
         partial(_monitored_worker, context["tracking_uri"], run_id)
-        if system_metrics_wanted(setting, trial.gpus_per_worker) else phase_worker,
+        if run_id is not None and system_metrics_wanted(setting, trial.gpus_per_worker) else phase_worker,
         train_loop_config={"trial": trial.to_dict(), "resolved": resolved, "phases": [p.to_dict() for p in phases],
                            **dirs},
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name,
-            storage_path=dirs["trial_dir"],
+            name=f"{name}.train" if run_id is None else name,
+            storage_path=str(Path(dirs["start_dir"]).parent) if run_id is None else dirs["trial_dir"],
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
-            callbacks=[TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs),
-                       # the IFT phase resumes from its newest checkpoint's DeepSpeed state only
-                       *([make_state_pruner()] if name == "ift" and trial.keep_optimizer_state == "latest" else [])],
+            callbacks=[] if run_id is None else [
+                TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs),
+                # the IFT phase resumes from its newest checkpoint's DeepSpeed state only
+                *([make_state_pruner()] if name == "ift" and trial.keep_optimizer_state == "latest" else [])],
         ),
     )
     result = trainer.fit()

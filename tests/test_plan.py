@@ -57,11 +57,14 @@ def test_prior_phases_default_to_plain_fine_tuning_at_the_trial_lr():
     assert ift.data.rehearse == "prior_datasets/1" and ift.data.source == "dataset"
 
 
-def test_groups_put_prior_phases_with_ift_and_restorations_by_restore_group():
+def test_groups_put_prior_phases_before_ift_and_restorations_by_restore_group():
     trial = TrialConfig(**TRIAL, restore_pool="p.jsonl", restore_group=2,
                         prior_phases=[{"dataset": "a.jsonl", "epochs": 1}])
     named = [[p.name for p in g] for g in groups(trial, plan(trial))]
-    assert named == [["prior_1", "ift"], ["restore_001", "restore_002"], ["restore_003"]]
+    # the prior phases apart: their result is trained once per sweep for every trial that shares it
+    assert named == [["prior_1"], ["ift"], ["restore_001", "restore_002"], ["restore_003"]]
+    alone = TrialConfig(**TRIAL)
+    assert [[p.name for p in g] for g in groups(alone, plan(alone))] == [["ift"]]
     ift, restore = plan(trial)[1], plan(trial)[-1]
     assert checkpoint_name(ift, 7) == "epoch_007" and checkpoint_name(restore, 3) == "restored_epoch_003"
     with pytest.raises(ValueError, match="no checkpoints"):

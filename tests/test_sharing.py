@@ -70,3 +70,103 @@ def test_describe_lines():
     assert sharing.describe(ts) == ["training epochs: 9 without sharing, 5 with (prior phases trained once per start: "
                                     "6 -> 3; epoch prefixes: 3 -> 2)"]
     assert sharing.describe(ts, share_trajectories=False)[1] == "epochs grid not shared: share_trajectories=False"
+
+
+def test_follower_metrics_by_step_meaning():
+    history = {
+        "base/b/knowledge": {0: 0.5}, "sft/b/knowledge": {1: 0.6, 2: 0.7}, "train/loss": {1: 2.0, 2: 1.5},
+        "steps/b/p_fmt": {0: 0.1, 2: 0.2, 5: 0.3, 10: 0.4},  # inside epoch 1, then epoch ends 5 and 10
+        "prior/1/train/loss": {1: 3.0}, "continual/b/knowledge": {0: 0.4, 1: 0.5, 2: 0.7},
+        "continual/b/forgetting": {2: 0.0}, "continual/bwt": {2: 0.1}, "stage/code": {1: 0, 2: 1},
+        "restore/probe_ppl/epoch_001": {0: 9.0, 3: 8.0}, "restore/probe_ppl/epoch_002": {0: 7.0},
+        "restored/probe/ppl": {1: 8.0, 2: 7.5}, "system/cpu_utilization_percentage": {0: 50.0},
+    }
+    got = sharing.follower_metrics(history, epochs=1, leader_epochs=2, prior_phases=1)
+    assert got == {
+        0: {"base/b/knowledge": 0.5, "steps/b/p_fmt": 0.1, "continual/b/knowledge": 0.4,
+            "restore/probe_ppl/epoch_001": 9.0},
+        1: {"sft/b/knowledge": 0.6, "train/loss": 2.0, "prior/1/train/loss": 3.0, "continual/b/knowledge": 0.5,
+            "restored/probe/ppl": 8.0},
+        2: {"steps/b/p_fmt": 0.2}, 3: {"restore/probe_ppl/epoch_001": 8.0}, 5: {"steps/b/p_fmt": 0.3},
+    }
+    assert sharing.follower_artifact("probes/base", 1) and sharing.follower_artifact("probes/sft/epoch_001", 1)
+    assert not sharing.follower_artifact("probes/restored/epoch_002", 1)
+    assert not sharing.follower_artifact("stages", 1)
+
+
+# --- a real sweep (local Ray, Ray Train + DeepSpeed ZeRO-0 on one CPU worker, sqlite MLflow) ---------------------
+
+WALL_CLOCK = ("train/tokens_per_s", "train/epoch_seconds")
+
+
+@pytest.mark.slow
+def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files, ray_session):
+    """One sweep shares both kinds: epochs {1, 2} x restore_pool {none, a pool} under the step schedule is two
+    trajectories (epochs 2) whose 1-epoch points are followers, all four starting from one prior phase trained
+    once. A second sweep runs the 1-epoch point with the pool alone, unshared: its run must have exactly the
+    follower's metrics (CPU, same seed), and the follower its own params, tags and recomputed stages / continual
+    values."""
+    import os
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from fixtures import make_pool_file
+    from forgetray import Sweep, grid, run
+
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    pool = str(make_pool_file(tmp_path / "pool.jsonl", n=300))
+    settings = dict(
+        model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), lr=2e-2, batch_size=8,
+        max_length=256, workers=1, zero_stage=0, lr_schedule="step", lr_decay=0.5, warmup_ratio=0.0,
+        benchmarks=[str(fixture_files["benchmark"])], primary_score={str(fixture_files["benchmark"]): "acc"},
+        probe_set=str(fixture_files["probe_set"]), probe_passages=4, probe_batch_size=8, early_checkpoints=1,
+        prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-2}],
+        restore_lr=1e-3, restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=2, restore_group=2)
+    shared = Sweep("shared", epochs=grid([1, 2]), restore_pool=grid(["", pool]), max_concurrent_trials=2,
+                   **settings)
+    plain = Sweep("plain", epochs=1, restore_pool=pool, share_trajectories=False, **settings)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "storage"
+    table = run(shared, tracking_uri=uri, storage=storage)
+    assert table.attrs["failed_trials"] == 0 and len(table) == 1 + 2 + 1 + 2  # a row per (trial, checkpoint)
+    run(plain, tracking_uri=uri, storage=storage)
+
+    # (a) the prior phase was trained once for the four trials: one start, one Ray Train run of it
+    (execution,) = (storage / "shared").iterdir()
+    assert len([p for p in (execution / "start").iterdir() if not p.name.startswith(".")
+                and p.is_dir() and not p.name.endswith(".train")]) == 1
+    assert len(list((execution / "start").glob("*.train"))) == 1
+    assert len(list((execution / "trials").iterdir())) == 4
+
+    client = MlflowClient(uri)
+
+    def trial_runs(name):
+        exp = client.get_experiment_by_name(name)
+        return {(r.data.params["trial.epochs"], r.data.params["trial.restore_pool"]): r
+                for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("forgetray.kind") == "trial"}
+
+    def metrics(r):
+        names = [n for n in r.data.metrics if n not in WALL_CLOCK and not n.startswith("system/")]
+        return {n: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, n)) for n in names}
+
+    runs, (reference,) = trial_runs("shared"), trial_runs("plain").values()
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs.values())
+    follower, leader = runs[("1", pool)], runs[("2", pool)]
+    # (b) the follower's run: its own params, the trajectory it shares, exactly the unshared run's metrics
+    assert follower.data.tags["forgetray.trajectory"] == leader.info.run_id == leader.data.tags["forgetray.trajectory"]
+    assert "forgetray.trajectory" not in reference.data.tags
+    assert follower.data.params["phase.ift.epochs"] == "1" and follower.data.params["trial.epochs"] == "1"
+    mine, theirs = metrics(follower), metrics(reference)
+    assert mine == theirs
+    assert mine["continual/bench/knowledge"][-1] == (2, mine["sft/bench/knowledge"][0][1])  # a[T] = SFT_1
+    assert [s for s, _ in mine["stage/code"]] == [1] and [s for s, _ in metrics(leader)["stage/code"]] == [1, 2]
+    tags = {k: v for k, v in follower.data.tags.items() if k.startswith("forgetray.stage")}
+    assert tags == {k: v for k, v in reference.data.tags.items() if k.startswith("forgetray.stage")}
+    arts = {f.path for f in client.list_artifacts(follower.info.run_id, "probes/sft")}
+    assert arts == {"probes/sft/epoch_001"}
+    # (a) every trial starting from the shared start reports its prior losses and continual probes, identically
+    for key in ("prior/1/train/loss", "continual/bench/knowledge"):
+        values = {k: [v for v in metrics(r)[key] if v[0] < 2] for k, r in runs.items()}
+        assert len({tuple(v) for v in values.values()}) == 1 and values[("1", pool)], key

@@ -7,14 +7,15 @@ Every report to Ray Train carries `kind` ("base" | "step" | "epoch" | "prior" | 
 "restored") and the step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`,
 `ft_step`).
 
-Prior phases hand their weights on in memory; the IFT phase starts from the result, saved once in the trial folder
-(`ift_start/`) so a restarted run does not train the prior phases again.
+Prior phases hand their weights on in memory and run in a Ray Train run of their own, once per sweep for all the
+trials that share them (`forgetray.trial` holds a file lock meanwhile): their result, the IFT phase's start, is
+saved in the sweep's shared folder `start/<key>/` (`keys.prior_start_key`), complete or absent.
 
 With prior phases, the model is also probed (knowledge only) before the first and after each of them: the
-continual-learning matrix a[t][b] for t = 0..k (METHODS.md §9), reported as kind "continual" at `ft_step` t. A
-report reaches MLflow asynchronously (Ray Train queues it on the worker), so the probes are also written to the trial
-folder (`continual_probes.json`) before `ift_start/` is, and a run that skips the prior phases reports them again
-from there; the MLflow callback skips the steps a run already has, so they are neither lost nor logged twice.
+continual-learning matrix a[t][b] for t = 0..k (METHODS.md §9). Those probes and the prior phases' per-epoch losses
+are saved in the start folder (`continual_probes.json`, `prior_losses.json`), and every IFT run that starts from it
+reports them into its own trial run (kinds "continual" at `ft_step` t and "prior" at `phase_epoch`); the MLflow
+callback skips the steps a run already has, so a restarted run neither loses nor logs them twice.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,9 @@ from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch, w
 # Test hook: if this names a file that does not exist yet, the worker creates it and fails once after the given
 # epoch's checkpoint ("path:epoch"). Lets tests exercise restart-from-checkpoint without mocking Ray.
 FAIL_ONCE_ENV = "FORGETRAY_FAIL_ONCE"
-IFT_START = "ift_start"  # the trial folder's model after the prior phases (the IFT phase's start)
-CONTINUAL_PROBES = "continual_probes.json"  # the trial folder's a[t][b], t = 0..k (written before IFT_START)
+IFT_START = "ift_start"  # in a trial folder: a link to the shared start it trained from (prior phases only)
+CONTINUAL_PROBES = "continual_probes.json"  # in a start folder: a[t][b], t = 0..k
+PRIOR_LOSSES = "prior_losses.json"  # in a start folder: each prior phase's mean loss per epoch
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Worker:
 
     trial: TrialConfig
     resolved: dict
-    dirs: dict  # trial_dir, base_eval_dir, base_em_dir, restoring_dir (plain paths from the trial driver)
+    dirs: dict  # trial_dir, start_dir, base_eval_dir, base_em_dir, restoring_dir (plain paths from the trial driver)
     rank: int
     world: int
     device: torch.device
@@ -98,29 +99,30 @@ def phase_worker(config: dict) -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     worker = Worker(TrialConfig.from_dict(config["trial"]), config["resolved"],
-                    {k: config.get(k) for k in ("trial_dir", "base_eval_dir", "base_em_dir", "restoring_dir")},
-                    dist.get_rank(), dist.get_world_size(), worker_device())
+                    {k: config.get(k) for k in DIRS}, dist.get_rank(), dist.get_world_size(), worker_device())
     phases = [Phase.from_dict(p) for p in config["phases"]]
     priors = [p for p in phases if p.kind == "prior"]
-    start_dir = Path(worker.dirs["trial_dir"]) / IFT_START
-    if priors:
-        if (start_dir / "config.json").is_file():  # a restarted run does not train the prior phases again
-            report_saved_probes(worker)
-        else:
-            run_priors(worker, priors, start_dir)
+    if priors:  # the start's own Ray Train run (the trial driver runs it only while the start is absent)
+        run_priors(worker, priors, Path(worker.dirs["start_dir"]))
+        return
     for phase in phases:
-        if phase.kind == "prior":
-            continue
-        elif phase.kind == "ift":
-            start = {"name": "IFT start", "path": str(start_dir)} if start_dir.is_dir() else worker.resolved["model"]
+        if phase.kind == "ift":
+            start = worker.resolved["model"]
+            if worker.trial.prior_phases:
+                start = {"name": "IFT start", "path": worker.dirs["start_dir"]}
+                report_saved_probes(worker)
             run_ift(worker, phase, start)
         else:
             run_restore(worker, phase)
 
 
+DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir")
+
+
 def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
     """Train the prior phases in turn (each hands its model to the next), probing the knowledge benchmarks before
-    the first and after each one (fine-tuning steps t = 0..k); save the probes, then the result as `start_dir`."""
+    the first and after each one (fine-tuning steps t = 0..k); save the result with the probes and the losses in a
+    partial folder, then rename it to `start_dir` (the driver removed any partial one a killed run left)."""
     from forgetray.train.evaluate import ProbeSuite
 
     tokenizer = load_tokenizer(worker.resolved["model"])
@@ -128,16 +130,22 @@ def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
     model, _ = worker.load(worker.resolved["model"], priors[0])  # prior phases refuse ZeRO-3 (spec): no scope
     # Probed before the engine exists, so the model goes to the worker's device first (the engine would move it).
     matrix = [probe_step(worker, model.to(worker.device), tokenizer, suite, 0)]
+    losses: dict[str, list[float]] = {}
     for t, phase in enumerate(priors, start=1):
-        model = run_prior(worker, phase, model)
+        model, losses[phase.name] = run_prior(worker, phase, model)
         matrix.append(probe_step(worker, model, tokenizer, suite, t))
+    partial = partial_start(start_dir)
+    save_model_dir(model, tokenizer, partial, worker.rank, worker.world)
     if worker.rank == 0:
-        # Complete or absent, and before IFT_START: a run that finds IFT_START finds every probe here.
-        trial_dir = Path(worker.dirs["trial_dir"])
-        with tempfile.NamedTemporaryFile("w", dir=trial_dir, prefix=f".{CONTINUAL_PROBES}-", delete=False) as f:
-            json.dump({"knowledge": matrix}, f, indent=1, sort_keys=True)
-        Path(f.name).rename(trial_dir / CONTINUAL_PROBES)
-    save_model_dir(model, tokenizer, start_dir, worker.rank, worker.world)
+        (partial / CONTINUAL_PROBES).write_text(json.dumps({"knowledge": matrix}, indent=1, sort_keys=True))
+        (partial / PRIOR_LOSSES).write_text(json.dumps(losses, indent=1, sort_keys=True))
+        partial.rename(start_dir)  # complete or absent: the trials waiting on the lock find all of it
+    if worker.world > 1:
+        dist.barrier()
+
+
+def partial_start(start_dir: Path) -> Path:
+    return start_dir.parent / f".{start_dir.name}.partial"
 
 
 def probe_step(worker: Worker, model, tokenizer, suite, t: int) -> dict:
@@ -155,17 +163,18 @@ def probe_step(worker: Worker, model, tokenizer, suite, t: int) -> dict:
 
 
 def report_saved_probes(worker: Worker) -> None:
-    """Report the probes `run_priors` saved again (a restarted run: the MLflow callback skips steps already logged,
-    and logs any whose first report was lost with the failed run)."""
+    """Report the continual probes and the prior phases' losses saved in the start folder into this trial's run
+    (every trial sharing the start has them; the MLflow callback skips the steps a run already has)."""
     import ray.train
 
-    path = Path(worker.dirs["trial_dir"]) / CONTINUAL_PROBES
-    if not path.is_file():  # a trial folder from before the continual metrics: its prior models are gone
-        logging.getLogger(__name__).warning("%s is missing: the continual metrics of steps 0..k are not reported",
-                                            path)
-        return
-    for t, values in enumerate(json.loads(path.read_text())["knowledge"]):
+    start = Path(worker.dirs["start_dir"])
+    for t, values in enumerate(json.loads((start / CONTINUAL_PROBES).read_text())["knowledge"]):
         ray.train.report(continual_report(t, values if worker.rank == 0 else {}))
+    for name, losses in json.loads((start / PRIOR_LOSSES).read_text()).items():
+        k = int(name.split("_")[1])
+        for epoch, loss in enumerate(losses, start=1):
+            ray.train.report({"kind": "prior", "epoch": 0, "phase_epoch": epoch,
+                              **({registry.PRIOR_LOSS.name(k=k): loss} if worker.rank == 0 else {})})
 
 
 def continual_report(t: int, values: dict) -> dict:
@@ -174,10 +183,9 @@ def continual_report(t: int, values: dict) -> dict:
 
 
 def run_prior(worker: Worker, phase: Phase, model=None):
-    """Fine-tune on a prior phase's data (its own optimizer and schedule) and return the model it leaves (Wise-FT-
-    mixed with its start if the phase sets wiseft_alpha < 1). The first prior phase starts from the base model."""
-    import ray.train
-
+    """Fine-tune on a prior phase's data (its own optimizer and schedule); return the model it leaves (Wise-FT-mixed
+    with its start if the phase sets wiseft_alpha < 1) and its mean loss per epoch. The first prior phase starts
+    from the base model."""
     torch.manual_seed(worker.trial.seed)  # every phase starts from the trial's seed
     tokenizer = load_tokenizer(worker.resolved["model"])
     if model is None:
@@ -186,18 +194,17 @@ def run_prior(worker: Worker, phase: Phase, model=None):
     theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None
     engine, _ = build_engine(model, phase, worker.engine_config(phase),
                              total_steps=steps_per_epoch(len(data), phase) * phase.epochs)
-    k = int(phase.name.split("_")[1])
+    losses = []
     for epoch in range(1, phase.epochs + 1):
         stats = train_epoch(engine, data, phase, epoch, worker.trial.seed, worker.rank, worker.world,
                             probes.padding_id(tokenizer), worker.device)
-        ray.train.report({"kind": "prior", "epoch": 0, "phase_epoch": epoch,
-                          registry.PRIOR_LOSS.name(k=k): stats["loss"]})
+        losses.append(stats["loss"])  # reported from the start folder by every trial sharing it
     module = engine.module
     if theta0 is not None:
         module.load_state_dict(wiseft.interpolate_state_dicts(theta0, start_weights(module),
                                                               phase.methods.wiseft_alpha))
     engine.destroy()
-    return module
+    return module, losses
 
 
 def start_weights(model) -> dict:
