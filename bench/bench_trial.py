@@ -1,0 +1,120 @@
+# .venv/bin/python bench/bench_trial.py            (the organism must be built: `forgetray organism build`)
+"""What a whole quickstart trial costs next to the plain replica of the same work (issue 11 item 4).
+
+Both sides run the quickstart's two trials (organism-alpaca and organism-math, the sweep's own settings) on this
+machine, one after the other in one run:
+- forgetray: `forgetray.run(sweeps/quickstart.py)` into a temporary store (Ray, Ray Train, DeepSpeed, MLflow; the
+  two trials side by side, one DeepSpeed rank each);
+- replica: `scripts/replica_testbed.py` (plain PyTorch, one thread) for each dataset, as two processes side by side.
+The same two trials on the same two cores: ratio = forgetray wall / replica wall (goal <= 1.5).
+
+Then where forgetray's time went, per trial, read back from its MLflow run (run start and end, and the timestamps
+of the metrics each phase reports): start-up + base evaluation (run start -> base metrics), the IFT epochs (-> last
+epoch's metrics; of which `train/epoch_seconds` is training compute), restorations (-> last R_e's metrics) and the
+end of the trial (stage classification, continual summaries, closing the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_forgetray(sweep_file: Path, workdir: Path) -> tuple[float, str, str]:
+    """Wall seconds of the sweep, its tracking URI and parent run id."""
+    from forgetray import run
+    from forgetray.cli import load_sweep
+
+    sweep = load_sweep(str(sweep_file))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    start = time.perf_counter()
+    table = run(sweep, tracking_uri=uri, storage=workdir / "storage", verbose=False)
+    seconds = time.perf_counter() - start
+    if table.attrs["failed_trials"]:
+        raise SystemExit(f"{table.attrs['failed_trials']} trial(s) failed; see {workdir}")
+    return seconds, uri, table.attrs["parent_run_id"]
+
+
+def run_replicas(sweep_file: Path) -> tuple[float, list[str]]:
+    """Wall seconds of the replica of every trial of the sweep, all side by side (one process each)."""
+    from forgetray.cli import load_sweep
+
+    commands = []
+    for trial in load_sweep(str(sweep_file)).trials:
+        commands.append([sys.executable, str(ROOT / "scripts" / "replica_testbed.py"), "--model", trial.model,
+                         "--dataset", trial.dataset, "--lr", str(trial.lr), "--epochs", str(trial.epochs),
+                         "--batch", str(trial.batch_size), "--restore-lr", str(trial.restore_lr),
+                         "--restore-batch", str(trial.restore_batch_size), "--seed", str(trial.seed)])
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    outputs = [p.communicate()[0] for p in procs]
+    seconds = time.perf_counter() - start
+    for p, out in zip(procs, outputs):
+        if p.returncode:
+            raise SystemExit(f"replica failed:\n{out[-3000:]}")
+    return seconds, outputs
+
+
+def breakdown(uri: str, parent_run_id: str) -> list[dict]:
+    """Per trial: seconds from the run's start to each phase's last reported metric (MLflow timestamps)."""
+    from mlflow import MlflowClient
+
+    from forgetray.tracking import Tracker
+
+    client = MlflowClient(uri)
+    rows = []
+    for run in Tracker(uri).trial_runs(parent_run_id):
+        def last_time(prefix: str) -> float:
+            times = [m.timestamp for name in run.data.metrics if name.startswith(prefix)
+                     for m in client.get_metric_history(run.info.run_id, name)]
+            return max(times) / 1000 if times else float("nan")
+
+        t0, end = run.info.start_time / 1000, run.info.end_time / 1000
+        base, ift, restored = last_time("base/"), last_time("sft/"), last_time("restored/")
+        compute = sum(m.value for m in client.get_metric_history(run.info.run_id, "train/epoch_seconds"))
+        rows.append({"trial": run.data.tags.get("forgetray.trial", run.info.run_name), "start+base": base - t0,
+                     "IFT epochs": ift - base, "(training)": compute, "restorations": restored - ift,
+                     "end": end - restored, "total": end - t0})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from machine import cpu_name, usable_cores
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "quickstart.py"))
+    args = parser.parse_args(argv)
+    sweep_file = Path(args.sweep)
+    import os
+
+    print(f"machine: {cpu_name()}, {usable_cores()} cores; sweep {sweep_file.name}; load average "
+          f"{os.getloadavg()[0]:.1f} at the start (other work on the machine stretches both sides' wall clock)",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-trial-") as tmp:
+        ours, uri, parent = run_forgetray(sweep_file, Path(tmp))
+        print(f"forgetray: {ours:.0f} s wall", flush=True)
+        plain, outputs = run_replicas(sweep_file)
+        print(f"replica:   {plain:.0f} s wall (same trials, side by side)", flush=True)
+        print(f"ratio forgetray / replica: {ours / plain:.2f}  (goal <= 1.5)\n")
+        rows = breakdown(uri, parent)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    columns = ["start+base", "IFT epochs", "(training)", "restorations", "end", "total"]
+    print("where forgetray's time went (s, from MLflow timestamps; '(training)' = sum of train/epoch_seconds):")
+    print(f"{'trial':<40}" + "".join(f"{c:>14}" for c in columns))
+    for row in rows:
+        print(f"{row['trial'][:40]:<40}" + "".join(f"{row[c]:>14.1f}" for c in columns))
+    print("\nreplica's own log (last lines):")
+    for out in outputs:
+        print("  " + "\n  ".join(out.strip().splitlines()[-2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
