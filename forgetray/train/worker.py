@@ -123,8 +123,12 @@ def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
     """Train the prior phases in turn (each hands its model to the next), probing the knowledge benchmarks before
     the first and after each one (fine-tuning steps t = 0..k); save the result with the probes and the losses in a
     partial folder, then rename it to `start_dir` (the driver removed any partial one a killed run left)."""
+    import shutil
+
     from forgetray.train.evaluate import ProbeSuite
 
+    if start_dir.is_dir():  # a restarted run whose first try got as far as the rename
+        return
     tokenizer = load_tokenizer(worker.resolved["model"])
     suite = ProbeSuite.load(worker.resolved, worker.trial)
     model, _ = worker.load(worker.resolved["model"], priors[0])  # prior phases refuse ZeRO-3 (spec): no scope
@@ -135,6 +139,8 @@ def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
         model, losses[phase.name] = run_prior(worker, phase, model)
         matrix.append(probe_step(worker, model, tokenizer, suite, t))
     partial = partial_start(start_dir)
+    if worker.rank == 0:  # left by a try of this run that failed before the rename
+        shutil.rmtree(partial, ignore_errors=True)
     save_model_dir(model, tokenizer, partial, worker.rank, worker.world)
     if worker.rank == 0:
         (partial / CONTINUAL_PROBES).write_text(json.dumps({"knowledge": matrix}, indent=1, sort_keys=True))
