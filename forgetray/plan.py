@@ -188,10 +188,13 @@ def groups(trial: TrialConfig, phases: list[Phase]) -> list[list[Phase]]:
     """Which phases one Ray Train run executes in turn: the prior phases (if any; they hand weights on in memory and
     leave the IFT phase's start, trained once per sweep for all trials sharing it: `forgetray.sharing`), the IFT
     phase, then the restorations in groups of `restore_group` (groups run concurrently: on a GPU cluster groups of 1
-    restore every checkpoint at once; on a small machine a group saves worker start-ups)."""
+    restore every checkpoint at once; on a small machine a group saves worker start-ups). `restore_group=0`: the
+    restorations run in the IFT phase's own workers after it (no other worker start-up at all)."""
     priors = [p for p in phases if p.kind == "prior"]
     ift = [p for p in phases if p.kind == "ift"]
     restores = [p for p in phases if p.kind == "restore"]
+    if trial.restore_group == 0:
+        return ([priors] if priors else []) + [ift + restores]
     return ([priors] if priors else []) + [ift] + [restores[i:i + trial.restore_group]
                                                    for i in range(0, len(restores), trial.restore_group)]
 

@@ -79,7 +79,9 @@ class TrialConfig:
     restore_lr_schedule: str = "cosine"
     restore_seq_len: int = 256  # restoring text is packed into sequences of this length
     restore_trajectory_points: int = 10  # probing-PPL measurements along each restoration (Figure 3a)
-    restore_group: int = 1  # checkpoints restored one after another by one TorchTrainer; groups run concurrently
+    # checkpoints restored one after another by one TorchTrainer; groups run concurrently. 0: in the IFT phase's
+    # TorchTrainer, after it (one worker start-up per trial: the cheapest on a small machine)
+    restore_group: int = 1
     stage_test: str = "mcnemar"  # paired test that decides a significant drop: "mcnemar" | "bootstrap"
     stage_alpha: float = 0.05
     stage_tau: float = 0.02  # the fixed-threshold variant's drop threshold on accuracy
@@ -255,7 +257,7 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.restore_lr_schedule in LR_SCHEDULES, "restore_lr_schedule", f"must be one of {LR_SCHEDULES}")
     need(cfg.restore_seq_len >= 8, "restore_seq_len", "must be >= 8")
     need(cfg.restore_trajectory_points >= 1, "restore_trajectory_points", "must be >= 1")
-    need(cfg.restore_group >= 1, "restore_group", "must be >= 1")
+    need(cfg.restore_group >= 0, "restore_group", "must be >= 0 (0: in the IFT phase's workers)")
     need(cfg.stage_test in STAGE_TESTS, "stage_test", f"must be one of {STAGE_TESTS}")
     need(0 < cfg.stage_alpha < 1, "stage_alpha", "must be in (0, 1)")
     need(0 <= cfg.stage_tau < 1, "stage_tau", "must be in [0, 1)")

@@ -62,7 +62,8 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
 
 def restored_checkpoint(trial_dir: Path, name: str) -> Path:
     """Where R_e's checkpoint `name` is: inside whichever restoring group's Ray Train run restored it."""
-    found = sorted(trial_dir.glob(f"restore_*/{name}"))
+    # a restoring group's Ray Train run, or the IFT phase's own (restore_group=0)
+    found = sorted(trial_dir.glob(f"restore_*/{name}")) + sorted(trial_dir.glob(f"ift/{name}"))
     if not found:
         raise FileNotFoundError(f"no restored checkpoint {name} under {trial_dir}")
     return found[-1]

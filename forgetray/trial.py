@@ -116,6 +116,7 @@ def _run_leader(tracker: Tracker, context: dict, trial: TrialConfig, resolved: d
         log_continual(tracker, run_id, trial, resolved, phases)
         if restorations:
             _restore_all(trial, resolved, dirs, context, run_id, restorations)
+        if any(p.kind == "restore" for p in phases):  # in their own groups, or in the IFT's (restore_group=0)
             checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
             stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
 

@@ -36,5 +36,5 @@ sweep = Sweep(
     restore_batch_size=2,
     restore_seq_len=256,
     restore_trajectory_points=4,
-    restore_group=4,  # two restoring trainers per trial (worker start-up costs more than a small restoration)
+    restore_group=0,  # restorations in the IFT phase's own workers, after it: one worker start-up per trial
 )

@@ -64,6 +64,32 @@ def test_drop_older_states_keeps_models_and_probes(tmp_path):
     assert drop_older_states(tmp_path / "epoch_004") == ["epoch_003"]
 
 
+def _checkpoint(path, kind: str, epoch: int, state: bool = True):
+    from ray.train import Checkpoint
+
+    if state:
+        (path / "deepspeed" / "state").mkdir(parents=True)
+    path.mkdir(exist_ok=True)
+    (path / "state.json").write_text(json.dumps({"epoch": epoch, "metrics": {"kind": kind, "epoch": epoch}}))
+    return Checkpoint.from_directory(str(path))
+
+
+def test_one_run_of_ift_and_its_restorations_resumes_from_either_kind(tmp_path):
+    """restore_group=0: the IFT phase's Ray Train run also reports R_e. A restart resumes from the newest
+    checkpoint of either kind: the IFT phase counts only its own epochs, a restoration only restored ones; and the
+    state pruner never touches an IFT state on a restoration's report (nor prunes restorations' states)."""
+    from forgetray.train.checkpoints import checkpoint_epoch
+
+    sft = [_checkpoint(tmp_path / f"epoch_{e:03d}", "epoch", e, state=e == 3) for e in (1, 2, 3)]
+    restored = _checkpoint(tmp_path / "restored_epoch_002", "restored", 2)
+    assert [checkpoint_epoch(c) for c in (*sft, restored)] == [1, 2, 3, 2]
+    assert checkpoint_epoch(sft[2], "epoch") == 3 and checkpoint_epoch(sft[2], "restored") == 0
+    assert checkpoint_epoch(restored, "restored") == 2 and checkpoint_epoch(restored, "epoch") == 0
+    # R_2 reported after SFT_3: epoch 2 < 3, yet nothing is pruned (SFT_3's state is the IFT phase's newest)
+    assert drop_older_states(tmp_path / "restored_epoch_002") == []
+    assert (tmp_path / "epoch_003" / "deepspeed").is_dir() and (tmp_path / "restored_epoch_002" / "deepspeed").is_dir()
+
+
 def _sweep_run(tmp_path, name, fixture_files, **settings):
     from forgetray import Sweep, run
 

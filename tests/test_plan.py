@@ -65,6 +65,10 @@ def test_groups_put_prior_phases_before_ift_and_restorations_by_restore_group():
     assert named == [["prior_1"], ["ift"], ["restore_001", "restore_002"], ["restore_003"]]
     alone = TrialConfig(**TRIAL)
     assert [[p.name for p in g] for g in groups(alone, plan(alone))] == [["ift"]]
+    # restore_group=0: the restorations in the IFT phase's own Ray Train run, after it
+    inline = TrialConfig(**TRIAL, restore_pool="p.jsonl", restore_group=0)
+    assert [[p.name for p in g] for g in groups(inline, plan(inline))] == [
+        ["ift", "restore_001", "restore_002", "restore_003"]]
     ift, restore = plan(trial)[1], plan(trial)[-1]
     assert checkpoint_name(ift, 7) == "epoch_007" and checkpoint_name(restore, 3) == "restored_epoch_003"
     with pytest.raises(ValueError, match="no checkpoints"):

@@ -123,7 +123,7 @@ def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files,
         benchmarks=[str(fixture_files["benchmark"])], primary_score={str(fixture_files["benchmark"]): "acc"},
         probe_set=str(fixture_files["probe_set"]), probe_passages=4, probe_batch_size=8, early_checkpoints=1,
         prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-2}],
-        restore_lr=1e-3, restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=2, restore_group=2)
+        restore_lr=1e-3, restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=2, restore_group=0)
     shared = Sweep("shared", epochs=grid([1, 2]), restore_pool=grid(["", pool]), max_concurrent_trials=2,
                    **settings)
     plain = Sweep("plain", epochs=1, restore_pool=pool, share_trajectories=False, **settings)

@@ -51,10 +51,15 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
-def checkpoint_epoch(checkpoint) -> int:
-    """The epoch a reported checkpoint (a `ray.train.Checkpoint`) was taken at."""
+def checkpoint_epoch(checkpoint, kind: str | None = None) -> int:
+    """The epoch a reported checkpoint (a `ray.train.Checkpoint`) was taken at. With `kind` ("epoch": an IFT
+    checkpoint SFT_e, "restored": R_e), 0 if the checkpoint is of another kind: a Ray Train run that restores after
+    its IFT phase (restore_group=0) resumes from either."""
     with checkpoint.as_directory() as ckpt_dir:
-        return int(json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["epoch"])
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    if kind is not None and state["metrics"].get("kind") != kind:
+        return 0
+    return int(state["epoch"])
 
 
 def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) -> dict:
@@ -123,12 +128,15 @@ def drop_older_states(newest: Path) -> list[str]:
     before this one is recorded. Returns the names of the checkpoints it pruned."""
     newest = Path(newest)
 
-    def epoch(checkpoint: Path) -> int:
-        return int(json.loads((checkpoint / STATE_FILE).read_text())["epoch"])
+    def state(checkpoint: Path) -> tuple[str, int]:
+        found = json.loads((checkpoint / STATE_FILE).read_text())
+        return found.get("metrics", {}).get("kind", "epoch"), int(found["epoch"])
 
-    last = epoch(newest)
-    return [d.name for d in sorted(newest.parent.iterdir())
-            if d.is_dir() and (d / STATE_FILE).is_file() and epoch(d) < last and drop_state(d)]
+    kind, last = state(newest)
+    if kind != "epoch":  # only the IFT phase resumes from DeepSpeed state (a restored R_e's is never resumed from)
+        return []
+    older = [d for d in sorted(newest.parent.iterdir()) if d.is_dir() and (d / STATE_FILE).is_file()]
+    return [d.name for d in older if state(d)[0] == "epoch" and state(d)[1] < last and drop_state(d)]
 
 
 def make_state_pruner():

@@ -35,7 +35,8 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
 
     trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and checkpoint_epoch(checkpoint) >= phase.epochs:
+    if checkpoint is not None and (checkpoint_epoch(checkpoint, "restored")
+                                   or checkpoint_epoch(checkpoint, "epoch") >= phase.epochs):
         return  # finished (a re-run of the group): its DeepSpeed state may be gone (delete_finished_state)
     torch.manual_seed(trial.seed)
     tokenizer = load_tokenizer(worker.resolved["model"])
@@ -102,6 +103,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
                           save_state=epoch < phase.epochs or not trial.delete_finished_state)
         if rank == 0:
             maybe_fail_once(epoch)
+    engine.destroy()  # free the optimizer state before the restorations that may follow in these workers
 
 
 @contextlib.contextmanager

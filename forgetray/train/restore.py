@@ -45,7 +45,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and checkpoint_epoch(checkpoint) >= phase.restores_epoch:
+    if checkpoint is not None and checkpoint_epoch(checkpoint, "restored") >= phase.restores_epoch:
         return
     trial, rank, world, device, epoch = worker.trial, worker.rank, worker.world, worker.device, phase.restores_epoch
     restoring = datasets.load_from_disk(str(Path(worker.dirs["restoring_dir"]) / "dataset"))
