@@ -46,6 +46,12 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
             report = metrics[0]  # rank 0 holds the gathered probe results
             if self._tracker is None:
                 self._tracker = Tracker(tracking_uri)
+            for point in report.get(registry.SERIES, []):
+                self._log_metrics(point)
+            self._log_metrics(report)
+            self._log_artifacts(report, checkpoint)
+
+        def _log_metrics(self, report: dict) -> None:
             by_step: dict[int, dict] = {}
             for name, value in report.items():
                 if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,6 +63,8 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
                 self._tracker.log_metrics(run_id, values, step)
                 for name in values:
                     self._seen[name].add(step)
+
+        def _log_artifacts(self, report: dict, checkpoint) -> None:
             local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))
             if artifact_path is None:
                 return

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the IFT data order's seed (the sweep's `seed`)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as forgetray's workers do (subnormals are slow on x86 CPUs)
     torch.manual_seed(0)
 
     tokenizer = AutoTokenizer.from_pretrained(organism.model_path(args.model))

@@ -217,9 +217,15 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
     for name in ("restored/bench/knowledge", "restored/probe/ppl", "restored/ift/em", "stage/code", "stage/d_sft"):
         assert steps(uri, run_id, name) == [1, 2, 3], name
     assert steps(uri, run_id, "base/ift/em") == [0]
+    logged = {name: {m.step: m.value for m in client(uri).get_metric_history(run_id, name)}
+              for name in ("sft/probe/ppl", "restored/probe/ppl", "restored/train/steps")}
     for epoch in (1, 2, 3):
-        assert steps(uri, run_id, f"restore/probe_ppl/epoch_{epoch:03d}")[0] == 0
-        assert len(steps(uri, run_id, f"restore/probe_ppl/epoch_{epoch:03d}")) >= 3
+        trajectory = {m.step: m.value for m in client(uri).get_metric_history(
+            run_id, f"restore/probe_ppl/epoch_{epoch:03d}")}
+        last = int(logged["restored/train/steps"][epoch])
+        assert sorted(trajectory) == sorted({round(i * last / 3) for i in range(4)}), trajectory
+        # its ends are the checkpoints' own probes: SFT_e before the first step, R_e after the last
+        assert trajectory[0] == logged["sft/probe/ppl"][epoch] and trajectory[last] == logged["restored/probe/ppl"][epoch]
     # fine-grained probes inside epoch 1 sit between base (step 0) and the end of epoch 1 (5 steps of 8 of 40)
     assert steps(uri, run_id, "steps/bench/p_fmt") == [0, 2, 3, 5, 10, 15]
     tags = client(uri).get_run(run_id).data.tags

@@ -26,6 +26,11 @@ STEPS = {
     "phase epoch": ("phase_epoch", "epoch of that prior fine-tuning phase"),
     "fine-tuning step": ("ft_step", "fine-tuning step t: 0 = before any, k+1 = after the IFT phase"),
 }
+# A report may carry earlier points in `series` (a list of reports, each with its own step fields), logged before
+# the report's own metrics: the workers send fine-grained points (early IFT steps, a restoration's trajectory) with
+# the next checkpoint's report instead of one report each. Ray Train's controller takes one report per poll (every
+# 2 s) and a worker's next report waits for it: one report per point cost a quickstart restoration ~6 s.
+SERIES = "series"
 STATES = ("base", "sft", "restored")
 PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch"}  # how the README shows the step per state
 FLATNESS_KEYS = ("sc", "ag", "mag", "flatness")

@@ -68,11 +68,12 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
         start_epoch = checkpoint_epoch(checkpoint)
 
     early = _early_steps(steps, trial.early_checkpoints)
+    series: list[dict] = []  # the early points travel with epoch 1's report (registry.SERIES)
 
     def probe_early(step: int) -> None:  # fine-grained probes inside epoch 1 (format alignment happens early)
         if step in early:
             found, _ = evaluate(engine, tokenizer, suite, device, state="sft", knowledge_only=True)
-            ray.train.report({"kind": "step", "epoch": 1, "global_step": step, **format_metrics(found)})
+            series.append({"kind": "step", "epoch": 1, "global_step": step, **format_metrics(found)})
 
     for epoch in range(start_epoch + 1, phase.epochs + 1):
         t0 = time.perf_counter()
@@ -95,7 +96,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             registry.TRAIN_TOKENS_PER_S.name(): stats["tokens"] / seconds,
             registry.TRAIN_EPOCH_SECONDS.name(): seconds,
             registry.TRAIN_LR.name(): scheduler.get_last_lr()[0],
-            **found, **format_metrics(found),
+            **found, **format_metrics(found), registry.SERIES: series if epoch == 1 else [],
         }
         # DeepSpeed state for resuming; the last epoch's is never resumed from, so it is kept only on request
         report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),

@@ -8,6 +8,7 @@ A Ray Train run may restore several checkpoints in turn (a group); a restarted r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from forgetray import probes
 from forgetray.metrics import perplexity, registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
-from forgetray.train.checkpoints import checkpoint_epoch, report_checkpoint
+from forgetray.train.checkpoints import STATE_FILE, checkpoint_epoch, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate
 from forgetray.train.worker import Worker
@@ -62,9 +63,11 @@ def run_restore(worker: Worker, phase: Phase) -> None:
     engine, _ = build_engine(model, phase, worker.engine_config(phase), total_steps=steps)
     points = {round(i * steps / trial.restore_trajectory_points) for i in range(trial.restore_trajectory_points + 1)}
     trajectory = registry.RESTORE_TRAJECTORY.name(epoch=epoch)
+    # Its ends are measured anyway: step 0 is SFT_e (probed when it was made), the last step R_e (probed below).
+    series = [_point(epoch, 0, trajectory, _sft_probe_ppl(worker.dirs["trial_dir"], epoch))]
 
     def measure(step: int) -> None:  # probing perplexity along the restoration (Figure 3a)
-        if step not in points:
+        if step not in points or step in (0, steps):
             return
         engine.eval()
         with torch.no_grad():
@@ -74,17 +77,28 @@ def run_restore(worker: Worker, phase: Phase) -> None:
         sums = torch.tensor([nll, float(n)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)
-        ray.train.report({"kind": "restore_step", "epoch": epoch, "restore_step": step,
-                          trajectory: perplexity(float(sums[0]), int(sums[1]))})
+        series.append(_point(epoch, step, trajectory, perplexity(float(sums[0]), int(sums[1]))))
 
-    measure(0)
     stats = train_epoch(engine, chunks, phase, epoch=1, seed=trial.seed, rank=rank, world=world,
                         pad_id=probes.padding_id(tokenizer), device=device, after_step=measure)
     found, frames = evaluate(engine, tokenizer, suite, device, state="restored", ift_examples=em_examples)
+    if rank == 0:
+        series.append(_point(epoch, stats["steps"], trajectory, found[registry.PROBE_PPL.name(state="restored")]))
+    # the trajectory travels with R_e's report (callbacks.SERIES): one report per restoration
     metrics = {"kind": "restored", "epoch": epoch, registry.RESTORE_LOSS.name(): stats["loss"],
                registry.RESTORE_TOKENS.name(): stats["tokens"], registry.RESTORE_STEPS.name(): stats["steps"],
-               **found}
+               **found, registry.SERIES: series if rank == 0 else []}
     # R_e is probed and nothing resumes from its DeepSpeed state: written only with delete_finished_state=False
     report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
                       save_state=not trial.delete_finished_state)
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
+
+
+def _point(epoch: int, step: int, trajectory: str, ppl: float) -> dict:
+    return {"kind": "restore_step", "epoch": epoch, "restore_step": step, trajectory: ppl}
+
+
+def _sft_probe_ppl(trial_dir: str, epoch: int) -> float:
+    """SFT_e's probing perplexity, as its checkpoint recorded it (the restoration's step 0)."""
+    state = json.loads((sft_model_dir(trial_dir, epoch).parent / STATE_FILE).read_text())
+    return state["metrics"][registry.PROBE_PPL.name(state="sft")]

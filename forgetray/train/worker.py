@@ -98,6 +98,9 @@ def phase_worker(config: dict) -> None:
     from forgetray.train.restore import run_restore
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Subnormal floats (activation and gradient tails of a training model) run on a slow microcode path on x86
+    # CPUs: flushing them to zero made the organism's IFT epochs 2-3x faster with the same losses (bench/README.md).
+    torch.set_flush_denormal(True)
     worker = Worker(TrialConfig.from_dict(config["trial"]), config["resolved"],
                     {k: config.get(k) for k in DIRS}, dist.get_rank(), dist.get_world_size(), worker_device())
     phases = [Phase.from_dict(p) for p in config["phases"]]
