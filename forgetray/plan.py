@@ -8,9 +8,10 @@ A trial is, in order:
   restoration's own optimizer settings (`restore_*`), never the IFT ones.
 
 Every phase says its data and loss mask, its optimizer and schedule, its batching, its length, its checkpoints and
-its method options (SAM, Wise-FT, rehearsal). One worker function (`forgetray.train.worker.phase_worker`) runs any
-phase on the DeepSpeed engine; `groups` says which phases share one Ray Train run. The trial driver
-(`forgetray.trial`) logs every phase's settings (`Phase.params`) as MLflow params.
+its method options (SAM, Wise-FT, rehearsal) and how it fine-tunes (all weights, or LoRA adapters: `Lora`). One
+worker function (`forgetray.train.worker.phase_worker`) runs any phase on the DeepSpeed engine; `groups` says which
+phases share one Ray Train run. The trial driver (`forgetray.trial`) logs every phase's settings (`Phase.params`) as
+MLflow params.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ class Methods:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """How a phase fine-tunes: all weights (rank 0, the default) or LoRA adapters (PEFT) of rank `rank` on the
+    `targets` modules, scaled by alpha / rank, the base weights frozen (`forgetray.train.lora`)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
 class Data:
     """What a phase trains on. `source` keys the trial's resolved sources: "dataset", "prior_datasets/<i>" or
     "restoring_set" (the pool's lowest-perplexity passages worth one IFT epoch of tokens, METHODS.md §2)."""
@@ -101,6 +113,7 @@ class Phase:
     drop_last: bool  # True: the incomplete last global batch is dropped (IFT); False: completed (restoration)
     checkpoint_every_epoch: bool  # True: a probed checkpoint after every epoch; False: one at the end (or none)
     methods: Methods = Methods()
+    lora: Lora = Lora()  # rank 0: full fine-tuning (restoration always is: the paper's restoration trains all weights)
     restores_epoch: int = 0  # restoration phases: the IFT epoch whose checkpoint SFT_e they start from
 
     def __post_init__(self):
@@ -117,12 +130,13 @@ class Phase:
     def from_dict(cls, data: dict[str, Any]) -> "Phase":
         return cls(**{**data, "data": Data(**data["data"]), "optimizer": Optimizer(**{
             **data["optimizer"], "betas": tuple(data["optimizer"]["betas"])}),
-            "batching": Batching(**data["batching"]), "methods": Methods(**data["methods"])})
+            "batching": Batching(**data["batching"]), "methods": Methods(**data["methods"]),
+            "lora": _lora(data.get("lora", {}))})
 
     def params(self) -> dict[str, Any]:
         """The phase's settings as flat MLflow params (`<name>.optimizer.lr`, ...), derived values included."""
         out: dict[str, Any] = {"kind": self.kind, "epochs": self.epochs, "drop_last": self.drop_last}
-        for group in ("data", "optimizer", "batching", "methods"):
+        for group in ("data", "optimizer", "batching", "methods", "lora"):
             for key, value in dataclasses.asdict(getattr(self, group)).items():
                 out[f"{group}.{key}"] = value
         out["batching.grad_accum"] = self.batching.grad_accum
@@ -144,6 +158,7 @@ def plan(trial: TrialConfig) -> list[Phase]:
         checkpoint_every_epoch=True,
         methods=Methods(trial.sam_rho, trial.sam_adaptive, trial.sam_every, trial.wiseft_alpha,
                         trial.rehearsal_ratio),
+        lora=Lora(trial.lora_rank, trial.lora_alpha, trial.lora_dropout, trial.lora_targets),
     ))
     if trial.restore_pool:
         phases += [restore_phase(trial, epoch) for epoch in range(1, trial.epochs + 1)]
@@ -201,8 +216,10 @@ def groups(trial: TrialConfig, phases: list[Phase]) -> list[list[Phase]]:
 
 def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batching, optimizer: Optimizer) -> Phase:
     """Prior phase i: the trial's batching, schedule and weight decay; its own dataset, epochs, lr (default: the
-    trial's), methods (default: none) and own benchmark (default: none)."""
+    trial's), methods (default: none), LoRA (`lora_*` keys; default: full fine-tuning) and own benchmark (default:
+    none)."""
     methods = Methods(**{k: setting[k] for k in dataclasses.asdict(Methods()) if k in setting})
+    lora = Lora(**{k: setting[f"lora_{k}"] for k in dataclasses.asdict(Lora()) if f"lora_{k}" in setting})
     return Phase(
         name=f"prior_{index + 1}", kind="prior",
         data=Data(f"prior_datasets/{index}", "instructions", trial.max_length,
@@ -210,7 +227,12 @@ def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batchi
                   own_benchmark=setting.get("own_benchmark", "")),
         optimizer=dataclasses.replace(optimizer, lr=setting.get("lr", trial.lr)),
         batching=batching, epochs=setting["epochs"], drop_last=True, checkpoint_every_epoch=False, methods=methods,
+        lora=lora,
     )
+
+
+def _lora(data: dict) -> Lora:
+    return Lora(**{**data, "targets": tuple(data.get("targets", Lora.targets))})
 
 
 def _previous_source(index: int) -> str | None:

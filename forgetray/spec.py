@@ -95,6 +95,11 @@ class TrialConfig:
     prior_phases: tuple = ()  # fine-tuning phases before IFT, in order: dicts of PHASE_KEYS; unset keys = plain IFT
     flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (METHODS.md §7: 21) around every checkpoint
     flatness_batch: int = 16  # probing-set passages in the fixed held-out batch the surface's loss is taken on
+    # --- how the IFT phase fine-tunes: all weights, or LoRA adapters (PEFT; README "Mitigation methods") ---
+    lora_rank: int = 0  # 0 = full fine-tuning; r > 0: LoRA adapters of rank r, the base weights frozen
+    lora_alpha: float = 16.0  # the adapter's scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_targets: tuple = ("q_proj", "v_proj")  # module names that get adapters (FvForgetting's choice)
     # --- continual-learning metrics (METHODS.md §9) ---
     own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
@@ -104,7 +109,9 @@ class TrialConfig:
             object.__setattr__(self, "primary_score", tuple(sorted(self.primary_score.items())))
         if isinstance(self.prior_phases, (list, tuple)):
             object.__setattr__(self, "prior_phases", tuple(_phase(i, p) for i, p in enumerate(self.prior_phases)))
-        for name in ("benchmarks", "primary_score"):
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", (self.lora_targets,))
+        for name in ("benchmarks", "primary_score", "lora_targets"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
@@ -131,6 +138,7 @@ class TrialConfig:
         out["benchmarks"] = list(self.benchmarks)
         out["primary_score"] = dict(self.primary_score)
         out["prior_phases"] = [dict(phase) for phase in self.prior_phases]
+        out["lora_targets"] = list(self.lora_targets)
         return out
 
     @classmethod
@@ -142,7 +150,10 @@ class TrialConfig:
 
     def config_hash(self) -> str:
         """Stable short hash of the resolved config: identifies a trial across resumes and in MLflow tags."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        data = self.to_dict()
+        if not self.lora_rank:  # full fine-tuning: the LoRA settings are unused (and hashes stay as before them)
+            data = {k: v for k, v in data.items() if not k.startswith("lora_")}
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
     def short_name(self) -> str:
@@ -150,7 +161,8 @@ class TrialConfig:
         dataset = self.dataset.rstrip("/").split("/")[-1].rsplit(".", 1)[0]
         methods = "".join([f".sam{self.sam_rho:g}" if self.sam_rho else "",
                            f".wise{self.wiseft_alpha:g}" if self.wiseft_alpha < 1 else "",
-                           f".reh{self.rehearsal_ratio:g}" if self.rehearsal_ratio else ""])
+                           f".reh{self.rehearsal_ratio:g}" if self.rehearsal_ratio else "",
+                           f".lora{self.lora_rank}" if self.lora_rank else ""])
         return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}{methods}"
 
 
@@ -158,7 +170,7 @@ SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig
 # What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
 # those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
 PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio",
-              "own_benchmark")
+              "own_benchmark", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def _phase(index: int, phase: Any) -> tuple:
@@ -205,6 +217,9 @@ def _check_types(cfg: TrialConfig) -> None:
     for bench in cfg.benchmarks:
         if not isinstance(bench, str) or not bench:
             raise SpecError(f"setting 'benchmarks' must be a list of names/paths, got {cfg.benchmarks!r}")
+    for target in cfg.lora_targets:
+        if not isinstance(target, str) or not target:
+            raise SpecError(f"setting 'lora_targets' must be a list of module names, got {cfg.lora_targets!r}")
     for pair in cfg.primary_score:
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             raise SpecError(f"setting 'primary_score' must map benchmark -> score, got {cfg.primary_score!r}")
@@ -277,6 +292,16 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.flatness_grid == 0 or (cfg.flatness_grid >= 3 and cfg.flatness_grid % 2 == 1), "flatness_grid",
          "must be 0 (off) or an odd number >= 3 (the grid is centred on the checkpoint)")
     need(cfg.flatness_batch >= 1, "flatness_batch", "must be >= 1")
+    need(cfg.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = full fine-tuning)")
+    need(cfg.lora_alpha > 0, "lora_alpha", "must be > 0")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(cfg.lora_rank == 0 or len(cfg.lora_targets) > 0, "lora_targets", "must name at least one module with LoRA")
+    # peft's adapters on weights partitioned at load time (ZeRO-3) are not supported here: forgetray's merged
+    # checkpoint and Wise-FT need the full weights on a rank.
+    need(cfg.zero_stage <= 2 or cfg.lora_rank == 0, "zero_stage", "must be <= 2 with LoRA (lora_rank > 0)")
+    # The loss surface perturbs the trainable weights: with LoRA those are the adapters, not the model's weights.
+    need(cfg.flatness_grid == 0 or cfg.lora_rank == 0, "flatness_grid",
+         "must be 0 with LoRA (lora_rank > 0): the surface is defined over the full weights")
     # "The benchmark of a step's own data" (BWT, METHODS.md §9) is named as written in `benchmarks`.
     need(not cfg.own_benchmark or cfg.own_benchmark in cfg.benchmarks, "own_benchmark",
          f"must be one of the trial's benchmarks {list(cfg.benchmarks)} (or '' for none)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch.distributed as dist
 
 from forgetray import flatness
+from forgetray.train import lora
 
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state (optimizer, schedule, weights): what resuming loads
 STATE_FILE = "state.json"  # a checkpoint's epoch and metrics
@@ -25,18 +26,26 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int,
     """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards; unless `save_state`
     is False) so a restarted run resumes exactly, a plain Hugging Face model in the training dtype (what probes,
     restoration and users load; `model_state` if given, e.g. the Wise-FT mix), per-question probes (and the
-    flatness surface with its contour plot, the paper's Figure 1, when given)."""
+    flatness surface with its contour plot, the paper's Figure 1, when given). A LoRA phase's checkpoint also holds
+    its adapter (`adapter/`, peft's format), its `model/` is the merged model, and its DeepSpeed state leaves out
+    the frozen weights (the start's: resuming loads them from there)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
         out = Path(tmp)
+        module = engine.module
+        adapted = lora.is_lora(module)
         if save_state:
-            engine.save_checkpoint(str(out / DEEPSPEED_DIR), tag="state")
+            engine.save_checkpoint(str(out / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=adapted)
         state = model_state
         if engine.zero_optimization_stage() == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
-            engine.module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
+            if adapted:
+                lora.save_adapter(module, out / lora.ADAPTER_DIR)
+                state = lora.merged_state_dict(module) if state is None else state
+                module = module.get_base_model()  # saves `state` under the plain model's names and config
+            module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out / "model")
             (out / "probes").mkdir()
             for bench, frame in frames.items():

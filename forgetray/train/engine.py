@@ -41,7 +41,9 @@ def build_engine(model, phase: Phase, ds_config: dict, total_steps: int, steps_p
     opt = phase.optimizer
     warmup = warmup_steps(total_steps, opt.warmup_ratio)
     per_epoch = steps_per_epoch or max(1, total_steps // phase.epochs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+    # Only the trainable weights (LoRA: the adapters; the frozen base weights get no optimizer state at all).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                   weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, opt.schedule, per_epoch, opt.lr_decay))

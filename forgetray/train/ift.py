@@ -24,6 +24,7 @@ from forgetray.methods import wiseft
 from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
+from forgetray.train import lora
 from forgetray.train.checkpoints import checkpoint_epoch, computed_once, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, format_metrics, memorization
@@ -43,7 +44,8 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     model, _scope = worker.load(start, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
     data = worker.training_set(phase, tokenizer)  # with rehearsal: the phase's own plus the replayed examples
     own = worker.instructions(phase.data.source, tokenizer)
-    theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None
+    theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None  # the plain model's keys
+    model = lora.wrap(model, phase.lora)  # LoRA (lora_rank > 0): adapters train, the start's weights stay frozen
     steps = steps_per_epoch(len(data), phase)
     suite = ProbeSuite.load(worker.resolved, trial)
     em_examples = own[: trial.em_examples] if trial.em_examples else own
@@ -64,7 +66,9 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
         start_epoch = 0
     else:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
+            # a LoRA phase's state holds the adapters only: the frozen weights are the start's, loaded above
+            engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state",
+                                   load_module_strict=not lora.is_lora(engine.module))
         start_epoch = checkpoint_epoch(checkpoint)
 
     early = _early_steps(steps, trial.early_checkpoints)
@@ -110,9 +114,21 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
 @contextlib.contextmanager
 def wiseft_weights(module, theta0: dict | None, alpha: float):
     """Inside the block the module holds (1-alpha)*theta0 + alpha*theta_trained (yields that state dict, for the
-    checkpoint's Hugging Face model); afterwards exactly the trained weights again. No-op without theta0."""
+    checkpoint's Hugging Face model); afterwards exactly the trained weights again. No-op without theta0.
+    A LoRA module holds the mix of theta0 and the merged model in its base weights, its adapters disabled."""
     if theta0 is None:
         yield None
+        return
+    if lora.is_lora(module):
+        frozen = lora.base_weights(module)
+        merged = lora.merged_state_dict(module)
+        mixed = wiseft.interpolate_state_dicts({k: v.to(merged[k].device) for k, v in theta0.items()}, merged, alpha)
+        with lora.adapter_disabled(module):
+            lora.load_base_weights(module, mixed)
+            try:
+                yield mixed
+            finally:
+                lora.load_base_weights(module, frozen)
         return
     trained = {k: v.detach().clone() for k, v in module.state_dict().items()}
     mixed = wiseft.interpolate_state_dicts({k: v.to(trained[k].device) for k, v in theta0.items()}, trained, alpha)

@@ -37,6 +37,7 @@ from forgetray.metrics import registry
 from forgetray.models import load_model, load_tokenizer
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig
+from forgetray.train import lora
 from forgetray.train.checkpoints import save_model_dir
 from forgetray.train.deepspeed_config import deepspeed_config
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch, worker_device, zero3_scope
@@ -192,8 +193,9 @@ def continual_report(t: int, values: dict) -> dict:
 
 
 def run_prior(worker: Worker, phase: Phase, model=None):
-    """Fine-tune on a prior phase's data (its own optimizer and schedule); return the model it leaves (Wise-FT-mixed
-    with its start if the phase sets wiseft_alpha < 1) and its mean loss per epoch. The first prior phase starts
+    """Fine-tune on a prior phase's data (its own optimizer and schedule; all weights or LoRA adapters); return the
+    plain model it leaves (the adapters merged; Wise-FT-mixed with its start if the phase sets wiseft_alpha < 1)
+    and its mean loss per epoch. The first prior phase starts
     from the base model."""
     torch.manual_seed(worker.trial.seed)  # every phase starts from the trial's seed
     tokenizer = load_tokenizer(worker.resolved["model"])
@@ -201,6 +203,7 @@ def run_prior(worker: Worker, phase: Phase, model=None):
         model, _ = worker.load(worker.resolved["model"], phase)  # prior phases refuse ZeRO-3 (spec): no scope
     data = worker.training_set(phase, tokenizer)
     theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None
+    model = lora.wrap(model, phase.lora)  # LoRA phases train adapters on the frozen model
     engine, _ = build_engine(model, phase, worker.engine_config(phase),
                              total_steps=steps_per_epoch(len(data), phase) * phase.epochs)
     losses = []
@@ -208,7 +211,7 @@ def run_prior(worker: Worker, phase: Phase, model=None):
         stats = train_epoch(engine, data, phase, epoch, worker.trial.seed, worker.rank, worker.world,
                             probes.padding_id(tokenizer), worker.device)
         losses.append(stats["loss"])  # reported from the start folder by every trial sharing it
-    module = engine.module
+    module = lora.merge_and_unload(engine.module)  # the next phase starts from the plain (merged) model
     if theta0 is not None:
         module.load_state_dict(wiseft.interpolate_state_dicts(theta0, start_weights(module),
                                                               phase.methods.wiseft_alpha))
