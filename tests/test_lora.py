@@ -95,6 +95,11 @@ def test_merged_model_equals_the_adapted_model(model_dir, tmp_path):
     assert diff < MERGE_ATOL, diff
     lora.save_adapter(model, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    from peft import PeftModel  # the checkpoint's adapter/ on its start is the adapted model again
+
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(_load(model_dir), tmp_path / "adapter").eval()
+        assert torch.equal(again(input_ids=ids).logits, adapted)
     unloaded = lora.merge_and_unload(model).state_dict()
     assert all(torch.allclose(unloaded[k], v, atol=1e-6) for k, v in merged.items())
 
