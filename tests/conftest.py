@@ -16,6 +16,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="forgetray-hf-hub-")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Ray Train settings `forgetray run` gives a Ray it starts, for the Rays tests start themselves too (inherited
+# by the processes of a Ray started from here): faster polling, no preemption watcher actor per trainer.
+from forgetray.sweep import LOCAL_RAY_ENV  # noqa: E402
+
+for _name, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import fixtures  # noqa: E402
 

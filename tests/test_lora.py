@@ -163,9 +163,9 @@ def test_plan_puts_lora_on_the_ift_and_chosen_prior_phases_never_on_restoration(
 
 @pytest.mark.slow
 def test_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
-    """A LoRA trial (rank 4, with SAM and Wise-FT a = 0.5, after a rank-2 LoRA prior phase) end to end on 2 DeepSpeed
-    ZeRO-2 CPU workers, one of which fails after epoch 1 (the restart resumes from the adapter-only DeepSpeed state), then restores every checkpoint
-    in the same workers: each checkpoint holds `adapter/` and a merged `model/` = theta0 + a * delta whose probe
+    """A LoRA trial (rank 4, with SAM and Wise-FT a = 0.5) end to end on 2 DeepSpeed ZeRO-2 CPU workers, one of
+    which fails after epoch 1 (the restart resumes from the adapter-only DeepSpeed state), then restores every
+    checkpoint in the same workers (restore_group=0): each checkpoint holds `adapter/` and a merged `model/` = theta0 + a * delta whose probe
     is the logged one, the frozen base weights are the start's, and restoration trains the merged model fully."""
     import os
 
@@ -193,7 +193,6 @@ def test_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
         lora_targets=["q_proj", "v_proj"], sam_rho=0.05, sam_every=2, wiseft_alpha=alpha,
         restore_pool=str(make_pool_file(tmp_path / "pool.jsonl", n=400)), restore_lr=1e-3, restore_batch_size=4,
         restore_seq_len=64, restore_trajectory_points=2, restore_group=0,
-        prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lora_rank": 2}],
     )
     table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
     assert table.attrs["failed_trials"] == 0 and marker.exists(), "the injected failure did not happen"
@@ -206,12 +205,8 @@ def test_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
     assert params["phase.ift.lora.rank"] == "4" and params["phase.restore.lora.rank"] == "0"
     assert [m.step for m in client.get_metric_history(trial.info.run_id, "sft/bench/acc")] == [1, 2]
     trial_dir = next((tmp_path / "storage").glob("lora/*/trials/*"))
-    # The LoRA prior phase leaves the IFT start: the fixture model with its rank-2 adapters merged in
-    start = AutoModelForCausalLM.from_pretrained(trial_dir / "ift_start").state_dict()
-    fixture = AutoModelForCausalLM.from_pretrained(fixture_files["model"]).state_dict()
-    assert params["phase.prior_1.lora.rank"] == "2"
-    assert {k for k, v in start.items() if not torch.equal(v, fixture[k])} == {
-        f"model.layers.{i}.self_attn.{t}_proj.weight" for i in (0, 1) for t in "qv"}
+    # (a LoRA prior phase's merge is the same code, `lora.merged_state_dict`; left out here for the suite's time)
+    start = AutoModelForCausalLM.from_pretrained(fixture_files["model"]).state_dict()
     logged = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "sft/bench/acc")}
     models = {}
     for epoch in (1, 2):

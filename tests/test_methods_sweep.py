@@ -70,7 +70,17 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(tmp_path, fixture_files, ray_s
     start = AutoModelForCausalLM.from_pretrained(trial_dir / "ift_start")
     base = AutoModelForCausalLM.from_pretrained(fixture_files["model"])
     assert not torch.equal(start.lm_head.weight, base.lm_head.weight), "the prior phases did not train"
-    # Both trials trained the same prior phases on one CPU each: their IFT starts are bit-identical.
+    # The prior phases are the same for both trials: trained once for the sweep (one start folder, one Ray Train run
+    # of them, both trials' `ift_start` pointing at it), so their IFT starts are the same weights.
+    (execution,) = (tmp_path / "storage" / "methods").iterdir()
+    starts = [p for p in (execution / "start").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len([p for p in starts if not p.name.endswith(".train")]) == 1, starts
+    assert len([p for p in starts if p.name.endswith(".train")]) == 1, starts
+    assert {(d / "ift_start").resolve() for d in trial_dirs.values()} == {
+        next(p for p in starts if not p.name.endswith(".train")).resolve()}
+    for name in ("continual/bench/knowledge",):  # each trial's run has the start's probes, the same values
+        a, b = (sorted(metric_history(by_rho[rho], [name])[name]) for rho in (0.0, 0.05))
+        assert a[:3] == b[:3] and [s for s, _ in a[:3]] == [0, 1, 2]
     plain_start = AutoModelForCausalLM.from_pretrained(trial_dirs[0.0] / "ift_start").state_dict()
     start_state = start.state_dict()
     assert plain_start.keys() == start_state.keys()

@@ -101,11 +101,10 @@ WALL_CLOCK = ("train/tokens_per_s", "train/epoch_seconds")
 
 @pytest.mark.slow
 def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files, ray_session):
-    """One sweep shares both kinds: epochs {1, 2} x restore_pool {none, a pool} under the step schedule is two
-    trajectories (epochs 2) whose 1-epoch points are followers, all four starting from one prior phase trained
-    once. A second sweep runs the 1-epoch point with the pool alone, unshared: its run must have exactly the
-    follower's metrics (CPU, same seed), and the follower its own params, tags and recomputed stages / continual
-    values."""
+    """epochs {1, 2} under the step schedule (restorations in the IFT's workers) is one trajectory: the 2-epoch point
+    is trained, the 1-epoch point follows it. A second sweep runs the 1-epoch point alone, unshared: its run must
+    have exactly the follower's metrics (CPU, same seed), and the follower its own params, tags and recomputed
+    stages / continual values. (A prior phase trained once for several trials: tests/test_methods_sweep.py.)"""
     import os
 
     import ray
@@ -122,23 +121,17 @@ def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files,
         max_length=256, workers=1, zero_stage=0, lr_schedule="step", lr_decay=0.5, warmup_ratio=0.0,
         benchmarks=[str(fixture_files["benchmark"])], primary_score={str(fixture_files["benchmark"]): "acc"},
         probe_set=str(fixture_files["probe_set"]), probe_passages=4, probe_batch_size=8, early_checkpoints=1,
-        prior_phases=[{"dataset": str(fixture_files["dataset"]), "epochs": 1, "lr": 1e-2}],
         restore_lr=1e-3, restore_batch_size=4, restore_seq_len=64, restore_trajectory_points=2, restore_group=0)
-    shared = Sweep("shared", epochs=grid([1, 2]), restore_pool=grid(["", pool]), max_concurrent_trials=2,
-                   **settings)
+    shared = Sweep("shared", epochs=grid([1, 2]), restore_pool=pool, **settings)
     plain = Sweep("plain", epochs=1, restore_pool=pool, share_trajectories=False, **settings)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "storage"
     table = run(shared, tracking_uri=uri, storage=storage)
-    assert table.attrs["failed_trials"] == 0 and len(table) == 1 + 2 + 1 + 2  # a row per (trial, checkpoint)
+    assert table.attrs["failed_trials"] == 0 and len(table) == 1 + 2  # a row per (trial, checkpoint)
     run(plain, tracking_uri=uri, storage=storage)
-
-    # (a) the prior phase was trained once for the four trials: one start, one Ray Train run of it
     (execution,) = (storage / "shared").iterdir()
-    assert len([p for p in (execution / "start").iterdir() if not p.name.startswith(".")
-                and p.is_dir() and not p.name.endswith(".train")]) == 1
-    assert len(list((execution / "start").glob("*.train"))) == 1
-    assert len(list((execution / "trials").iterdir())) == 4
+    assert len(list((execution / "trials").iterdir())) == 2
+    assert len(list((execution / "trials").glob("*/ift"))) == 1, "the 1-epoch point was trained"
 
     client = MlflowClient(uri)
 
@@ -152,7 +145,7 @@ def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files,
         return {n: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, n)) for n in names}
 
     runs, (reference,) = trial_runs("shared"), trial_runs("plain").values()
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs.values())
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     follower, leader = runs[("1", pool)], runs[("2", pool)]
     # (b) the follower's run: its own params, the trajectory it shares, exactly the unshared run's metrics
     assert follower.data.tags["forgetray.trajectory"] == leader.info.run_id == leader.data.tags["forgetray.trajectory"]
@@ -160,13 +153,9 @@ def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files,
     assert follower.data.params["phase.ift.epochs"] == "1" and follower.data.params["trial.epochs"] == "1"
     mine, theirs = metrics(follower), metrics(reference)
     assert mine == theirs
-    assert mine["continual/bench/knowledge"][-1] == (2, mine["sft/bench/knowledge"][0][1])  # a[T] = SFT_1
+    assert mine["continual/bench/knowledge"][-1] == (1, mine["sft/bench/knowledge"][0][1])  # a[T] = SFT_1
     assert [s for s, _ in mine["stage/code"]] == [1] and [s for s, _ in metrics(leader)["stage/code"]] == [1, 2]
     tags = {k: v for k, v in follower.data.tags.items() if k.startswith("forgetray.stage")}
     assert tags == {k: v for k, v in reference.data.tags.items() if k.startswith("forgetray.stage")}
     arts = {f.path for f in client.list_artifacts(follower.info.run_id, "probes/sft")}
     assert arts == {"probes/sft/epoch_001"}
-    # (a) every trial starting from the shared start reports its prior losses and continual probes, identically
-    for key in ("prior/1/train/loss", "continual/bench/knowledge"):
-        values = {k: [v for v in metrics(r)[key] if v[0] < 2] for k, r in runs.items()}
-        assert len({tuple(v) for v in values.values()}) == 1 and values[("1", pool)], key

@@ -2,7 +2,7 @@
 evaluate it and select the restoring set (each once per sweep, cached and shared across trials); then for each
 epoch train, probe, and report a checkpoint SFT_e (DeepSpeed state for resuming + a plain Hugging Face model +
 per-question probe results; README "Checkpoints and storage" says which checkpoints keep the DeepSpeed state). If
-Ray Train restarts the workers after a failure, `ray.train.get_checkpoint()` returns the last checkpoint and the loop
+Ray Train restarts the workers after a failure, the run resumes from its last checkpoint (`Worker.resume`) and the loop
 continues after its epoch.
 """
 
@@ -35,7 +35,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     import ray.train
 
     trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = worker.resume
     if checkpoint is not None and (checkpoint_epoch(checkpoint, "restored")
                                    or checkpoint_epoch(checkpoint, "epoch") >= phase.epochs):
         return  # finished (a re-run of the group): its DeepSpeed state may be gone (delete_finished_state)

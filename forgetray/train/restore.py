@@ -43,9 +43,8 @@ def sft_model_dir(trial_dir: str | Path, epoch: int) -> Path:
 def run_restore(worker: Worker, phase: Phase) -> None:
     """Restore SFT_e (e = `phase.restores_epoch`) into R_e, unless a restarted run of this group already did."""
     import datasets
-    import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = worker.resume
     if checkpoint is not None and checkpoint_epoch(checkpoint, "restored") >= phase.restores_epoch:
         return
     trial, rank, world, device, epoch = worker.trial, worker.rank, worker.world, worker.device, phase.restores_epoch

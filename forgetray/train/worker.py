@@ -60,6 +60,10 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    # The checkpoint this Ray Train run resumes from (None on a first start), taken once when the worker starts:
+    # later in the run `ray.train.get_checkpoint()` may return a checkpoint this run just reported, possibly before
+    # rank 0's files are on storage, and a phase must not mistake its own group's progress for a resume point.
+    resume: object = None
 
     def engine_config(self, phase: Phase) -> dict:
         return deepspeed_config(phase, self.trial.zero_stage, self.trial.precision)
@@ -102,8 +106,11 @@ def phase_worker(config: dict) -> None:
     # Subnormal floats (activation and gradient tails of a training model) run on a slow microcode path on x86
     # CPUs: flushing them to zero made the organism's IFT epochs 2-3x faster with the same losses (bench/README.md).
     torch.set_flush_denormal(True)
+    import ray.train
+
     worker = Worker(TrialConfig.from_dict(config["trial"]), config["resolved"],
-                    {k: config.get(k) for k in DIRS}, dist.get_rank(), dist.get_world_size(), worker_device())
+                    {k: config.get(k) for k in DIRS}, dist.get_rank(), dist.get_world_size(), worker_device(),
+                    resume=ray.train.get_checkpoint())
     phases = [Phase.from_dict(p) for p in config["phases"]]
     priors = [p for p in phases if p.kind == "prior"]
     if priors:  # the start's own Ray Train run (the trial driver runs it only while the start is absent)
