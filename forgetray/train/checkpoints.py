@@ -60,12 +60,17 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, rank: int,
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
+def read_state(checkpoint_dir) -> dict:
+    """A checkpoint folder's `state.json`: {"epoch", "metrics" (its report)}."""
+    return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+
+
 def checkpoint_epoch(checkpoint, kind: str | None = None) -> int:
     """The epoch a reported checkpoint (a `ray.train.Checkpoint`) was taken at. With `kind` ("epoch": an IFT
     checkpoint SFT_e, "restored": R_e), 0 if the checkpoint is of another kind: a Ray Train run that restores after
     its IFT phase (restore_group=0) resumes from either."""
     with checkpoint.as_directory() as ckpt_dir:
-        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        state = read_state(ckpt_dir)
     if kind is not None and state["metrics"].get("kind") != kind:
         return 0
     return int(state["epoch"])
@@ -138,7 +143,7 @@ def drop_older_states(newest: Path) -> list[str]:
     newest = Path(newest)
 
     def state(checkpoint: Path) -> tuple[str, int]:
-        found = json.loads((checkpoint / STATE_FILE).read_text())
+        found = read_state(checkpoint)
         return found.get("metrics", {}).get("kind", "epoch"), int(found["epoch"])
 
     kind, last = state(newest)

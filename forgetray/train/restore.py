@@ -8,7 +8,6 @@ A Ray Train run may restore several checkpoints in turn (a group); a restarted r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from forgetray import probes
 from forgetray.metrics import perplexity, registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
-from forgetray.train.checkpoints import STATE_FILE, checkpoint_epoch, report_checkpoint
+from forgetray.train.checkpoints import checkpoint_epoch, read_state, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate
 from forgetray.train.worker import Worker
@@ -99,5 +98,4 @@ def _point(epoch: int, step: int, trajectory: str, ppl: float) -> dict:
 
 def _sft_probe_ppl(trial_dir: str, epoch: int) -> float:
     """SFT_e's probing perplexity, as its checkpoint recorded it (the restoration's step 0)."""
-    state = json.loads((sft_model_dir(trial_dir, epoch).parent / STATE_FILE).read_text())
-    return state["metrics"][registry.PROBE_PPL.name(state="sft")]
+    return read_state(sft_model_dir(trial_dir, epoch).parent)["metrics"][registry.PROBE_PPL.name(state="sft")]
