@@ -68,3 +68,14 @@ def restoring_key(trial: TrialConfig, resolved: dict) -> str:
     parts = [start_key(trial, resolved), resolved["restore_pool"]["path"], resolved["probe_set"]["path"],
              trial.probe_passages, resolved["dataset"]["path"], trial.max_length, trial.probe_max_length]
     return f"{_model_name(trial)}-{_digest(parts)}"
+
+
+def iv_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the instruction vector depends on: the starting weights, the task, the prompts (how many, the seed, the
+    BOS rule, truncation) and the number of heads. Not the injection layer or site, nor the loss settings: trials
+    that differ only in those share one extraction."""
+    parts = {"start": start_key(trial, resolved), "task": [resolved["iv_task"]["kind"], resolved["iv_task"]["path"],
+                                                           resolved["iv_task"]["name"]],
+             "prompts": [trial.iv_prompts, trial.iv_corrupted, trial.seed, resolved["bos"], trial.max_length],
+             "heads": trial.iv_heads}
+    return f"{_model_name(trial)}-{_digest(parts)}"

@@ -85,6 +85,34 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class IVGuided:
+    """IV-guided training (Jiang et al.; FvForgetting): the loss adds thresholded KL terms (and optionally the top
+    heads' MSE) towards a reference pass of the phase's starting model with the instruction vector of `task`
+    injected at `layer` (`forgetray.iv`, `forgetray.train.iv_guided`). `task` "" = off (the default)."""
+
+    task: str = ""  # the trial's iv_task as written; the workers read the resolved one ("iv_task" of resolved)
+    layer: int = 0
+    heads: int = 10
+    site: str = "layer"
+    kl_first: float = 20.0
+    kl_all: float = 0.1
+    mse: float = 0.0
+    temperature: float = 2.0
+    kl_first_threshold: float = 0.1
+    kl_all_threshold: float = 0.1
+    mse_threshold: float = 0.01
+    progressive: bool = False
+    progressive_start: float = 0.25
+    progressive_end: float = 0.75
+    prompts: int = 100
+    corrupted: int = 25
+
+    @property
+    def on(self) -> bool:
+        return bool(self.task)
+
+
+@dataclass(frozen=True)
 class Data:
     """What a phase trains on. `source` keys the trial's resolved sources: "dataset", "prior_datasets/<i>" or
     "restoring_set" (the pool's lowest-perplexity passages worth one IFT epoch of tokens, METHODS.md §2)."""
@@ -114,6 +142,7 @@ class Phase:
     checkpoint_every_epoch: bool  # True: a probed checkpoint after every epoch; False: one at the end (or none)
     methods: Methods = Methods()
     lora: Lora = Lora()  # rank 0: full fine-tuning (restoration always is: the paper's restoration trains all weights)
+    iv: IVGuided = IVGuided()  # the IFT phase only
     restores_epoch: int = 0  # restoration phases: the IFT epoch whose checkpoint SFT_e they start from
 
     def __post_init__(self):
@@ -123,20 +152,24 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: epochs must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (crosses to the Ray workers; `from_dict` reads it back)."""
-        return dataclasses.asdict(self)
+        """Plain data (crosses to the Ray workers; `from_dict` reads it back). Without IV guidance there is no "iv"
+        key: the cache keys built from phases (`forgetray.keys`) stay those of sweeps before the option existed."""
+        data = dataclasses.asdict(self)
+        if not self.iv.on:
+            del data["iv"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Phase":
         return cls(**{**data, "data": Data(**data["data"]), "optimizer": Optimizer(**{
             **data["optimizer"], "betas": tuple(data["optimizer"]["betas"])}),
             "batching": Batching(**data["batching"]), "methods": Methods(**data["methods"]),
-            "lora": _lora(data.get("lora", {}))})
+            "lora": _lora(data.get("lora", {})), "iv": IVGuided(**data.get("iv", {}))})
 
     def params(self) -> dict[str, Any]:
         """The phase's settings as flat MLflow params (`<name>.optimizer.lr`, ...), derived values included."""
         out: dict[str, Any] = {"kind": self.kind, "epochs": self.epochs, "drop_last": self.drop_last}
-        for group in ("data", "optimizer", "batching", "methods", "lora"):
+        for group in ("data", "optimizer", "batching", "methods", "lora") + (("iv",) if self.iv.on else ()):
             for key, value in dataclasses.asdict(getattr(self, group)).items():
                 out[f"{group}.{key}"] = value
         out["batching.grad_accum"] = self.batching.grad_accum
@@ -159,10 +192,16 @@ def plan(trial: TrialConfig) -> list[Phase]:
         methods=Methods(trial.sam_rho, trial.sam_adaptive, trial.sam_every, trial.wiseft_alpha,
                         trial.rehearsal_ratio),
         lora=Lora(trial.lora_rank, trial.lora_alpha, trial.lora_dropout, trial.lora_targets),
+        iv=iv_guided(trial),
     ))
     if trial.restore_pool:
         phases += [restore_phase(trial, epoch) for epoch in range(1, trial.epochs + 1)]
     return phases
+
+
+def iv_guided(trial: TrialConfig) -> IVGuided:
+    """The IFT phase's IV-guided option from the trial's `iv_*` settings (the field names without `iv_`)."""
+    return IVGuided(**{f.name: getattr(trial, f"iv_{f.name}") for f in dataclasses.fields(IVGuided)})
 
 
 def ift_phase(trial: TrialConfig) -> Phase:

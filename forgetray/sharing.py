@@ -30,6 +30,8 @@ def prefix_shareable(trial: TrialConfig) -> tuple[bool, str]:
         return False, f"lr_schedule {trial.lr_schedule!r} depends on the total steps"
     if trial.warmup_ratio > 0:
         return False, f"warmup_ratio {trial.warmup_ratio:g} makes the warm-up a share of the total steps"
+    if trial.iv_task and trial.iv_progressive:
+        return False, "iv_progressive makes the vector's degree a share of the total steps"
     return True, ""
 
 

@@ -100,6 +100,23 @@ class TrialConfig:
     lora_alpha: float = 16.0  # the adapter's scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_targets: tuple = ("q_proj", "v_proj")  # module names that get adapters (FvForgetting's choice)
+    # --- IV-guided training of the IFT phase (issue 12; README "Mitigation methods"; forgetray.iv) ---
+    iv_task: str = ""  # "" = off; a built-in task ("organism-qa") or a task .jsonl (forgetray.iv.load_task)
+    iv_layer: int = 0  # decoder layer whose output (or attention output, iv_site) gets the vector; 9 in FvForgetting
+    iv_heads: int = 10  # top heads by causal indirect effect that make the vector
+    iv_site: str = "layer"  # "layer": the decoder layer's output (Todd); "attn": its o_proj output (FvForgetting)
+    iv_kl_first: float = 20.0  # weight of KL(T) on the first answer token
+    iv_kl_all: float = 0.1  # weight of KL(T) over all positions
+    iv_mse: float = 0.0  # weight of the top heads' MSE to the reference (FvForgetting's optional 1.0); 0 = off
+    iv_temperature: float = 2.0
+    iv_kl_first_threshold: float = 0.1  # a term counts only above its threshold (x * [x > thr])
+    iv_kl_all_threshold: float = 0.1
+    iv_mse_threshold: float = 0.01  # per head
+    iv_progressive: bool = False  # the vector's degree steps 1 -> 0 in tenths over the window (the IV paper)
+    iv_progressive_start: float = 0.25  # the window, as shares of the phase's optimizer steps
+    iv_progressive_end: float = 0.75
+    iv_prompts: int = 100  # clean n-shot prompts for the mean head activations (those answered correctly count)
+    iv_corrupted: int = 25  # label-shuffled prompts for the causal indirect effects
     # --- continual-learning metrics (METHODS.md §9) ---
     own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
@@ -153,6 +170,8 @@ class TrialConfig:
         data = self.to_dict()
         if not self.lora_rank:  # full fine-tuning: the LoRA settings are unused (and hashes stay as before them)
             data = {k: v for k, v in data.items() if not k.startswith("lora_")}
+        if not self.iv_task:  # likewise the IV-guided settings without IV guidance
+            data = {k: v for k, v in data.items() if not k.startswith("iv_")}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -162,7 +181,8 @@ class TrialConfig:
         methods = "".join([f".sam{self.sam_rho:g}" if self.sam_rho else "",
                            f".wise{self.wiseft_alpha:g}" if self.wiseft_alpha < 1 else "",
                            f".reh{self.rehearsal_ratio:g}" if self.rehearsal_ratio else "",
-                           f".lora{self.lora_rank}" if self.lora_rank else ""])
+                           f".lora{self.lora_rank}" if self.lora_rank else "",
+                           ".iv" if self.iv_task else ""])
         return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}{methods}"
 
 
@@ -302,6 +322,7 @@ def _check_values(cfg: TrialConfig) -> None:
     # The loss surface perturbs the trainable weights: with LoRA those are the adapters, not the model's weights.
     need(cfg.flatness_grid == 0 or cfg.lora_rank == 0, "flatness_grid",
          "must be 0 with LoRA (lora_rank > 0): the surface is defined over the full weights")
+    _check_iv(cfg, need)
     # "The benchmark of a step's own data" (BWT, METHODS.md §9) is named as written in `benchmarks`.
     need(not cfg.own_benchmark or cfg.own_benchmark in cfg.benchmarks, "own_benchmark",
          f"must be one of the trial's benchmarks {list(cfg.benchmarks)} (or '' for none)")
@@ -318,6 +339,33 @@ def _check_values(cfg: TrialConfig) -> None:
         need(cfg.batch_size % cfg.workers == 0, "batch_size", f"must be a multiple of workers = {cfg.workers}")
     need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size",
          f"must be a multiple of workers = {cfg.workers}")
+
+
+IV_SITES = ("layer", "attn")
+
+
+def _check_iv(cfg: TrialConfig, need) -> None:
+    """IV-guided training's settings (checked whether or not it is on, so a grid fails before any compute)."""
+    need(cfg.iv_layer >= 0, "iv_layer", "must be >= 0 (a decoder layer index)")
+    need(cfg.iv_heads >= 1, "iv_heads", "must be >= 1")
+    need(cfg.iv_site in IV_SITES, "iv_site", f"must be one of {IV_SITES}")
+    for name in ("iv_kl_first", "iv_kl_all", "iv_mse", "iv_kl_first_threshold", "iv_kl_all_threshold",
+                 "iv_mse_threshold"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.iv_temperature > 0, "iv_temperature", "must be > 0")
+    need(0 <= cfg.iv_progressive_start <= cfg.iv_progressive_end <= 1, "iv_progressive_start",
+         f"and iv_progressive_end (= {cfg.iv_progressive_end!r}) need 0 <= start <= end <= 1")
+    need(cfg.iv_prompts >= 1, "iv_prompts", "must be >= 1")
+    need(cfg.iv_corrupted >= 1, "iv_corrupted", "must be >= 1")
+    if not cfg.iv_task:
+        return
+    need(bool(cfg.iv_task.strip()), "iv_task", "must name a task ('' = off)")
+    # The reference pass needs full weights on the rank (the frozen copy, or the adapters disabled) and its loss
+    # replaces the plain step's: SAM's two-pass step does not take it.
+    need(cfg.zero_stage <= 2, "zero_stage", "must be <= 2 with IV-guided training (iv_task): the reference pass "
+         "and the injected vector need the full weights on every rank")
+    need(cfg.sam_rho == 0, "sam_rho", "must be 0 with IV-guided training (iv_task): a SAM step does not compute the "
+         "IV-guided loss")
 
 
 # The grid and the sweep live in forgetray.grids, which imports this module: re-exported lazily (PEP 562), so that

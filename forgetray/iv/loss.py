@@ -36,9 +36,11 @@ class IVLossWeights:
     thr: float = 0.1
     w_mse: float = 1.0  # 0 switches the head term off
     thr_mse: float = 0.01
+    thr_all: float | None = None  # the all-positions KL's own threshold; None: `thr`, as the released trainer
 
     def __post_init__(self):
-        for name in ("w_first", "w_all", "thr", "w_mse", "thr_mse"):
+        for name in ("w_first", "w_all", "thr", "w_mse", "thr_mse") + (("thr_all",) if self.thr_all is not None
+                                                                       else ()):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.temperature > 0:
@@ -78,7 +80,8 @@ def iv_guided_loss(ce: Tensor, logits: Tensor, ref_logits: Tensor, positions: Te
     kl_all = kl_t(logits, ref_logits, weights.temperature)
     out = {"ce": ce, "kl_first": kl_first, "kl_all": kl_all,
            "kl_first_term": weights.w_first * above(kl_first, weights.thr),
-           "kl_all_term": weights.w_all * above(kl_all, weights.thr)}
+           "kl_all_term": weights.w_all * above(kl_all, weights.thr if weights.thr_all is None
+                                                else weights.thr_all)}
     if weights.w_mse > 0:
         if heads is None or ref_heads is None:
             raise ValueError("w_mse > 0 needs heads and ref_heads")

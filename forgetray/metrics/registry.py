@@ -120,6 +120,17 @@ TRAIN_EXAMPLES = Metric("train/examples", "epoch", None, "examples in the IFT ph
 TRAIN_TOKENS_PER_S = Metric("train/tokens_per_s", "epoch", True, "training throughput")
 TRAIN_EPOCH_SECONDS = Metric("train/epoch_seconds", "epoch", False, "wall time of the epoch")
 TRAIN_LR = Metric("train/lr", "epoch", None, "learning rate after the epoch's last step")
+IV_TRAIN_KEYS = ("ce", "kl_first", "kl_all", "mse", "kl_first_term", "kl_all_term", "mse_term", "degree")
+TRAIN_IV = Metric("train/iv/{key}", "epoch", None,
+                  "IV-guided training (iv_task), means over the epoch's steps: ce, kl_first, kl_all, mse (raw; mse only "
+                  "with iv_mse > 0), each term as counted in the loss (weighted, thresholded: kl_first_term, "
+                  "kl_all_term, mse_term) and the vector's degree; train/loss is their total",
+                  keys=IV_TRAIN_KEYS)
+IV_EXTRACTION_KEYS = ("clean_prompts", "clean_correct", "corrupted_prompts", "top_cie", "vector_norm")
+IV_EXTRACTION = Metric("iv/{key}", "epoch", None,
+                       "the instruction vector of IV-guided training, extracted from the IFT phase's start (step 0): "
+                       "clean prompts, those answered correctly (averaged), corrupted prompts (CIE), the top head's "
+                       "CIE, the vector's norm", keys=IV_EXTRACTION_KEYS)
 PRIOR_LOSS = Metric("prior/{k}/train/loss", "phase epoch", False,
                     "mean loss of prior fine-tuning phase k (1-based) over each of its epochs")
 RESTORE_LOSS = Metric("restored/train/loss", "epoch", False, "mean loss of the restoration that made R_e")
@@ -154,7 +165,8 @@ CONTINUAL_BWT = Metric("continual/bwt", "fine-tuning step", True,
 METRICS: tuple[Metric, ...] = (
     LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, MC1, MC2, GROUP_ACC, MACRO_ACC,
     CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
-    TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, PRIOR_LOSS,
+    TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, TRAIN_IV,
+    IV_EXTRACTION, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,

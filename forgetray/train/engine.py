@@ -82,18 +82,20 @@ def steps_per_epoch(n_examples: int, phase: Phase) -> int:
 
 
 def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: int, world: int, pad_id: int, device,
-                after_step: Callable[[int], None] | None = None) -> dict:
+                after_step: Callable[[int], None] | None = None, guide=None) -> dict:
     """One epoch of `phase` over `data`. Without `drop_last` the incomplete last global batch is completed with
     examples from the start of the order (restoration: every token is trained on at least once). With SAM
     (`phase.methods.sam_rho` > 0) every `sam_every`-th optimizer step is a SAM step (`forgetray.train.sam`).
-    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch."""
+    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch. With a `guide`
+    (`forgetray.train.iv_guided.Guide`) every step is IV-guided: the loss is its total, and the epoch's mean terms
+    come back under "iv"."""
     batching, methods = phase.batching, phase.methods
     order = epoch_order(len(data), seed, epoch)
     steps = steps_per_epoch(len(data), phase)
     if steps * batching.batch_size > len(order):
         order = torch.cat([order, order[: steps * batching.batch_size - len(order)]])
     per_rank = batching.micro_batch * batching.grad_accum
-    losses, tokens = [], 0
+    losses, tokens, terms = [], 0, []
     engine.train()
     for step in range(steps):
         start = step * batching.batch_size + rank * per_rank
@@ -105,7 +107,13 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
             tokens += int(micro_batches[-1]["attention_mask"].sum())
         global_step = (epoch - 1) * steps + step + 1
         before = len(losses)
-        if methods.sam_rho > 0 and global_step % methods.sam_every == 0:
+        if guide is not None:  # spec: never with SAM
+            from forgetray.train.iv_guided import iv_step
+
+            step_losses, step_terms = iv_step(engine, micro_batches, guide, global_step - 1)
+            losses += step_losses
+            terms += step_terms
+        elif methods.sam_rho > 0 and global_step % methods.sam_every == 0:
             losses += sam_step(engine, micro_batches, methods.sam_rho, methods.sam_adaptive, world)
         else:
             for batch in micro_batches:
@@ -126,7 +134,12 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
     if world > 1:
         dist.all_reduce(stats)
         stats[0] /= world
-    return {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}
+    out = {"loss": float(stats[0]), "tokens": float(stats[1]), "steps": steps}
+    if guide is not None:
+        from forgetray.train.iv_guided import epoch_terms
+
+        out["iv"] = epoch_terms(terms, world, guide.settings.mse > 0)
+    return out
 
 
 def _hold_for_kill(spec: str, epoch: int, step: int) -> None:

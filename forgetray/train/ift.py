@@ -24,7 +24,7 @@ from forgetray.methods import wiseft
 from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
-from forgetray.train import lora
+from forgetray.train import iv_guided, lora
 from forgetray.train.checkpoints import checkpoint_epoch, computed_once, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, format_metrics, memorization
@@ -45,12 +45,20 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     data = worker.training_set(phase, tokenizer)  # with rehearsal: the phase's own plus the replayed examples
     own = worker.instructions(phase.data.source, tokenizer)
     theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None  # the plain model's keys
+    # IV guidance's reference with full fine-tuning: a frozen copy of the start (LoRA: the adapters disabled)
+    reference = iv_guided.frozen_reference(model, device) if phase.iv.on and not phase.lora.rank else None
     model = lora.wrap(model, phase.lora)  # LoRA (lora_rank > 0): adapters train, the start's weights stay frozen
     steps = steps_per_epoch(len(data), phase)
     suite = ProbeSuite.load(worker.resolved, trial)
     em_examples = own[: trial.em_examples] if trial.em_examples else own
     flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
     engine, scheduler = build_engine(model, phase, worker.engine_config(phase), total_steps=steps * phase.epochs)
+
+    guide = None
+    if phase.iv.on:  # the vector of the phase's start: once per sweep (keys.iv_key), before any resume
+        computed_once(worker.dirs["iv_dir"], rank, lambda out: _extract_iv(engine, tokenizer, phase, worker, out))
+        found = iv_guided.load(worker.dirs["iv_dir"])
+        guide = iv_guided.make_guide(phase.iv, found, reference, steps * phase.epochs, device)
 
     if checkpoint is None:
         # The engine before its first step is the phase's starting model (under ZeRO-3 only the engine can run it).
@@ -63,6 +71,8 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             computed_once(worker.dirs["restoring_dir"], rank,
                           lambda out: _select_restoring_set(engine, tokenizer, own, worker, out))
         ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
+        if guide is not None:  # its numbers, and its files as the run's iv/ artifacts (trial.py)
+            ray.train.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
         start_epoch = 0
     else:
         with checkpoint.as_directory() as ckpt_dir:
@@ -82,7 +92,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     for epoch in range(start_epoch + 1, phase.epochs + 1):
         t0 = time.perf_counter()
         stats = train_epoch(engine, data, phase, epoch, trial.seed, rank, world, probes.padding_id(tokenizer), device,
-                            after_step=probe_early if epoch == 1 and early else None)
+                            after_step=probe_early if epoch == 1 and early else None, guide=guide)
         seconds = time.perf_counter() - t0
         # The checkpoint SFT_e that is probed (and restored) is the Wise-FT mix when alpha < 1; training goes on
         # from the trained weights, which the DeepSpeed state keeps.
@@ -100,6 +110,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             registry.TRAIN_TOKENS_PER_S.name(): stats["tokens"] / seconds,
             registry.TRAIN_EPOCH_SECONDS.name(): seconds,
             registry.TRAIN_LR.name(): scheduler.get_last_lr()[0],
+            **{registry.TRAIN_IV.name(key=k): v for k, v in stats.get("iv", {}).items()},
             **found, **format_metrics(found), registry.SERIES: series if epoch == 1 else [],
         }
         # DeepSpeed state for resuming; the last epoch's is never resumed from, so it is kept only on request
@@ -137,6 +148,18 @@ def wiseft_weights(module, theta0: dict | None, alpha: float):
         yield mixed
     finally:
         module.load_state_dict(trained)
+
+
+def _extract_iv(engine, tokenizer, phase: Phase, worker: Worker, out: Path) -> None:
+    """Heads and vector of the IV task on the phase's start (the engine before its first step; a LoRA module with
+    its adapters disabled, exactly the start), sharded over the ranks; rank 0 writes them."""
+    task = iv_guided.load_task(worker.resolved["iv_task"])
+    with lora.adapter_disabled(engine.module) as module:
+        found = iv_guided.extract(module, tokenizer, task, phase.iv, worker.resolved["bos"], worker.trial.max_length,
+                                  worker.trial.probe_batch_size, worker.trial.seed, worker.device, worker.rank,
+                                  worker.world)
+    if worker.rank == 0:
+        iv_guided.save(found, out)
 
 
 def _flatness_batch(suite: ProbeSuite, tokenizer, trial, device) -> dict:
