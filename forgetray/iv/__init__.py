@@ -15,9 +15,10 @@ injection adds to a decoder layer's output (site="layer", Todd) or to its o_proj
 trainer); the loss's KL is KL(p_model || p_ref) at temperature T without T^2, "batchmean" over the first dimension;
 thresholds count x * [x > thr]; the progressive degree holds 1.0 through the first tenth of its window.
 
-Not yet orchestrated: extracting a vector per task as a sweep step (tokenising prompts, batching, filtering clean
-prompts), IV-guided training in the DeepSpeed engine (the reference forward with LoRA adapters disabled or a frozen
-copy, the degree per step), and logging the terms to MLflow.
+Orchestrated in `forgetray.train.iv_guided` (IV-guided training, the IFT phase's `iv_*` settings: extraction as a
+sweep step with tokenisation, batching and the clean-prompt filter; the reference forward with LoRA adapters disabled
+or a frozen copy; the degree per step; the terms logged to MLflow). `builtin`: the organism's built-in tasks.
+Not yet orchestrated: vectors and their dynamics per checkpoint (issue 12 item 3).
 """
 
 from forgetray.iv.heads import (HeadLayout, head_layout, last_prompt_positions, last_token_positions, patch_heads,
