@@ -264,6 +264,84 @@ def test_the_step_uses_the_loss_computed_by_hand(model_dir):
     assert iv_guided.epoch_terms(terms, world=1, mse_on=True)["mse"] == pytest.approx(float(mse.sum()), rel=1e-5)
 
 
+# --- the extraction --------------------------------------------------------------------------------------------------
+
+def test_extraction_equals_a_prompt_by_prompt_computation(tmp_path, fixture_files):
+    """extract() (tokenised as the probes do, batched with right padding, the clean-prompt filter) against the same
+    quantities computed here one unpadded prompt at a time with hooks of this test's own."""
+    from transformers import AutoTokenizer
+
+    from forgetray.iv import load_task, n_shot_prompts
+
+    model_dir = _answering_model(fixture_files["model"], tmp_path / "answering")
+    path = _answered_task(model_dir, tmp_path / "task.jsonl")
+    path.write_text(path.read_text().replace('"n_shot": 0', '"n_shot": 1'))  # a demonstration: some answers go wrong
+    task, model, tokenizer = load_task(path), _load(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    settings = IVGuided(task="t", heads=3, prompts=12, corrupted=5)
+    found = iv_guided.extract(model, tokenizer, task, settings, "auto", 256, batch_size=5, seed=3, device="cpu")
+
+    n, d = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    layers = model.model.layers
+
+    def run(prompt, patch=None):
+        ids = tokenizer(prompt.text)["input_ids"]
+        answer = tokenizer(prompt.text + prompt.answer)["input_ids"][len(ids)]
+        seen = {}
+
+        def pre(_m, args, l):
+            x = args[0].clone()
+            seen[l] = x[0, -1].reshape(n, d).clone()
+            if patch and patch[0] == l:
+                x[0, -1, patch[1] * d:(patch[1] + 1) * d] = patch[2]
+            return (x,)
+
+        handles = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: pre(m, a, l))
+                   for l, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, answer, torch.stack([seen[l] for l in range(len(layers))])
+
+    kept = []
+    for prompt in n_shot_prompts(task, 12, 3):
+        logits, answer, acts = run(prompt)
+        if int(logits.argmax()) == answer:
+            kept.append(acts)
+    assert 0 < len(kept) < 12, "the filter must keep some prompts and drop others for this check to mean anything"
+    mean = torch.stack(kept).mean(0)
+    assert found["clean_correct"] == len(kept) and torch.allclose(found["mean_activations"], mean, atol=1e-5)
+    cie = torch.zeros(len(layers), n)
+    corrupted = n_shot_prompts(task, 5, 4, corruption="shuffle_labels")
+    for prompt in corrupted:
+        logits, answer, _ = run(prompt)
+        p0 = torch.softmax(logits, -1)[answer]
+        for l in range(len(layers)):
+            for h in range(n):
+                patched, _, _ = run(prompt, (l, h, mean[l, h]))
+                cie[l, h] += torch.softmax(patched, -1)[answer] - p0
+    cie /= len(corrupted)
+    assert torch.allclose(found["cie"], cie, atol=1e-5)
+    top = sorted(((float(cie[l, h]), l, h) for l in range(len(layers)) for h in range(n)), reverse=True)[:3]
+    assert found["heads"] == [(l, h) for _, l, h in top]
+    vector = sum(layers[l].self_attn.o_proj.weight[:, h * d:(h + 1) * d] @ mean[l, h] for _, l, h in top)
+    assert torch.allclose(found["vector"], vector.detach(), atol=1e-5)
+
+
+def test_the_vector_is_shared_by_trials_that_differ_only_in_where_it_goes():
+    from forgetray.keys import iv_key
+
+    resolved = {"model": {"path": "m"}, "prior_datasets": [], "bos": "auto",
+                "iv_task": {"kind": "local", "name": "t.jsonl", "path": "/t.jsonl"}}
+    key = iv_key(TrialConfig(iv_task="t.jsonl"), resolved)
+    assert key == iv_key(TrialConfig(iv_task="t.jsonl", iv_layer=5, iv_site="attn", iv_kl_first=1.0, iv_mse=1.0,
+                                     iv_progressive=True, lora_rank=4), resolved)
+    for other in ({"iv_heads": 5}, {"iv_prompts": 50}, {"iv_corrupted": 10}, {"seed": 1}, {"max_length": 128}):
+        assert iv_key(TrialConfig(iv_task="t.jsonl", **other), resolved) != key, other
+
+
 # --- one real sweep ----------------------------------------------------------------------------------------------------
 
 def _answering_model(model_dir, out: Path) -> Path:
