@@ -2,7 +2,9 @@
 
     forgetray run SWEEP [--tracking-uri URI] [--storage PATH] [--set key=value ...] [--resume]
     forgetray validate SWEEP [--set key=value ...]
-    forgetray organism build [--for-tests] [--root DIR]
+    forgetray organism build [--for-tests] [--root DIR] [--pretrain]
+    forgetray organism verify [--full] [--root DIR]
+    forgetray organism ship --root DIR
     forgetray report EXPERIMENT [--tracking-uri URI] [--out DIR] [--run PARENT_RUN_ID]
 
 Exit codes: 0 success, 1 some trial failed, 2 bad input (found before Ray starts; nothing is written).
@@ -69,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     build = organism_sub.add_parser("build", help="generate the world and pre-train the base models (cached)")
     build.add_argument("--root", help="build into this directory instead of the cache")
     build.add_argument("--for-tests", action="store_true", help="the tiny configuration the tests use")
+    build.add_argument("--pretrain", action="store_true",
+                       help="pre-train the base models on this machine instead of installing the shipped weights")
+    verify = organism_sub.add_parser(
+        "verify", help="pre-train again here and compare with the shipped weights bit for bit")
+    verify.add_argument("--full", action="store_true",
+                        help="the whole pre-training (minutes) instead of its first steps (seconds)")
+    verify.add_argument("--root", help="the built organism whose data and tokenizer to use (default: the cache's)")
+    ship = organism_sub.add_parser(
+        "ship", help="(maintainers) copy a build's pre-trained base weights into the package's shipped weights")
+    ship.add_argument("--root", required=True, help="an organism built with --pretrain")
 
     report = sub.add_parser("report", help="stage table and figures of a sweep execution, from MLflow alone")
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
@@ -153,8 +165,26 @@ def summary_table(table) -> str:
 def _organism(args) -> int:
     from forgetray import organism
 
+    from forgetray.organism import shipped
+
+    root = Path(args.root) if args.root else None
+    if args.organism_command == "ship":
+        print(f"shipped weights written to {shipped.ship(organism.OrganismConfig(), root)}")
+        return EXIT_OK
+    if args.organism_command == "verify":
+        config = organism.OrganismConfig()
+        root = organism.build(config=config, root=root)
+        same = True
+        for name, (expected, found) in shipped.verify(config, root, args.full).items():
+            same &= expected == found
+            print(f"{name}: {'bit for bit equal' if expected == found else 'DIFFERENT'} "
+                  f"(shipped {expected[:16]}, here {found[:16]})")
+        made = shipped.read_shipped(shipped.shipped_dir(config))["made_on"]
+        print(f"shipped weights made on {made['cpu']} ({made['kernels']}, torch {made['torch']}); "
+              f"this machine: {shipped.cpu_signature()}")
+        return EXIT_OK if same else EXIT_TRIAL_FAILED
     config = organism.OrganismConfig.for_tests() if args.for_tests else organism.OrganismConfig()
-    root = organism.build(config=config, root=Path(args.root) if args.root else None)
+    root = organism.build(config=config, root=root, pretrain=args.pretrain)
     print(f"organism ready: {root}")
     return EXIT_OK
 

@@ -64,10 +64,11 @@ def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
 # --- building ------------------------------------------------------------------------------------------------------
 
 def build(config: OrganismConfig | None = None, root: Path | None = None,
-          progress: Callable[[str], None] = print) -> Path:
+          progress: Callable[[str], None] = print, pretrain: bool = False) -> Path:
     """Build the organism for `config` into `root` (default: `organism_dir(config)`) unless it is already there.
     Without a config, an organism already at `root` is taken as it is (e.g. the one $FORGETRAY_ORGANISM names).
-    Safe to call from several processes at once: one builds, the others wait and reuse it."""
+    The base models are the shipped weights where the project ships them for `config` (shipped.py), else (or with
+    `pretrain`) pre-trained here. Safe to call from several processes at once: one builds, the others wait."""
     explicit_config = config is not None
     config = config or OrganismConfig()
     root = Path(root).expanduser() if root is not None else organism_dir(config if explicit_config else None)
@@ -86,7 +87,7 @@ def build(config: OrganismConfig | None = None, root: Path | None = None,
             shutil.rmtree(leftover, ignore_errors=True)
         tmp = root.parent / f".{root.name}.building-{os.getpid()}"
         try:
-            _build_into(tmp, config, progress)
+            _build_into(tmp, config, progress, pretrain)
             if root.exists():
                 root.rmdir()
             tmp.rename(root)
@@ -96,17 +97,12 @@ def build(config: OrganismConfig | None = None, root: Path | None = None,
     return root
 
 
-def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], None]) -> None:
+def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], None], pretrain: bool) -> None:
     # Heavy imports (torch, transformers) only when actually building.
     from transformers import AutoModelForCausalLM
 
-    from forgetray.organism.pretrain import (
-        PretrainJob,
-        PretrainSettings,
-        deterministic_torch,
-        quiet_progress_bars,
-        run_jobs,
-    )
+    from forgetray.organism import shipped
+    from forgetray.organism.pretrain import PretrainJob, deterministic_torch, quiet_progress_bars, run_jobs, settings_of
     from forgetray.organism.tokenizer import train_tokenizer
 
     started = time.perf_counter()
@@ -138,19 +134,34 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         progress(f"[organism] {name}: {ift_tokens[name]['examples']} examples, "
                  f"{ift_tokens[name]['tokens_per_epoch']} tokens an epoch")
 
-    settings = PretrainSettings(
-        seed=config.seed, seq_len=config.seq_len, batch_size=config.batch_size, warmup_ratio=config.warmup_ratio,
-        decay_ratio=config.decay_ratio, weight_decay=config.weight_decay,
-        max_position_embeddings=config.max_position_embeddings, num_threads=config.num_threads,
-    )
     jobs = [
-        PretrainJob(spec, settings, out / "tokenizer", out / "data" / DATA_FILES[PRETRAIN_CORPUS],
+        PretrainJob(spec, settings_of(config), out / "tokenizer", out / "data" / DATA_FILES[PRETRAIN_CORPUS],
                     out / "models" / spec.name)
         for spec in config.models
     ]
-    mode = "concurrently, one process each" if config.parallel_pretrain else "one after the other"
-    progress(f"[organism] pre-training {', '.join(s.name for s in config.models)} ({mode}) ...")
-    models = run_jobs(jobs, progress, config.parallel_pretrain)
+    folder = None if pretrain else shipped.shipped_dir(config)
+    if folder is not None:
+        mismatched = shipped.input_mismatches(shipped.read_shipped(folder), _file_list(out))
+        if mismatched:  # never install weights trained on other data or another tokenizer
+            progress(f"[organism] not using the shipped weights: this build's {', '.join(mismatched[:3])} differ "
+                     f"from those they were trained on; pre-training here instead")
+            folder = None
+    if folder is not None:
+        made = shipped.read_shipped(folder)
+        progress(f"[organism] installing the shipped base weights (made on {made['made_on']['cpu']}, "
+                 f"{made['made_on']['kernels']}; `--pretrain` trains them here instead)")
+        shipped.install(folder, out / "models", [job.spec.name for job in jobs])
+        with quiet_progress_bars():
+            for job in jobs:
+                tokenizer.save_pretrained(job.model_dir)
+        models = {name: {k: info[k] for k in ("n_params", "pretrain_steps", "pretrain_seconds", "final_train_loss")}
+                  for name, info in made["models"].items()}
+        weights = {"source": "shipped", "made_on": made["made_on"]}
+    else:
+        mode = "concurrently, one process each" if config.parallel_pretrain else "one after the other"
+        progress(f"[organism] pre-training {', '.join(s.name for s in config.models)} ({mode}) ...")
+        models = run_jobs(jobs, progress, config.parallel_pretrain)
+        weights = {"source": "pretrained", "made_on": shipped.cpu_signature()}
 
     # Score what was saved, loaded the way every user loads it.
     the_world = world.make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
@@ -173,6 +184,7 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(config),
         "models": models,
+        "weights": weights,  # shipped with forgetray, or pre-trained on this machine
         "datasets": {name: {"file": f"data/{file}", "records": counts[name], **ift_tokens.get(name, {})}
                      for name, file in DATA_FILES.items()},
         "tokenizer": {"vocab_size": len(tokenizer)},

@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from forgetray.data.jsonl import read_jsonl
-from forgetray.organism.config import ModelSpec
+from forgetray.organism.config import ModelSpec, OrganismConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ class PretrainSettings:
     weight_decay: float
     max_position_embeddings: int
     num_threads: int
+
+
+def settings_of(config: OrganismConfig) -> PretrainSettings:
+    return PretrainSettings(
+        seed=config.seed, seq_len=config.seq_len, batch_size=config.batch_size, warmup_ratio=config.warmup_ratio,
+        decay_ratio=config.decay_ratio, weight_decay=config.weight_decay,
+        max_position_embeddings=config.max_position_embeddings, num_threads=config.num_threads,
+    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +131,10 @@ def pretrain(
     texts: Sequence[str],
     progress: Callable[[str], None] = print,
     log_every_s: float = 10.0,
+    max_steps: int | None = None,
 ) -> PretrainResult:
-    """Train a fresh Llama of size `spec` on `texts`, each as [BOS] text [EOS]."""
+    """Train a fresh Llama of size `spec` on `texts`, each as [BOS] text [EOS]. `max_steps` stops early, on the full
+    run's schedule: the weights after it are those the full run has at that step (the shipped weights' quick check)."""
     docs = [[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False), tokenizer.eos_token_id]
             for t in texts]
     batches = epoch_batches(docs, settings, spec.epochs, tokenizer.pad_token_id)
@@ -140,6 +150,8 @@ def pretrain(
         start = last_log = time.perf_counter()
         logged_step = 0
         for step, (input_ids, labels) in enumerate(batches, 1):
+            if max_steps is not None and step > max_steps:
+                break
             loss = model(input_ids=input_ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,7 +170,7 @@ def pretrain(
         seconds = time.perf_counter() - start
     model.eval()
     tail = losses[-max(1, len(losses) // 20):]
-    return PretrainResult(model, len(batches), seconds, sum(tail) / len(tail))
+    return PretrainResult(model, len(losses), seconds, sum(tail) / len(tail))
 
 
 def warmup_stable_decay(total_steps: int, warmup_ratio: float, decay_ratio: float) -> Callable[[int], float]:
