@@ -157,6 +157,8 @@ def materialise_follower(tracker: Tracker, context: dict, index: int, leader: Tr
                 if sharing.follower_artifact(folder, trial.epochs):
                     local = tracker.download_artifacts(leader_run_id, folder, Path(tmp))
                     tracker.log_artifacts(run_id, local, folder)
+        if leader_dirs.get("iv_dir") and Path(leader_dirs["iv_dir"]).is_dir():  # its vector (the same iv_key)
+            tracker.log_artifacts(run_id, Path(leader_dirs["iv_dir"]), "iv")
         log_continual(tracker, run_id, trial, resolved, phases)
         if trial.restore_pool:  # the leader's checkpoints and restorations, with the follower's stage settings
             checkpoints = sorted((Path(leader_dirs["trial_dir"]) / "ift").glob("epoch_*"))[:trial.epochs]
