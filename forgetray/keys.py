@@ -52,6 +52,9 @@ def base_eval_key(trial: TrialConfig, resolved: dict) -> str:
         "probe_set": resolved["probe_set"]["path"],
         "probe": [trial.n_shot, trial.probe_passages, trial.probe_max_length],
     }
+    if trial.iv_probe_task:  # the dynamics probe is part of the base's probes (absent: keys as before it)
+        parts["iv_probe"] = [iv_probe_key(trial, resolved), trial.iv_probe_layer, trial.iv_probe_degree,
+                             trial.probe_batch_size]
     return f"{_model_name(trial)}-{_digest(parts)}"
 
 
@@ -74,8 +77,17 @@ def iv_key(trial: TrialConfig, resolved: dict) -> str:
     """What the instruction vector depends on: the starting weights, the task, the prompts (how many, the seed, the
     BOS rule, truncation) and the number of heads. Not the injection layer or site, nor the loss settings: trials
     that differ only in those share one extraction."""
-    parts = {"start": start_key(trial, resolved), "task": [resolved["iv_task"]["kind"], resolved["iv_task"]["path"],
-                                                           resolved["iv_task"]["name"]],
+    return _extraction_key(trial, resolved, resolved["iv_task"], trial.iv_heads)
+
+
+def iv_probe_key(trial: TrialConfig, resolved: dict) -> str:
+    """The dynamics probe's base vector: the same extraction (and so the same folder as `iv_key`'s when the task
+    and the number of heads agree)."""
+    return _extraction_key(trial, resolved, resolved["iv_probe_task"], trial.iv_probe_heads)
+
+
+def _extraction_key(trial: TrialConfig, resolved: dict, task: dict, heads: int) -> str:
+    parts = {"start": start_key(trial, resolved), "task": [task["kind"], task["path"], task["name"]],
              "prompts": [trial.iv_prompts, trial.iv_corrupted, trial.seed, resolved["bos"], trial.max_length],
-             "heads": trial.iv_heads}
+             "heads": heads}
     return f"{_model_name(trial)}-{_digest(parts)}"

@@ -234,6 +234,8 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         "probe_set": resolve_passages(trial.probe_set, "probe_set"),
         "restore_pool": resolve_passages(trial.restore_pool, "restore_pool") if trial.restore_pool else None,
         **({"iv_task": resolve_iv_task(trial.iv_task, trial, model)} if trial.iv_task else {}),
+        **({"iv_probe_task": resolve_iv_task(trial.iv_probe_task, trial, model, "iv_probe")}
+           if trial.iv_probe_task else {}),
     }
 
 
@@ -241,45 +243,48 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
 IV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
-def resolve_iv_task(name: str, trial: TrialConfig, model: dict) -> dict:
-    """-> {"kind": "builtin"|"local", "name", "path"}: the IV-guided task, loaded once here to check it; and, where
-    the model's config.json is on disk, its architecture, iv_layer and iv_heads against its layers and heads (a hub
-    model not in the cache is checked when the workers load it)."""
+def resolve_iv_task(name: str, trial: TrialConfig, model: dict, prefix: str = "iv") -> dict:
+    """-> {"kind": "builtin"|"local", "name", "path"}: the IV-guided task (prefix "iv": iv_task, iv_layer, iv_heads)
+    or the dynamics probe's ("iv_probe"), loaded once here to check it; and, where the model's config.json is on
+    disk, its architecture, <prefix>_layer and <prefix>_heads against its layers and heads (a hub model not in the
+    cache is checked when the workers load it)."""
     from forgetray.iv import builtin, load_task
 
+    setting, layer, n_heads = f"{prefix}_task", getattr(trial, f"{prefix}_layer"), getattr(trial, f"{prefix}_heads")
     if builtin.is_builtin(name):
         from forgetray import organism
 
         try:
             task = builtin.builtin_task(name)
         except (ValueError, FileNotFoundError) as exc:
-            raise SpecError(f"setting 'iv_task': {exc}") from None
+            raise SpecError(f"setting '{setting}': {exc}") from None
         resolved = {"kind": "builtin", "name": name, "path": str(organism.organism_dir())}
     else:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
-            raise SpecError(f"setting 'iv_task': {name!r} is neither a built-in task ({', '.join(builtin.TASKS)}) "
+            raise SpecError(f"setting '{setting}': {name!r} is neither a built-in task ({', '.join(builtin.TASKS)}) "
                             "nor a task .jsonl file")
         try:
             task = load_task(path)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise SpecError(f"setting 'iv_task': {exc}") from None
+            raise SpecError(f"setting '{setting}': {exc}") from None
         resolved = {"kind": "local", "name": name, "path": str(path)}
     if task.template.n_shot >= len(task.examples):
-        raise SpecError(f"setting 'iv_task': {task.template.n_shot}-shot prompts need more than "
+        raise SpecError(f"setting '{setting}': {task.template.n_shot}-shot prompts need more than "
                         f"{len(task.examples)} examples")
     config = Path(model["path"]) / "config.json"
     if model["kind"] != "hub" and config.is_file():
         found = json.loads(config.read_text())
         kind = found.get("model_type", "?")
         if kind not in IV_MODEL_TYPES:
-            raise SpecError(f"setting 'iv_task': model type {kind!r} is not supported by instruction vectors "
+            raise SpecError(f"setting '{setting}': model type {kind!r} is not supported by instruction vectors "
                             f"(Llama-like decoders only: {', '.join(IV_MODEL_TYPES)})")
         layers, heads = found.get("num_hidden_layers", 0), found.get("num_attention_heads", 0)
-        if trial.iv_layer >= layers:
-            raise SpecError(f"setting 'iv_layer' must be < the model's {layers} layers, got {trial.iv_layer}")
-        if trial.iv_heads > layers * heads:
-            raise SpecError(f"setting 'iv_heads' must be <= the model's {layers} x {heads} heads, got {trial.iv_heads}")
+        if layer >= layers:
+            raise SpecError(f"setting '{prefix}_layer' must be < the model's {layers} layers, got {layer}")
+        if n_heads > layers * heads:
+            raise SpecError(f"setting '{prefix}_heads' must be <= the model's {layers} x {heads} heads, got "
+                            f"{n_heads}")
     return resolved
 
 

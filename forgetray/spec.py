@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from forgetray.spec_iv import check_iv_probe
+
 
 class SpecError(ValueError):
     """A sweep or trial setting is invalid. The message is one line naming the setting (and file/line if any)."""
@@ -117,6 +119,12 @@ class TrialConfig:
     iv_progressive_end: float = 0.75
     iv_prompts: int = 100  # clean n-shot prompts for the mean head activations (those answered correctly count)
     iv_corrupted: int = 25  # label-shuffled prompts for the causal indirect effects
+    # the instruction-vector dynamics probe of every model state (issue 12 item 3; forgetray.train.iv_probe); it
+    # extracts with iv_prompts and iv_corrupted too
+    iv_probe_task: str = ""  # "" = off; a built-in task or a task .jsonl, as iv_task
+    iv_probe_layer: int = 0  # where the base vector is re-injected (the decoder layer's output)
+    iv_probe_heads: int = 10  # top heads by CIE that make each state's vector
+    iv_probe_degree: float = 1.0  # the re-injected vector's multiple
     # --- continual-learning metrics (METHODS.md §9) ---
     own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
@@ -170,8 +178,11 @@ class TrialConfig:
         data = self.to_dict()
         if not self.lora_rank:  # full fine-tuning: the LoRA settings are unused (and hashes stay as before them)
             data = {k: v for k, v in data.items() if not k.startswith("lora_")}
-        if not self.iv_task:  # likewise the IV-guided settings without IV guidance
-            data = {k: v for k, v in data.items() if not k.startswith("iv_")}
+        if not self.iv_task:  # likewise the IV-guided settings without IV guidance (or the dynamics probe)
+            kept = IV_PROBE_USES if self.iv_probe_task else ()
+            data = {k: v for k, v in data.items() if not k.startswith("iv_") or k in kept}
+        if not self.iv_probe_task:
+            data = {k: v for k, v in data.items() if not k.startswith("iv_probe_")}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -187,6 +198,8 @@ class TrialConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
+# What the dynamics probe reads: its own settings and the extraction's prompt counts.
+IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_prompts", "iv_corrupted")
 # What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
 # those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
 PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio",
@@ -357,6 +370,7 @@ def _check_iv(cfg: TrialConfig, need) -> None:
          f"and iv_progressive_end (= {cfg.iv_progressive_end!r}) need 0 <= start <= end <= 1")
     need(cfg.iv_prompts >= 1, "iv_prompts", "must be >= 1")
     need(cfg.iv_corrupted >= 1, "iv_corrupted", "must be >= 1")
+    check_iv_probe(cfg, need)
     if not cfg.iv_task:
         return
     need(bool(cfg.iv_task.strip()), "iv_task", "must name a task ('' = off)")

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import plan as planning
-from forgetray.keys import (base_em_key, base_eval_key, iv_key, prior_start_key, restoring_key, start_key,  # noqa: F401
-                            trial_key)
+from forgetray.keys import (base_em_key, base_eval_key, iv_key, iv_probe_key, prior_start_key,  # noqa: F401
+                            restoring_key, start_key, trial_key)
 from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
 from forgetray.records import (RUN_ID_FILE, attach_trial_run, run_name, trial_datasets,  # noqa: F401 (re-exported)
@@ -78,6 +78,7 @@ def trial_dirs(execution_dir: Path, trial: TrialConfig, resolved: dict) -> dict:
         "restoring_dir": str(execution_dir / "restoring" / restoring_key(trial, resolved))
         if resolved.get("restore_pool") else None,
         "iv_dir": str(execution_dir / "iv" / iv_key(trial, resolved)) if trial.iv_task else None,
+        "iv_probe_dir": str(execution_dir / "iv" / iv_probe_key(trial, resolved)) if trial.iv_probe_task else None,
     }
 
 

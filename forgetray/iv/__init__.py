@@ -7,7 +7,9 @@ computation on a model and tensors: no Ray, MLflow or DeepSpeed.
 - `vector`: mean head activations over clean prompts, causal indirect effects on corrupted prompts, the top heads,
   the vector, and its injection into the residual stream;
 - `loss`: the IV-guided loss (CE + thresholded first-token and all-position KL + head MSE), each term returned;
-- `schedule`: the progressive intervention degree.
+- `schedule`: the progressive intervention degree;
+- `dynamics`: a checkpoint's vector against the base's (cosine, head overlap), accuracy with a vector injected, and
+  answer log-probabilities (P(y|x), P(y_c|c,x)).
 
 Conventions (details and citations in each module): CIE is the first-answer-token probability difference (Todd et
 al.; FvForgetting ranks heads by the answer NLL instead, not implemented); the vector leaves any o_proj bias out;
@@ -17,8 +19,8 @@ thresholds count x * [x > thr]; the progressive degree holds 1.0 through the fir
 
 Orchestrated in `forgetray.train.iv_guided` (IV-guided training, the IFT phase's `iv_*` settings: extraction as a
 sweep step with tokenisation, batching and the clean-prompt filter; the reference forward with LoRA adapters disabled
-or a frozen copy; the degree per step; the terms logged to MLflow). `builtin`: the organism's built-in tasks.
-Not yet orchestrated: vectors and their dynamics per checkpoint (issue 12 item 3).
+or a frozen copy; the degree per step; the terms logged to MLflow) and `forgetray.train.iv_probe` (the dynamics probe
+of every model state, setting `iv_probe_task`). `builtin`: the organism's built-in tasks.
 """
 
 from forgetray.iv.heads import (HeadLayout, head_layout, last_prompt_positions, last_token_positions, patch_heads,

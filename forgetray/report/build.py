@@ -15,6 +15,7 @@ from forgetray.report.continual import continual_table, continual_text
 from forgetray.report.figures import FIG3A, FIG3B, FIG3C_GLOB, FIG4, FIG5, Drawn, draw_figures
 from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pooled_table, pooled_text,
                                      replicate_groups, sweep_replicates)
+from forgetray.report.reinjection import REINJECTION_CSV, reinjection_table, reinjection_text
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
 from forgetray.report.tables import TEXT_COLUMNS, empty_columns, methods_table, report_text, stage_table
 from forgetray.tracking import Tracker, default_tracking_uri
@@ -32,7 +33,8 @@ CONTINUAL_CSV = "continual_table.csv"
 class Report:
     """A sweep execution's report. `text` is what the CLI prints; `notes` says what was left out and why;
     `plots` holds each saved figure's matplotlib Figure by file name, for reading back what it shows;
-    `pooled_table` is the stage table pooled over replicates (empty unless the sweep ran `replicates=n`)."""
+    `pooled_table` is the stage table pooled over replicates (empty unless the sweep ran `replicates=n`);
+    `reinjection_table` the IV re-injection table (empty unless a trial ran the dynamics probe)."""
 
     stage_table: pd.DataFrame
     figures: list[Path]
@@ -42,12 +44,14 @@ class Report:
     notes: list[str] = field(default_factory=list)
     plots: dict[str, Figure] = field(default_factory=dict)
     pooled_table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    reinjection_table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _clear_previous(out_dir: Path) -> None:
     """Remove the report's files from an earlier report in out_dir, so a figure skipped now is not left stale
     (and logged again). Other files in out_dir are left alone."""
-    names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV, POOLED_CSV, POOLED_TXT)
+    names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV, POOLED_CSV, POOLED_TXT,
+             REINJECTION_CSV)
     for path in [*(out_dir / name for name in names), *out_dir.glob(FIG3C_GLOB)]:
         path.unlink(missing_ok=True)
 
@@ -90,6 +94,10 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     continual = continual_table(trials, varying)  # empty unless some trial has prior phases
     text = report_text(experiment, parent, trials, varying, table, notes, methods,
                        continual_text(continual, varying) if not continual.empty else None)
+    reinjection = reinjection_table(trials, varying)  # empty unless some trial ran the IV dynamics probe
+    if not reinjection.empty:
+        reinjection.to_csv(out_dir / REINJECTION_CSV, index=False)
+        text += "\n" + reinjection_text(reinjection, varying) + "\n"
     if not pooled.empty:
         pooled.to_csv(out_dir / POOLED_CSV, index=False)
         (out_dir / POOLED_TXT).write_text(pooled_text(pooled))
@@ -104,7 +112,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)
     return Report(stage_table=table, figures=[out_dir / d.file for d in drawn], text=text,
                   parent_run_id=parent.info.run_id, out_dir=out_dir, notes=notes,
-                  plots={d.file: d.figure for d in drawn}, pooled_table=pooled)
+                  plots={d.file: d.figure for d in drawn}, pooled_table=pooled, reinjection_table=reinjection)
 
 
 def default_out_dir(experiment: str) -> Path:

@@ -33,9 +33,10 @@ class ProbeSuite:
     max_length: int
     bos: str = "always"
     letter_rule: str = "merged"
+    iv_probe: object = None  # forgetray.train.iv_probe.IVProbe with iv_probe_task (needs the trial's dirs)
 
     @classmethod
-    def load(cls, resolved: dict, trial) -> "ProbeSuite":
+    def load(cls, resolved: dict, trial, dirs: dict | None = None) -> "ProbeSuite":
         from forgetray import tasks
 
         benchmarks = {}
@@ -50,8 +51,13 @@ class ProbeSuite:
             shots, scored = questions[: trial.n_shot], questions[trial.n_shot:]
             benchmarks[name] = {"questions": scored, "shots": shots, "score": bench["score"]}
         passages = load_passage_set(resolved["probe_set"], limit=trial.probe_passages)
+        dynamics = None
+        if getattr(trial, "iv_probe_task", "") and dirs is not None:
+            from forgetray.train.iv_probe import IVProbe
+
+            dynamics = IVProbe.load(resolved, trial, dirs)
         return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length,
-                   resolved.get("bos", "always"), trial.letter_rule)
+                   resolved.get("bos", "always"), trial.letter_rule, dynamics)
 
 
 def load_questions(bench: dict) -> list:
@@ -92,8 +98,8 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
              knowledge_only: bool = False) -> tuple[dict, dict]:
     """-> (metrics of model state `state`, per-question frames by benchmark). Both are complete on rank 0 only.
 
-    `ift_examples` adds exact memorization on them (`ift/em`); `knowledge_only` skips perplexity and EM (the cheap
-    probe used at fine-grained steps inside epoch 1)."""
+    `ift_examples` adds exact memorization on them (`ift/em`); `knowledge_only` skips perplexity, EM and the IV
+    dynamics probe (the cheap probe used at fine-grained steps inside epoch 1)."""
     rank, world = _distributed()
     metrics: dict[str, float] = {}
     frames: dict[str, pd.DataFrame] = {}
@@ -133,6 +139,9 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
         if knowledge_only:
             model.train(was_training)
             return metrics, frames
+        if suite.iv_probe is not None:  # the instruction-vector dynamics (module of an engine: hooks need it)
+            metrics.update(suite.iv_probe.measure(getattr(model, "module", model), tokenizer, state, device, rank,
+                                                  world))
         if ift_examples:
             pad_id = probes.padding_id(tokenizer)
             metrics[registry.EM.name(state=state)] = memorization(model, ift_examples, pad_id, suite.batch_size, device)

@@ -24,7 +24,7 @@ from forgetray.methods import wiseft
 from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
-from forgetray.train import iv_guided, lora
+from forgetray.train import iv_guided, iv_probe, lora
 from forgetray.train.checkpoints import checkpoint_epoch, computed_once, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, format_metrics, memorization
@@ -49,7 +49,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
     reference = iv_guided.frozen_reference(model, device) if phase.iv.on and not phase.lora.rank else None
     model = lora.wrap(model, phase.lora)  # LoRA (lora_rank > 0): adapters train, the start's weights stay frozen
     steps = steps_per_epoch(len(data), phase)
-    suite = ProbeSuite.load(worker.resolved, trial)
+    suite = ProbeSuite.load(worker.resolved, trial, worker.dirs)
     em_examples = own[: trial.em_examples] if trial.em_examples else own
     flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
     engine, scheduler = build_engine(model, phase, worker.engine_config(phase), total_steps=steps * phase.epochs)
@@ -59,6 +59,11 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
         computed_once(worker.dirs["iv_dir"], rank, lambda out: _extract_iv(engine, tokenizer, phase, worker, out))
         found = iv_guided.load(worker.dirs["iv_dir"])
         guide = iv_guided.make_guide(phase.iv, found, reference, steps * phase.epochs, device)
+
+    if suite.iv_probe is not None:  # the dynamics probe's base vector, once per sweep (keys.iv_probe_key)
+        with lora.adapter_disabled(engine.module) as module:  # LoRA: exactly the start
+            computed_once(worker.dirs["iv_probe_dir"], rank, lambda out: iv_probe.extract_base(
+                suite.iv_probe, module, tokenizer, device, rank, world, out))
 
     if checkpoint is None:
         # The engine before its first step is the phase's starting model (under ZeRO-3 only the engine can run it).

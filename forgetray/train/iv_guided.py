@@ -84,8 +84,11 @@ def _all_sum(x: Tensor, device) -> Tensor:
 
 @torch.no_grad()
 def extract(model: nn.Module, tokenizer, task: iv.Task, settings: IVGuided, bos: str, max_length: int,
-            batch_size: int, seed: int, device, rank: int = 0, world: int = 1) -> dict:
-    """Heads and vector of `task` on `model` (every rank calls it; each takes its share of the prompts)."""
+            batch_size: int, seed: int, device, rank: int = 0, world: int = 1, require_clean: bool = True) -> dict:
+    """Heads and vector of `task` on `model` (every rank calls it; each takes its share of the prompts).
+    `settings`: anything with `prompts`, `corrupted` and `heads` (IVGuided, or the dynamics probe's settings).
+    A model that answers no clean prompt correctly has no vector: an error, or with `require_clean=False` the
+    counts with vector None and no heads (the dynamics probe of a checkpoint that lost the task)."""
     from forgetray.probes import padding_id
 
     layout = iv.head_layout(model)
@@ -104,6 +107,10 @@ def extract(model: nn.Module, tokenizer, task: iv.Task, settings: IVGuided, bos:
             total += iv.mean_head_activations(model, [b for b in mine if b["keep"].any()]).double().cpu() * kept
         counts = _all_sum(torch.tensor([float(kept), float(len(clean[rank::world]))], dtype=torch.float64), device)
         total = _all_sum(total, device)
+        if counts[0] == 0 and not require_clean:
+            return {"vector": None, "heads": [], "scores": [], "cie": None, "mean_activations": None,
+                    "clean_prompts": int(counts[1]), "clean_correct": 0, "corrupted_prompts": len(corrupted),
+                    "task": task.name}
         if counts[0] == 0:
             raise ValueError(f"iv_task {task.name!r}: the starting model answers none of the {len(clean)} clean "
                              "prompts correctly, so there are no activations to average (Todd et al.'s filter)")

@@ -48,7 +48,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
         return
     trial, rank, world, device, epoch = worker.trial, worker.rank, worker.world, worker.device, phase.restores_epoch
     restoring = datasets.load_from_disk(str(Path(worker.dirs["restoring_dir"]) / "dataset"))
-    suite = ProbeSuite.load(worker.resolved, trial)
+    suite = ProbeSuite.load(worker.resolved, trial, worker.dirs)
     torch.manual_seed(trial.seed)
     source = {"name": f"sft-epoch-{epoch}", "path": str(sft_model_dir(worker.dirs["trial_dir"], epoch))}
     tokenizer = load_tokenizer(source)

@@ -56,7 +56,7 @@ class Worker:
 
     trial: TrialConfig
     resolved: dict
-    dirs: dict  # trial_dir, start_dir, base_eval_dir, base_em_dir, restoring_dir, iv_dir (plain paths, trial driver)
+    dirs: dict  # trial_dir, start_dir, base_eval_dir, base_em_dir, restoring_dir, iv_dir, iv_probe_dir (plain paths)
     rank: int
     world: int
     device: torch.device
@@ -127,7 +127,7 @@ def phase_worker(config: dict) -> None:
             run_restore(worker, phase)
 
 
-DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir", "iv_dir")
+DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir", "iv_dir", "iv_probe_dir")
 
 
 def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
