@@ -158,8 +158,9 @@ def materialise_follower(tracker: Tracker, context: dict, index: int, leader: Tr
                 if sharing.follower_artifact(folder, trial.epochs):
                     local = tracker.download_artifacts(leader_run_id, folder, Path(tmp))
                     tracker.log_artifacts(run_id, local, folder)
-        if leader_dirs.get("iv_dir") and Path(leader_dirs["iv_dir"]).is_dir():  # its vector (the same iv_key)
-            tracker.log_artifacts(run_id, Path(leader_dirs["iv_dir"]), "iv")
+        for key, path in (("iv_dir", "iv"), ("iv_probe_dir", "iv_probe")):  # its vectors (the same keys)
+            if leader_dirs.get(key) and Path(leader_dirs[key]).is_dir():
+                tracker.log_artifacts(run_id, Path(leader_dirs[key]), path)
         log_continual(tracker, run_id, trial, resolved, phases)
         if trial.restore_pool:  # the leader's checkpoints and restorations, with the follower's stage settings
             checkpoints = sorted((Path(leader_dirs["trial_dir"]) / "ift").glob("epoch_*"))[:trial.epochs]
@@ -283,6 +284,7 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
     use_gpu = trial.gpus_per_worker > 0
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
     artifact_dirs = {"base": (dirs["base_eval_dir"], "probes/base"), "iv": (dirs.get("iv_dir"), "iv"),
+                     "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
                      "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
                      "restored": (None, "probes/restored/epoch_{epoch:03d}")}
     from functools import partial

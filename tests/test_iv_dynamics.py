@@ -231,3 +231,41 @@ def test_the_reinjection_rows_are_declared_and_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for word in ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "reinjection_table.csv"):
         assert word in readme, word
+
+
+def test_the_report_reads_the_probe_back_from_mlflow_and_writes_the_table(tmp_path):
+    """A store written with MlflowClient directly (a trial that logged knowledge, stages and the probe's metrics):
+    build_report writes reinjection_table.csv and appends its text; a sweep without the probe gets neither."""
+    import time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from forgetray.report import build_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("dyn", artifact_location=(tmp_path / "artifacts").as_uri())
+    now = int(time.time() * 1000)
+    parent = client.create_run(experiment, run_name="dyn-exec", start_time=now,
+                               tags={"forgetray.kind": "sweep", "forgetray.sweep": "dyn"}).info.run_id
+    for name, probed in (("with", True), ("without", False)):
+        run = client.create_run(experiment, run_name=name, tags={"forgetray.kind": "trial",
+                                                                  "mlflow.parentRunId": parent}).info.run_id
+        values = [("base/b/knowledge", 0.8, 0), ("sft/b/knowledge", 0.6, 1), ("restored/b/knowledge", 0.8, 1),
+                  ("stage/code", 1, 1)]
+        if probed:
+            values += [("base/iv_probe/acc_zero_shot", 0.9, 0), ("sft/iv_probe/acc_zero_shot", 0.5, 1),
+                       ("sft/iv_probe/acc_injected", 0.85, 1), ("restored/iv_probe/acc_zero_shot", 0.8, 1),
+                       ("sft/iv_probe/cosine", 0.4, 1)]
+        client.log_batch(run, metrics=[Metric(n, float(v), now, s) for n, v, s in values],
+                         params=[Param("trial.iv_probe_task", "t" if probed else ""),
+                                 Param("resolved.benchmarks.b.score", "acc")])
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    report = build_report("dyn", uri, tmp_path / "out", log_to_mlflow=False)
+    table = report.reinjection_table
+    assert table["trial"].tolist() == ["with"] and table["recovers"].tolist() == ["both"]
+    assert table["share_iv"].tolist() == pytest.approx([(0.85 - 0.5) / 0.4])
+    assert (tmp_path / "out" / "reinjection_table.csv").is_file() and "sft+IV" in report.text
+    assert "sft+IV" in (tmp_path / "out" / "stage_table.txt").read_text()

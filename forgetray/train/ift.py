@@ -78,6 +78,8 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
         ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
         if guide is not None:  # its numbers, and its files as the run's iv/ artifacts (trial.py)
             ray.train.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
+        if suite.iv_probe is not None:  # the dynamics probe's base vector as the run's iv_probe/ artifacts
+            ray.train.report({"kind": "iv_probe", "epoch": 0})
         start_epoch = 0
     else:
         with checkpoint.as_directory() as ckpt_dir:

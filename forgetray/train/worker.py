@@ -3,8 +3,8 @@ trial's plan (`forgetray.plan`) that it was given, in turn, on the DeepSpeed eng
 
 The worker starts once (rank, device, logging); each phase then loads its starting weights, its data, builds its
 engine and runs its recipe: `run_prior` here, `forgetray.train.ift.run_ift`, `forgetray.train.restore.run_restore`.
-Every report to Ray Train carries `kind` ("base" | "iv" | "step" | "epoch" | "prior" | "continual" | "restore_step" |
-"restored") and the step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`,
+Every report to Ray Train carries `kind` ("base" | "iv" | "iv_probe" | "step" | "epoch" | "prior" | "continual" |
+"restore_step" | "restored") and the step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`,
 `ft_step`).
 
 Prior phases hand their weights on in memory and run in a Ray Train run of their own, once per sweep for all the
