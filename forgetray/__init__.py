@@ -5,7 +5,7 @@
     Sweep("demo", model=grid(["organism-tiny", "organism-small"]), replicates=3)  # 3 seeds per point, pooled
 """
 
-from forgetray.grids import Grid, Sweep, grid, replicate_group
+from forgetray.grids import Grid, Per, Sweep, grid, per, replicate_group
 from forgetray.spec import SpecError, TrialConfig
 
 __version__ = "0.1.0"
@@ -18,4 +18,4 @@ def run(sweep, **kwargs):
     return run_sweep(sweep, **kwargs)
 
 
-__all__ = ["Grid", "SpecError", "Sweep", "TrialConfig", "grid", "replicate_group", "run", "__version__"]
+__all__ = ["Grid", "Per", "SpecError", "Sweep", "TrialConfig", "grid", "per", "replicate_group", "run", "__version__"]

@@ -47,6 +47,31 @@ def grid(values: Iterable[Any]) -> Grid:
     return Grid(tuple(values))
 
 
+@dataclass(frozen=True)
+class Per:
+    """A setting whose value follows another setting's: `lr=per("dataset", {"a": 5e-3, "b": 4e-3})` gives every
+    trial the lr of its dataset. Not an axis of its own (no extra trials); the other setting may be a grid or a value,
+    and each of its values needs an entry."""
+
+    setting: str
+    values: tuple  # ((value of `setting`, this setting's value), ...)
+
+    def lookup(self, key: Any, name: str) -> Any:
+        for candidate, value in self.values:
+            if candidate == key:
+                return value
+        raise SpecError(f"setting {name!r} = per({self.setting!r}, ...) has no value for {self.setting}={key!r} "
+                        f"(it has: {', '.join(repr(k) for k, _ in self.values)})")
+
+
+def per(setting: str, values: Mapping[Any, Any]) -> Per:
+    """A setting that follows `setting`'s value, e.g. `lr=per("dataset", {"organism-alpaca": 5e-3, ...})`."""
+    if not isinstance(values, Mapping) or not values:
+        raise SpecError(f"per({setting!r}, ...) takes a non-empty dict from {setting}'s values to this setting's, "
+                        f"got {values!r}")
+    return Per(setting, tuple(values.items()))
+
+
 def replicate_group(trial: TrialConfig) -> str:
     """The trial's replicate group: a stable short hash of its config without the seed (its grid point). The
     replicates of one grid point share it; so would trials of a `seed=grid(...)` sweep, which the report still
@@ -89,6 +114,11 @@ class Sweep:
         unknown = [k for k in settings if k not in SETTINGS]
         if unknown:
             raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
+        for key, value in settings.items():
+            if isinstance(value, Per) and (value.setting not in SETTINGS or value.setting == key
+                                           or isinstance(settings.get(value.setting), Per)):
+                raise SpecError(f"setting {key!r} = per({value.setting!r}, ...): {value.setting!r} must be another "
+                                "setting of this sweep that is itself a value or a grid")
         if replicates > 1 and isinstance(settings.get("seed"), Grid):
             raise SpecError(f"replicates={replicates} runs each grid point with seeds seed, seed+1, ...: give 'seed' "
                             "one value (the first replicate's), not a grid (seed=grid([...]) alone runs independent "
@@ -133,17 +163,30 @@ class Sweep:
             "max_concurrent_trials": self.max_concurrent_trials,
             "replicates": self.replicates,
             "share_trajectories": self.share_trajectories,
-            "settings": {k: (list(v.values) if isinstance(v, Grid) else v) for k, v in self.settings.items()},
+            "settings": {k: _plain(v) for k, v in self.settings.items()},
             "axes": sorted(self.axes),
         }
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Grid):
+        return list(value.values)
+    if isinstance(value, Per):
+        return {"per": value.setting, "values": [list(pair) for pair in value.values]}
+    return value
+
+
 def _expand(settings: Mapping[str, Any], replicates: int = 1) -> list[TrialConfig]:
-    names = list(settings)
+    names = [n for n in settings if not isinstance(settings[n], Per)]
+    following = {n: v for n, v in settings.items() if isinstance(v, Per)}
     choices = [settings[n].values if isinstance(settings[n], Grid) else (settings[n],) for n in names]
+    defaults = TrialConfig()
     trials, seen = [], set()
     for combo in itertools.product(*choices):
-        point = TrialConfig(**dict(zip(names, combo)))
+        values = dict(zip(names, combo))
+        for name, rule in following.items():
+            values[name] = rule.lookup(values.get(rule.setting, getattr(defaults, rule.setting)), name)
+        point = TrialConfig(**values)
         for replicate in range(replicates):
             trial = dataclasses.replace(point, seed=point.seed + replicate) if replicate else point
             key = trial.config_hash()

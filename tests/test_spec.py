@@ -90,3 +90,27 @@ def test_overrides():
 def test_every_setting_has_a_default_and_flatten():
     assert set(TrialConfig().to_dict()) == set(SETTINGS)
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def test_per_makes_a_setting_follow_another():
+    from forgetray.grids import per
+
+    sweep = Sweep("s", dataset=grid(["a.jsonl", "b.jsonl"]), epochs=grid([1, 2]),
+                  lr=per("dataset", {"a.jsonl": 5e-3, "b.jsonl": 4e-3}))
+    assert [(t.dataset, t.epochs, t.lr) for t in sweep.trials] == [
+        ("a.jsonl", 1, 5e-3), ("a.jsonl", 2, 5e-3), ("b.jsonl", 1, 4e-3), ("b.jsonl", 2, 4e-3)]
+    assert sweep.axes == {"dataset": ("a.jsonl", "b.jsonl"), "epochs": (1, 2)}  # not an axis: no extra trials
+    assert sweep.to_dict()["settings"]["lr"] == {"per": "dataset", "values": [["a.jsonl", 5e-3], ["b.jsonl", 4e-3]]}
+    # a single value (or the default) of the followed setting works too; an override replaces the rule
+    assert Sweep("s", dataset="b.jsonl", lr=per("dataset", {"b.jsonl": 1e-4})).trials[0].lr == 1e-4
+    assert {t.lr for t in sweep.with_overrides({"lr": 1e-3}).trials} == {1e-3}
+    with pytest.raises(SpecError, match=r"'lr' = per\('dataset', \.\.\.\) has no value for dataset='b.jsonl'"):
+        Sweep("s", dataset=grid(["a.jsonl", "b.jsonl"]), lr=per("dataset", {"a.jsonl": 5e-3}))
+    with pytest.raises(SpecError, match="'lr' = per\\('lr'"):
+        Sweep("s", lr=per("lr", {1: 2}))
+    with pytest.raises(SpecError, match="must be another setting"):
+        Sweep("s", lr=per("nonsense", {1: 2}))
+    with pytest.raises(SpecError, match="non-empty dict"):
+        per("dataset", {})
+    with pytest.raises(SpecError, match="'lr'"):  # the followed value is validated like any setting
+        Sweep("s", dataset="a.jsonl", lr=per("dataset", {"a.jsonl": -1.0}))
