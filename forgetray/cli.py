@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             resolve_sweep(sweep)
             print(f"ok: sweep {sweep.name!r}, {sweep.size} trial(s); axes: "
                   + (", ".join(f"{k}={list(v)}" for k, v in sweep.axes.items()) or "none"))
+            from forgetray.grids import Per
+
+            for key, rule in sweep.settings.items():
+                if isinstance(rule, Per):
+                    print(f"{key} follows {rule.setting}: " + ", ".join(f"{k} -> {v}" for k, v in rule.values))
             print("\n".join(describe(list(sweep.trials), sweep.share_trajectories)))
             return EXIT_OK
         return _run(sweep, args)

@@ -35,6 +35,13 @@ def test_validate_accepts_a_good_sweep(in_tmp_cwd, files, capsys):
     assert "epochs grid not shared: lr_schedule 'cosine' depends on the total steps" in out
 
 
+def test_validate_says_which_setting_follows_which(in_tmp_cwd, files, capsys):
+    rule = 'per("seed", {0: 1e-3})'
+    body = "from forgetray import per\n" + f"sweep = Sweep('per', {good_settings(files, lr=rule)})\n"
+    assert main(["validate", write_sweep(in_tmp_cwd / "per.py", body)]) == EXIT_OK
+    assert "lr follows seed: 0 -> 0.001" in capsys.readouterr().out
+
+
 def test_validate_counts_the_training_sam_cf_shares():
     """sweeps/sam_cf.py: 3 models x 3 datasets x rho 3 x Wise-FT 2 x rehearsal 2 x epochs {1, 2} = 216 trials; the
     3-epoch Alpaca phase is 648 epochs unshared, 9 trained once per model; the IFT phase 108 x (1 + 2) = 324 epochs,
