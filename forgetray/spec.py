@@ -81,6 +81,9 @@ class TrialConfig:
     restore_lr_schedule: str = "cosine"
     restore_seq_len: int = 256  # restoring text is packed into sequences of this length
     restore_trajectory_points: int = 10  # probing-PPL measurements along each restoration (Figure 3a)
+    # restore again (a fresh one-pass restoration of the result) while R's probing PPL is above base x
+    # (1 + ppl_tolerance), at most this many passes in all; 1 = the fixed budget of one pass
+    restore_max_passes: int = 1
     # checkpoints restored one after another by one TorchTrainer; groups run concurrently. 0: in the IFT phase's
     # TorchTrainer, after it (one worker start-up per trial: the cheapest on a small machine)
     restore_group: int = 1
@@ -305,6 +308,9 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.restore_lr_schedule in LR_SCHEDULES, "restore_lr_schedule", f"must be one of {LR_SCHEDULES}")
     need(cfg.restore_seq_len >= 8, "restore_seq_len", "must be >= 8")
     need(cfg.restore_trajectory_points >= 1, "restore_trajectory_points", "must be >= 1")
+    need(cfg.restore_max_passes >= 1, "restore_max_passes", "must be >= 1")
+    need(cfg.restore_max_passes == 1 or cfg.zero_stage < 3, "restore_max_passes",
+         "> 1 is not supported with zero_stage=3 (a pass rebuilds the engine from the gathered model)")
     need(cfg.restore_group >= 0, "restore_group", "must be >= 0 (0: in the IFT phase's workers)")
     need(cfg.stage_test in STAGE_TESTS, "stage_test", f"must be one of {STAGE_TESTS}")
     need(0 < cfg.stage_alpha < 1, "stage_alpha", "must be in (0, 1)")

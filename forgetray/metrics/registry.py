@@ -149,6 +149,8 @@ PRIOR_LOSS = Metric("prior/{k}/train/loss", "phase epoch", False,
 RESTORE_LOSS = Metric("restored/train/loss", "epoch", False, "mean loss of the restoration that made R_e")
 RESTORE_TOKENS = Metric("restored/train/tokens", "epoch", None, "tokens the restoration trained on")
 RESTORE_STEPS = Metric("restored/train/steps", "epoch", None, "optimizer steps of the restoration")
+RESTORE_PASSES = Metric("restored/train/passes", "epoch", None,
+                        "restoration passes over the restoring set (restore_max_passes: until the pattern is back)")
 # --- along training ---
 STEPS_FORMAT = Metric("steps/{bench}/{key}", "optimizer step", None,
                       "the format probes along IFT: p_fmt, entropy_vocab, entropy_options, knowledge (Figure 4)",
@@ -180,7 +182,7 @@ METRICS: tuple[Metric, ...] = (
     CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, TRAIN_IV,
     IV_EXTRACTION, IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, PRIOR_LOSS,
-    RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, STEPS_FORMAT, RESTORE_TRAJECTORY,
+    RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, RESTORE_PASSES, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )

@@ -8,6 +8,7 @@ A Ray Train run may restore several checkpoints in turn (a group); a restarted r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,31 +66,64 @@ def run_restore(worker: Worker, phase: Phase) -> None:
     series = [_point(epoch, 0, trajectory, _sft_probe_ppl(worker.dirs["trial_dir"], epoch))]
 
     def measure(step: int) -> None:  # probing perplexity along the restoration (Figure 3a)
-        if step not in points or step in (0, steps):
-            return
-        engine.eval()
-        with torch.no_grad():
-            nll, n = probes.probe_perplexity(engine, tokenizer, suite.passages, batch_size=suite.batch_size,
-                                             max_length=suite.max_length, device=device, shard=(rank, world))
-        engine.train()
-        sums = torch.tensor([nll, float(n)], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        series.append(_point(epoch, step, trajectory, perplexity(float(sums[0]), int(sums[1]))))
+        if step in points and step not in (0, steps):
+            series.append(_point(epoch, step, trajectory, _probing_ppl(engine, tokenizer, suite, device, rank, world)))
 
     stats = train_epoch(engine, chunks, phase, epoch=1, seed=trial.seed, rank=rank, world=world,
                         pad_id=probes.padding_id(tokenizer), device=device, after_step=measure)
+    # Restoring again while the text pattern is not back (restore_max_passes > 1): each pass is a fresh one-pass
+    # restoration (new optimizer and schedule, another data order) of the previous pass's result.
+    passes, total = 1, dict(stats)
+    limit = _restored_ppl_limit(worker, trial) if trial.restore_max_passes > 1 else None
+    while limit is not None and passes < trial.restore_max_passes:
+        ppl = _probing_ppl(engine, tokenizer, suite, device, rank, world)
+        if ppl <= limit:
+            break  # R_e's own probes measure this point again below
+        series.append(_point(epoch, total["steps"], trajectory, ppl))
+        passes += 1
+        engine.destroy()
+        engine, _ = build_engine(engine.module, phase, worker.engine_config(phase), total_steps=steps)
+        more = train_epoch(engine, chunks, phase, epoch=passes, seed=trial.seed, rank=rank, world=world,
+                           pad_id=probes.padding_id(tokenizer), device=device)
+        total = {"loss": more["loss"], "tokens": total["tokens"] + more["tokens"],
+                 "steps": total["steps"] + more["steps"]}
+    stats = total
     found, frames = evaluate(engine, tokenizer, suite, device, state="restored", ift_examples=em_examples)
     if rank == 0:
         series.append(_point(epoch, stats["steps"], trajectory, found[registry.PROBE_PPL.name(state="restored")]))
     # the trajectory travels with R_e's report (callbacks.SERIES): one report per restoration
     metrics = {"kind": "restored", "epoch": epoch, registry.RESTORE_LOSS.name(): stats["loss"],
                registry.RESTORE_TOKENS.name(): stats["tokens"], registry.RESTORE_STEPS.name(): stats["steps"],
+               registry.RESTORE_PASSES.name(): passes,
                **found, registry.SERIES: series if rank == 0 else []}
     # R_e is probed and nothing resumes from its DeepSpeed state: written only with delete_finished_state=False
     report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
                       save_state=not trial.delete_finished_state)
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
+
+
+def _probing_ppl(engine, tokenizer, suite: ProbeSuite, device, rank: int, world: int) -> float:
+    engine.eval()
+    with torch.no_grad():
+        nll, n = probes.probe_perplexity(engine, tokenizer, suite.passages, batch_size=suite.batch_size,
+                                         max_length=suite.max_length, device=device, shard=(rank, world))
+    engine.train()
+    sums = torch.tensor([nll, float(n)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
+    return perplexity(float(sums[0]), int(sums[1]))
+
+
+def _restored_ppl_limit(worker: Worker, trial) -> float:
+    """The probing PPL at which the pattern counts as restored: the base's x (1 + ppl_tolerance), as the stage rule
+    has it. Rank 0 reads the base evaluation (computed once per sweep) and tells the others."""
+    limit = torch.zeros(1, dtype=torch.float64)
+    if worker.rank == 0:
+        summary = json.loads((Path(worker.dirs["base_eval_dir"]) / "summary.json").read_text())
+        limit[0] = summary[registry.PROBE_PPL.name(state="base")] * (1 + trial.ppl_tolerance)
+    if worker.world > 1:
+        dist.broadcast(limit, 0)
+    return float(limit[0])
 
 
 def _point(epoch: int, step: int, trajectory: str, ppl: float) -> dict:
