@@ -8,7 +8,7 @@ AdamW: one forward/backward per step) or sam_rho = 0.05 (every step is a `sam_st
 are identical (checked), so one engine serves both and both see the same weights, the same batches and the same
 optimizer. The ideal ratio SAM / plain is 2.0x.
 
-Model: a random `LlamaForCausalLM` shaped like organism-small (4 layers, hidden 192, 6 heads, intermediate 512, vocab
+Model: a random `LlamaForCausalLM` of 4 layers, hidden 192, 6 heads, intermediate 512, vocab
 1500, tied embeddings, fp32); data: random token ids, labels = inputs, all sequences `--seq` long (no padding).
 
 The machine may be shared, so the two sides are interleaved: each repeat runs `steps` plain steps and `steps` SAM
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         return lambda: perturbation(params, grads, args.rho, False)
 
     print(machine(args.threads))
-    print(f"model: random Llama, organism-small shape (4 layers, hidden 192, 6 heads, intermediate 512, vocab 1500, "
+    print(f"model: random Llama (4 layers, hidden 192, 6 heads, intermediate 512, vocab 1500, "
           f"tied, fp32), {n_params / 1e6:.2f}M parameters")
     print(f"batch: {args.batch} x {args.seq} tokens = {args.batch * args.seq} tokens per optimizer step; "
           f"{args.steps} steps per mode per repeat, {args.repeats} repeats (+1 warm-up), SAM rho {args.rho}")
