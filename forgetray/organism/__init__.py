@@ -2,7 +2,7 @@
 on it, built once and cached as ordinary files (Hugging Face model dirs, JSONL datasets).
 
     from forgetray.organism import build, model_path, data_path
-    root = build()                          # ~10 minutes on 2 CPU cores the first time, then instant
+    root = build()                          # seconds (installs the shipped weights) the first time, then instant
     model_path("organism-small")            # -> .../models/organism-small (AutoModelForCausalLM.from_pretrained)
     data_path("organism-facts")             # -> .../data/organism-facts.jsonl (MMLU-style multiple choice)
 

@@ -54,8 +54,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """Everything that determines a built organism. Defaults: the organism the project ships (builds in ~10 minutes
-    on 2 CPU cores); `for_tests()`: a tiny one that builds in seconds.
+    """Everything that determines a built organism. Defaults: the organism the project ships (its base weights are
+    shipped, shipped.py: it builds in seconds; pre-training them takes ~10 minutes on 2 CPU cores); `for_tests()`: a
+    tiny one that builds in seconds.
 
     The defaults were tuned by measurement. Tiny models memorise facts only after a long plateau (12-25 passes over
     the corpus, nearly independent of the world's size), then quickly; so the world is kept small enough (120
