@@ -1,12 +1,12 @@
 # .venv/bin/python bench/bench_trial.py            (the organism must be built: `forgetray organism build`)
 """What a whole quickstart trial costs next to the plain replica of the same work (issue 11 item 4).
 
-Both sides run the quickstart's two trials (organism-alpaca and organism-math, the sweep's own settings) on this
-machine, one after the other in one run:
-- forgetray: `forgetray.run(sweeps/quickstart.py)` into a temporary store (Ray, Ray Train, DeepSpeed, MLflow; the
-  two trials side by side, one DeepSpeed rank each);
-- replica: `scripts/replica_testbed.py` (plain PyTorch, one thread) for each dataset, as two processes side by side.
-The same two trials on the same two cores: ratio = forgetray wall / replica wall (goal <= 1.5).
+Both sides run the quickstart's trials (the sweep's own settings: 12 trials since it is replicated) on this machine,
+one after the other in one run:
+- forgetray: `forgetray.run(sweeps/quickstart.py)` into a temporary store (Ray, Ray Train, DeepSpeed, MLflow; two
+  trials side by side, one DeepSpeed rank each);
+- replica: `scripts/replica_testbed.py` (plain PyTorch, one thread) for each trial, all processes side by side.
+The same trials on the same two cores: ratio = forgetray wall / replica wall (goal <= 1.5).
 
 Then where forgetray's time went, per trial, read back from its MLflow run (run start and end, and the timestamps
 of the metrics each phase reports): start-up + base evaluation (run start -> base metrics), the IFT epochs (-> last
@@ -51,7 +51,8 @@ def run_replicas(sweep_file: Path) -> tuple[float, list[str]]:
         commands.append([sys.executable, str(ROOT / "scripts" / "replica_testbed.py"), "--model", trial.model,
                          "--dataset", trial.dataset, "--lr", str(trial.lr), "--epochs", str(trial.epochs),
                          "--batch", str(trial.batch_size), "--restore-lr", str(trial.restore_lr),
-                         "--restore-batch", str(trial.restore_batch_size), "--seed", str(trial.seed)])
+                         "--restore-batch", str(trial.restore_batch_size), "--seed", str(trial.seed),
+                         "--restore-passes", str(trial.restore_max_passes)])
     start = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     outputs = [p.communicate()[0] for p in procs]
