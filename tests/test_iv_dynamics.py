@@ -269,3 +269,27 @@ def test_the_report_reads_the_probe_back_from_mlflow_and_writes_the_table(tmp_pa
     assert table["share_iv"].tolist() == pytest.approx([(0.85 - 0.5) / 0.4])
     assert (tmp_path / "out" / "reinjection_table.csv").is_file() and "sft+IV" in report.text
     assert "sft+IV" in (tmp_path / "out" / "stage_table.txt").read_text()
+
+
+def check_a_probed_sweep(client, run_id: str, tmp_path, uri: str, experiment: str, vector: dict) -> None:
+    """What a real sweep with the probe on (tests/test_iv_training.py's IV-guided LoRA sweep, 2 epochs, restored,
+    12 clean prompts, iv_probe_heads = iv_heads) must have logged: the probe's metrics for the base at step 0 and
+    for SFT_e and R_e at epochs 1 and 2; one extraction folder shared with IV guidance (`vector`: its vector.pt),
+    also the run's iv_probe/ artifacts; the report's re-injection table."""
+    from forgetray.report import build_report
+
+    assert len(list((tmp_path / "storage").glob("iv/*/iv/*/vector.pt"))) == 1
+    assert {"iv_probe/vector.pt"} <= {a.path for a in client.list_artifacts(run_id, "iv_probe")}
+    for state, steps in (("base", [0]), ("sft", [1, 2]), ("restored", [1, 2])):
+        for key in ("acc_zero_shot", "acc_injected", "acc_nshot", "p_knowledge", "p_instruction"):
+            got = {m.step: m.value for m in client.get_metric_history(run_id, f"{state}/iv_probe/{key}")}
+            assert sorted(got) == steps and all(0 <= v <= 1 for v in got.values()), (state, key, got)
+    latest = client.get_run(run_id).data.metrics
+    assert latest["base/iv_probe/cosine"] == pytest.approx(1.0)
+    assert latest["base/iv_probe/acc_nshot"] == latest["iv/clean_correct"] / 12
+    assert latest["base/iv_probe/top_cie"] == pytest.approx(vector["scores"][0])
+    report = build_report(experiment, uri, tmp_path / "report", log_to_mlflow=False)
+    table = report.reinjection_table
+    assert table["epoch"].tolist() == [1, 2] and table["acc_sft_iv"].notna().all()
+    assert table["acc_restored"].notna().all() and "sft+IV" in report.text
+    assert (tmp_path / "report" / "reinjection_table.csv").is_file()

@@ -393,12 +393,15 @@ def _answered_task(model_dir, path: Path, n: int = 24) -> Path:
 def test_iv_guided_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
     """An IV-guided LoRA trial (progressive degree, the MSE on, the all-positions KL at weight 0) end to end on 2
     DeepSpeed ZeRO-2 CPU workers: every term is logged per epoch and finite, the weight-0 term counts exactly 0,
-    the degree follows the schedule, and the extracted vector is an artifact of the run."""
+    the degree follows the schedule, and the extracted vector is an artifact of the run. With the IV dynamics probe
+    on (issue 12 item 3) and the checkpoints restored: its metrics for the base, every SFT_e and every R_e, one
+    extraction shared with IV guidance, and the report's re-injection table."""
     import os
 
     import ray
     from mlflow.tracking import MlflowClient
 
+    from fixtures import make_pool_file
     from forgetray import Sweep, run
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
@@ -412,6 +415,9 @@ def test_iv_guided_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_
         probe_set=str(fixture_files["probe_set"]), probe_passages=8, lora_rank=4, lora_alpha=16,
         iv_task=str(task), iv_layer=0, iv_heads=3, iv_mse=1.0, iv_kl_all=0.0, iv_progressive=True, iv_prompts=12,
         iv_corrupted=4, warmup_ratio=0.0,
+        iv_probe_task=str(task), iv_probe_layer=1, iv_probe_heads=3, iv_probe_degree=0.5,
+        restore_pool=str(make_pool_file(tmp_path / "pool.jsonl", n=400)), restore_lr=1e-3, restore_batch_size=4,
+        restore_seq_len=64, restore_trajectory_points=2, restore_group=0,
     )
     table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
     assert table.attrs["failed_trials"] == 0
@@ -438,3 +444,7 @@ def test_iv_guided_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_
     assert {"iv/vector.pt", "iv/summary.json"} <= artifacts
     saved = torch.load(next((tmp_path / "storage").glob("iv/*/iv/*/vector.pt")), weights_only=False)
     assert len(saved["heads"]) == 3 and saved["vector"].shape == (32,)
+
+    from test_iv_dynamics import check_a_probed_sweep
+
+    check_a_probed_sweep(client, trial.info.run_id, tmp_path, uri, "iv", saved)

@@ -81,7 +81,7 @@ class IVProbe:
         bare = [_bare(self.task, p) for p in zero_shot]  # x alone: no instruction (a zero-shot prompt has no demos)
         with_context = iv.n_shot_prompts(self.task, s.prompts, self.seed)[rank::world]  # c, x: the clean prompts
         zs = iv_guided.batches(iv_guided.encode_prompts(tokenizer, zero_shot, self.bos, self.max_length),
-                               self.batch_size, pad, device)
+                               self.batch_size, pad, device) if zero_shot else []  # more ranks than queries
         vector = base["vector"].to(device)
         sums = torch.tensor([
             float(dynamics.correct(model, zs).sum()),
@@ -107,6 +107,8 @@ class IVProbe:
         cut from the left so the whole fits max_length."""
         from forgetray.probes import padding_id
 
+        if not prompts:
+            return []
         contexts, answers = encode_pairs(tokenizer, [p.text for p in prompts], [[p.answer] for p in prompts],
                                          self.bos)
         rows = []
