@@ -76,18 +76,14 @@ def _is_input(name: str) -> bool:
 
 def weights_digest(state_dict: Mapping) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order: equal iff bit for bit equal."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def install(folder: Path, models_dir: Path, names) -> None:

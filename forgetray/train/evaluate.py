@@ -145,18 +145,23 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
         if ift_examples:
             pad_id = probes.padding_id(tokenizer)
             metrics[registry.EM.name(state=state)] = memorization(model, ift_examples, pad_id, suite.batch_size, device)
-        nll, n_tokens = probes.probe_perplexity(
-            model, tokenizer, suite.passages, batch_size=suite.batch_size, max_length=suite.max_length,
-            device=device, shard=(rank, world),
-        )
-        if world > 1:
-            sums = torch.tensor([nll, float(n_tokens)], dtype=torch.float64)
-            dist.all_reduce(sums)
-            nll, n_tokens = float(sums[0]), int(sums[1])
-        metrics[registry.PROBE_PPL.name(state=state)] = float(perplexity(nll, n_tokens))
+        ppl, n_tokens = probing_perplexity(model, tokenizer, suite, device, rank, world)
+        metrics[registry.PROBE_PPL.name(state=state)] = ppl
         metrics[registry.PROBE_TOKENS.name(state=state)] = float(n_tokens)
     model.train(was_training)
     return metrics, frames
+
+
+def probing_perplexity(model, tokenizer, suite: ProbeSuite, device, rank: int, world: int) -> tuple[float, int]:
+    """(perplexity, tokens) of the probing passages, each rank scoring its shard, summed over the ranks. The caller
+    puts the model in eval mode and disables gradients."""
+    nll, n_tokens = probes.probe_perplexity(model, tokenizer, suite.passages, batch_size=suite.batch_size,
+                                            max_length=suite.max_length, device=device, shard=(rank, world))
+    if world > 1:
+        sums = torch.tensor([nll, float(n_tokens)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        nll, n_tokens = float(sums[0]), int(sums[1])
+    return float(perplexity(nll, n_tokens)), n_tokens
 
 
 def format_metrics(metrics: dict) -> dict:

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 
 from forgetray import probes
-from forgetray.metrics import perplexity, registry
+from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
 from forgetray.train.checkpoints import checkpoint_epoch, read_state, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
-from forgetray.train.evaluate import ProbeSuite, evaluate
+from forgetray.train.evaluate import ProbeSuite, evaluate, probing_perplexity
 from forgetray.train.worker import Worker
 
 
@@ -105,13 +105,9 @@ def run_restore(worker: Worker, phase: Phase) -> None:
 def _probing_ppl(engine, tokenizer, suite: ProbeSuite, device, rank: int, world: int) -> float:
     engine.eval()
     with torch.no_grad():
-        nll, n = probes.probe_perplexity(engine, tokenizer, suite.passages, batch_size=suite.batch_size,
-                                         max_length=suite.max_length, device=device, shard=(rank, world))
+        ppl, _ = probing_perplexity(engine, tokenizer, suite, device, rank, world)
     engine.train()
-    sums = torch.tensor([nll, float(n)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(sums)
-    return perplexity(float(sums[0]), int(sums[1]))
+    return ppl
 
 
 def _restored_ppl_limit(worker: Worker, trial) -> float:
