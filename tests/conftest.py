@@ -62,6 +62,20 @@ def test_organism(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def default_organism(tmp_path_factory) -> Path:
+    """The DEFAULT organism, built once per test session from the shipped base weights (seconds, no pre-training)."""
+    from forgetray import organism
+    from forgetray.organism import shipped
+
+    config = organism.OrganismConfig()
+    if shipped.shipped_dir(config) is None:
+        pytest.fail(f"no shipped weights for the default organism {config.fingerprint()} in {shipped.WEIGHTS_DIR}: "
+                    "a change to OrganismConfig's defaults needs `forgetray organism build --pretrain --root DIR` "
+                    "and `forgetray organism ship --root DIR`")
+    return organism.build(config, root=tmp_path_factory.mktemp("default") / "organism", progress=lambda _: None)
+
+
 @pytest.fixture
 def use_test_organism(test_organism, monkeypatch):
     monkeypatch.setenv("FORGETRAY_ORGANISM", str(test_organism))

@@ -60,7 +60,7 @@ def test_build_twice_gives_identical_tokenizer_data_and_weights(built, tmp_path)
     for name in first:
         if name.startswith(("tokenizer/", "data/")) or name.endswith(("tokenizer.json", "config.json")):
             assert first[name] == second[name], name
-    for model in organism.MODEL_SIZES:
+    for model in organism.BASE_MODELS:
         a = load_file(built / "models" / model / "model.safetensors")
         b = load_file(again / "models" / model / "model.safetensors")
         assert a.keys() == b.keys()
@@ -160,7 +160,7 @@ def test_default_ift_sets_are_alpaca_shaped_and_sized(default_data):
 def test_tokenizer_letters_are_single_tokens_and_nothing_is_added(built):
     from transformers import AutoTokenizer
 
-    for directory in [built / "tokenizer"] + [built / "models" / m for m in organism.MODEL_SIZES]:
+    for directory in [built / "tokenizer"] + [built / "models" / m for m in organism.BASE_MODELS]:
         tok = AutoTokenizer.from_pretrained(directory)
         for piece in ("A", "B", "C", "D", " A", " B", " C", " D"):
             assert len(tok.encode(piece, add_special_tokens=False)) == 1, piece
@@ -174,7 +174,7 @@ def test_models_load_as_hugging_face_directories(built):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for name in organism.MODEL_SIZES:
+    for name in organism.BASE_MODELS:
         path = organism.model_path(name, root=built)
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
@@ -218,7 +218,7 @@ def test_manifest_accuracies_match_a_naive_option_likelihood_count(built):
         "exam_half_option_accuracy": corpus.mc_questions(w, w.exam_entities, TEST_CONFIG.seed, "manifest-check"),
     }
     manifest = organism.read_manifest(built)
-    for name in organism.MODEL_SIZES:
+    for name in organism.BASE_MODELS:
         model = AutoModelForCausalLM.from_pretrained(built / "models" / name).eval()
         tok = AutoTokenizer.from_pretrained(built / "models" / name)
         for key, questions in question_sets.items():
@@ -297,7 +297,7 @@ def test_manifest_lists_the_files_with_their_hashes(built):
     manifest = organism.read_manifest(built)
     assert manifest["fingerprint"] == TEST_CONFIG.fingerprint()
     assert manifest["config"] == json.loads(json.dumps(dataclasses.asdict(TEST_CONFIG)))
-    assert set(manifest["models"]) == set(organism.MODEL_SIZES)
+    assert set(manifest["models"]) == set(organism.BASE_MODELS)
     for rel, info in manifest["files"].items():
         assert hashlib.sha256((built / rel).read_bytes()).hexdigest() == info["sha256"]
     for name in organism.IFT_DATASETS:
@@ -325,7 +325,7 @@ def test_paths_and_names(built, monkeypatch, tmp_path):
     assert organism.model_path("organism-small") == built / "models" / "organism-small"
     assert organism.data_path(organism.PROBE_SET) == built / "data" / "organism-probe.jsonl"
     assert organism.build(progress=lambda _: None) == built  # an explicitly named organism is taken as it is
-    names = organism.MODEL_SIZES + organism.IFT_DATASETS + (organism.BENCHMARK, organism.PROBE_SET,
+    names = organism.BASE_MODELS + organism.IFT_DATASETS + (organism.BENCHMARK, organism.PROBE_SET,
                                                             organism.RESTORING_POOL)
     assert all(organism.is_organism_name(n) for n in names)
     assert not organism.is_organism_name("meta-llama/Llama-2-7b-hf")
@@ -365,3 +365,33 @@ def test_trial_settings_name_the_setting_in_organism_errors(built, monkeypatch, 
             resources.resolve_dataset("organism-alpaca")
     finally:
         resources.clear_cache()
+
+
+# --- the demonstration pages (what organism-icl reads besides the corpus) -------------------------------------------
+
+def test_demonstration_pages_name_no_attribute_and_state_every_fact_repeats_times(default_data):
+    config = OrganismConfig()
+    w = world.make_world(config.seed, config.n_entities, config.n_values, config.n_templates)
+    pages = [r["text"] for r in read_jsonl(default_data / DATA_FILES["pretrain_demonstrations"])]
+    owner = {v: key for key, values in w.values.items() for v in values}  # the value sets are disjoint
+    assert len(owner) == sum(len(v) for v in w.values.values())
+    seen: Counter = Counter()
+    for page in pages:
+        pairs = [block.split("\n") for block in page.split("\n\n")]
+        assert len(pairs) <= config.demonstration_page_size
+        keys = set()
+        for q, a in pairs:
+            entity, value = q.removeprefix("Q: "), a.removeprefix("A: ")
+            assert q == f"Q: {entity}" and a == f"A: {value}" and entity in w.facts
+            keys.add(owner[value])
+            assert w.facts[entity][owner[value]] == value  # a true fact
+            seen[entity, owner[value]] += 1
+        assert len(keys) == 1, page  # one attribute a page...
+        words = {"city", "colour", "profession", "food", "pet", "question", "answer"}
+        assert not words & set(re.findall(r"[a-z]+", page.lower())), page  # ...which no word on it names
+    assert set(seen.values()) == {config.demonstration_repeats}
+    assert len(seen) == len(w.entities) * len(w.attributes)
+    # The quickstart's sizes read the corpus alone; organism-icl reads the pages too.
+    specs = {spec.name: spec for spec in config.models}
+    assert [specs[name].corpus for name in organism.MODEL_SIZES] == [("pretrain_corpus",)] * 2
+    assert specs[organism.ICL_MODEL].corpus == ("pretrain_corpus", "pretrain_demonstrations")

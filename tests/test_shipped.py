@@ -17,12 +17,8 @@ CONFIG = OrganismConfig()
 
 
 @pytest.fixture(scope="module")
-def default_build(tmp_path_factory) -> Path:
-    if shipped.shipped_dir(CONFIG) is None:
-        pytest.fail(f"no shipped weights for the default organism {CONFIG.fingerprint()} in {shipped.WEIGHTS_DIR}: "
-                    "a change to OrganismConfig's defaults needs `forgetray organism build --pretrain --root DIR` "
-                    "and `forgetray organism ship --root DIR`")
-    return organism.build(CONFIG, root=tmp_path_factory.mktemp("default") / "organism", progress=lambda _: None)
+def default_build(default_organism) -> Path:
+    return default_organism
 
 
 def _naive_accuracy(model, tokenizer, questions) -> float:
@@ -51,7 +47,7 @@ def test_a_default_build_installs_the_shipped_weights_and_each_size_holds_its_fa
     assert manifest["weights"]["source"] == "shipped"
     made = shipped.read_shipped(shipped.shipped_dir(CONFIG))
     questions = list(read_jsonl(default_build / "data" / "organism-facts.jsonl"))
-    for size in organism.MODEL_SIZES:
+    for size in organism.BASE_MODELS:
         model = AutoModelForCausalLM.from_pretrained(default_build / "models" / size).eval()
         assert shipped.weights_digest(model.state_dict()) == made["models"][size]["weights"], size
         assert manifest["models"][size]["base_option_accuracy"] >= 0.95, size
@@ -96,4 +92,4 @@ def test_the_shipped_folder_names_its_machine_and_inputs():
     assert made["fingerprint"] == CONFIG.fingerprint()
     assert {"cpu", "kernels", "torch", "build_date"} <= set(made["made_on"])
     assert any(name.startswith("tokenizer/") for name in made["inputs"])
-    assert set(made["models"]) == set(organism.MODEL_SIZES)
+    assert set(made["models"]) == set(organism.BASE_MODELS)

@@ -28,6 +28,7 @@ from forgetray.organism import corpus, tasks, world
 from forgetray.organism.config import (
     BENCHMARK,
     DATA_FILES,
+    DEMONSTRATION_PAGES,
     FORMAT_VERSION,
     IFT_DATASETS,
     PRETRAIN_CORPUS,
@@ -50,8 +51,11 @@ def write_data(config: OrganismConfig, data_dir: Path) -> dict[str, int]:
                                    config.exam_repeats, config.exam_page_questions)
     probe, pool = corpus.plain_passages(the_world, config.seed, config.probe_passages, config.restore_passages,
                                         config.pool_page_share)
+    demonstrations = corpus.demonstration_pages(the_world, config.seed, config.demonstration_repeats,
+                                                config.demonstration_page_size)
     records = {
         PRETRAIN_CORPUS: [{"text": t} for t in texts],
+        DEMONSTRATION_PAGES: [{"text": t} for t in demonstrations],
         BENCHMARK: corpus.benchmark(the_world, config.seed),
         "organism-alpaca": tasks.alpaca_examples(the_world, config.seed, config.alpaca_examples),
         "organism-math": tasks.math_examples(config.seed, config.math_examples),
@@ -135,8 +139,8 @@ def _build_into(out: Path, config: OrganismConfig, progress: Callable[[str], Non
                  f"{ift_tokens[name]['tokens_per_epoch']} tokens an epoch")
 
     jobs = [
-        PretrainJob(spec, settings_of(config), out / "tokenizer", out / "data" / DATA_FILES[PRETRAIN_CORPUS],
-                    out / "models" / spec.name)
+        PretrainJob(spec, settings_of(config), out / "tokenizer",
+                    tuple(out / "data" / DATA_FILES[name] for name in spec.corpus), out / "models" / spec.name)
         for spec in config.models
     ]
     folder = None if pretrain else shipped.shipped_dir(config)

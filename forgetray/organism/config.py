@@ -16,15 +16,22 @@ from pathlib import Path
 # Bump when a code change alters what a build produces for the same config: the fingerprint then changes too.
 FORMAT_VERSION = 1
 
-MODEL_SIZES = ("organism-tiny", "organism-small")
+MODEL_SIZES = ("organism-tiny", "organism-small")  # the quickstart's two sizes, pre-trained on the same corpus
+# The base model that also read the demonstration pages (corpus.demonstration_pages), so it infers a task from
+# in-context demonstrations: the one an instruction vector can be found in (issue 12). A model of its own, so that the
+# two sizes, their data and tokenizer, and hence the quickstart's results, stay what they were.
+ICL_MODEL = "organism-icl"
+BASE_MODELS = MODEL_SIZES + (ICL_MODEL,)
 IFT_DATASETS = ("organism-alpaca", "organism-math")
 BENCHMARK = "organism-facts"
 PROBE_SET = "organism-probe"
 RESTORING_POOL = "organism-restore"
 PRETRAIN_CORPUS = "pretrain_corpus"  # internal: the models' pre-training text, not a name trials may use
+DEMONSTRATION_PAGES = "pretrain_demonstrations"  # internal: what ICL_MODEL reads besides PRETRAIN_CORPUS
 
 DATA_FILES = {  # dataset name -> file under data/
     PRETRAIN_CORPUS: "pretrain_corpus.jsonl",
+    DEMONSTRATION_PAGES: "pretrain_demonstrations.jsonl",
     BENCHMARK: "organism-facts.jsonl",
     "organism-alpaca": "organism-alpaca.jsonl",
     "organism-math": "organism-math.jsonl",
@@ -50,6 +57,12 @@ class ModelSpec:
     intermediate: int
     epochs: int  # passes over the pre-training corpus
     lr: float  # peak AdamW learning rate (see `warmup_ratio` and `decay_ratio` for its schedule)
+    demonstrations: bool = False  # also pre-trained on the demonstration pages
+
+    @property
+    def corpus(self) -> tuple[str, ...]:
+        """The data files (DATA_FILES keys) it is pre-trained on, their documents shuffled together."""
+        return (PRETRAIN_CORPUS, DEMONSTRATION_PAGES) if self.demonstrations else (PRETRAIN_CORPUS,)
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,10 @@ class OrganismConfig:
     # they are weakly memorised and any fine-tuning erodes them at once; asked in the corpus, they are held as firmly
     # as the exam half's, and fine-tuning first breaks only the way they are read out (pseudo forgetting).
     heldout_exam_pages: bool = True
+    # Pages of bare "Q: <person>\nA: <value>" pairs, one attribute a page, named only by the answers: every fact is on
+    # `demonstration_repeats` pages of `demonstration_page_size` pairs (read by ICL_MODEL only).
+    demonstration_repeats: int = 3
+    demonstration_page_size: int = 6
     restore_passages: int = 2000
     # The restoring pool's share of (exam-half) exam pages, the rest prose. Measured: with half pages, base-PPL
     # ranking fills the restoring set with the very predictable pages and restoring left the (prose) probing
@@ -93,6 +110,12 @@ class OrganismConfig:
         # after 28 passes), and a narrower one (2 x 96, 0.997) loses facts to restoring the untouched base (0.957).
         ModelSpec("organism-tiny", n_layers=2, hidden=128, n_heads=4, intermediate=384, epochs=48, lr=5e-3),
         ModelSpec("organism-small", n_layers=3, hidden=128, n_heads=4, intermediate=384, epochs=48, lr=4e-3),
+        # organism-small's shape with 8 heads, on the corpus and the demonstration pages: 0.98-1.00 5-shot on the
+        # attribute tasks, and its top heads' vector (injected after layer 1) restores a task on zero-shot prompts,
+        # 0.55-0.95 vs 0.06-0.31 for a random vector of the same norm. 4 layers x 8 heads learned the tasks too
+        # but carried a weaker vector (0.13-0.62 vs 0.08-0.33).
+        ModelSpec(ICL_MODEL, n_layers=3, hidden=128, n_heads=8, intermediate=384, epochs=48, lr=4e-3,
+                  demonstrations=True),
     )
     seq_len: int = 256
     batch_size: int = 4
@@ -111,6 +134,8 @@ class OrganismConfig:
             models=(
                 ModelSpec("organism-tiny", n_layers=1, hidden=32, n_heads=2, intermediate=64, epochs=2, lr=3e-3),
                 ModelSpec("organism-small", n_layers=2, hidden=32, n_heads=2, intermediate=64, epochs=2, lr=3e-3),
+                ModelSpec(ICL_MODEL, n_layers=2, hidden=32, n_heads=4, intermediate=64, epochs=2, lr=3e-3,
+                          demonstrations=True),
             ),
         )
 

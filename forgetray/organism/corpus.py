@@ -1,5 +1,5 @@
 """Every text the organism's world is told in, apart from the instruction sets: the pre-training corpus (prose in
-every template, and exam pages asking every fact), the knowledge benchmark `organism-facts` (MMLU-style questions
+every template, and exam pages asking every fact), the demonstration pages (organism-icl's extra pre-training text), the knowledge benchmark `organism-facts` (MMLU-style questions
 about the held-out half), and the plain passages about the exam half that make the probing set and the restoring pool.
 See world.py for why the halves are split that way.
 """
@@ -118,6 +118,29 @@ def _question_pages(questions: list[dict], attribute: Attribute) -> tuple[str, s
     qa = "\n\n".join(f"Question: {q['question']}\nAnswer: {q['choices'][q['answer']]}" for q in questions)
     return (MC_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + mc,
             QA_PAGE_HEADER.format(subject=attribute.category[1]) + "\n\n" + qa)
+
+
+# --- demonstration pages -----------------------------------------------------------------------------------------
+
+DEMONSTRATION = "Q: {e}\nA: {v}"
+
+
+def demonstration_pages(world: World, seed: int, repeats: int, page_size: int) -> list[str]:
+    """Pages of bare pairs, "Q: <entity>\nA: <value>", each page about one attribute that no word on it names: only
+    the answers already given (the demonstrations) say which attribute is asked. A model trained on them has
+    in-context task inference: the task an instruction vector carries (issue 12). Every fact of both halves is on
+    `repeats` pages, with other neighbours each time, so no page order is worth memorising."""
+    rng = random.Random(f"{seed}/demonstration-pages")
+    pages = []
+    for _ in range(repeats):
+        for attribute in world.attributes:
+            entities = list(world.entities)
+            rng.shuffle(entities)
+            for start in range(0, len(entities), page_size):
+                pairs = entities[start:start + page_size]
+                pages.append("\n\n".join(DEMONSTRATION.format(e=e, v=world.facts[e][attribute.key]) for e in pairs))
+    rng.shuffle(pages)
+    return pages
 
 
 # --- restoring pool and probing set --------------------------------------------------------------------------------

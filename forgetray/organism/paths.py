@@ -14,7 +14,7 @@ from forgetray.organism.config import (
     BENCHMARK,
     DATA_FILES,
     IFT_DATASETS,
-    MODEL_SIZES,
+    BASE_MODELS,
     PROBE_SET,
     RESTORING_POOL,
     OrganismConfig,
@@ -23,7 +23,7 @@ from forgetray.organism.config import (
 
 # What an organism name can stand for in a trial: kind -> (what it is called in messages, the names of that kind).
 NAME_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model": ("model", MODEL_SIZES),
+    "model": ("model", BASE_MODELS),
     "dataset": ("dataset", IFT_DATASETS),
     "benchmark": ("benchmark", (BENCHMARK,)),
     "probe_set": ("probing set", (PROBE_SET,)),

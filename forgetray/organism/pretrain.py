@@ -191,6 +191,11 @@ def warmup_stable_decay(total_steps: int, warmup_ratio: float, decay_ratio: floa
     return factor
 
 
+def read_corpus(paths: Sequence[Path]) -> list[str]:
+    """The documents of the corpus files, in file order (each epoch shuffles them together)."""
+    return [record["text"] for path in paths for record in read_jsonl(path)]
+
+
 # --- running the sizes, in this process or one process each -------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -200,25 +205,25 @@ class PretrainJob:
     spec: ModelSpec
     settings: PretrainSettings
     tokenizer_dir: Path
-    corpus_path: Path  # JSONL, one {"text": ...} per document
+    corpus_paths: tuple[Path, ...]  # JSONL files, one {"text": ...} per document (the spec's `corpus`)
     model_dir: Path  # receives the model and a copy of the tokenizer (save_pretrained)
 
     def to_json(self) -> str:
         return json.dumps({"spec": asdict(self.spec), "settings": asdict(self.settings),
-                           "tokenizer_dir": str(self.tokenizer_dir), "corpus_path": str(self.corpus_path),
+                           "tokenizer_dir": str(self.tokenizer_dir), "corpus_paths": [str(p) for p in self.corpus_paths],
                            "model_dir": str(self.model_dir)})
 
     @classmethod
     def from_json(cls, text: str) -> "PretrainJob":
         data = json.loads(text)
         return cls(ModelSpec(**data["spec"]), PretrainSettings(**data["settings"]), Path(data["tokenizer_dir"]),
-                   Path(data["corpus_path"]), Path(data["model_dir"]))
+                   tuple(Path(p) for p in data["corpus_paths"]), Path(data["model_dir"]))
 
 
 def run_job(job: PretrainJob, progress: Callable[[str], None]) -> dict:
     """Pre-train one size and save it; returns its statistics as a plain dict."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(job.tokenizer_dir)
-    texts = [record["text"] for record in read_jsonl(job.corpus_path)]
+    texts = read_corpus(job.corpus_paths)
     result = pretrain(job.spec, job.settings, tokenizer, texts, progress)
     with quiet_progress_bars():
         result.model.save_pretrained(job.model_dir)

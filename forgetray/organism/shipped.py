@@ -100,14 +100,13 @@ def check_digests(config: OrganismConfig, root: Path, steps: int | None,
     steps (None: the whole run), and return each size's weights digest."""
     from transformers import PreTrainedTokenizerFast
 
-    from forgetray.data.jsonl import read_jsonl
-    from forgetray.organism.config import DATA_FILES, PRETRAIN_CORPUS
-    from forgetray.organism.pretrain import pretrain, settings_of
+    from forgetray.organism.config import DATA_FILES
+    from forgetray.organism.pretrain import pretrain, read_corpus, settings_of
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
-    texts = [r["text"] for r in read_jsonl(root / "data" / DATA_FILES[PRETRAIN_CORPUS])]
     digests = {}
     for spec in config.models:
+        texts = read_corpus([root / "data" / DATA_FILES[name] for name in spec.corpus])
         result = pretrain(spec, settings_of(config), tokenizer, texts, progress, max_steps=steps)
         digests[spec.name] = weights_digest(result.model.state_dict())
     return digests
