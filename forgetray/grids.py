@@ -90,19 +90,25 @@ class Sweep:
     4
     >>> Sweep("demo", epochs=grid([1, 2]), seed=7, replicates=3).size
     6
+
+    `cases=[{...}, ...]`: alternatives that set several settings together, one axis crossed with the grids, for arms
+    that no product of grids gives (plain training, a method, the method's control; {} = the defaults):
+    >>> Sweep("demo", epochs=grid([1, 2]), cases=[{"lr": 1e-3}, {"lr": 1e-4, "batch_size": 8}]).size
+    4
     """
 
     name: str
     settings: Mapping[str, Any]  # what the user set (values or Grids); the rest take TrialConfig's defaults
     max_concurrent_trials: int  # 0 = as many as the cluster's resources allow
     replicates: int  # seeds per grid point; 1 = none
+    cases: tuple  # of mappings (read-only): alternatives setting several settings at once; () = none
     # Trials differing only in `epochs` train one trajectory when the schedule allows (forgetray.sharing). A sweep
     # option, not a trial setting: the results are the same either way, so the trials' identities must not change.
     share_trajectories: bool
     trials: tuple = field(repr=False)  # grid points in order, each point's replicates next to each other
 
     def __init__(self, name: str, *, max_concurrent_trials: int = 0, replicates: int = 1,
-                 share_trajectories: bool = True, **settings: Any):
+                 share_trajectories: bool = True, cases: Iterable[Mapping[str, Any]] = (), **settings: Any):
         if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
             raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
         if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
@@ -119,7 +125,8 @@ class Sweep:
                                            or isinstance(settings.get(value.setting), Per)):
                 raise SpecError(f"setting {key!r} = per({value.setting!r}, ...): {value.setting!r} must be another "
                                 "setting of this sweep that is itself a value or a grid")
-        if replicates > 1 and isinstance(settings.get("seed"), Grid):
+        cases = tuple(types.MappingProxyType(dict(case)) for case in _checked_cases(cases, settings))
+        if replicates > 1 and (isinstance(settings.get("seed"), Grid) or any("seed" in c for c in cases)):
             raise SpecError(f"replicates={replicates} runs each grid point with seeds seed, seed+1, ...: give 'seed' "
                             "one value (the first replicate's), not a grid (seed=grid([...]) alone runs independent "
                             "trials)")
@@ -128,7 +135,8 @@ class Sweep:
         object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
         object.__setattr__(self, "replicates", replicates)
         object.__setattr__(self, "share_trajectories", share_trajectories)
-        object.__setattr__(self, "trials", tuple(_expand(settings, replicates)))
+        object.__setattr__(self, "cases", cases)
+        object.__setattr__(self, "trials", tuple(_expand(settings, replicates, cases)))
 
     @property
     def size(self) -> int:
@@ -136,8 +144,13 @@ class Sweep:
 
     @property
     def axes(self) -> dict[str, tuple]:
-        """The settings that vary: name -> values (the replicates' hidden seed axis is not one of them)."""
-        return {k: v.values for k, v in self.settings.items() if isinstance(v, Grid)}
+        """The settings that vary: name -> values (the replicates' hidden seed axis is not one of them; a setting the
+        cases set lists each case's value, the default where a case leaves it)."""
+        axes = {k: v.values for k, v in self.settings.items() if isinstance(v, Grid)}
+        defaults = TrialConfig()
+        for key in dict.fromkeys(k for case in self.cases for k in case):
+            axes[key] = tuple(case.get(key, getattr(defaults, key)) for case in self.cases)
+        return axes
 
     @property
     def replicate_groups(self) -> dict[str, tuple[TrialConfig, ...]]:
@@ -154,8 +167,10 @@ class Sweep:
         settings = dict(overrides)
         replicates = settings.pop("replicates", self.replicates)
         share = settings.pop("share_trajectories", self.share_trajectories)
+        cases = [{k: v for k, v in case.items() if k not in settings} for case in self.cases]  # an override wins
         return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, replicates=replicates,
-                     share_trajectories=share, **{**self.settings, **settings})
+                     share_trajectories=share, cases=cases,
+                     **{**self.settings, **settings})
 
     def to_dict(self) -> dict:
         return {
@@ -163,6 +178,7 @@ class Sweep:
             "max_concurrent_trials": self.max_concurrent_trials,
             "replicates": self.replicates,
             "share_trajectories": self.share_trajectories,
+            "cases": [dict(case) for case in self.cases],
             "settings": {k: _plain(v) for k, v in self.settings.items()},
             "axes": sorted(self.axes),
         }
@@ -176,14 +192,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _expand(settings: Mapping[str, Any], replicates: int = 1) -> list[TrialConfig]:
+def _checked_cases(cases: Iterable[Mapping[str, Any]], settings: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if isinstance(cases, Mapping) or isinstance(cases, str):
+        raise SpecError("cases must be a list of settings mappings, e.g. cases=[{'lr': 1e-3}, {'lr': 1e-4}]")
+    cases = list(cases)
+    for i, case in enumerate(cases):
+        if not isinstance(case, Mapping):
+            raise SpecError(f"cases[{i}] must be a mapping of settings ({{}}: the defaults), got {case!r}")
+        for key, value in case.items():
+            if key not in SETTINGS:
+                raise SpecError(f"cases[{i}]: unknown setting {key!r} (known: {', '.join(SETTINGS)})")
+            if key in settings:
+                raise SpecError(f"cases[{i}] sets {key!r}, which the sweep also sets: give it in one place")
+            if isinstance(value, (Grid, Per)):
+                raise SpecError(f"cases[{i}][{key!r}]: a case holds plain values, not grid() or per()")
+    return cases
+
+
+def _expand(settings: Mapping[str, Any], replicates: int = 1,
+            cases: tuple[Mapping[str, Any], ...] = ()) -> list[TrialConfig]:
     names = [n for n in settings if not isinstance(settings[n], Per)]
     following = {n: v for n, v in settings.items() if isinstance(v, Per)}
     choices = [settings[n].values if isinstance(settings[n], Grid) else (settings[n],) for n in names]
     defaults = TrialConfig()
     trials, seen = [], set()
-    for combo in itertools.product(*choices):
-        values = dict(zip(names, combo))
+    for combo, case in itertools.product(itertools.product(*choices), cases or ({},)):
+        values = {**dict(zip(names, combo)), **case}
         for name, rule in following.items():
             values[name] = rule.lookup(values.get(rule.setting, getattr(defaults, rule.setting)), name)
         point = TrialConfig(**values)

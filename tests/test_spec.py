@@ -92,6 +92,34 @@ def test_every_setting_has_a_default_and_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
 
 
+def test_cases_set_several_settings_together_crossed_with_the_grids():
+    arms = [{"iv_task": ""}, {"iv_task": "t.jsonl"}, {"iv_task": "t.jsonl", "iv_degree": 0.0}]
+    sweep = Sweep("s", epochs=grid([1, 2]), cases=arms, replicates=2)
+    assert [(t.epochs, t.iv_task, t.iv_degree, t.seed) for t in sweep.trials] == [
+        (e, task, degree, seed) for e in (1, 2) for task, degree in (("", 1.0), ("t.jsonl", 1.0), ("t.jsonl", 0.0))
+        for seed in (0, 1)]
+    assert sweep.axes == {"epochs": (1, 2), "iv_task": ("", "t.jsonl", "t.jsonl"), "iv_degree": (1.0, 1.0, 0.0)}
+    assert sweep.to_dict()["cases"] == arms
+    assert len(sweep.replicate_groups) == 6
+    # an override replaces what the cases set; {} is the case of the defaults
+    assert [(t.iv_task, t.iv_degree) for t in Sweep("s", cases=[{}, {"iv_task": "t.jsonl"}]).trials] == [
+        ("", 1.0), ("t.jsonl", 1.0)]
+    assert {(t.epochs, t.iv_degree) for t in Sweep("s", cases=arms[1:]).with_overrides({"epochs": 3}).trials} == {
+        (3, 1.0), (3, 0.0)}
+    assert [t.iv_degree for t in Sweep("s", cases=arms[1:]).with_overrides({"iv_task": "u.jsonl"}).trials] == [
+        1.0, 0.0]
+    with pytest.raises(SpecError, match="same trial twice"):  # the override makes two cases one trial
+        sweep.with_overrides({"iv_degree": 0.5})
+    for bad, message in (({"lr": 1e-3}, "cases must be a list"), ([3], r"cases\[0\] must be a mapping"),
+                         ([{"nonsense": 1}], r"cases\[0\]: unknown setting 'nonsense'"),
+                         ([{"epochs": 3}], r"cases\[0\] sets 'epochs', which the sweep also sets"),
+                         ([{"lr": grid([1e-3])}], "plain values"), ([{"lr": -1.0}], "'lr'")):
+        with pytest.raises(SpecError, match=message):
+            Sweep("s", epochs=2, cases=bad)
+    with pytest.raises(SpecError, match="replicates=2"):
+        Sweep("s", cases=[{"seed": 1}], replicates=2)
+
+
 def test_per_makes_a_setting_follow_another():
     from forgetray.grids import per
 
