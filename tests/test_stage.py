@@ -265,3 +265,38 @@ def test_stage_codes_logged_and_decoded_back():
     for epoch, name, fixed in zip([1, 2, 3, 4], names, names[::-1]):
         assert trial.stage(epoch) == name
         assert trial.stage(epoch, fixed=True) == fixed
+
+
+def test_sign_test_against_the_binomial_by_hand_and_scipy():
+    from scipy.stats import binomtest
+
+    from forgetray.metrics.significance import sign_test
+
+    a = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4, 0.3, 0.2]
+    b = [0.6, 0.7, 0.8, 0.9, 0.9, 0.5, 0.2, 0.3]  # 6 up, 1 down, 1 tie
+    r = sign_test(a, b)
+    assert (r.n, r.positive, r.negative) == (7, 6, 1)
+    assert r.p_value == pytest.approx(2 * (1 + 7) / 2**7)  # 2 x P[X <= 1], X ~ Bin(7, 1/2), by hand
+    assert r.p_value == pytest.approx(binomtest(6, 7, 0.5).pvalue)
+    assert r.mean_delta == pytest.approx(sum(y - x for x, y in zip(a, b)) / 8)
+    assert sign_test([1, 2], [1, 2]).p_value == 1.0
+    with pytest.raises(ValueError, match="missing"):
+        sign_test([1, float("nan")], [1, 2])
+
+
+def test_spearman_rho_and_its_permutation_p_against_full_enumeration():
+    import itertools
+
+    from scipy.stats import spearmanr
+
+    from forgetray.metrics.significance import spearman
+
+    x = [0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.2]
+    y = [3.0, 2.5, 2.6, 1.0, 1.5, 1.0, 2.0]  # a tie in y
+    rho, p = spearman(x, y, permutations=20000, seed=1)
+    assert rho == pytest.approx(spearmanr(x, y).statistic)
+    # the exact p: every one of the 7! orderings of y
+    exact = [spearmanr(x, perm).statistic for perm in itertools.permutations(y)]
+    exact_p = sum(abs(r) >= abs(rho) - 1e-12 for r in exact) / len(exact)
+    assert p == pytest.approx(exact_p, abs=0.005)
+    assert spearman([1, 2, 3], [5, 5, 5]) == (pytest.approx(float("nan"), nan_ok=True), 1.0)

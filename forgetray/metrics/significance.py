@@ -126,3 +126,59 @@ def significant_drop(
         ci = paired_bootstrap(a_correct, b_correct, n_resamples=n_resamples, seed=seed, confidence=1.0 - alpha)
         return ci.high < 0
     raise ValueError(f"unknown test {test!r}; expected one of {TESTS}")
+
+
+# --- across checkpoints: paired values, and a rank correlation ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class SignTestResult:
+    """Pairs (a_i, b_i): `positive` with b > a, `negative` with b < a (ties dropped); mean_delta = mean(b - a) over
+    all pairs; two-sided exact p."""
+
+    n: int
+    positive: int
+    negative: int
+    mean_delta: float
+    p_value: float
+
+
+def sign_test(a, b) -> SignTestResult:
+    """Exact two-sided sign test of paired real values (e.g. one accuracy per seed x checkpoint, under two
+    conditions): a binomial test of the positive differences among the non-zero ones; p = 1 without any."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"sign_test needs two equal-length, non-empty 1-d sequences, got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("sign_test: a value is missing (nan)")
+    delta = b - a
+    positive, negative = int((delta > 0).sum()), int((delta < 0).sum())
+    n = positive + negative
+    p_value = 1.0 if n == 0 else min(1.0, 2.0 * _half_binomial_cdf(min(positive, negative), n))
+    return SignTestResult(n=n, positive=positive, negative=negative, mean_delta=float(delta.mean()), p_value=p_value)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y, permutations: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Spearman's rank correlation of paired values and its two-sided permutation p-value: the share of `permutations`
+    seeded shuffles of y whose |rho| is at least the observed one ((count + 1) / (permutations + 1)). nan, 1.0 when
+    either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 3:
+        raise ValueError(f"spearman needs two equal-length 1-d sequences of >= 3 values, got {x.shape}, {y.shape}")
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan"), 1.0
+    rho = float(np.corrcoef(rx, ry)[0, 1])
+    rng = np.random.default_rng(seed)
+    shuffled = np.array([np.corrcoef(rx, rng.permutation(ry))[0, 1] for _ in range(permutations)])
+    return rho, float(((np.abs(shuffled) >= abs(rho) - 1e-12).sum() + 1) / (permutations + 1))
