@@ -106,6 +106,8 @@ class IVGuided:
     progressive_end: float = 0.75
     prompts: int = 100
     corrupted: int = 25
+    corruption: str = "shuffle_labels"
+    degree: float = 1.0  # the vector's multiple in the reference pass (the progressive schedule scales it)
 
     @property
     def on(self) -> bool:

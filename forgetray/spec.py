@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from forgetray.spec_iv import check_iv_probe
+from forgetray.spec_iv import check_iv
 
 
 class SpecError(ValueError):
@@ -121,7 +121,10 @@ class TrialConfig:
     iv_progressive_start: float = 0.25  # the window, as shares of the phase's optimizer steps
     iv_progressive_end: float = 0.75
     iv_prompts: int = 100  # clean n-shot prompts for the mean head activations (those answered correctly count)
-    iv_corrupted: int = 25  # label-shuffled prompts for the causal indirect effects
+    iv_corrupted: int = 25  # corrupted prompts for the causal indirect effects
+    iv_corruption: str = "shuffle_labels"  # what they lose (forgetray.iv.tasks.CORRUPTIONS): the labels' pairing,
+    # the instruction, or the demonstrations (the organism's attribute tasks: shuffled labels still name the task)
+    iv_degree: float = 1.0  # the vector's multiple in the reference pass; 0: the reference without it (a control)
     # the instruction-vector dynamics probe of every model state (issue 12 item 3; forgetray.train.iv_probe); it
     # extracts with iv_prompts and iv_corrupted too
     iv_probe_task: str = ""  # "" = off; a built-in task or a task .jsonl, as iv_task
@@ -202,7 +205,8 @@ class TrialConfig:
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
 # What the dynamics probe reads: its own settings and the extraction's prompt counts.
-IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_prompts", "iv_corrupted")
+IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_prompts", "iv_corrupted",
+                 "iv_corruption")
 # What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
 # those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
 PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio",
@@ -341,7 +345,7 @@ def _check_values(cfg: TrialConfig) -> None:
     # The loss surface perturbs the trainable weights: with LoRA those are the adapters, not the model's weights.
     need(cfg.flatness_grid == 0 or cfg.lora_rank == 0, "flatness_grid",
          "must be 0 with LoRA (lora_rank > 0): the surface is defined over the full weights")
-    _check_iv(cfg, need)
+    check_iv(cfg, need)
     # "The benchmark of a step's own data" (BWT, METHODS.md §9) is named as written in `benchmarks`.
     need(not cfg.own_benchmark or cfg.own_benchmark in cfg.benchmarks, "own_benchmark",
          f"must be one of the trial's benchmarks {list(cfg.benchmarks)} (or '' for none)")
@@ -358,34 +362,6 @@ def _check_values(cfg: TrialConfig) -> None:
         need(cfg.batch_size % cfg.workers == 0, "batch_size", f"must be a multiple of workers = {cfg.workers}")
     need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size",
          f"must be a multiple of workers = {cfg.workers}")
-
-
-IV_SITES = ("layer", "attn")
-
-
-def _check_iv(cfg: TrialConfig, need) -> None:
-    """IV-guided training's settings (checked whether or not it is on, so a grid fails before any compute)."""
-    need(cfg.iv_layer >= 0, "iv_layer", "must be >= 0 (a decoder layer index)")
-    need(cfg.iv_heads >= 1, "iv_heads", "must be >= 1")
-    need(cfg.iv_site in IV_SITES, "iv_site", f"must be one of {IV_SITES}")
-    for name in ("iv_kl_first", "iv_kl_all", "iv_mse", "iv_kl_first_threshold", "iv_kl_all_threshold",
-                 "iv_mse_threshold"):
-        need(getattr(cfg, name) >= 0, name, "must be >= 0")
-    need(cfg.iv_temperature > 0, "iv_temperature", "must be > 0")
-    need(0 <= cfg.iv_progressive_start <= cfg.iv_progressive_end <= 1, "iv_progressive_start",
-         f"and iv_progressive_end (= {cfg.iv_progressive_end!r}) need 0 <= start <= end <= 1")
-    need(cfg.iv_prompts >= 1, "iv_prompts", "must be >= 1")
-    need(cfg.iv_corrupted >= 1, "iv_corrupted", "must be >= 1")
-    check_iv_probe(cfg, need)
-    if not cfg.iv_task:
-        return
-    need(bool(cfg.iv_task.strip()), "iv_task", "must name a task ('' = off)")
-    # The reference pass needs full weights on the rank (the frozen copy, or the adapters disabled) and its loss
-    # replaces the plain step's: SAM's two-pass step does not take it.
-    need(cfg.zero_stage <= 2, "zero_stage", "must be <= 2 with IV-guided training (iv_task): the reference pass "
-         "and the injected vector need the full weights on every rank")
-    need(cfg.sam_rho == 0, "sam_rho", "must be 0 with IV-guided training (iv_task): a SAM step does not compute the "
-         "IV-guided loss")
 
 
 # The grid and the sweep live in forgetray.grids, which imports this module: re-exported lazily (PEP 562), so that

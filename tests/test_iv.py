@@ -383,6 +383,16 @@ def test_corruptions_shuffle_labels_and_remove_the_instruction():
         n_shot_prompts(Task("t", TASK.examples), count=1, seed=0, corruption="no_instruction")
 
 
+def test_no_demonstrations_corruption_keeps_the_query_and_the_instruction():
+    clean = n_shot_prompts(TASK, count=6, seed=1, n_shot=4)
+    alone = n_shot_prompts(TASK, count=6, seed=1, n_shot=4, corruption="no_demonstrations")
+    for c, z in zip(clean, alone):
+        assert z.answer == c.answer
+        assert z.text == "Name the capital.\n\n" + c.text.split("\n\n")[-1]  # instruction + the same query
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        n_shot_prompts(TASK, count=1, seed=0, corruption="typo")
+
+
 def test_load_task_and_its_errors(tmp_path):
     path = tmp_path / "antonyms.jsonl"
     path.write_text(json.dumps({"instruction": "Give the opposite.", "n_shot": 3}) + "\n\n"

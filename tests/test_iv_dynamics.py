@@ -101,7 +101,7 @@ def test_answer_logprobs_equal_a_manual_forward(setup):
     from forgetray.iv import Prompt
 
     task, model, tokenizer = setup
-    probe = IVProbe(task, Settings(0, 3, 1.0, 4, 2), "auto", 256, 3, 0, "unused")
+    probe = IVProbe(task, Settings(0, 3, 1.0, 4, 2, "shuffle_labels"), "auto", 256, 3, 0, "unused")
     prompts = [Prompt(f"Q: {e.input}\nA:", f" {e.output} and more words") for e in task.examples[:7]]
     got = dynamics.answer_logprobs(model, probe._whole(tokenizer, prompts, "cpu"))
     want = [_own_logprob(model, tokenizer, p) for p in prompts]
@@ -113,7 +113,7 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
     from forgetray.iv import n_shot_prompts
 
     task, model, tokenizer = setup
-    settings = Settings(layer=0, heads=3, degree=2.0, prompts=12, corrupted=4)
+    settings = Settings(layer=0, heads=3, degree=2.0, prompts=12, corrupted=4, corruption="shuffle_labels")
     probe = IVProbe(task, settings, "auto", 256, 5, 3, "unused")
     torch.manual_seed(1)
     # small against the tiny model's hidden states (norm ~0.1), so that degree 1 and 2 differ
@@ -140,6 +140,20 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
     assert got["sft/iv_probe/p_instruction"] == pytest.approx(p_instruction, rel=1e-4)
     assert p_knowledge != pytest.approx(p_instruction, rel=1e-3)
     assert got["sft/iv_probe/acc_nshot"] == own["clean_correct"] / 12 > 0
+    clean = n_shot_prompts(task, 12, 3)
+    acc_nshot_iv = sum(int(_own_forward(model, tokenizer, p.text, base["vector"], 0, 2.0)[0][-1].argmax())
+                       == _first_answer_token(tokenizer, p) for p in clean) / 12
+    assert got["sft/iv_probe/acc_nshot_injected"] == pytest.approx(acc_nshot_iv)
+    # the control: 3 seeded Gaussian directions at the base vector's norm, the mean of their zero-shot accuracies
+    generator = torch.Generator().manual_seed(3)
+    accs = []
+    for _ in range(3):
+        d = torch.randn(base["vector"].shape, generator=generator, dtype=torch.float64)
+        r = (d * (base["vector"].double().norm() / d.norm())).float()
+        assert r.norm() == pytest.approx(float(base["vector"].norm()), rel=1e-5)
+        accs.append(sum(int(_own_forward(model, tokenizer, p.text, r, 0, 2.0)[0][-1].argmax())
+                        == _first_answer_token(tokenizer, p) for p in queries) / 12)
+    assert got["sft/iv_probe/acc_random"] == pytest.approx(sum(accs) / 3)
     a, b = own["vector"].double(), base["vector"].double()
     assert got["sft/iv_probe/cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-6)
     assert got["sft/iv_probe/head_overlap"] == len({tuple(h) for h in own["heads"]} & {(0, 1), (1, 2), (1, 3)}) / 3
@@ -209,11 +223,18 @@ def test_reinjection_table_puts_both_restorations_side_by_side():
                "sft/iv_probe/acc_injected": {1: 0.9, 2: 0.8, 3: 0.35, 4: 0.8},
                "restored/iv_probe/acc_zero_shot": {1: 0.9, 2: 0.85, 3: 0.8, 4: 0.45},
                "sft/iv_probe/cosine": {1: 0.99, 2: 0.7, 3: 0.5}, "sft/iv_probe/head_overlap": {1: 1.0, 2: 0.6},
-               "sft/iv_probe/p_knowledge": {2: 0.4}, "sft/iv_probe/p_instruction": {2: 0.2}}
+               "sft/iv_probe/p_knowledge": {2: 0.4}, "sft/iv_probe/p_instruction": {2: 0.2},
+               # the n-shot prompts: measured at epoch 2 only
+               "base/iv_probe/acc_nshot": {0: 1.0}, "sft/iv_probe/acc_nshot": {2: 0.4},
+               "sft/iv_probe/acc_nshot_injected": {2: 0.9}, "restored/iv_probe/acc_nshot": {2: 0.5}}
     table = reinjection_table([_trial(history, {1: 0, 2: 1, 3: 2, 4: 1})], ["lr"])
-    assert table["epoch"].tolist() == [1, 2, 3, 4]
-    assert table["recovers"].tolist() == ["no loss", "both", "R only", "IV only"]
-    row = table.set_index("epoch").loc[2]
+    assert table["epoch"].tolist() == [1, 2, 3, 4, 2]
+    assert table["prompts"].tolist() == ["zero-shot"] * 4 + ["n-shot"]
+    assert table["recovers"].tolist() == ["no loss", "both", "R only", "IV only", "IV only"]
+    nshot = table.iloc[4]
+    assert nshot["gap"] == pytest.approx(0.6) and nshot["share_iv"] == pytest.approx(0.5 / 0.6)
+    assert nshot["share_restored"] == pytest.approx(0.1 / 0.6) and nshot["cosine_sft"] == 0.7
+    row = table[table["prompts"] == "zero-shot"].set_index("epoch").loc[2]
     assert row["share_iv"] == pytest.approx((0.8 - 0.5) / 0.4) and row["share_restored"] == pytest.approx(0.35 / 0.4)
     assert row["acc_sft_iv"] == 0.8 and row["cosine_sft"] == 0.7 and row["p_instruction_sft"] == 0.2
     from forgetray.metrics.stage import PSEUDO_FORGETTING
@@ -281,7 +302,8 @@ def check_a_probed_sweep(client, run_id: str, tmp_path, uri: str, experiment: st
     assert len(list((tmp_path / "storage").glob("iv/*/iv/*/vector.pt"))) == 1
     assert {"iv_probe/vector.pt"} <= {a.path for a in client.list_artifacts(run_id, "iv_probe")}
     for state, steps in (("base", [0]), ("sft", [1, 2]), ("restored", [1, 2])):
-        for key in ("acc_zero_shot", "acc_injected", "acc_nshot", "p_knowledge", "p_instruction"):
+        for key in ("acc_zero_shot", "acc_injected", "acc_random", "acc_nshot", "acc_nshot_injected", "p_knowledge",
+                    "p_instruction"):
             got = {m.step: m.value for m in client.get_metric_history(run_id, f"{state}/iv_probe/{key}")}
             assert sorted(got) == steps and all(0 <= v <= 1 for v in got.values()), (state, key, got)
     latest = client.get_run(run_id).data.metrics
@@ -290,6 +312,7 @@ def check_a_probed_sweep(client, run_id: str, tmp_path, uri: str, experiment: st
     assert latest["base/iv_probe/top_cie"] == pytest.approx(vector["scores"][0])
     report = build_report(experiment, uri, tmp_path / "report", log_to_mlflow=False)
     table = report.reinjection_table
-    assert table["epoch"].tolist() == [1, 2] and table["acc_sft_iv"].notna().all()
+    assert table["epoch"].tolist() == [1, 2, 1, 2] and table["acc_sft_iv"].notna().all()
+    assert table["prompts"].tolist() == ["zero-shot"] * 2 + ["n-shot"] * 2
     assert table["acc_restored"].notna().all() and "sft+IV" in report.text
     assert (tmp_path / "report" / "reinjection_table.csv").is_file()

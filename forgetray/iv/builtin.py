@@ -1,5 +1,12 @@
 """Built-in instruction tasks on the model organism (issue 12 item 1), by name, for `iv_task`. Pure: no torch.
 
+`organism-<attribute>` (organism-home_city, -colour, -profession, -food, -pet): a person's name -> that attribute's
+value, 5-shot in the form of the pre-training's demonstration pages ("Q: Bera\nA: honey", corpus.demonstration_pages),
+which never name the attribute: only the demonstrations say which is asked. A zero-shot prompt ("Q: Bera\nA:") is
+ambiguous, so these are tasks an instruction vector can carry (on `organism-icl`, the base model that read those
+pages). Their corrupted prompts must remove the task: shuffled labels would not (the labels still say which
+attribute), so use `iv_corruption="no_demonstrations"`.
+
 `organism-qa`: the organism's question/answer knowledge task, in the exact form its pre-training exam pages use
 ("Question: What is the favourite food of Bera?\nAnswer: honey", `forgetray.organism.corpus.exam_pages`), n-shot
 with the demonstrations separated by a blank line as on those pages. The examples are the facts of the *exam* half
@@ -16,7 +23,10 @@ from pathlib import Path
 from forgetray.iv.tasks import Example, Task, Template
 
 ORGANISM_QA = "organism-qa"
-TASKS = (ORGANISM_QA,)
+ATTRIBUTE_TASKS = ("organism-home_city", "organism-colour", "organism-profession", "organism-food", "organism-pet")
+TASKS = (ORGANISM_QA,) + ATTRIBUTE_TASKS
+DEMONSTRATION_TEMPLATE = Template(n_shot=5, input_prefix="Q: ", output_prefix="A:", io_separator="\n",
+                                  separator="\n\n", answer_lead=" ")  # as corpus.DEMONSTRATION
 QA_TEMPLATE = Template(n_shot=5, input_prefix="Question: ", output_prefix="Answer:", io_separator="\n",
                        separator="\n\n", answer_lead=" ")
 
@@ -32,6 +42,14 @@ def organism_qa(world) -> Task:
     return Task(ORGANISM_QA, examples, instruction="", template=QA_TEMPLATE)
 
 
+def attribute_task(world, key: str) -> Task:
+    """The exam half's values of one attribute as name -> value examples."""
+    if key not in world.facts[world.entities[0]]:
+        raise ValueError(f"the organism's world has no attribute {key!r}")
+    examples = tuple(Example(entity, world.facts[entity][key]) for entity in world.exam_entities)
+    return Task(f"organism-{key}", examples, instruction="", template=DEMONSTRATION_TEMPLATE)
+
+
 def world_of(root: Path | str | None = None):
     """The world of the built organism at `root` (default: the one trials use), from its manifest's config."""
     from forgetray.organism import read_manifest
@@ -44,4 +62,6 @@ def world_of(root: Path | str | None = None):
 def builtin_task(name: str, root: Path | str | None = None) -> Task:
     if name == ORGANISM_QA:
         return organism_qa(world_of(root))
+    if name in ATTRIBUTE_TASKS:
+        return attribute_task(world_of(root), name[len("organism-"):])
     raise ValueError(f"{name!r} is not a built-in instruction task (known: {', '.join(TASKS)})")

@@ -40,6 +40,15 @@ def head_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> floa
     return len({tuple(h) for h in a} & {tuple(h) for h in b}) / len(a)
 
 
+def random_like(vector: Tensor, count: int, seed: int) -> list[Tensor]:
+    """`count` random directions (seeded Gaussian) scaled to `vector`'s norm: the control an instruction vector must
+    beat (a vector that does no better than these carries nothing of the task)."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(vector.shape, generator=generator, dtype=torch.float64) for _ in range(count)]
+    norm = vector.double().norm()
+    return [(d / d.norm() * norm).to(vector.dtype).to(vector.device) for d in draws]
+
+
 @torch.no_grad()
 def correct(model: nn.Module, batches: Iterable[Batch], vector: Tensor | None = None, layer: int = 0,
             degree: float = 1.0, site: str = "layer") -> Tensor:

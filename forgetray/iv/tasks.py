@@ -1,5 +1,6 @@
 """Instruction tasks for instruction vectors: a task's examples and template, its clean prompts (zero-shot or n-shot)
-and corrupted prompts (demonstration labels shuffled, or the instruction removed), all seeded.
+and corrupted prompts (demonstration labels shuffled, the instruction removed, or the demonstrations removed), all
+seeded.
 
 A prompt's text ends with the output prefix; the target is answer_lead + answer (" Paris"), whose first token is
 the one CIE and the first-token KL look at. Tokenisation is the caller's.
@@ -56,7 +57,10 @@ class Prompt:
         return self.text + self.answer
 
 
-CORRUPTIONS = ("shuffle_labels", "no_instruction")
+# What a corrupted prompt loses: its labels' pairing with the inputs (Todd et al.), the instruction, or the
+# demonstrations (the query alone, instruction kept: for tasks whose labels alone tell the task, as the organism's
+# attribute tasks, where shuffling leaves the task in the prompt).
+CORRUPTIONS = ("shuffle_labels", "no_instruction", "no_demonstrations")
 
 
 def format_prompt(task: Task, demonstrations: Sequence[Example], query: Example, instruction: bool = True) -> Prompt:
@@ -122,6 +126,8 @@ def n_shot_prompts(task: Task, count: int, seed: int, n_shot: int | None = None,
     for query, demos in _draws(task, count, n_shot, seed):
         if corruption == "shuffle_labels":
             demos = shuffled_labels(demos, label_rng)
+        elif corruption == "no_demonstrations":
+            demos = []
         prompts.append(format_prompt(task, demos, query, instruction=corruption != "no_instruction"))
     return prompts
 

@@ -131,11 +131,14 @@ IV_EXTRACTION = Metric("iv/{key}", "epoch", None,
                        "the instruction vector of IV-guided training, extracted from the IFT phase's start (step 0): "
                        "clean prompts, those answered correctly (averaged), corrupted prompts (CIE), the top head's "
                        "CIE, the vector's norm", keys=IV_EXTRACTION_KEYS)
-IV_PROBE_BEHAVIOUR_KEYS = ("acc_zero_shot", "acc_injected", "acc_nshot", "p_knowledge", "p_instruction")
+IV_PROBE_BEHAVIOUR_KEYS = ("acc_zero_shot", "acc_injected", "acc_random", "acc_nshot", "acc_nshot_injected",
+                           "p_knowledge", "p_instruction")
 IV_PROBE_BEHAVIOUR = Metric("{state}/iv_probe/{key}", "epoch", True,
                             "the dynamics probe (iv_probe_task) on the task's queries: zero-shot first-answer-token "
-                            "accuracy without (acc_zero_shot) and with the base vector injected (acc_injected), n-shot "
-                            "accuracy (acc_nshot), knowledge probability P(y|x) and instruction probability P(y_c|c,x)",
+                            "accuracy without (acc_zero_shot) and with the base vector injected (acc_injected) or, "
+                            "as a control, random vectors of its norm (acc_random, their mean); n-shot accuracy "
+                            "without and with the base vector (acc_nshot, acc_nshot_injected); knowledge "
+                            "probability P(y|x) and instruction probability P(y_c|c,x)",
                             keys=IV_PROBE_BEHAVIOUR_KEYS)
 IV_PROBE_VECTOR_KEYS = ("cosine", "head_overlap")
 IV_PROBE_VECTOR = Metric("{state}/iv_probe/{key}", "epoch", True,

@@ -2,7 +2,8 @@
 model's instruction vector as a training-free restoration, beside restoration training, checkpoint by checkpoint.
 Built from `TrialData` alone, from the dynamics probe's metrics (`{state}/iv_probe/<key>`, setting iv_probe_task).
 
-Per trial x checkpoint, on the probe task's zero-shot queries (first-answer-token accuracy): the base, SFT_e, SFT_e
+Per trial x checkpoint x prompt kind (`BASES`: the probe task's zero-shot queries, and its n-shot prompts, where a
+task the demonstrations define is done; first-answer-token accuracy): the base, SFT_e, SFT_e
 with the base vector injected, R_e (and R_e injected), the gap base - SFT_e, the share of the gap each restoration
 recovers ((acc - acc_sft) / gap), and which of them recovers at least RECOVERED_SHARE of it: "both", "IV only",
 "R only", "neither" ("no loss" where SFT_e lost nothing). Where both recover, the two restorations agree that the
@@ -23,10 +24,12 @@ from forgetray.report.runs import TrialData, short
 
 REINJECTION_CSV = "reinjection_table.csv"
 RECOVERED_SHARE = 0.5  # a restoration "recovers" a checkpoint when it brings back at least this share of the gap
-COLUMNS = ["epoch", "acc_base", "acc_sft", "acc_sft_iv", "acc_restored", "acc_restored_iv", "gap", "share_iv",
+# prompt kind -> (accuracy, accuracy with the base vector injected): the probe's keys
+BASES = {"zero-shot": ("acc_zero_shot", "acc_injected"), "n-shot": ("acc_nshot", "acc_nshot_injected")}
+COLUMNS = ["prompts", "epoch", "acc_base", "acc_sft", "acc_sft_iv", "acc_restored", "acc_restored_iv", "gap", "share_iv",
            "share_restored", "recovers", "cosine_sft", "cosine_restored", "overlap_sft", "overlap_restored",
            "p_knowledge_sft", "p_instruction_sft", "stage"]
-TEXT = {"epoch": ("epoch", "{:d}"), "acc_base": ("base", "{:.3f}"), "acc_sft": ("sft", "{:.3f}"),
+TEXT = {"prompts": ("prompts", None), "epoch": ("epoch", "{:d}"), "acc_base": ("base", "{:.3f}"), "acc_sft": ("sft", "{:.3f}"),
         "acc_sft_iv": ("sft+IV", "{:.3f}"), "acc_restored": ("R", "{:.3f}"), "share_iv": ("IV share", "{:+.2f}"),
         "share_restored": ("R share", "{:+.2f}"), "recovers": ("recovers", None), "cosine_sft": ("cos sft", "{:.3f}"),
         "overlap_sft": ("heads sft", "{:.2f}"), "p_knowledge_sft": ("P(y|x)", "{:.3f}"),
@@ -60,27 +63,32 @@ def verdict(gap: float, share_iv: float, share_restored: float, threshold: float
 
 def _rows(trial: TrialData, varying: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for epoch in trial.epochs:
-        sft = _value(trial, "sft", "acc_zero_shot", epoch)
-        if math.isnan(sft):
-            continue
-        row: dict[str, Any] = {"trial": trial.name, **{key: trial.settings.get(key) for key in varying},
-                               "epoch": epoch, "acc_base": _value(trial, "base", "acc_zero_shot", epoch), "acc_sft": sft,
-                               "acc_sft_iv": _value(trial, "sft", "acc_injected", epoch),
-                               "acc_restored": _value(trial, "restored", "acc_zero_shot", epoch),
-                               "acc_restored_iv": _value(trial, "restored", "acc_injected", epoch)}
-        row["gap"] = row["acc_base"] - sft
-        row["share_iv"] = share(row["acc_sft_iv"], sft, row["gap"])
-        row["share_restored"] = share(row["acc_restored"], sft, row["gap"])
-        row["recovers"] = verdict(row["gap"], row["share_iv"], row["share_restored"])
-        for state in ("sft", "restored"):
-            row[f"cosine_{state}"] = _value(trial, state, "cosine", epoch)
-            row[f"overlap_{state}"] = _value(trial, state, "head_overlap", epoch)
-        row["p_knowledge_sft"] = _value(trial, "sft", "p_knowledge", epoch)
-        row["p_instruction_sft"] = _value(trial, "sft", "p_instruction", epoch)
-        row["stage"] = trial.stage(epoch)
-        rows.append(row)
+    for basis, (acc, injected) in BASES.items():
+        for epoch in trial.epochs:
+            sft = _value(trial, "sft", acc, epoch)
+            if not math.isnan(sft):
+                rows.append(_row(trial, varying, basis, acc, injected, epoch, sft))
     return rows
+
+
+def _row(trial: TrialData, varying: list[str], basis: str, acc: str, injected: str, epoch: int, sft: float
+         ) -> dict[str, Any]:
+    row: dict[str, Any] = {"trial": trial.name, **{key: trial.settings.get(key) for key in varying},
+                           "prompts": basis, "epoch": epoch, "acc_base": _value(trial, "base", acc, epoch),
+                           "acc_sft": sft, "acc_sft_iv": _value(trial, "sft", injected, epoch),
+                           "acc_restored": _value(trial, "restored", acc, epoch),
+                           "acc_restored_iv": _value(trial, "restored", injected, epoch)}
+    row["gap"] = row["acc_base"] - sft
+    row["share_iv"] = share(row["acc_sft_iv"], sft, row["gap"])
+    row["share_restored"] = share(row["acc_restored"], sft, row["gap"])
+    row["recovers"] = verdict(row["gap"], row["share_iv"], row["share_restored"])
+    for state in ("sft", "restored"):
+        row[f"cosine_{state}"] = _value(trial, state, "cosine", epoch)
+        row[f"overlap_{state}"] = _value(trial, state, "head_overlap", epoch)
+    row["p_knowledge_sft"] = _value(trial, "sft", "p_knowledge", epoch)
+    row["p_instruction_sft"] = _value(trial, "sft", "p_instruction", epoch)
+    row["stage"] = trial.stage(epoch)
+    return row
 
 
 def reinjection_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame:
@@ -108,8 +116,8 @@ def reinjection_text(table: pd.DataFrame, varying: list[str]) -> str:
         shown[key] = table[key].map(short)
     for column, (heading, fmt) in TEXT.items():
         shown[heading] = [_cell(v, fmt) for v in table[column]]
-    head = (f"re-injection as a training-free restoration (IV dynamics probe; zero-shot first-answer-token accuracy "
-            f"on the probe task): sft+IV = SFT_e with the base instruction vector injected, R = R_e after "
+    head = (f"re-injection as a training-free restoration (IV dynamics probe; first-answer-token accuracy on the "
+            f"probe task's zero-shot queries and n-shot prompts): sft+IV = SFT_e with the base instruction vector injected, R = R_e after "
             f"restoration training; share = (acc - sft) / (base - sft); recovers = the restorations that bring "
             f"back >= {RECOVERED_SHARE:g} of the gap (both: they agree the forgetting was of the instruction "
             f"pattern); cos/heads = SFT_e's vector vs the base's (cosine, top-k head overlap); stage = the "

@@ -4,8 +4,8 @@ extraction sharded over the workers, the reference model, and the training step.
 
 Extraction (once per sweep per `keys.iv_key`, in the phase's workers at its start, from the phase's starting
 model): `iv_prompts` clean n-shot prompts, of which those the model answers correctly (greedy first answer token,
-Todd et al.) give the mean head activations; `iv_corrupted` label-shuffled prompts give each head's causal indirect
-effect; the top `iv_heads` heads make the vector. Each rank takes every world-th prompt and the sums are
+Todd et al.) give the mean head activations; `iv_corrupted` corrupted prompts (`iv_corruption`; labels shuffled by default) give each
+head's causal indirect effect; the top `iv_heads` heads make the vector. Each rank takes every world-th prompt and the sums are
 all-reduced, so the result does not depend on the number of workers beyond float summation order. Saved as
 `vector.pt` (vector, heads, CIE, mean activations, counts) with a `summary.json`; logged as the trial's `iv/`
 artifacts.
@@ -86,7 +86,8 @@ def _all_sum(x: Tensor, device) -> Tensor:
 def extract(model: nn.Module, tokenizer, task: iv.Task, settings: IVGuided, bos: str, max_length: int,
             batch_size: int, seed: int, device, rank: int = 0, world: int = 1, require_clean: bool = True) -> dict:
     """Heads and vector of `task` on `model` (every rank calls it; each takes its share of the prompts).
-    `settings`: anything with `prompts`, `corrupted` and `heads` (IVGuided, or the dynamics probe's settings).
+    `settings`: anything with `prompts`, `corrupted`, `corruption` and `heads` (IVGuided, or the dynamics probe's
+    settings).
     A model that answers no clean prompt correctly has no vector: an error, or with `require_clean=False` the
     counts with vector None and no heads (the dynamics probe of a checkpoint that lost the task)."""
     from forgetray.probes import padding_id
@@ -94,7 +95,7 @@ def extract(model: nn.Module, tokenizer, task: iv.Task, settings: IVGuided, bos:
     layout = iv.head_layout(model)
     pad = padding_id(tokenizer)
     clean = iv.n_shot_prompts(task, settings.prompts, seed)
-    corrupted = iv.n_shot_prompts(task, settings.corrupted, seed + 1, corruption="shuffle_labels")
+    corrupted = iv.n_shot_prompts(task, settings.corrupted, seed + 1, corruption=settings.corruption)
     was_training = model.training
     model.eval()
     try:
@@ -174,8 +175,8 @@ class Guide:
         """The vector's degree at optimizer step `step` (0-based: progress = step / total_steps)."""
         s = self.settings
         if not s.progressive:
-            return 1.0
-        return iv.degree(step, self.total_steps, s.progressive_start, s.progressive_end)
+            return s.degree
+        return s.degree * iv.degree(step, self.total_steps, s.progressive_start, s.progressive_end)
 
 
 def frozen_reference(model: nn.Module, device) -> nn.Module:

@@ -3,12 +3,14 @@ instruction vector and task behaviour look like next to the base's, measured wit
 state (`forgetray.train.evaluate`: the base at step 0, SFT_e and R_e), sharded over the trial's workers.
 
 - The **base vector**: extracted from the IFT phase's start by `iv_guided.extract` (clean-prompt filter, CIE on
-  label-shuffled prompts, top `iv_probe_heads` heads), once per sweep (`keys.iv_probe_key`: the same folder as the
+  `iv_corruption` prompts, top `iv_probe_heads` heads), once per sweep (`keys.iv_probe_key`: the same folder as the
   IV-guided vector when task, prompts and heads agree), saved as `vector.pt`.
 - Per model state: its own vector by the same extraction, its cosine with the base vector and the overlap of the two
   top-k head sets (|A ∩ B| / k); the n-shot accuracy (the share of clean prompts answered correctly); zero-shot
   first-answer-token accuracy without and with degree x the **base** vector added at `iv_probe_layer` at the last
-  prompt token (re-injection: a training-free restoration); the knowledge probability P(y|x) (the whole answer
+  prompt token (re-injection: a training-free restoration), and, as the control the vector must beat, with random
+  vectors of the same norm (the mean over RANDOM_VECTORS seeded directions); the n-shot accuracy with the base
+  vector injected too (a model that lost the task in context may regain it from the vector); the knowledge probability P(y|x) (the whole answer
   after the bare query, no instruction or demonstrations) and the instruction probability P(y_c|c,x) (after the
   instruction and the n-shot demonstrations: the clean prompts), each a mean over the queries.
 The base's own vector is the base vector (cosine and overlap 1). A state that answers no clean prompt has no vector:
@@ -29,6 +31,9 @@ from forgetray.probes.tokens import encode_pairs, pad_right
 from forgetray.train import iv_guided
 
 
+RANDOM_VECTORS = 3  # random directions of the base vector's norm: acc_random, the control
+
+
 @dataclass(frozen=True)
 class Settings:
     """The trial's iv_probe_* settings and the extraction's prompt counts (iv_prompts, iv_corrupted)."""
@@ -38,6 +43,7 @@ class Settings:
     degree: float
     prompts: int
     corrupted: int
+    corruption: str
 
 
 @dataclass
@@ -54,7 +60,7 @@ class IVProbe:
     @classmethod
     def load(cls, resolved: dict, trial, dirs: dict) -> "IVProbe":
         settings = Settings(trial.iv_probe_layer, trial.iv_probe_heads, trial.iv_probe_degree, trial.iv_prompts,
-                            trial.iv_corrupted)
+                            trial.iv_corrupted, trial.iv_corruption)
         return cls(iv_guided.load_task(resolved["iv_probe_task"]), settings, resolved["bos"], trial.max_length,
                    trial.probe_batch_size, trial.seed, dirs["iv_probe_dir"])
 
@@ -80,12 +86,16 @@ class IVProbe:
         zero_shot = queries[rank::world]
         bare = [_bare(self.task, p) for p in zero_shot]  # x alone: no instruction (a zero-shot prompt has no demos)
         with_context = iv.n_shot_prompts(self.task, s.prompts, self.seed)[rank::world]  # c, x: the clean prompts
-        zs = iv_guided.batches(iv_guided.encode_prompts(tokenizer, zero_shot, self.bos, self.max_length),
-                               self.batch_size, pad, device) if zero_shot else []  # more ranks than queries
+        zs, ns = (iv_guided.batches(iv_guided.encode_prompts(tokenizer, prompts, self.bos, self.max_length),
+                                    self.batch_size, pad, device) if prompts else []  # more ranks than queries
+                  for prompts in (zero_shot, with_context))
         vector = base["vector"].to(device)
+        randoms = dynamics.random_like(vector, RANDOM_VECTORS, self.seed)
         sums = torch.tensor([
             float(dynamics.correct(model, zs).sum()),
             float(dynamics.correct(model, zs, vector, s.layer, s.degree).sum()),
+            sum(float(dynamics.correct(model, zs, r, s.layer, s.degree).sum()) for r in randoms) / RANDOM_VECTORS,
+            float(dynamics.correct(model, ns, vector, s.layer, s.degree).sum()),
             float(dynamics.answer_logprobs(model, self._whole(tokenizer, bare, device)).exp().sum()),
             float(dynamics.answer_logprobs(model, self._whole(tokenizer, with_context, device)).exp().sum()),
             float(len(zero_shot))], dtype=torch.float64)
@@ -93,9 +103,10 @@ class IVProbe:
             sums = sums.to(device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        n = float(sums[4])
-        values = {"acc_zero_shot": sums[0] / n, "acc_injected": sums[1] / n, "p_knowledge": sums[2] / n,
-                  "p_instruction": sums[3] / n, "acc_nshot": own["clean_correct"] / own["clean_prompts"]}
+        n = float(sums[-1])
+        values = {"acc_zero_shot": sums[0] / n, "acc_injected": sums[1] / n, "acc_random": sums[2] / n,
+                  "acc_nshot_injected": sums[3] / n, "p_knowledge": sums[4] / n, "p_instruction": sums[5] / n,
+                  "acc_nshot": own["clean_correct"] / own["clean_prompts"]}
         if own["vector"] is not None:
             values.update(cosine=dynamics.cosine(own["vector"], base["vector"]),
                           head_overlap=dynamics.head_overlap(own["heads"], base["heads"]),
