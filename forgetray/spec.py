@@ -199,7 +199,7 @@ class TrialConfig:
                            f".wise{self.wiseft_alpha:g}" if self.wiseft_alpha < 1 else "",
                            f".reh{self.rehearsal_ratio:g}" if self.rehearsal_ratio else "",
                            f".lora{self.lora_rank}" if self.lora_rank else "",
-                           ".iv" if self.iv_task else ""])
+                           (".iv" if self.iv_degree == 1 else f".iv{self.iv_degree:g}") if self.iv_task else ""])
         return f"{model}.{dataset}.e{self.epochs}.lr{self.lr:g}.s{self.seed}{methods}"
 
 

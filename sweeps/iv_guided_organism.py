@@ -1,39 +1,44 @@
 # forgetray run sweeps/iv_guided_organism.py
-"""IV-guided vs plain LoRA fine-tuning on the model organism, on the CPU, in minutes: the design of
-sweeps/iv_guided.py at the organism's size, with the instruction-vector dynamics probe on every model state and
-every checkpoint restored, so the report's re-injection table puts SFT_e, SFT_e + the base vector and R_e side by
-side. The task is the built-in `organism-qa` (the exam half's facts, 5-shot Question/Answer as on the pre-training
-exam pages); organism-tiny has 2 layers x 4 heads, so the vector is made of 4 heads and goes in after layer 0.
-Needs the organism built once (`forgetray organism build`).
+"""Instruction vectors on the model organism, on the CPU, in minutes: plain fine-tuning, IV-guided fine-tuning and its
+degree-0 control, 3 seeds each, with the dynamics probe on every model state and every checkpoint restored, so that
+the report's re-injection table puts SFT_e, SFT_e + the base vector and R_e side by side
+(`scripts/iv_organism_docs.py` then answers issue 12's three questions from the run, over the seeds).
 
-Read its numbers as a check that the pieces run, not as a finding: today's organism carries no instruction vector
-(README, "The model organism"; issue 12): its questions state the task, the base answers them zero-shot at ceiling,
-and the top head's causal indirect effect is ~1e-3, so the vector, its cosine and the re-injected accuracy are noise.
+The base is `organism-icl`, the base model that also read the demonstration pages: it infers which attribute is asked
+from in-context demonstrations ("Q: <name>\\nA: <value>", 5-shot: 0.98-1.00), a zero-shot prompt leaves it guessing,
+and the vector of its top 6 heads (by causal indirect effect on the same queries without their demonstrations),
+added after layer 1, restores the task far better than a random vector of its norm (tests/test_iv_organism.py). The
+task is `organism-colour`. It is fine-tuned as the quickstart's near arm is (organism-alpaca, lr 5e-3, full
+fine-tuning, 4 epochs); IV guidance keeps a frozen copy of the base as its reference (full fine-tuning), with
+FvForgetting's loss weights (first-token KL 20, all-token KL 0.1, T 2, thresholds 0.1). The control (`iv_degree` 0)
+is the same loss with the vector left out of the reference: what the KL anchor to the base does alone.
+Needs the organism built once (`forgetray organism build`).
 """
 
-from forgetray import Sweep, grid
+from forgetray import Sweep
+
+TASK = "organism-colour"
 
 sweep = Sweep(
     "iv-guided-organism",
-    model="organism-tiny",
-    dataset="organism-math",
-    epochs=3,
-    lr=1e-2,
+    model="organism-icl",
+    dataset="organism-alpaca",
+    replicates=3,  # seeds 0, 1, 2 of every arm: the data order and initialisation of everything seeded
+    cases=[{}, {"iv_task": TASK}, {"iv_task": TASK, "iv_degree": 0.0}],  # plain, IV-guided, its control
+    epochs=4,
+    lr=5e-3,
     batch_size=16,
     max_length=256,
-    workers=1,  # one DeepSpeed rank per trial: the two trials run side by side on a 2-core machine
-    zero_stage=2,
-    lora_rank=8,
-    lora_alpha=16,
-    lora_targets=["q_proj", "v_proj"],
-    iv_task=grid(["", "organism-qa"]),  # "" = plain LoRA fine-tuning
-    iv_layer=0,
-    iv_heads=4,
-    iv_prompts=50,
-    iv_corrupted=10,
-    iv_probe_task="organism-qa",
-    iv_probe_layer=0,
-    iv_probe_heads=4,
+    zero_stage=0,
+    workers=1,  # one DeepSpeed rank per trial: two trials run side by side on a 2-core machine
+    iv_layer=1,
+    iv_heads=6,
+    iv_corruption="no_demonstrations",  # shuffled labels would still name the attribute
+    iv_prompts=100,
+    iv_corrupted=25,
+    iv_probe_task=TASK,
+    iv_probe_layer=1,
+    iv_probe_heads=6,
     benchmarks=["organism-facts"],
     probe_set="organism-probe",
     probe_passages=200,
@@ -42,5 +47,6 @@ sweep = Sweep(
     restore_batch_size=2,
     restore_seq_len=256,
     restore_trajectory_points=2,
-    restore_group=0,  # restorations in the IFT phase's own workers: one worker start-up per trial
+    restore_max_passes=3,
+    restore_group=0,  # restorations in the IFT phase's own workers, after it: one worker start-up per trial
 )

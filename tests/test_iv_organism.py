@@ -2,9 +2,10 @@
 
 On organism-icl, the base model that also read the demonstration pages, forgetray's extraction (clean 5-shot prompts,
 causal indirect effects on the same queries without their demonstrations, the top heads) gives each attribute task a
-vector that, added after layer 1 at the last token of a zero-shot prompt, restores the task far better than random
-vectors of the same norm. The accuracies are counted here one prompt at a time with this test's own hook, apart from
-the batched code the probe uses. The shipped weights make this the same model on every machine.
+vector that, added after layer 1 at the last token of a zero-shot prompt, restores the task better than random vectors
+of the same norm (by 0.15-0.6 here: README, "The model organism"). The accuracies are counted here one prompt at a
+time with this test's own hook, apart from the batched code the probe uses. The shipped weights make this the same
+model on every machine.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def icl(default_organism):
 
 
 def _accuracy(model, tokenizer, prompts, vector=None) -> float:
-    """Greedy first answer token, one unpadded prompt at a time (no BOS: the organism's tokenizer adds none, and
-    the probes follow lm-eval's rule); `vector` added to decoder layer LAYER's output at
+    """Greedy first answer token, one unpadded prompt at a time after BOS (as every organism document began in
+    pre-training, and as trials read organism models: `bos="always"`); `vector` added to decoder layer LAYER's output at
     the last token by this test's own hook."""
     def add(_module, _args, out):
         hidden = (out[0] if isinstance(out, tuple) else out).clone()
@@ -44,10 +45,10 @@ def _accuracy(model, tokenizer, prompts, vector=None) -> float:
     right = 0
     try:
         for prompt in prompts:
-            ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]  # no BOS: lm-eval's rule here
+            ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
             whole = tokenizer(prompt.text + prompt.answer, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                logits = model(input_ids=torch.tensor([[tokenizer.bos_token_id] + ids])).logits[0, -1]
             assert whole[:len(ids)] == ids  # the prompt's tokens are a prefix: the next one is the answer's first
             right += int(logits.argmax()) == whole[len(ids)]
     finally:
@@ -64,9 +65,9 @@ def test_the_top_heads_vector_restores_the_task_on_zero_shot_prompts_and_a_rando
     assert _accuracy(model, tokenizer, n_shot_prompts(task, 40, seed=7)) >= 0.95
     zero_shot = n_shot_prompts(task, len(task.examples), seed=0, n_shot=0)
     plain = _accuracy(model, tokenizer, zero_shot)
-    assert plain <= 0.4
+    assert plain <= 0.45
 
-    found = iv_guided.extract(model, tokenizer, task, Extraction, "auto", 256, 32, seed=0, device="cpu")
+    found = iv_guided.extract(model, tokenizer, task, Extraction, "always", 256, 32, seed=0, device="cpu")
     assert found["scores"][0] > 0.2  # a head that alone restores a fifth of the answer's probability
     vector = found["vector"]
     generator = torch.Generator().manual_seed(0)
@@ -75,7 +76,7 @@ def test_the_top_heads_vector_restores_the_task_on_zero_shot_prompts_and_a_rando
         direction = torch.randn(vector.shape, generator=generator)
         randoms.append(_accuracy(model, tokenizer, zero_shot, direction * (vector.norm() / direction.norm())))
     injected = _accuracy(model, tokenizer, zero_shot, vector)
-    assert injected >= 0.5 and injected >= max(randoms) + 0.2, (name, plain, injected, randoms)
+    assert injected >= max(randoms) + 0.1 and injected >= 2 * plain, (name, plain, injected, randoms)
 
 
 def test_the_quickstart_sizes_have_no_such_task(icl):
