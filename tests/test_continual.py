@@ -142,13 +142,18 @@ def test_continual_table_has_the_matrix_forgetting_and_bwt():
                   {"continual/x/knowledge": {0: 0.7, 1: 0.4}, "continual/y/knowledge": {0: 0.5, 1: 0.5}})
     assert continual_table([plain], ["lr"]).empty  # no trial with prior phases: no table
     table = continual_table([with_prior, plain], ["lr"])
-    assert list(table.columns) == ["trial", "lr", "row", "step", "phase", "own_benchmark", "x", "y", "bwt"]
+    assert list(table.columns) == ["trial", "lr", "row", "step", "phase", "step_own_benchmark", "x", "y", "bwt"]
     a = table[(table.trial == "a") & (table.row == "a")]
     assert list(a.step) == [0, 1, 2] and list(a.phase) == ["before fine-tuning", "prior_1", "ift"]
-    assert list(a.own_benchmark) == ["", "x", "y"] and list(a.x) == [0.5, 0.8, 0.6]
+    assert list(a.step_own_benchmark) == ["", "x", "y"] and list(a.x) == [0.5, 0.8, 0.6]
     summary = table[(table.trial == "a") & (table.row == "forgetting")].iloc[0]
     assert (summary.step, summary.x, summary.y, summary.bwt) == (2, 0.2, pytest.approx(-0.05), pytest.approx(-0.2))
     plain_summary = table[(table.trial == "b") & (table.row == "forgetting")].iloc[0]
     assert plain_summary.x == pytest.approx(0.3) and plain_summary.y == 0 and math.isnan(plain_summary.bwt)
     text = continual_text(table, ["lr"])
     assert "a (lr=0.1):" in text and "forgetting" in text and "-0.200" in text and "prior_1" in text
+    # the own_benchmark setting may itself vary across trials: a column of its own beside each step's
+    varied = continual_table([with_prior, plain], ["lr", "own_benchmark"])
+    assert list(varied[varied.trial == "a"].own_benchmark) == ["y"] * 4
+    assert list(varied[(varied.trial == "a") & (varied.row == "a")].step_own_benchmark) == ["", "x", "y"]
+    assert "a (lr=0.1, own_benchmark=y):" in continual_text(varied, ["lr", "own_benchmark"])

@@ -55,14 +55,13 @@ def assert_no_duplicate_steps(history: dict[str, list]) -> None:
 
 
 def sweep_file(tmp_path: Path, fixture_files: dict, name: str, **settings) -> Path:
-    """A sweep file on the fixture model and data; `settings` are written as Python source (values or grid(...));
-    a setting given as None is left out of the file (for settings that `cases` set)."""
+    """A sweep file on the fixture model and data; `settings` are written as Python source (values or grid(...))."""
     base = {"model": repr(str(fixture_files["model"])), "dataset": repr(str(fixture_files["dataset"])),
             "benchmarks": repr([str(fixture_files["benchmark"])]), "probe_set": repr(str(fixture_files["probe_set"])),
             "probe_passages": "16", "probe_batch_size": "5", "epochs": "2", "lr": "3e-3", "batch_size": "8",
             "max_length": "256"}
     base.update(settings)
-    args = ", ".join(f"{k}={v}" for k, v in base.items() if v is not None)  # None: not set here (e.g. cases set it)
+    args = ", ".join(f"{k}={v}" for k, v in base.items())
     path = tmp_path / f"{name}.py"
     path.write_text(f"# forgetray run {path.name}\nfrom forgetray import Sweep, grid\nsweep = Sweep({name!r}, {args})\n")
     return path
@@ -138,117 +137,40 @@ def session_processes(session_dir: str) -> list[psutil.Process]:
     return found
 
 
-# --- 1 and 5. one sweep: a training worker SIGKILLed mid-epoch, beside four concurrent trials on one sqlite store ---
+# --- 1. a training worker SIGKILLed mid-epoch ---
 
-KILL_SWEEP = "kill-and-sqlite-4"  # the experiment of tests 1 and 5 (one sweep execution, two groups of trials)
-SQLITE_4_LRS = (1e-3, 2e-3, 3e-3, 1e8)
+def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics(tmp_path, fixture_files):
+    """Two trials that differ only in `max_failures` (which does not change what is trained) run at once; the worker
+    of whichever first finishes step 2 of epoch 3 is held there by the FORGETRAY_HOLD_AT hook and SIGKILLed by this
+    test. By then only epoch 2's DeepSpeed state is kept (keep_optimizer_state='latest' pruned epoch 1's): Ray Train
+    restarts the worker group from it, and both trials must log the same metrics and end with the same weights."""
+    from safetensors import safe_open
 
-
-@pytest.fixture(scope="module")
-def killed_worker_and_sqlite_4(tmp_path_factory, fixture_files):
-    """One `forgetray run` (cli.main, in this process, on a local Ray with 6 CPU slots on this 2-core machine) whose
-    six trials serve tests 1 and 5 (their faults touch different trials and do not interfere):
-    - test 5's four trials (2 epochs, lr 1e-3, 2e-3, 3e-3 and 1e8, early_checkpoints 3, max_failures 0), one of them
-      failing on a NaN loss;
-    - test 1's two trials (3 epochs, ZeRO-2, lr 3e-3, delete_finished_state=False), equal but for max_failures 1 / 2.
-    The FORGETRAY_HOLD_AT hook holds the worker that first finishes step 2 of epoch 3: only test 1's trials have an
-    epoch 3 (test 5's end at epoch 2 and its NaN trial fails before the hook). A thread of this test waits for it and
-    for both of test 1's epoch-2 reports, then SIGKILLs it, while cli.main runs the sweep.
-    Returns (tmp folder, uri, exit code, stderr, hold folder, what the killing thread saw)."""
-    import contextlib
-    import io
-
-    import ray
-
-    from forgetray import cli as forgetray_cli
     from forgetray.train.engine import HOLD_ENV
 
-    tmp_path = tmp_path_factory.mktemp("kill-and-sqlite-4")
     hold = tmp_path / "hold"
     hold.mkdir()
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    env[HOLD_ENV] = f"{hold}:3:2"
+    path = sweep_file(tmp_path, fixture_files, "killed-worker", epochs="3", max_failures="grid([1, 2])",
+                      max_concurrent_trials="2", zero_stage="2", delete_finished_state="False")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cases = [{"lr": lr, "epochs": 2, "early_checkpoints": 3, "max_failures": 0} for lr in SQLITE_4_LRS]
-    cases += [{"lr": 3e-3, "epochs": 3, "max_failures": m, "zero_stage": 2, "delete_finished_state": False}
-              for m in (1, 2)]
-    path = sweep_file(tmp_path, fixture_files, KILL_SWEEP, epochs=None, lr=None, cases=repr(cases),
-                      max_concurrent_trials="6")
-
-    seen: dict = {}
-
-    def wait(predicate, timeout, what):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            found = predicate()
-            if found:
-                return found
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}")
-
+    driver = Driver(cli(path, uri, tmp_path), tmp_path, {HOLD_ENV: f"{hold}:3:2"})
+    held = driver.wait_for(lambda: (hold / "held").is_file() and json.loads((hold / "held").read_text()), 600,
+                           "a worker held at epoch 3, step 2")
+    # Ray Train registers a checkpoint when its controller polls the report (not when the worker makes it): wait
+    # until both trials' epoch-2 reports are in (their metrics reached MLflow), so the last checkpoint is epoch 2.
     def epoch_two_logged():
-        # Ray Train registers a checkpoint when its controller polls the report (not when the worker makes it): wait
-        # until both of test 1's trials' epoch-2 reports are in (their metrics reached MLflow), so the last
-        # checkpoint is epoch 2.
-        found = client(uri).get_experiment_by_name(KILL_SWEEP)
+        found = client(uri).get_experiment_by_name("killed-worker")
         runs = client(uri).search_runs([found.experiment_id], "tags.`forgetray.kind` = 'trial'") if found else []
-        runs = [r for r in runs if r.data.params.get("trial.epochs") == "3"]
         return len(runs) == 2 and all(2 in {m.step for m in client(uri).get_metric_history(r.info.run_id,
                                                                                            "train/loss")}
                                       for r in runs)
 
-    def kill_the_held_worker():
-        try:
-            held = wait(lambda: (hold / "held").is_file() and json.loads((hold / "held").read_text()), 600,
-                        "a worker held at epoch 3, step 2")
-            wait(epoch_two_logged, 600, "both trials' epoch-2 reports")
-            victim = psutil.Process(held["pid"])
-            seen["held"] = held
-            seen["victim_running"] = victim.is_running()
-            os.kill(held["pid"], signal.SIGKILL)
-        except BaseException as error:  # noqa: BLE001 - reported by test 1
-            seen["error"] = repr(error)
-
-    killer = threading.Thread(target=kill_the_held_worker, daemon=True)
-    ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env})
-    try:
-        killer.start()
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = forgetray_cli.main(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "storage")])
-        killer.join(30)
-    finally:
-        ray.shutdown()
-    return {"tmp_path": tmp_path, "uri": uri, "rc": rc, "out": out.getvalue(), "err": err.getvalue(), "hold": hold,
-            "seen": seen, "killer_done": not killer.is_alive()}
-
-
-def kill_sweep_trials(uri: str):
-    """(parents, test 1's two trials, test 5's four trials) of the shared sweep."""
-    parents, trials = runs_of(uri, KILL_SWEEP)
-    assert len(trials) == 6, "a restart made another run, or a trial is missing"
-    killed = [t for t in trials if t.data.params["trial.epochs"] == "3"]
-    four = [t for t in trials if t.data.params["trial.epochs"] == "2"]
-    assert len(killed) == 2 and len(four) == 4
-    return parents, killed, four
-
-
-def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics(killed_worker_and_sqlite_4):
-    """Two trials that differ only in `max_failures` (which does not change what is trained) run at once; the worker
-    of whichever first finishes step 2 of epoch 3 is held there by the FORGETRAY_HOLD_AT hook and SIGKILLed by this
-    test. By then only epoch 2's DeepSpeed state is kept (keep_optimizer_state='latest' pruned epoch 1's): Ray Train
-    restarts the worker group from it, and both trials must log the same metrics and end with the same weights.
-    (The sweep also runs test 5's four trials at the same time: `killed_worker_and_sqlite_4`.)"""
-    from safetensors import safe_open
-
-    run = killed_worker_and_sqlite_4
-    tmp_path, uri, hold, seen = run["tmp_path"], run["uri"], run["hold"], run["seen"]
-    assert run["killer_done"] and "error" not in seen, seen.get("error", "the killing thread did not finish")
-    held = seen["held"]
-    assert seen["victim_running"] and held["pid"] != os.getpid()  # a Ray Train worker, not the driver
-    # Only test 5's NaN trial failed (test 5 checks it is that one): the killed trial recovered.
-    failed_lines = [line for line in run["err"].splitlines() if line.startswith("[forgetray] trial failed:")]
-    assert len(failed_lines) == 1 and "non-finite loss" in failed_lines[0], run["err"][-3000:]
+    driver.wait_for(epoch_two_logged, 600, "both trials' epoch-2 reports")
+    victim = psutil.Process(held["pid"])
+    assert victim.is_running() and victim.pid != driver.proc.pid  # a Ray Train worker, not the driver
+    os.kill(held["pid"], signal.SIGKILL)
+    rc = driver.finish(900)
+    assert rc == 0, driver.log[-4000:]
 
     # The killed process trained epochs 1 to 3 (to step 2); its replacement started at epoch 3: from the checkpoint.
     progress = [tuple(map(int, line.split())) for line in (hold / "progress").read_text().splitlines()]
@@ -260,10 +182,9 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics
     assert len(restarted) == 1, by_pid
     assert by_pid[restarted[0]][-1] == (3, 5)  # 40 examples / batch 8: 5 steps an epoch, to the end
 
-    parents, trials, _ = kill_sweep_trials(uri)
+    parents, trials = runs_of(uri, "killed-worker")
     assert len(parents) == 1 and len(trials) == 2, "the restart made another run"
     assert {t.info.status for t in trials} == {"FINISHED"}
-    assert sorted(t.data.params["trial.max_failures"] for t in trials) == ["1", "2"]
     logged = [histories(uri, t) for t in trials]
     for history in logged:
         assert_no_duplicate_steps(history)
@@ -276,7 +197,7 @@ def test_worker_killed_mid_epoch_restarts_from_checkpoint_with_identical_metrics
         b = [(m.step, m.value) for m in logged[1][name]]
         assert a == b, name  # exactly: same seed, same batches, the optimizer and schedule state restored
 
-    trial_dirs = [next((tmp_path / "storage").glob(f"{KILL_SWEEP}/*/trials/{t.data.tags['forgetray.trial']}"))
+    trial_dirs = [next((tmp_path / "storage").glob(f"killed-worker/*/trials/{t.data.tags['forgetray.trial']}"))
                   for t in trials]
     for trial_dir in trial_dirs:
         epochs = [trial_dir / "ift" / f"epoch_{e:03d}" for e in (1, 2, 3)]
@@ -425,24 +346,30 @@ def test_driver_killed_then_resumed_without_rerun_or_duplicates(tmp_path, fixtur
     assert_no_secret_in_store(uri, "killed-driver", tmp_path)
 
 
-# --- 5. four concurrent trials on one sqlite store (in the sweep of test 1: `killed_worker_and_sqlite_4`) ---
+# --- 5. four concurrent trials on one sqlite store ---
 
-def test_four_concurrent_trials_on_one_sqlite_store_one_failing_alone(killed_worker_and_sqlite_4):
-    """Four trials at once (a local Ray with 6 CPU slots on this 2-core machine, beside test 1's two trials), each
-    logging base, early-step, epoch and continual metrics from its driver and its Train controller into one sqlite
-    file, through `forgetray run` (cli.main, in this process). One has lr 1e8 (a real cause of a NaN, no hook): AdamW
-    moves every weight by ~lr in the first steps, the activations overflow fp32 and the loss becomes nan within epoch
-    1. That trial fails with the phase, epoch and step named, in its MLflow run and on the console; the others finish;
+def test_four_concurrent_trials_on_one_sqlite_store_one_failing_alone(tmp_path, fixture_files, ray_session, capsys):
+    """Four trials at once (a local Ray with 4 CPU slots on this 2-core machine), each logging base, early-step,
+    epoch and continual metrics from its driver and its Train controller into one sqlite file, through
+    `forgetray run` (cli.main, in this process). One has lr 1e8 (a real cause of a NaN, no hook): AdamW moves every
+    weight by ~lr in the first steps, the activations overflow fp32 and the loss becomes nan within epoch 1. That
+    trial fails with the phase, epoch and step named, in its MLflow run and on the console; the others finish;
     exit code 1."""
+    import ray
+
     from forgetray import cli as forgetray_cli
 
-    run = killed_worker_and_sqlite_4
-    tmp_path, uri, out, err = run["tmp_path"], run["uri"], run["out"], run["err"]
-    assert run["rc"] == forgetray_cli.EXIT_TRIAL_FAILED, out[-3000:] + err[-3000:]
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = sweep_file(tmp_path, fixture_files, "sqlite-4", lr="grid([1e-3, 2e-3, 3e-3, 1e8])", early_checkpoints="3",
+                      max_failures="0", max_concurrent_trials="4")
+    rc = forgetray_cli.main(["run", str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "storage")])
+    out, err = capsys.readouterr()
+    assert rc == forgetray_cli.EXIT_TRIAL_FAILED, out[-3000:] + err[-3000:]
 
-    parents, _, trials = kill_sweep_trials(uri)
+    parents, trials = runs_of(uri, "sqlite-4")
     assert len(parents) == 1 and len(trials) == 4 and parents[0].info.status == "FAILED"
-    assert sorted(float(t.data.params["trial.lr"]) for t in trials) == sorted(SQLITE_4_LRS)
     bad = next(t for t in trials if float(t.data.params["trial.lr"]) == 1e8)
     good = [t for t in trials if t is not bad]
     assert bad.info.status == "FAILED" and {t.info.status for t in good} == {"FINISHED"}
@@ -462,7 +389,7 @@ def test_four_concurrent_trials_on_one_sqlite_store_one_failing_alone(killed_wor
         assert [m.step for m in history["sft/bench/knowledge"]] == [1, 2]
         assert [m.step for m in history["steps/bench/knowledge"]] == [0, 1, 2, 4, 5, 10]
         # a finished phase keeps no DeepSpeed state by default (delete_finished_state): models and probes stay
-        trial_dir = next((tmp_path / "storage").glob(f"{KILL_SWEEP}/*/trials/{t.data.tags['forgetray.trial']}"))
+        trial_dir = next((tmp_path / "storage").glob(f"sqlite-4/*/trials/{t.data.tags['forgetray.trial']}"))
         assert not list((trial_dir / "ift").glob("epoch_*/deepspeed"))
         assert len(list((trial_dir / "ift").glob("epoch_*/model/model.safetensors"))) == 2
 

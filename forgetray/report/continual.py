@@ -19,6 +19,8 @@ from forgetray.metrics import continual, registry
 from forgetray.report.runs import TrialData, short
 
 FORGETTING_ROW = "forgetting"  # the `row` of a trial's summary line (its matrix lines are "a")
+# The column of each step's own benchmark; not "own_benchmark", which is also a setting and may be a varying one.
+OWN = "step_own_benchmark"
 
 
 def _prior_phases(trial: TrialData) -> list[dict]:
@@ -60,11 +62,11 @@ def _trial_rows(trial: TrialData, varying: list[str]) -> list[dict[str, Any]]:
     if not any(matrix):
         return []
     head = {"trial": trial.name, **{key: trial.settings.get(key) for key in varying}}
-    rows = [{**head, "row": "a", "step": t, "phase": phase, "own_benchmark": _own_key(trial, own) or "",
+    rows = [{**head, "row": "a", "step": t, "phase": phase, OWN: _own_key(trial, own) or "",
              **{bench: matrix[t].get(bench, math.nan) for bench in trial.benchmarks}}
             for t, (phase, own) in enumerate(steps)]
     computed = continual.forgetting_by_benchmark(matrix)
-    summary = {**head, "row": FORGETTING_ROW, "step": last, "phase": "", "own_benchmark": ""}
+    summary = {**head, "row": FORGETTING_ROW, "step": last, "phase": "", OWN: ""}
     for bench in trial.benchmarks:
         logged = trial.at(registry.CONTINUAL_FORGETTING.name(bench=bench), last)
         summary[bench] = logged if math.isfinite(logged) else computed.get(bench, math.nan)
@@ -84,15 +86,14 @@ def continual_table(trials: list[TrialData], varying: list[str]) -> pd.DataFrame
     if not rows:
         return pd.DataFrame()
     benches = list(dict.fromkeys(bench for trial in trials for bench in trial.benchmarks))
-    head = ["trial", *varying, "row", "step", "phase", "own_benchmark"]
+    head = ["trial", *varying, "row", "step", "phase", OWN]
     return pd.DataFrame(rows, columns=[*head, *benches, "bwt"])
 
 
 def continual_text(table: pd.DataFrame, varying: list[str]) -> str:
     """The continual table for a terminal: one block per trial, scores to 3 places, forgetting and BWT signed."""
     blocks = []
-    benches = [c for c in table.columns if c not in {"trial", *varying, "row", "step", "phase", "own_benchmark",
-                                                      "bwt"}]
+    benches = [c for c in table.columns if c not in {"trial", *varying, "row", "step", "phase", OWN, "bwt"}]
     for name, rows in table.groupby("trial", sort=False):
         settings = ", ".join(f"{key}={short(rows.iloc[0][key])}" for key in varying)
         lines = {"": [], "step": [], "after": [], "own": [], **{b: [] for b in benches}, "BWT": []}
@@ -101,7 +102,7 @@ def continual_text(table: pd.DataFrame, varying: list[str]) -> str:
             lines[""].append("forgetting" if summary else "a[t]")
             lines["step"].append("" if summary else str(int(row["step"])))
             lines["after"].append(row["phase"])
-            lines["own"].append(row["own_benchmark"] or ("" if summary else "-"))
+            lines["own"].append(row[OWN] or ("" if summary else "-"))
             for bench in benches:
                 value = row[bench]
                 lines[bench].append("-" if pd.isna(value) else (f"{value:+.3f}" if summary else f"{value:.3f}"))
