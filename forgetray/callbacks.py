@@ -46,23 +46,25 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
             report = metrics[0]  # rank 0 holds the gathered probe results
             if self._tracker is None:
                 self._tracker = Tracker(tracking_uri)
-            for point in report.get(registry.SERIES, []):
-                self._log_metrics(point)
-            self._log_metrics(report)
+            # One batch for the whole report (its trajectory points and every step): a driver killed while
+            # logging it leaves all of it or none, never a checkpoint with some of its metrics.
+            found = [p for point in report.get(registry.SERIES, []) for p in self._new_points(point)]
+            found += self._new_points(report)
+            points = list({(name, step): (name, value, step) for name, value, step in reversed(found)}.values())
+            self._tracker.log_points(run_id, points)  # the first of any (name, step) given twice
+            for name, _, step in points:
+                self._seen[name].add(step)
             self._log_artifacts(report, checkpoint)
 
-        def _log_metrics(self, report: dict) -> None:
-            by_step: dict[int, dict] = {}
+        def _new_points(self, report: dict) -> list[tuple[str, float, int]]:
+            points = []
             for name, value in report.items():
                 if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 step = registry.step_of(name, report)
                 if step not in self._logged(name):
-                    by_step.setdefault(step, {})[name] = value
-            for step, values in by_step.items():
-                self._tracker.log_metrics(run_id, values, step)
-                for name in values:
-                    self._seen[name].add(step)
+                    points.append((name, value, step))
+            return points
 
         def _log_artifacts(self, report: dict, checkpoint) -> None:
             local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))

@@ -179,12 +179,17 @@ class Tracker:
             retrying(self.client.log_batch, run_id, params=items[start:start + 100], what="log params")
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        self.log_points(run_id, [(name, value, step) for name, value in metrics.items()])
+
+    def log_points(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
+        """(name, value, step) points, each at its own step, in one batch up to 1000 points: a report's metrics land
+        together (a driver killed while logging it leaves all of it or none, never a part)."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        items = [Metric(k, float(v), now, step) for k, v, step in points
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):  # a retry re-sends the same timestamps: the store keeps one copy
             retrying(self.client.log_batch, run_id, metrics=items[start:start + 1000], what="log metrics")

@@ -124,6 +124,37 @@ def test_a_re_reported_continual_probe_is_logged_once(tracker):
     assert _history(tracker, run_id, "continual/x/knowledge") == [(0, 0.5), (1, 0.25)]
 
 
+def test_a_report_reaches_mlflow_in_one_write_or_not_at_all(tracker, monkeypatch):
+    """A driver killed while logging a report must not leave part of it in MLflow (a checkpoint with its loss but
+    not its step metrics was seen after a driver kill and resume). The report (epoch metrics, a step metric and two earlier trajectory points, at four
+    different steps) goes out in one log_batch; a store that fails after its first write then loses nothing of it."""
+    from mlflow.tracking import MlflowClient
+
+    from forgetray.callbacks import make_report_logger
+    from forgetray.metrics import registry
+
+    run_id = tracker.start_trial_run("cl", tracker.start_sweep_run("cl", "e", {}), "t", "h", {})
+    real, writes = MlflowClient.log_batch, []
+
+    class Killed(Exception):
+        pass
+
+    def first_write_only(self, *args, **kwargs):
+        writes.append(kwargs.get("metrics"))
+        if len(writes) > 1:
+            raise Killed("the driver is killed here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", first_write_only)
+    report = {"kind": "ift", "epoch": 2, "global_step": 10, "train/loss": 1.5, "steps/b/p_fmt": 0.25,
+              registry.SERIES: [{"global_step": 3, "steps/b/p_fmt": 0.5}, {"global_step": 6, "steps/b/p_fmt": 0.4}]}
+    make_report_logger(tracker.uri, run_id, {}).after_report(None, [report], None)
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    assert _history(tracker, run_id, "train/loss") == [(2, 1.5)]
+    assert _history(tracker, run_id, "steps/b/p_fmt") == [(3, 0.5), (6, 0.4), (10, 0.25)]
+    assert len(writes) == 1
+
+
 # --- the report ----------------------------------------------------------------------------------------------------
 
 def test_continual_table_has_the_matrix_forgetting_and_bwt():
