@@ -23,13 +23,29 @@ or a frozen copy; the degree per step; the terms logged to MLflow) and `forgetra
 of every model state, setting `iv_probe_task`). `builtin`: the organism's built-in tasks.
 """
 
-from forgetray.iv.heads import (HeadLayout, head_layout, last_prompt_positions, last_token_positions, patch_heads,
-                                record_heads)
-from forgetray.iv.loss import IVLossWeights, iv_guided_loss, kl_t
+import importlib
+from typing import Any
+
 from forgetray.iv.schedule import degree
 from forgetray.iv.tasks import Example, Prompt, Task, Template, load_task, n_shot_prompts, zero_shot_prompts
-from forgetray.iv.vector import (answered_correctly, causal_indirect_effect, inject_vector, instruction_vector,
-                                 mean_head_activations, top_heads)
+
+# The names that need torch load on first use (PEP 562): importing the package, e.g. for the task schema or for
+# the settings' validation (`forgetray.spec_iv`), stays light.
+_LAZY = {
+    "heads": ("HeadLayout", "head_layout", "last_prompt_positions", "last_token_positions", "patch_heads",
+              "record_heads"),
+    "loss": ("IVLossWeights", "iv_guided_loss", "kl_t"),
+    "vector": ("answered_correctly", "causal_indirect_effect", "inject_vector", "instruction_vector",
+               "mean_head_activations", "top_heads"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"forgetray.iv.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Example", "HeadLayout", "IVLossWeights", "Prompt", "Task", "Template", "answered_correctly",
            "causal_indirect_effect", "degree", "head_layout", "inject_vector", "instruction_vector", "iv_guided_loss",
