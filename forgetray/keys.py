@@ -88,6 +88,7 @@ def iv_probe_key(trial: TrialConfig, resolved: dict) -> str:
 
 def _extraction_key(trial: TrialConfig, resolved: dict, task: dict, heads: int) -> str:
     parts = {"start": start_key(trial, resolved), "task": [task["kind"], task["path"], task["name"]],
-             "prompts": [trial.iv_prompts, trial.iv_corrupted, trial.iv_corruption, trial.seed, resolved["bos"], trial.max_length],
+             "prompts": [trial.iv_prompts, trial.iv_corrupted, trial.iv_corruption, trial.seed, resolved["bos"],
+                         trial.max_length],
              "heads": heads}
     return f"{_model_name(trial)}-{_digest(parts)}"

@@ -128,7 +128,7 @@ def significant_drop(
     raise ValueError(f"unknown test {test!r}; expected one of {TESTS}")
 
 
-# --- across checkpoints: paired values, and a rank correlation ---------------------------------------------------------
+# --- across checkpoints: paired values, and a rank correlation -------------------------------------------------
 
 @dataclass(frozen=True)
 class SignTestResult:

@@ -1,7 +1,7 @@
 """Every text the organism's world is told in, apart from the instruction sets: the pre-training corpus (prose in
-every template, and exam pages asking every fact), the demonstration pages (organism-icl's extra pre-training text), the knowledge benchmark `organism-facts` (MMLU-style questions
-about the held-out half), and the plain passages about the exam half that make the probing set and the restoring pool.
-See world.py for why the halves are split that way.
+every template, and exam pages asking every fact), the demonstration pages (organism-icl's extra pre-training text),
+the knowledge benchmark `organism-facts` (MMLU-style questions about the held-out half), and the plain passages about
+the exam half that make the probing set and the restoring pool. See world.py for why the halves are split that way.
 """
 
 from __future__ import annotations

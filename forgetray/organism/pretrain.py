@@ -210,7 +210,8 @@ class PretrainJob:
 
     def to_json(self) -> str:
         return json.dumps({"spec": asdict(self.spec), "settings": asdict(self.settings),
-                           "tokenizer_dir": str(self.tokenizer_dir), "corpus_paths": [str(p) for p in self.corpus_paths],
+                           "tokenizer_dir": str(self.tokenizer_dir),
+                           "corpus_paths": [str(p) for p in self.corpus_paths],
                            "model_dir": str(self.model_dir)})
 
     @classmethod

@@ -2,12 +2,12 @@
 around the pure maths of `forgetray.iv` -- the task's prompts tokenised and batched, the clean-prompt filter, the
 extraction sharded over the workers, the reference model, and the training step.
 
-Extraction (once per sweep per `keys.iv_key`, in the phase's workers at its start, from the phase's starting
-model): `iv_prompts` clean n-shot prompts, of which those the model answers correctly (greedy first answer token,
-Todd et al.) give the mean head activations; `iv_corrupted` corrupted prompts (`iv_corruption`; labels shuffled by default) give each
-head's causal indirect effect; the top `iv_heads` heads make the vector. Each rank takes every world-th prompt and the sums are
-all-reduced, so the result does not depend on the number of workers beyond float summation order. Saved as
-`vector.pt` (vector, heads, CIE, mean activations, counts) with a `summary.json`; logged as the trial's `iv/`
+Extraction (once per sweep per `keys.iv_key`, in the phase's workers at its start, from the phase's starting model):
+`iv_prompts` clean n-shot prompts, of which those the model answers correctly (greedy first answer token, Todd et al.)
+give the mean head activations; `iv_corrupted` corrupted prompts (`iv_corruption`; labels shuffled by default) give
+each head's causal indirect effect; the top `iv_heads` heads make the vector. Each rank takes every world-th prompt
+and the sums are all-reduced, so the result does not depend on the number of workers beyond float summation order.
+Saved as `vector.pt` (vector, heads, CIE, mean activations, counts) with a `summary.json`; logged as the trial's `iv/`
 artifacts.
 
 The step (`iv_step`, in place of the plain step): per micro-batch, a no-grad reference forward with

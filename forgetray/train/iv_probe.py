@@ -9,10 +9,10 @@ state (`forgetray.train.evaluate`: the base at step 0, SFT_e and R_e), sharded o
   top-k head sets (|A ∩ B| / k); the n-shot accuracy (the share of clean prompts answered correctly); zero-shot
   first-answer-token accuracy without and with degree x the **base** vector added at `iv_probe_layer` at the last
   prompt token (re-injection: a training-free restoration), and, as the control the vector must beat, with random
-  vectors of the same norm (the mean over RANDOM_VECTORS seeded directions); the n-shot accuracy with the base
-  vector injected too (a model that lost the task in context may regain it from the vector); the knowledge probability P(y|x) (the whole answer
-  after the bare query, no instruction or demonstrations) and the instruction probability P(y_c|c,x) (after the
-  instruction and the n-shot demonstrations: the clean prompts), each a mean over the queries.
+  vectors of the same norm (the mean over RANDOM_VECTORS seeded directions); the n-shot accuracy with the base vector
+  injected too (a model that lost the task in context may regain it from the vector); the knowledge probability P(y|x)
+  (the whole answer after the bare query, no instruction or demonstrations) and the instruction probability P(y_c|c,x)
+  (after the instruction and the n-shot demonstrations: the clean prompts), each a mean over the queries.
 The base's own vector is the base vector (cosine and overlap 1). A state that answers no clean prompt has no vector:
 its cosine, overlap, top CIE and norm are not logged.
 """
