@@ -33,6 +33,15 @@ def machine() -> str:
     return f"{sig['cpu']} ({sig['kernels']} kernels), {os.cpu_count()} cores, torch {sig['torch']}"
 
 
+def replace_readme_block(start: str, end: str, body: str) -> None:
+    """Replace what stands between the README's `start` and `end` markers with `body` (it ends with a newline)."""
+    text = README.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{README} has no {start} ... {end} block to replace")
+    README.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{body}{end}", text,
+                             flags=re.S))
+
+
 def sequence(stages: list[str]) -> str:
     return " ".join(LETTER[s] for s in stages)
 
@@ -102,11 +111,7 @@ def main(argv=None) -> int:
         print(table)
         return 0
     (DOCS / "results.md").write_text(f"# The quickstart's result\n\n{table}\n```\n{report.text}```\n")
-    text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{README} has no {START} ... {END} block to replace")
-    README.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: f"{START}\n{table}{END}", text,
-                             flags=re.S))
+    replace_readme_block(START, END, table)
     print(table)
     print(f"written: {DOCS}/results.md, the README's quickstart block, the report in {DOCS}")
     return 0
