@@ -340,7 +340,8 @@ def test_resolve_name_finds_the_files_or_says_what_is_known(built, tmp_path):
     with pytest.raises(ValueError, match=r"^'organism-facts' is not an organism dataset \(known: organism-alpaca, "
                                          r"organism-math\)$"):
         organism.resolve_name(organism.BENCHMARK, "dataset", root=built)
-    with pytest.raises(ValueError, match=r"not an organism restoring pool \(known: organism-restore\)"):
+    with pytest.raises(ValueError, match=r"not an organism restoring pool \(known: organism-restore, "
+                                         r"organism-restore-no-home_city, "):
         organism.resolve_name(organism.PROBE_SET, "restore_pool", root=built)
     with pytest.raises(ValueError, match="run `forgetray organism build`"):
         organism.resolve_name("organism-tiny", "model", root=tmp_path / "nothing-here")

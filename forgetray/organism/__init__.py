@@ -12,7 +12,8 @@ Layout, each module depending only on those above it: `config` (OrganismConfig, 
 and files; imports nothing of the package), `world` (the invented people and their facts), `corpus` (every text about
 them: pre-training prose and exam pages, the demonstration pages, the benchmark, the probing set and restoring pool),
 `tasks` (the instruction-tuning sets, which never name a person), `tokenizer`, `pretrain` (deterministic pre-training
-of the base models), `paths` (where a built organism's files are; cheap) and `build` (writes the data files, trains
+of the base models), `pools` (restoring pools derived from the built one at run time, e.g. one that never states a
+colour), `paths` (where a built organism's files are; cheap) and `build` (writes the data files, trains
 the tokenizer and the models, scores them, writes the manifest).
 """
 

@@ -1,7 +1,8 @@
 """Where a built organism and its files are: the cache directory, the manifest, a model's or dataset's path, and
 `resolve_name`, the one lookup of an organism name a trial setting uses.
 
-Cheap (file checks only, no torch): the trial resolver calls these before any compute starts.
+Cheap (file checks only, no torch; a derived restoring pool is a filter of a 2,000-line file): the trial resolver
+calls these before any compute starts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from forgetray.organism.config import (
     OrganismConfig,
     OrganismNotBuilt,
 )
+from forgetray.organism.pools import WITHOUT_ATTRIBUTE
 
 # What an organism name can stand for in a trial: kind -> (what it is called in messages, the names of that kind).
 NAME_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -27,7 +29,8 @@ NAME_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dataset": ("dataset", IFT_DATASETS),
     "benchmark": ("benchmark", (BENCHMARK,)),
     "probe_set": ("probing set", (PROBE_SET,)),
-    "restore_pool": ("restoring pool", (RESTORING_POOL,)),
+    # and the pool's variants that never state one attribute (pools.py), derived from it when named
+    "restore_pool": ("restoring pool", (RESTORING_POOL, *WITHOUT_ATTRIBUTE)),
 }
 
 
@@ -86,6 +89,11 @@ def resolve_name(name: str, kind: str, root: Path | None = None) -> Path:
     if name not in known:
         raise ValueError(f"{name!r} is not an organism {noun} (known: {', '.join(known)})")
     try:
+        if name in WITHOUT_ATTRIBUTE:
+            from forgetray.organism.pools import write_derived
+
+            root = Path(root) if root is not None else organism_dir()
+            return write_derived(name, root, data_path(RESTORING_POOL, root), read_manifest(root)["config"])
         return model_path(name, root) if kind == "model" else data_path(name, root)
     except OrganismNotBuilt as exc:
         raise ValueError(str(exc)) from None
