@@ -82,13 +82,17 @@ def iv_key(trial: TrialConfig, resolved: dict) -> str:
 
 def iv_probe_key(trial: TrialConfig, resolved: dict) -> str:
     """The dynamics probe's base vector: the same extraction (and so the same folder as `iv_key`'s when the task
-    and the number of heads agree)."""
-    return _extraction_key(trial, resolved, resolved["iv_probe_task"], trial.iv_probe_heads)
+    and the number of heads agree). With iv_probe_other_task the folder also holds that task's vector (other/), so
+    it is keyed by both (and is not IV guidance's folder)."""
+    return _extraction_key(trial, resolved, resolved["iv_probe_task"], trial.iv_probe_heads,
+                           resolved.get("iv_probe_other_task"))
 
 
-def _extraction_key(trial: TrialConfig, resolved: dict, task: dict, heads: int) -> str:
+def _extraction_key(trial: TrialConfig, resolved: dict, task: dict, heads: int, other: dict | None = None) -> str:
     parts = {"start": start_key(trial, resolved), "task": [task["kind"], task["path"], task["name"]],
              "prompts": [trial.iv_prompts, trial.iv_corrupted, trial.iv_corruption, trial.seed, resolved["bos"],
                          trial.max_length],
              "heads": heads}
+    if other:  # absent: keys as before the control existed
+        parts["other"] = [other["kind"], other["path"], other["name"]]
     return f"{_model_name(trial)}-{_digest(parts)}"

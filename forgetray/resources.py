@@ -236,6 +236,9 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
         **({"iv_task": resolve_iv_task(trial.iv_task, trial, model)} if trial.iv_task else {}),
         **({"iv_probe_task": resolve_iv_task(trial.iv_probe_task, trial, model, "iv_probe")}
            if trial.iv_probe_task else {}),
+        **({"iv_probe_other_task": resolve_iv_task(trial.iv_probe_other_task, trial, model, "iv_probe",
+                                                   "iv_probe_other_task")}
+           if trial.iv_probe_other_task else {}),
     }
 
 
@@ -243,14 +246,15 @@ def resolve_trial(trial: TrialConfig) -> dict[str, Any]:
 IV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
-def resolve_iv_task(name: str, trial: TrialConfig, model: dict, prefix: str = "iv") -> dict:
+def resolve_iv_task(name: str, trial: TrialConfig, model: dict, prefix: str = "iv", setting: str = "") -> dict:
     """-> {"kind": "builtin"|"local", "name", "path"}: the IV-guided task (prefix "iv": iv_task, iv_layer, iv_heads)
-    or the dynamics probe's ("iv_probe"), loaded once here to check it; and, where the model's config.json is on
-    disk, its architecture, <prefix>_layer and <prefix>_heads against its layers and heads (a hub model not in the
-    cache is checked when the workers load it)."""
+    or the dynamics probe's ("iv_probe"; its control task too, `setting` "iv_probe_other_task"), loaded once here to
+    check it; and, where the model's config.json is on disk, its architecture, <prefix>_layer and <prefix>_heads
+    against its layers and heads (a hub model not in the cache is checked when the workers load it)."""
     from forgetray.iv import builtin, load_task
 
-    setting, layer, n_heads = f"{prefix}_task", getattr(trial, f"{prefix}_layer"), getattr(trial, f"{prefix}_heads")
+    setting = setting or f"{prefix}_task"
+    layer, n_heads = getattr(trial, f"{prefix}_layer"), getattr(trial, f"{prefix}_heads")
     if builtin.is_builtin(name):
         from forgetray import organism
 

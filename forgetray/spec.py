@@ -131,6 +131,9 @@ class TrialConfig:
     iv_probe_layer: int = 0  # where the base vector is re-injected (the decoder layer's output)
     iv_probe_heads: int = 10  # top heads by CIE that make each state's vector
     iv_probe_degree: float = 1.0  # the re-injected vector's multiple
+    # the control vector: another task's base vector (same model, same extraction), injected as the base vector is;
+    # "" = off (METHODS.md §8's controls: is the recovery the task's vector, or any task vector?)
+    iv_probe_other_task: str = ""
     # --- continual-learning metrics (METHODS.md §9) ---
     own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
@@ -189,6 +192,8 @@ class TrialConfig:
             data = {k: v for k, v in data.items() if not k.startswith("iv_") or k in kept}
         if not self.iv_probe_task:
             data = {k: v for k, v in data.items() if not k.startswith("iv_probe_")}
+        if not self.iv_probe_other_task:  # off: hashes as before the setting existed
+            data.pop("iv_probe_other_task", None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -205,8 +210,8 @@ class TrialConfig:
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
 # What the dynamics probe reads: its own settings and the extraction's prompt counts.
-IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_prompts", "iv_corrupted",
-                 "iv_corruption")
+IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_probe_other_task",
+                 "iv_prompts", "iv_corrupted", "iv_corruption")
 # What a prior fine-tuning phase sets; the types and bounds are TrialConfig's own (a phase is checked as a trial with
 # those values). Unset keys: plain fine-tuning (no method) at the trial's lr (forgetray.plan).
 PHASE_KEYS = ("dataset", "epochs", "lr", "sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio",

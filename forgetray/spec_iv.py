@@ -38,6 +38,12 @@ def _check_iv_probe(cfg, need) -> None:
     need(cfg.iv_probe_layer >= 0, "iv_probe_layer", "must be >= 0 (a decoder layer index)")
     need(cfg.iv_probe_heads >= 1, "iv_probe_heads", "must be >= 1")
     need(cfg.iv_probe_degree >= 0, "iv_probe_degree", "must be >= 0")
+    if cfg.iv_probe_other_task:
+        need(bool(cfg.iv_probe_other_task.strip()), "iv_probe_other_task", "must name a task ('' = off)")
+        need(bool(cfg.iv_probe_task), "iv_probe_other_task", "needs iv_probe_task: its vector is injected into "
+             "that task's prompts, as a control for the task's own vector")
+        need(cfg.iv_probe_other_task != cfg.iv_probe_task, "iv_probe_other_task", "must differ from iv_probe_task "
+             "(a control is another task's vector)")
     if not cfg.iv_probe_task:
         return
     need(bool(cfg.iv_probe_task.strip()), "iv_probe_task", "must name a task ('' = off)")

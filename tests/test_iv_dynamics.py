@@ -114,12 +114,13 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
 
     task, model, tokenizer = setup
     settings = Settings(layer=0, heads=3, degree=2.0, prompts=12, corrupted=4, corruption="shuffle_labels")
-    probe = IVProbe(task, settings, "auto", 256, 5, 3, "unused")
+    probe = IVProbe(task, settings, "auto", 256, 5, 3, "unused", other_task=task)  # the control's task: any
     torch.manual_seed(1)
     # small against the tiny model's hidden states (norm ~0.1), so that degree 1 and 2 differ
     base = {"vector": torch.randn(model.config.hidden_size) * 1e-3, "heads": [[0, 1], [1, 2], [1, 3]], "scores": [0.1] * 3,
             "clean_prompts": 12, "clean_correct": 12}
     probe._base = base
+    probe._other = {"vector": torch.randn(model.config.hidden_size) * 2e-3}  # another task's base vector
     got = probe.measure(model, tokenizer, "sft", "cpu", rank=0, world=1)
 
     own = iv_guided.extract(model, tokenizer, task, settings, "auto", 256, 5, 3, "cpu", require_clean=False)
@@ -154,6 +155,22 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
         accs.append(sum(int(_own_forward(model, tokenizer, p.text, r, 0, 2.0)[0][-1].argmax())
                         == _first_answer_token(tokenizer, p) for p in queries) / 12)
     assert got["sft/iv_probe/acc_random"] == pytest.approx(sum(accs) / 3)
+    # the same draws on the n-shot prompts, and the other task's vector on both kinds of prompt
+    generator = torch.Generator().manual_seed(3)
+    accs = []
+    for _ in range(3):
+        d = torch.randn(base["vector"].shape, generator=generator, dtype=torch.float64)
+        r = (d * (base["vector"].double().norm() / d.norm())).float()
+        accs.append(sum(int(_own_forward(model, tokenizer, p.text, r, 0, 2.0)[0][-1].argmax())
+                        == _first_answer_token(tokenizer, p) for p in clean) / 12)
+    assert got["sft/iv_probe/acc_nshot_random"] == pytest.approx(sum(accs) / 3)
+    other = probe._other["vector"]
+    for key, prompts in (("acc_other", queries), ("acc_nshot_other", clean)):
+        want = sum(int(_own_forward(model, tokenizer, p.text, other, 0, 2.0)[0][-1].argmax())
+                   == _first_answer_token(tokenizer, p) for p in prompts) / 12
+        assert got[f"sft/iv_probe/{key}"] == pytest.approx(want), key
+    assert got["sft/iv_probe/acc_other"] != pytest.approx(acc), "the other vector must change the accuracy here"
+    assert "sft/iv_probe/other_norm" not in got  # the control vector's own numbers: at the base only
     a, b = own["vector"].double(), base["vector"].double()
     assert got["sft/iv_probe/cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-6)
     assert got["sft/iv_probe/head_overlap"] == len({tuple(h) for h in own["heads"]} & {(0, 1), (1, 2), (1, 3)}) / 3
@@ -162,6 +179,9 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
     # the base's own vector is the base vector; a state that answers no clean prompt has no vector to compare
     at_base = probe.measure(model, tokenizer, "base", "cpu", rank=0, world=1)
     assert at_base["base/iv_probe/cosine"] == pytest.approx(1.0) and at_base["base/iv_probe/head_overlap"] == 1.0
+    assert at_base["base/iv_probe/other_norm"] == pytest.approx(float(other.norm()))
+    assert at_base["base/iv_probe/other_cosine"] == pytest.approx(
+        float(other.double() @ b / (other.double().norm() * b.norm())), abs=1e-6)
     with torch.no_grad():
         broken = type(model)(model.config).eval()
         broken.lm_head.weight.zero_()
@@ -173,12 +193,31 @@ def test_probe_metrics_per_state_against_independent_computation(setup):
     assert all(registry.parse(name) for name in {**got, **at_base, **lost})
 
 
+def test_the_base_extraction_writes_the_other_tasks_vector_beside_the_base_vector(setup, tmp_path):
+    import dataclasses
+
+    from forgetray.train.iv_probe import OTHER_DIR, extract_base
+
+    task, model, tokenizer = setup
+    other = dataclasses.replace(task, name="other", examples=task.examples[::-1])  # other prompts, another vector
+    settings = Settings(layer=0, heads=3, degree=1.0, prompts=8, corrupted=3, corruption="shuffle_labels")
+    probe = IVProbe(task, settings, "auto", 256, 4, 0, str(tmp_path), other_task=other)
+    extract_base(probe, model, tokenizer, "cpu", 0, 1, tmp_path)
+    own = iv_guided.extract(model, tokenizer, other, settings, "auto", 256, 4, 0, "cpu")
+    assert torch.equal(probe.other["vector"], own["vector"]) and probe.other["heads"] == own["heads"]
+    assert not torch.equal(probe.base["vector"], own["vector"])
+    assert (tmp_path / OTHER_DIR / "summary.json").is_file()
+
+
 # --- settings and keys -----------------------------------------------------------------------------------------------
 
 def test_settings_are_validated_and_hashed_only_when_on():
     for bad, name in [({"iv_probe_layer": -1}, "iv_probe_layer"), ({"iv_probe_heads": 0}, "iv_probe_heads"),
                       ({"iv_probe_degree": -1.0}, "iv_probe_degree"), ({"iv_probe_task": " "}, "iv_probe_task"),
-                      ({"iv_probe_task": "t.jsonl", "zero_stage": 3}, "zero_stage")]:
+                      ({"iv_probe_task": "t.jsonl", "zero_stage": 3}, "zero_stage"),
+                      ({"iv_probe_other_task": "o"}, "iv_probe_other_task"),  # without the probe
+                      ({"iv_probe_task": "t", "iv_probe_other_task": "t"}, "iv_probe_other_task"),
+                      ({"iv_probe_task": "t", "iv_probe_other_task": " "}, "iv_probe_other_task")]:
         with pytest.raises(SpecError, match=f"'{name}'"):
             TrialConfig(**bad)
     assert TrialConfig(iv_probe_layer=3).config_hash() == TrialConfig().config_hash()
@@ -187,6 +226,14 @@ def test_settings_are_validated_and_hashed_only_when_on():
     assert on.config_hash() != TrialConfig(iv_probe_task="t", iv_prompts=7).config_hash()  # it extracts with them
     assert on.config_hash() != TrialConfig(iv_probe_task="t", iv_probe_degree=0.5).config_hash()
     assert TrialConfig(iv_task="a").config_hash() == TrialConfig(iv_task="a", iv_probe_layer=2).config_hash()
+    # the control task: hashed when set; unset, the hashes are those from before it existed (computed at the commit
+    # before it, d5d05d4: a probed trial's and a plain one's)
+    assert (on.config_hash(), TrialConfig().config_hash()) == ("ce95b44ee4", "2324237384")
+    assert TrialConfig(iv_probe_task="t", iv_probe_other_task="o").config_hash() != on.config_hash()
+    from forgetray.resources import resolve_iv_task
+
+    with pytest.raises(SpecError, match=r"^setting 'iv_probe_other_task': 'nope.jsonl' is neither a built-in task"):
+        resolve_iv_task("nope.jsonl", TrialConfig(), {"kind": "hub", "path": "m"}, "iv_probe", "iv_probe_other_task")
 
 
 def test_the_base_vector_shares_the_iv_guided_extraction_and_joins_the_base_evaluation_key():
@@ -199,6 +246,10 @@ def test_the_base_vector_shares_the_iv_guided_extraction_and_joins_the_base_eval
     assert iv_probe_key(both, resolved) == iv_key(both, resolved)  # one extraction for the two
     assert iv_probe_key(TrialConfig(iv_task="t.jsonl", iv_probe_task="t.jsonl", iv_probe_heads=4), resolved) \
         != iv_key(both, resolved)
+    other = {**resolved, "iv_probe_other_task": {"kind": "builtin", "name": "o", "path": "/org"}}
+    controlled = TrialConfig(iv_task="t.jsonl", iv_probe_task="t.jsonl", iv_probe_layer=4, iv_probe_other_task="o")
+    assert iv_probe_key(controlled, other) != iv_key(controlled, other)  # its folder holds the other vector too
+    assert base_eval_key(controlled, other) != base_eval_key(both, resolved)
     plain = TrialConfig()
     assert base_eval_key(plain, resolved) == base_eval_key(TrialConfig(iv_probe_layer=3), resolved)
     probed = base_eval_key(TrialConfig(iv_probe_task="t.jsonl"), resolved)
@@ -226,7 +277,9 @@ def test_reinjection_table_puts_both_restorations_side_by_side():
                "sft/iv_probe/p_knowledge": {2: 0.4}, "sft/iv_probe/p_instruction": {2: 0.2},
                # the n-shot prompts: measured at epoch 2 only
                "base/iv_probe/acc_nshot": {0: 1.0}, "sft/iv_probe/acc_nshot": {2: 0.4},
-               "sft/iv_probe/acc_nshot_injected": {2: 0.9}, "restored/iv_probe/acc_nshot": {2: 0.5}}
+               "sft/iv_probe/acc_nshot_injected": {2: 0.9}, "restored/iv_probe/acc_nshot": {2: 0.5},
+               # the controls: random vectors of the base vector's norm, another task's vector (n-shot only here)
+               "sft/iv_probe/acc_random": {2: 0.45}, "sft/iv_probe/acc_nshot_other": {2: 0.42}}
     table = reinjection_table([_trial(history, {1: 0, 2: 1, 3: 2, 4: 1})], ["lr"])
     assert table["epoch"].tolist() == [1, 2, 3, 4, 2]
     assert table["prompts"].tolist() == ["zero-shot"] * 4 + ["n-shot"]
@@ -237,11 +290,14 @@ def test_reinjection_table_puts_both_restorations_side_by_side():
     row = table[table["prompts"] == "zero-shot"].set_index("epoch").loc[2]
     assert row["share_iv"] == pytest.approx((0.8 - 0.5) / 0.4) and row["share_restored"] == pytest.approx(0.35 / 0.4)
     assert row["acc_sft_iv"] == 0.8 and row["cosine_sft"] == 0.7 and row["p_instruction_sft"] == 0.2
+    assert row["acc_sft_random"] == 0.45 and math.isnan(row["acc_sft_other"])
+    assert nshot["acc_sft_other"] == 0.42 and math.isnan(nshot["acc_sft_random"])
     from forgetray.metrics.stage import PSEUDO_FORGETTING
 
     assert row["stage"] == PSEUDO_FORGETTING
     text = reinjection_text(table, ["lr"])
     assert "sft+IV" in text and "R share" in text and "IV only" in text and "P(y_c|c,x)" in text
+    assert "sft+rand" in text and "sft+other" in text
     assert math.isnan(share(0.5, 0.5, 0.0)) and verdict(0.2, 0.6, math.nan) == "IV"
     assert reinjection_table([_trial({"sft/b/acc": {1: 0.5}}, {})], ["lr"]).empty  # no probe: no table
 
@@ -302,8 +358,8 @@ def check_a_probed_sweep(client, run_id: str, tmp_path, uri: str, experiment: st
     assert len(list((tmp_path / "storage").glob("iv/*/iv/*/vector.pt"))) == 1
     assert {"iv_probe/vector.pt"} <= {a.path for a in client.list_artifacts(run_id, "iv_probe")}
     for state, steps in (("base", [0]), ("sft", [1, 2]), ("restored", [1, 2])):
-        for key in ("acc_zero_shot", "acc_injected", "acc_random", "acc_nshot", "acc_nshot_injected", "p_knowledge",
-                    "p_instruction"):
+        for key in ("acc_zero_shot", "acc_injected", "acc_random", "acc_nshot", "acc_nshot_injected", "acc_nshot_random",
+                    "p_knowledge", "p_instruction"):
             got = {m.step: m.value for m in client.get_metric_history(run_id, f"{state}/iv_probe/{key}")}
             assert sorted(got) == steps and all(0 <= v <= 1 for v in got.values()), (state, key, got)
     latest = client.get_run(run_id).data.metrics

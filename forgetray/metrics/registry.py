@@ -131,15 +131,16 @@ IV_EXTRACTION = Metric("iv/{key}", "epoch", None,
                        "the instruction vector of IV-guided training, extracted from the IFT phase's start (step 0): "
                        "clean prompts, those answered correctly (averaged), corrupted prompts (CIE), the top head's "
                        "CIE, the vector's norm", keys=IV_EXTRACTION_KEYS)
-IV_PROBE_BEHAVIOUR_KEYS = ("acc_zero_shot", "acc_injected", "acc_random", "acc_nshot", "acc_nshot_injected",
-                           "p_knowledge", "p_instruction")
+IV_PROBE_BEHAVIOUR_KEYS = ("acc_zero_shot", "acc_injected", "acc_random", "acc_other", "acc_nshot",
+                           "acc_nshot_injected", "acc_nshot_random", "acc_nshot_other", "p_knowledge", "p_instruction")
 IV_PROBE_BEHAVIOUR = Metric("{state}/iv_probe/{key}", "epoch", True,
                             "the dynamics probe (iv_probe_task) on the task's queries: zero-shot first-answer-token "
                             "accuracy without (acc_zero_shot) and with the base vector injected (acc_injected) or, "
-                            "as a control, random vectors of its norm (acc_random, their mean); n-shot accuracy "
-                            "without and with the base vector (acc_nshot, acc_nshot_injected); knowledge "
-                            "probability P(y|x) and instruction probability P(y_c|c,x)",
-                            keys=IV_PROBE_BEHAVIOUR_KEYS)
+                            "as controls, random vectors of its norm (acc_random, their mean) and, with "
+                            "iv_probe_other_task, that task's base vector (acc_other); n-shot accuracy without and "
+                            "with the base vector (acc_nshot, acc_nshot_injected) and the same controls "
+                            "(acc_nshot_random, acc_nshot_other); knowledge probability P(y|x) and instruction "
+                            "probability P(y_c|c,x)", keys=IV_PROBE_BEHAVIOUR_KEYS)
 IV_PROBE_VECTOR_KEYS = ("cosine", "head_overlap")
 IV_PROBE_VECTOR = Metric("{state}/iv_probe/{key}", "epoch", True,
                          "the state's own instruction vector against the base's: cosine, top-k head overlap "
@@ -147,6 +148,10 @@ IV_PROBE_VECTOR = Metric("{state}/iv_probe/{key}", "epoch", True,
 IV_PROBE_EXTRACTION_KEYS = ("top_cie", "vector_norm")
 IV_PROBE_EXTRACTION = Metric("{state}/iv_probe/{key}", "epoch", None,
                              "the state's own vector: its top head's CIE and its norm", keys=IV_PROBE_EXTRACTION_KEYS)
+IV_PROBE_OTHER_KEYS = ("other_norm", "other_cosine")
+IV_PROBE_OTHER = Metric("{state}/iv_probe/{key}", "epoch", None,
+                        "with iv_probe_other_task: the other task's base vector (the control) next to the probe "
+                        "task's: its norm and their cosine", states=("base",), keys=IV_PROBE_OTHER_KEYS)
 PRIOR_LOSS = Metric("prior/{k}/train/loss", "phase epoch", False,
                     "mean loss of prior fine-tuning phase k (1-based) over each of its epochs")
 RESTORE_LOSS = Metric("restored/train/loss", "epoch", False, "mean loss of the restoration that made R_e")
@@ -184,7 +189,7 @@ METRICS: tuple[Metric, ...] = (
     LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, ENTROPY_VOCAB, ENTROPY_OPTIONS, MC1, MC2, GROUP_ACC, MACRO_ACC,
     CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, TRAIN_IV,
-    IV_EXTRACTION, IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, PRIOR_LOSS,
+    IV_EXTRACTION, IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, IV_PROBE_OTHER, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, RESTORE_PASSES, STEPS_FORMAT, RESTORE_TRAJECTORY,
     STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
@@ -215,7 +220,7 @@ def task_metrics(state: str, bench: str, summary: dict) -> dict[str, float]:
 
 def iv_probe_metric(key: str) -> Metric:
     """The declaration of the dynamics probe's quantity `key` (`{state}/iv_probe/<key>`)."""
-    for metric in (IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION):
+    for metric in (IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, IV_PROBE_OTHER):
         if key in metric.keys:
             return metric
     raise KeyError(f"{key!r} is not a quantity of the IV dynamics probe")

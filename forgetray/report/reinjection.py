@@ -9,7 +9,9 @@ recovers ((acc - acc_sft) / gap), and which of them recovers at least RECOVERED_
 "R only", "neither" ("no loss" where SFT_e lost nothing). Where both recover, the two restorations agree that the
 forgetting was of the instruction pattern (pseudo); where only R_e does, the vector does not carry what was lost.
 The vector's cosine to the base and the head overlap of SFT_e and R_e, and the checkpoint's stage (judged on the
-primary benchmark, not on this task), are shown beside them.
+primary benchmark, not on this task), are shown beside them; and SFT_e with the controls injected instead (random
+vectors of the base vector's norm; with iv_probe_other_task, another task's base vector): a recovery they match is
+not the task's vector.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from forgetray.report.runs import TrialData, short
 
 REINJECTION_CSV = "reinjection_table.csv"
 RECOVERED_SHARE = 0.5  # a restoration "recovers" a checkpoint when it brings back at least this share of the gap
-# prompt kind -> (accuracy, accuracy with the base vector injected): the probe's keys
-BASES = {"zero-shot": ("acc_zero_shot", "acc_injected"), "n-shot": ("acc_nshot", "acc_nshot_injected")}
-COLUMNS = ["prompts", "epoch", "acc_base", "acc_sft", "acc_sft_iv", "acc_restored", "acc_restored_iv", "gap", "share_iv",
-           "share_restored", "recovers", "cosine_sft", "cosine_restored", "overlap_sft", "overlap_restored",
-           "p_knowledge_sft", "p_instruction_sft", "stage"]
+# prompt kind -> (accuracy, with the base vector injected, with random vectors of its norm, with the other task's
+# vector): the probe's keys
+BASES = {"zero-shot": ("acc_zero_shot", "acc_injected", "acc_random", "acc_other"),
+         "n-shot": ("acc_nshot", "acc_nshot_injected", "acc_nshot_random", "acc_nshot_other")}
+COLUMNS = ["prompts", "epoch", "acc_base", "acc_sft", "acc_sft_iv", "acc_sft_random", "acc_sft_other", "acc_restored",
+           "acc_restored_iv", "gap", "share_iv", "share_restored", "recovers", "cosine_sft", "cosine_restored",
+           "overlap_sft", "overlap_restored", "p_knowledge_sft", "p_instruction_sft", "stage"]
 TEXT = {"prompts": ("prompts", None), "epoch": ("epoch", "{:d}"), "acc_base": ("base", "{:.3f}"), "acc_sft": ("sft", "{:.3f}"),
-        "acc_sft_iv": ("sft+IV", "{:.3f}"), "acc_restored": ("R", "{:.3f}"), "share_iv": ("IV share", "{:+.2f}"),
+        "acc_sft_iv": ("sft+IV", "{:.3f}"), "acc_sft_random": ("sft+rand", "{:.3f}"),
+        "acc_sft_other": ("sft+other", "{:.3f}"), "acc_restored": ("R", "{:.3f}"), "share_iv": ("IV share", "{:+.2f}"),
         "share_restored": ("R share", "{:+.2f}"), "recovers": ("recovers", None), "cosine_sft": ("cos sft", "{:.3f}"),
         "overlap_sft": ("heads sft", "{:.2f}"), "p_knowledge_sft": ("P(y|x)", "{:.3f}"),
         "p_instruction_sft": ("P(y_c|c,x)", "{:.3f}"), "stage": ("stage", None)}
@@ -63,19 +68,22 @@ def verdict(gap: float, share_iv: float, share_restored: float, threshold: float
 
 def _rows(trial: TrialData, varying: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for basis, (acc, injected) in BASES.items():
+    for basis, keys in BASES.items():
         for epoch in trial.epochs:
-            sft = _value(trial, "sft", acc, epoch)
+            sft = _value(trial, "sft", keys[0], epoch)
             if not math.isnan(sft):
-                rows.append(_row(trial, varying, basis, acc, injected, epoch, sft))
+                rows.append(_row(trial, varying, basis, keys, epoch, sft))
     return rows
 
 
-def _row(trial: TrialData, varying: list[str], basis: str, acc: str, injected: str, epoch: int, sft: float
+def _row(trial: TrialData, varying: list[str], basis: str, keys: tuple[str, ...], epoch: int, sft: float
          ) -> dict[str, Any]:
+    acc, injected, random, other = keys
     row: dict[str, Any] = {"trial": trial.name, **{key: trial.settings.get(key) for key in varying},
                            "prompts": basis, "epoch": epoch, "acc_base": _value(trial, "base", acc, epoch),
                            "acc_sft": sft, "acc_sft_iv": _value(trial, "sft", injected, epoch),
+                           "acc_sft_random": _value(trial, "sft", random, epoch),
+                           "acc_sft_other": _value(trial, "sft", other, epoch),
                            "acc_restored": _value(trial, "restored", acc, epoch),
                            "acc_restored_iv": _value(trial, "restored", injected, epoch)}
     row["gap"] = row["acc_base"] - sft
@@ -117,8 +125,9 @@ def reinjection_text(table: pd.DataFrame, varying: list[str]) -> str:
     for column, (heading, fmt) in TEXT.items():
         shown[heading] = [_cell(v, fmt) for v in table[column]]
     head = (f"re-injection as a training-free restoration (IV dynamics probe; first-answer-token accuracy on the "
-            f"probe task's zero-shot queries and n-shot prompts): sft+IV = SFT_e with the base instruction vector injected, R = R_e after "
-            f"restoration training; share = (acc - sft) / (base - sft); recovers = the restorations that bring "
+            f"probe task's zero-shot queries and n-shot prompts): sft+IV = SFT_e with the base instruction vector "
+            f"injected (sft+rand: random vectors of its norm instead, sft+other: another task's base vector), R = R_e "
+            f"after restoration training; share = (acc - sft) / (base - sft); recovers = the restorations that bring "
             f"back >= {RECOVERED_SHARE:g} of the gap (both: they agree the forgetting was of the instruction "
             f"pattern); cos/heads = SFT_e's vector vs the base's (cosine, top-k head overlap); stage = the "
             f"checkpoint's stage on the primary benchmark:")

@@ -9,8 +9,11 @@ state (`forgetray.train.evaluate`: the base at step 0, SFT_e and R_e), sharded o
   top-k head sets (|A ∩ B| / k); the n-shot accuracy (the share of clean prompts answered correctly); zero-shot
   first-answer-token accuracy without and with degree x the **base** vector added at `iv_probe_layer` at the last
   prompt token (re-injection: a training-free restoration), and, as the control the vector must beat, with random
-  vectors of the same norm (the mean over RANDOM_VECTORS seeded directions); the n-shot accuracy with the base vector
-  injected too (a model that lost the task in context may regain it from the vector); the knowledge probability P(y|x)
+  vectors of the same norm (the mean over RANDOM_VECTORS seeded directions) and, with `iv_probe_other_task`, another
+  task's base vector (extracted from the same start by the same extraction, kept in the base vector's folder under
+  OTHER_DIR): a recovery the task's vector brings and these do not is the vector's, not any push of the residual
+  stream; the n-shot accuracy with the base vector injected too (a model that lost the task in context may regain it
+  from the vector), and with the same controls; the knowledge probability P(y|x)
   (the whole answer after the bare query, no instruction or demonstrations) and the instruction probability P(y_c|c,x)
   (after the instruction and the n-shot demonstrations: the clean prompts), each a mean over the queries.
 The base's own vector is the base vector (cosine and overlap 1). A state that answers no clean prompt has no vector:
@@ -32,6 +35,7 @@ from forgetray.train import iv_guided
 
 
 RANDOM_VECTORS = 3  # random directions of the base vector's norm: acc_random, the control
+OTHER_DIR = "other"  # iv_probe_other_task's vector, inside the base vector's folder (keys.iv_probe_key names both)
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,18 @@ class IVProbe:
     batch_size: int
     seed: int
     base_dir: str  # where the base vector is (iv_probe_dir), read on first use
+    other_task: iv.Task | None = None  # iv_probe_other_task: the control vector's task (None: no such control)
     _base: dict | None = field(default=None, repr=False)
+    _other: dict | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, resolved: dict, trial, dirs: dict) -> "IVProbe":
         settings = Settings(trial.iv_probe_layer, trial.iv_probe_heads, trial.iv_probe_degree, trial.iv_prompts,
                             trial.iv_corrupted, trial.iv_corruption)
+        other = resolved.get("iv_probe_other_task")
         return cls(iv_guided.load_task(resolved["iv_probe_task"]), settings, resolved["bos"], trial.max_length,
-                   trial.probe_batch_size, trial.seed, dirs["iv_probe_dir"])
+                   trial.probe_batch_size, trial.seed, dirs["iv_probe_dir"],
+                   iv_guided.load_task(other) if other else None)
 
     @property
     def base(self) -> dict:
@@ -70,8 +78,16 @@ class IVProbe:
             self._base = iv_guided.load(self.base_dir)
         return self._base
 
-    def extract(self, model, tokenizer, device, rank: int, world: int, require_clean: bool) -> dict:
-        return iv_guided.extract(model, tokenizer, self.task, self.settings, self.bos, self.max_length,
+    @property
+    def other(self) -> dict | None:
+        """The other task's base vector (extraction), or None without iv_probe_other_task."""
+        if self.other_task is not None and self._other is None:
+            self._other = iv_guided.load(Path(self.base_dir) / OTHER_DIR)
+        return self._other
+
+    def extract(self, model, tokenizer, device, rank: int, world: int, require_clean: bool,
+                task: iv.Task | None = None) -> dict:
+        return iv_guided.extract(model, tokenizer, task or self.task, self.settings, self.bos, self.max_length,
                                  self.batch_size, self.seed, device, rank, world, require_clean=require_clean)
 
     def measure(self, model, tokenizer, state: str, device, rank: int, world: int) -> dict[str, float]:
@@ -91,26 +107,35 @@ class IVProbe:
                   for prompts in (zero_shot, with_context))
         vector = base["vector"].to(device)
         randoms = dynamics.random_like(vector, RANDOM_VECTORS, self.seed)
-        sums = torch.tensor([
-            float(dynamics.correct(model, zs).sum()),
-            float(dynamics.correct(model, zs, vector, s.layer, s.degree).sum()),
-            sum(float(dynamics.correct(model, zs, r, s.layer, s.degree).sum()) for r in randoms) / RANDOM_VECTORS,
-            float(dynamics.correct(model, ns, vector, s.layer, s.degree).sum()),
-            float(dynamics.answer_logprobs(model, self._whole(tokenizer, bare, device)).exp().sum()),
-            float(dynamics.answer_logprobs(model, self._whole(tokenizer, with_context, device)).exp().sum()),
-            float(len(zero_shot))], dtype=torch.float64)
+
+        def hits(batches, injected=None) -> float:  # correct answers of this rank's share
+            return float(dynamics.correct(model, batches, injected, s.layer, s.degree).sum())
+
+        sums = {"acc_zero_shot": hits(zs), "acc_injected": hits(zs, vector),
+                "acc_random": sum(hits(zs, r) for r in randoms) / RANDOM_VECTORS,
+                "acc_nshot_injected": hits(ns, vector),
+                "acc_nshot_random": sum(hits(ns, r) for r in randoms) / RANDOM_VECTORS,
+                "p_knowledge": float(dynamics.answer_logprobs(model, self._whole(tokenizer, bare, device)).exp().sum()),
+                "p_instruction": float(dynamics.answer_logprobs(
+                    model, self._whole(tokenizer, with_context, device)).exp().sum())}
+        other = self.other
+        if other is not None:  # the control: another task's vector, injected as the base vector is
+            sums.update(acc_other=hits(zs, other["vector"].to(device)),
+                        acc_nshot_other=hits(ns, other["vector"].to(device)))
+        totals = torch.tensor([*sums.values(), float(len(zero_shot))], dtype=torch.float64)
         if world > 1:
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        n = float(sums[-1])
-        values = {"acc_zero_shot": sums[0] / n, "acc_injected": sums[1] / n, "acc_random": sums[2] / n,
-                  "acc_nshot_injected": sums[3] / n, "p_knowledge": sums[4] / n, "p_instruction": sums[5] / n,
-                  "acc_nshot": own["clean_correct"] / own["clean_prompts"]}
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        values = {key: float(total) / float(totals[-1]) for key, total in zip(sums, totals)}
+        values["acc_nshot"] = own["clean_correct"] / own["clean_prompts"]
         if own["vector"] is not None:
             values.update(cosine=dynamics.cosine(own["vector"], base["vector"]),
                           head_overlap=dynamics.head_overlap(own["heads"], base["heads"]),
                           top_cie=own["scores"][0], vector_norm=float(own["vector"].norm()))
+        if other is not None and state == "base":
+            values.update(other_norm=float(other["vector"].norm()),
+                          other_cosine=dynamics.cosine(other["vector"], base["vector"]))
         return {registry.iv_probe_metric(key).name(state=state, key=key): float(v) for key, v in values.items()}
 
     def _whole(self, tokenizer, prompts: list[iv.Prompt], device) -> list[dict]:
@@ -146,7 +171,13 @@ def _bare(task: iv.Task, prompt: iv.Prompt) -> iv.Prompt:
 
 
 def extract_base(probe: IVProbe, model, tokenizer, device, rank: int, world: int, out: Path) -> None:
-    """The base vector (the IFT phase's start, every rank its share), written by rank 0 into `out`."""
+    """The base vector (the IFT phase's start, every rank its share), written by rank 0 into `out`; with
+    iv_probe_other_task, that task's vector by the same extraction too, into `out`/OTHER_DIR."""
     found = probe.extract(model, tokenizer, device, rank, world, require_clean=True)
+    other = probe.extract(model, tokenizer, device, rank, world, require_clean=True, task=probe.other_task) \
+        if probe.other_task is not None else None
     if rank == 0:
         iv_guided.save(found, out)
+        if other is not None:
+            (out / OTHER_DIR).mkdir()
+            iv_guided.save(other, out / OTHER_DIR)
