@@ -182,3 +182,57 @@ def spearman(x, y, permutations: int = 10000, seed: int = 0) -> tuple[float, flo
     rng = np.random.default_rng(seed)
     shuffled = np.array([np.corrcoef(rx, rng.permutation(ry))[0, 1] for _ in range(permutations)])
     return rho, float(((np.abs(shuffled) >= abs(rho) - 1e-12).sum() + 1) / (permutations + 1))
+
+
+@dataclass(frozen=True)
+class UnitCorrelation:
+    """Pearson's r of x and y after each stratum's mean is taken out of both (the partial correlation given the
+    strata as a factor), and its two-sided p with the units as the exchangeable draws."""
+
+    r: float
+    p_value: float
+    units: int
+    permutations: int  # the unit permutations the p counts (every one when `exact`)
+    exact: bool
+
+
+def within_strata_correlation(x, y, strata, units, max_permutations: int = 40320, seed: int = 0) -> UnitCorrelation:
+    """Correlation of paired values measured on every unit (e.g. a seed) at every stratum (e.g. an epoch), controlled
+    for the strata: x and y less their stratum's mean, so a trend all units share along the strata (both growing
+    with the epoch) counts for nothing. The p moves y's values with their unit as a whole (a unit's measurements at
+    the strata are not independent draws; the units are): the share of unit permutations whose |r| is at least the
+    observed one, over all of them when there are at most `max_permutations` (8 units), else over that many seeded
+    ones ((count + 1) / (n + 1)). r is nan and p 1 when either side is constant within the strata."""
+    import itertools
+    import math
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    strata, units = np.asarray(strata), np.asarray(units)
+    if not (x.shape == y.shape == strata.shape == units.shape) or x.ndim != 1:
+        raise ValueError("within_strata_correlation needs x, y, strata and units of one length")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("within_strata_correlation: a value is missing (nan)")
+    unit_ids, stratum_ids = np.unique(units), np.unique(strata)
+    if len(unit_ids) < 3:
+        raise ValueError(f"within_strata_correlation needs >= 3 units, got {len(unit_ids)}")
+    cells = {(u, s): i for i, (u, s) in enumerate(zip(units.tolist(), strata.tolist()))}
+    if len(cells) != len(x) or len(x) != len(unit_ids) * len(stratum_ids):
+        raise ValueError("within_strata_correlation needs every unit measured once at every stratum")
+    order = [[cells[(u, s)] for s in stratum_ids.tolist()] for u in unit_ids.tolist()]
+    xm, ym = x[order], y[order]  # units x strata
+    xc, yc = xm - xm.mean(axis=0), ym - ym.mean(axis=0)
+    scale = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
+    n = len(unit_ids)
+    if scale == 0:
+        return UnitCorrelation(float("nan"), 1.0, n, 0, True)
+    r = float((xc * yc).sum()) / scale
+    exact = math.factorial(n) <= max_permutations
+    if exact:
+        perms = [list(p) for p in itertools.permutations(range(n))]
+    else:
+        rng = np.random.default_rng(seed)
+        perms = [rng.permutation(n) for _ in range(max_permutations)]
+    rs = np.array([float((xc * yc[p]).sum()) / scale for p in perms])
+    count = int((np.abs(rs) >= abs(r) - 1e-12).sum())
+    p_value = count / len(perms) if exact else (count + 1) / (len(perms) + 1)
+    return UnitCorrelation(r, p_value, n, len(perms), exact)
