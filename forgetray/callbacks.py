@@ -117,6 +117,10 @@ def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], ve
                         f"knowledge {get(registry.KNOWLEDGE, state='sft', bench=bench):.3f}, "
                         f"probe ppl {get(registry.PROBE_PPL, state='sft'):.2f}, "
                         f"{result.get(registry.TRAIN_TOKENS_PER_S.name(), 0):.0f} tok/s")
+            elif kind == "control":
+                line = (f"control R_0 (the start restored): knowledge "
+                        f"{get(registry.KNOWLEDGE, state='control', bench=bench):.3f}, "
+                        f"probe ppl {get(registry.PROBE_PPL, state='control'):.2f}")
             elif kind == "restored":
                 line = (f"epoch {epoch} restored: knowledge "
                         f"{get(registry.KNOWLEDGE, state='restored', bench=bench):.3f}, "

@@ -73,6 +73,19 @@ def restoring_key(trial: TrialConfig, resolved: dict) -> str:
     return f"{_model_name(trial)}-{_digest(parts)}"
 
 
+def control_key(trial: TrialConfig, resolved: dict) -> str:
+    """What the control R_0 (the IFT phase's start restored by the trial's restoration recipe, METHODS.md §4)
+    depends on: the restoring set, the recipe (the restoration phase's optimizer, batching, length, passes and the
+    tolerance that ends them), the seed (data order), the numerics, and the probes it gets (the base's). Trials that
+    differ in anything else (IFT rate, epochs, methods) share one R_0."""
+    phase = planning.restore_phase(trial, 1).to_dict()
+    recipe = {k: v for k, v in phase.items() if k not in ("name", "restores_epoch")}
+    parts = {"restoring": restoring_key(trial, resolved), "recipe": recipe, "seed": trial.seed,
+             "passes": [trial.restore_max_passes, trial.ppl_tolerance], "numerics": sharing.start_settings(trial),
+             "probes": base_eval_key(trial, resolved)}
+    return f"{_model_name(trial)}-{_digest(parts)}"
+
+
 def iv_key(trial: TrialConfig, resolved: dict) -> str:
     """What the instruction vector depends on: the starting weights, the task, the prompts (how many, the seed, the
     BOS rule, truncation) and the number of heads. Not the injection layer or site, nor the loss settings: trials

@@ -115,7 +115,8 @@ def describe(trials: list[TrialConfig], share_trajectories: bool = True) -> list
 
 # Recomputed for a follower from its own settings, never copied: its stages (`stages.classify_trial`) and its
 # continual summaries at T (`trial.log_continual`; a[T] is its own last checkpoint).
-RECOMPUTED = (registry.STAGE_CODE, registry.STAGE_FIXED_CODE, registry.STAGE_D_SFT, registry.STAGE_D_RESTORED,
+RECOMPUTED = (registry.STAGE_CODE, registry.STAGE_AT_MARGIN, registry.STAGE_INTERVAL, registry.STAGE_TEST_CODE,
+              registry.STAGE_FIXED_CODE, registry.STAGE_D_SFT, registry.STAGE_D_RESTORED,
               registry.STAGE_P_SFT, registry.STAGE_P_RESTORED, registry.CONTINUAL_FORGETTING, registry.CONTINUAL_BWT)
 
 
@@ -152,10 +153,10 @@ def _meaning(name: str) -> str | None:
 
 
 def follower_artifact(path: str, epochs: int) -> bool:
-    """Whether a leader's artifact folder (`probes/base`, `probes/sft/epoch_NNN`, `probes/restored/epoch_NNN`) is a
-    follower's too; stage tables are recomputed."""
+    """Whether a leader's artifact folder (`probes/base`, `probes/control`, `probes/sft/epoch_NNN`,
+    `probes/restored/epoch_NNN`) is a follower's too; stage tables are recomputed."""
     parts = path.split("/")
-    if parts[:2] == ["probes", "base"]:
+    if parts[:2] in (["probes", "base"], ["probes", "control"]):  # step 0: the start and its control R_0
         return True
     return len(parts) >= 3 and parts[0] == "probes" and parts[2].startswith("epoch_") \
         and int(parts[2][len("epoch_"):]) <= epochs

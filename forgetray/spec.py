@@ -87,10 +87,12 @@ class TrialConfig:
     # checkpoints restored one after another by one TorchTrainer; groups run concurrently. 0: in the IFT phase's
     # TorchTrainer, after it (one worker start-up per trial: the cheapest on a small machine)
     restore_group: int = 1
-    stage_test: str = "mcnemar"  # paired test that decides a significant drop: "mcnemar" | "bootstrap"
-    stage_alpha: float = 0.05
-    stage_tau: float = 0.02  # the fixed-threshold variant's drop threshold on accuracy
-    ppl_tolerance: float = 0.05  # restored probing PPL must be within this fraction of base's
+    # the margin rule (the headline verdict): the smallest knowledge loss that matters, in accuracy points
+    stage_margin: float = 0.02
+    stage_alpha: float = 0.05  # the intervals' family-wise level over a grid point's epochs; the test variant's alpha
+    stage_test: str = "mcnemar"  # reported variant: the paired test deciding a significant drop: "mcnemar" | "bootstrap"
+    stage_tau: float = 0.02  # reported variant: the fixed-threshold rule's drop threshold on accuracy
+    ppl_tolerance: float = 0.05  # R_e's probing PPL must be within this fraction of R_0's (either side)
     # --- anti-forgetting methods (METHODS.md §5-6) and flatness (§7); they act on the trial's IFT phase ---
     sam_rho: float = 0.0  # SAM radius; 0 = plain AdamW
     sam_adaptive: bool = False  # ASAM: perturbation scaled by |w|
@@ -321,6 +323,7 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.restore_max_passes == 1 or cfg.zero_stage < 3, "restore_max_passes",
          "> 1 is not supported with zero_stage=3 (a pass rebuilds the engine from the gathered model)")
     need(cfg.restore_group >= 0, "restore_group", "must be >= 0 (0: in the IFT phase's workers)")
+    need(0 < cfg.stage_margin < 1, "stage_margin", "must be in (0, 1): accuracy points, e.g. 0.02")
     need(cfg.stage_test in STAGE_TESTS, "stage_test", f"must be one of {STAGE_TESTS}")
     need(0 < cfg.stage_alpha < 1, "stage_alpha", "must be in (0, 1)")
     need(0 <= cfg.stage_tau < 1, "stage_tau", "must be in [0, 1)")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import plan as planning
-from forgetray.keys import (base_em_key, base_eval_key, iv_key, iv_probe_key, prior_start_key,  # noqa: F401
+from forgetray.keys import (base_em_key, base_eval_key, control_key, iv_key, iv_probe_key, prior_start_key,  # noqa: F401
                             restoring_key, start_key, trial_key)
 from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
@@ -76,6 +76,8 @@ def trial_dirs(execution_dir: Path, trial: TrialConfig, resolved: dict) -> dict:
         "base_eval_dir": str(execution_dir / "base_eval" / base_eval_key(trial, resolved)),
         "base_em_dir": str(execution_dir / "base_em" / base_em_key(trial, resolved)),
         "restoring_dir": str(execution_dir / "restoring" / restoring_key(trial, resolved))
+        if resolved.get("restore_pool") else None,
+        "control_dir": str(execution_dir / "control" / control_key(trial, resolved))
         if resolved.get("restore_pool") else None,
         "iv_dir": str(execution_dir / "iv" / iv_key(trial, resolved)) if trial.iv_task else None,
         "iv_probe_dir": str(execution_dir / "iv" / iv_probe_key(trial, resolved)) if trial.iv_probe_task else None,
@@ -283,7 +285,8 @@ def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: 
 
     use_gpu = trial.gpus_per_worker > 0
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
-    artifact_dirs = {"base": (dirs["base_eval_dir"], "probes/base"), "iv": (dirs.get("iv_dir"), "iv"),
+    artifact_dirs = {"base": (dirs["base_eval_dir"], "probes/base"), "control": (dirs.get("control_dir"), "probes/control"),
+                     "iv": (dirs.get("iv_dir"), "iv"),
                      "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
                      "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
                      "restored": (None, "probes/restored/epoch_{epoch:03d}")}

@@ -209,7 +209,8 @@ def test_transition_epoch_is_the_first_actual_epoch():
 # README's metric table, row `stage/code` (and `stage/fixed_code`): "-1 not restored, 0 no, 1 pseudo, 2 actual
 # forgetting". Written out here by hand, with the stage names as strings, so renaming a stage or renumbering a code
 # in the code is caught.
-DOCUMENTED_STAGE_CODES = {"not_restored": -1, "no_forgetting": 0, "pseudo_forgetting": 1, "actual_forgetting": 2}
+DOCUMENTED_STAGE_CODES = {"inconclusive": -2, "not_restored": -1, "no_forgetting": 0, "pseudo_forgetting": 1,
+                          "actual_forgetting": 2}
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -218,9 +219,10 @@ def test_stage_codes_are_the_documented_ones():
     assert set(metrics.STAGES) == set(DOCUMENTED_STAGE_CODES)
     # ...and README still says so: parse the "-1 not restored, 0 no, ..." of the `stage/code` row.
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `stage/code`"))
-    words = {"not restored": "not_restored", "no": "no_forgetting", "pseudo": "pseudo_forgetting",
-             "actual": "actual_forgetting"}
-    in_readme = {words[w]: int(c) for c, w in re.findall(r"(-?\d+) (not restored|no|pseudo|actual)\b", row)}
+    words = {"inconclusive": "inconclusive", "not restored": "not_restored", "no": "no_forgetting",
+             "pseudo": "pseudo_forgetting", "actual": "actual_forgetting"}
+    in_readme = {words[w]: int(c) for c, w in
+                 re.findall(r"(-?\d+) (inconclusive|not restored|no|pseudo|actual)\b", row)}
     assert in_readme == DOCUMENTED_STAGE_CODES, row
 
 
@@ -232,7 +234,11 @@ def test_stage_codes_logged_and_decoded_back():
     from forgetray.report import TrialData
 
     names = list(DOCUMENTED_STAGE_CODES)
-    table = pd.DataFrame({"epoch": [1, 2, 3, 4], "stage": names, "stage_fixed": names[::-1],
+    epochs = list(range(1, len(names) + 1))
+    table = pd.DataFrame({"epoch": epochs, "stage": names, "stage_fixed": names[::-1], "stage_test": names[1:] + names[:1],
+                          **{f"stage_at_{m}": names for m in ("0.01", "0.02", "0.05")},
+                          **{key: 0.25 for key in ("drop", "drop_low", "drop_high", "residual", "residual_low",
+                                                   "residual_high", "share", "share_low", "share_high", "level")},
                           "d_sft": 0.0, "d_restored": 0.0, "p_sft": None, "p_restored": None})
 
     class Recorder:
@@ -250,10 +256,13 @@ def test_stage_codes_logged_and_decoded_back():
 
     tracker = Recorder()
     stages._log(tracker, "run", "bench", table, None)
-    for epoch, name, fixed in zip([1, 2, 3, 4], names, names[::-1]):
+    for epoch, name, fixed, tested in zip(epochs, names, names[::-1], names[1:] + names[:1]):
         assert tracker.metrics[epoch]["stage/code"] == DOCUMENTED_STAGE_CODES[name]
+        assert tracker.metrics[epoch]["stage/code_at_0.05"] == DOCUMENTED_STAGE_CODES[name]
         assert tracker.metrics[epoch]["stage/fixed_code"] == DOCUMENTED_STAGE_CODES[fixed]
-    assert tracker.tags["forgetray.transition_epoch"] == 4  # the first epoch classified actual forgetting
+        assert tracker.metrics[epoch]["stage/test_code"] == DOCUMENTED_STAGE_CODES[tested]
+        assert tracker.metrics[epoch]["stage/residual_high"] == 0.25
+    assert tracker.tags["forgetray.transition_epoch"] == 5  # the first epoch classified actual forgetting
 
     # The report reads the numbers back (as floats, as MLflow returns them) from the metrics alone, no stage tags.
     history: dict[str, dict[int, float]] = {}
@@ -262,7 +271,7 @@ def test_stage_codes_logged_and_decoded_back():
             history.setdefault(metric, {})[epoch] = float(value)
     trial = TrialData(name="t", run_id="run", status="FINISHED", settings={}, benchmarks=[], scores={},
                       history=history, tags={})
-    for epoch, name, fixed in zip([1, 2, 3, 4], names, names[::-1]):
+    for epoch, name, fixed in zip(epochs, names, names[::-1]):
         assert trial.stage(epoch) == name
         assert trial.stage(epoch, fixed=True) == fixed
 

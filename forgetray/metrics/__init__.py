@@ -29,6 +29,7 @@ from forgetray.metrics.significance import (
 )
 from forgetray.metrics.stage import (
     ACTUAL_FORGETTING,
+    INCONCLUSIVE,
     NO_FORGETTING,
     NOT_RESTORED,
     PSEUDO_FORGETTING,
@@ -71,6 +72,7 @@ __all__ = [
     "significant_drop",
     # stage
     "ACTUAL_FORGETTING",
+    "INCONCLUSIVE",
     "NO_FORGETTING",
     "NOT_RESTORED",
     "PSEUDO_FORGETTING",

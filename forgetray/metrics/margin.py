@@ -29,10 +29,9 @@ from typing import Mapping
 
 import numpy as np
 
-from forgetray.metrics.stage import ACTUAL_FORGETTING, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING
+from forgetray.metrics.stage import (ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING,
+                                     STAGES)
 
-INCONCLUSIVE = "inconclusive"
-MARGIN_STAGES = (NO_FORGETTING, PSEUDO_FORGETTING, ACTUAL_FORGETTING, INCONCLUSIVE, NOT_RESTORED)
 REPORTED_MARGINS = (0.01, 0.02, 0.05)  # every table shows the verdict at each of these too (METHODS.md §4)
 N_RESAMPLES = 2000
 
@@ -173,8 +172,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def transition(stages_by_epoch: Mapping[int, str]) -> int | None:
     """The first epoch classified "actual_forgetting" by the margin rule, or None."""
-    unknown = set(stages_by_epoch.values()) - set(MARGIN_STAGES)
+    unknown = set(stages_by_epoch.values()) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {MARGIN_STAGES}")
+        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
     actual = [e for e, stage in stages_by_epoch.items() if stage == ACTUAL_FORGETTING]
     return min(actual) if actual else None

@@ -7,7 +7,8 @@ report, the stage analysis, the console) parse them back with `parse`; the READM
 matches no declared metric cannot be logged (`step_of` raises), so an undeclared metric never reaches MLflow.
 
 Fields: `state` is the model state a probe describes (`base` = the model the trial's IFT starts from, step 0;
-`sft` = the IFT checkpoint SFT_e; `restored` = R_e, SFT_e after restoration); `bench` a benchmark's short name;
+`sft` = the IFT checkpoint SFT_e; `restored` = R_e, SFT_e after restoration; `control` = R_0, the start after the
+same restoration, step 0); `bench` a benchmark's short name;
 `k` the 1-based index of a prior fine-tuning phase; `epoch` a 3-digit IFT epoch; `key` a flatness quantity.
 """
 
@@ -31,8 +32,10 @@ STEPS = {
 # the next checkpoint's report instead of one report each. Ray Train's controller takes one report per poll (every
 # 2 s) and a worker's next report waits for it: one report per point cost a quickstart restoration ~6 s.
 SERIES = "series"
-STATES = ("base", "sft", "restored")
-PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch"}  # how the README shows the step per state
+STATES = ("base", "sft", "restored", "control")
+# control = R_0, the IFT phase's start put through the trial's restoration recipe (METHODS.md §4): what restoring
+# does to an untouched model, the reference of the residual D_R and of the PPL precondition; logged at step 0.
+PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch", "control": "0"}  # how the README shows the step per state
 FLATNESS_KEYS = ("sc", "ag", "mag", "flatness")
 FORMAT_KEYS = ("p_fmt", "entropy_vocab", "entropy_options", "knowledge")  # what Figure 4 follows along the steps
 BENCH_SCORES = ("letter_acc", "acc", "acc_norm", "knowledge", "p_fmt", "entropy_vocab", "entropy_options")
@@ -159,6 +162,8 @@ RESTORE_TOKENS = Metric("restored/train/tokens", "epoch", None, "tokens the rest
 RESTORE_STEPS = Metric("restored/train/steps", "epoch", None, "optimizer steps of the restoration")
 RESTORE_PASSES = Metric("restored/train/passes", "epoch", None,
                         "restoration passes over the restoring set (restore_max_passes: until the pattern is back)")
+CONTROL_PASSES = Metric("control/train/passes", "epoch", None,
+                        "restoration passes that made the control R_0 (step 0)")
 # --- along training ---
 STEPS_FORMAT = Metric("steps/{bench}/{key}", "optimizer step", None,
                       "the format probes along IFT: p_fmt, entropy_vocab, entropy_options, knowledge (Figure 4)",
@@ -168,10 +173,23 @@ RESTORE_TRAJECTORY = Metric("restore/probe_ppl/epoch_{epoch}", "restoring step",
                             "per checkpoint)")
 # --- the forgetting stage of each checkpoint (METHODS.md §4) ---
 STAGE_CODE = Metric("stage/code", "epoch", None,
-                    "stage by paired test: -1 not restored, 0 no, 1 pseudo, 2 actual forgetting")
-STAGE_FIXED_CODE = Metric("stage/fixed_code", "epoch", None, "the same by the fixed threshold tau")
-STAGE_D_SFT = Metric("stage/d_sft", "epoch", True, "dS: knowledge of SFT_e minus base")
-STAGE_D_RESTORED = Metric("stage/d_restored", "epoch", True, "dR: knowledge of R_e minus base")
+                    "stage by the margin rule at stage_margin (the headline): -2 inconclusive, -1 not restored, 0 no, "
+                    "1 pseudo, 2 actual forgetting")
+MARGIN_KEYS = ("0.01", "0.02", "0.05")  # margin.REPORTED_MARGINS, as written in the names
+STAGE_AT_MARGIN = Metric("stage/code_at_{key}", "epoch", None,
+                         "the margin rule's stage at margin 0.01, 0.02, 0.05 (codes as stage/code)", keys=MARGIN_KEYS)
+INTERVAL_KEYS = ("drop", "drop_low", "drop_high", "residual", "residual_low", "residual_high", "share", "share_low",
+                 "share_high", "level")
+STAGE_INTERVAL = Metric("stage/{key}", "epoch", None,
+                        "the margin rule's quantities: drop D_S = base - SFT_e, residual D_R = R_0 - R_e (knowledge, "
+                        "positive = lost), recoverable share (R_e - SFT_e) / (R_0 - SFT_e), each with its bootstrap "
+                        "interval, and the intervals' level (Bonferroni over the trial's epochs)", keys=INTERVAL_KEYS)
+STAGE_TEST_CODE = Metric("stage/test_code", "epoch", None,
+                         "reported variant: stage by paired significance test (stage_test) against base, R_e's PPL "
+                         "at most base x (1 + ppl_tolerance); codes as stage/code")
+STAGE_FIXED_CODE = Metric("stage/fixed_code", "epoch", None, "reported variant: the same by the fixed threshold tau")
+STAGE_D_SFT = Metric("stage/d_sft", "epoch", True, "variants' dS: knowledge of SFT_e minus base")
+STAGE_D_RESTORED = Metric("stage/d_restored", "epoch", True, "variants' dR: knowledge of R_e minus base")
 STAGE_P_SFT = Metric("stage/p_sft", "epoch", None, "paired-test p-value of dS")
 STAGE_P_RESTORED = Metric("stage/p_restored", "epoch", None, "paired-test p-value of dR")
 # --- continual learning over the fine-tuning steps t = 0..k+1 (METHODS.md §9; forgetray.metrics.continual) ---
@@ -190,8 +208,8 @@ METRICS: tuple[Metric, ...] = (
     CF_CATEGORY, PROBE_PPL, PROBE_TOKENS, EM, FLATNESS,
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, TRAIN_IV,
     IV_EXTRACTION, IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, IV_PROBE_OTHER, PRIOR_LOSS,
-    RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, RESTORE_PASSES, STEPS_FORMAT, RESTORE_TRAJECTORY,
-    STAGE_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
+    RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, RESTORE_PASSES, CONTROL_PASSES, STEPS_FORMAT, RESTORE_TRAJECTORY,
+    STAGE_CODE, STAGE_AT_MARGIN, STAGE_INTERVAL, STAGE_TEST_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )
 BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, MC1, MC2,

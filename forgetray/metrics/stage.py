@@ -1,4 +1,6 @@
-"""The stage-transition rule of METHODS.md §4 as pure functions: no model, no I/O.
+"""The reported variants of the stage rule (METHODS.md §4) as pure functions: no model, no I/O. The headline
+verdict is the margin rule (`forgetray.metrics.margin`); significance alone is no verdict (with enough questions or
+seeds any residual is significant), so these two stay beside it, never in its place.
 
 For checkpoint e, dS = acc(SFT_e) - acc(base) and dR = acc(R_e) - acc(base). A "drop" is decided either by a
 paired significance test on per-question correctness (`classify_checkpoint`, the main variant) or by a fixed
@@ -26,10 +28,12 @@ NO_FORGETTING = "no_forgetting"
 PSEUDO_FORGETTING = "pseudo_forgetting"
 ACTUAL_FORGETTING = "actual_forgetting"
 NOT_RESTORED = "not_restored"
-STAGES = (NO_FORGETTING, PSEUDO_FORGETTING, ACTUAL_FORGETTING, NOT_RESTORED)
+INCONCLUSIVE = "inconclusive"  # the margin rule's (metrics.margin): an interval straddles the margin
+STAGES = (NO_FORGETTING, PSEUDO_FORGETTING, ACTUAL_FORGETTING, INCONCLUSIVE, NOT_RESTORED)
 
-# Integer codes for logging a stage as a numeric metric; ordered by severity, -1 for "could not be judged".
-STAGE_CODES: dict[str, int] = {NOT_RESTORED: -1, NO_FORGETTING: 0, PSEUDO_FORGETTING: 1, ACTUAL_FORGETTING: 2}
+# Integer codes for logging a stage as a numeric metric; ordered by severity, negative for "could not be judged".
+STAGE_CODES: dict[str, int] = {INCONCLUSIVE: -2, NOT_RESTORED: -1, NO_FORGETTING: 0, PSEUDO_FORGETTING: 1,
+                               ACTUAL_FORGETTING: 2}
 
 # Slack for classify_fixed so that a delta equal to -tau up to float rounding (0.48 - 0.50) is not a drop.
 _FLOAT_SLACK = 1e-12

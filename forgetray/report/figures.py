@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from forgetray.metrics import registry
-from forgetray.metrics.stage import ACTUAL_FORGETTING, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING, STAGES
+from forgetray.metrics.stage import (ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING,
+                                     STAGES)
 from forgetray.report.runs import TrialData
 from forgetray.report.tables import STAGE_SHORT
 
@@ -31,7 +32,7 @@ FIG3A, FIG3B, FIG4, FIG5 = ("fig3a_restoring_ppl.png", "fig3b_ppl_vs_epoch.png",
 FIG3C_GLOB = "fig3c_accuracy_*.png"
 # Light backgrounds behind a checkpoint's points in Figure 3c, from "fine" to "knowledge lost".
 STAGE_COLORS = {NO_FORGETTING: "#d9f0d3", PSEUDO_FORGETTING: "#fee391", ACTUAL_FORGETTING: "#fcbba1",
-                NOT_RESTORED: "#e0e0e0"}
+                INCONCLUSIVE: "#ffffff", NOT_RESTORED: "#e0e0e0"}
 FORMAT_ALIGNED = 0.95  # METHODS.md §3: format alignment is reached when mean P_fmt exceeds this
 # Figure 4's rows: the IFT-step probes the registry declares, with their axis labels.
 FORMAT_LABELS = {"p_fmt": "P_fmt", "entropy_vocab": "H_V (nats)", "entropy_options": "H_opt (nats)",

@@ -1,6 +1,8 @@
-"""The pooled stage table of a replicated sweep (METHODS.md §10): per replicate group and checkpoint, the stage decided
-from all replicates' per-question outcomes (`forgetray.metrics.pooled`), how many replicates agree, knowledge mean
-and sd over seeds, and the transition epoch's median and range.
+"""The pooled stage table of a replicated sweep (METHODS.md §10): per replicate group and checkpoint, the margin rule's
+verdict on all replicates' per-question outcomes (`forgetray.metrics.margin`: the replicates' mean drop and residual
+with two-level bootstrap intervals), the verdicts at the reported margins, how many replicates' own verdicts agree,
+the pooled exact-McNemar variant (`forgetray.metrics.pooled`), knowledge of base, R_0, SFT_e and R_e (mean and sd over
+seeds), and the transition epoch's median and range.
 
 A sweep run with `replicates=n` (the parent run's `sweep.replicates` param) is pooled; a sweep without replicates,
 `seed=grid([...])` included, is not (its trials are independent). A group is the trials whose settings are equal
@@ -19,18 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from forgetray.grids import TAG_REPLICATE_GROUP
 from forgetray.metrics import registry
+from forgetray.metrics import margin
 from forgetray.metrics.pooled import ReplicateOutcome, classify_pooled, transition_summary
-from forgetray.metrics.stage import transition_epoch
+from forgetray.stages import interval_columns, margin_stages
 from forgetray.report.runs import TrialData, short
 from forgetray.report.tables import STAGE_SHORT, setting_column
 from forgetray.tracking import TAG_STAGE_BENCHMARK, Tracker
 
 POOLED_CSV, POOLED_TXT = "pooled_stage_table.csv", "pooled_stage_table.txt"
-_STATES = ("base", "sft", "restored")
+_STATES = ("base", "sft", "restored", "control")
 
 
 @dataclass
@@ -98,10 +102,14 @@ def load_outcomes(tracker: Tracker, groups: list[ReplicateGroup]) -> list[str]:
 
 
 def _float_setting(trial: TrialData, key: str, default: float) -> float:
-    try:
-        return float(trial.settings.get(key, default))
-    except ValueError:
+    """A stage setting of a stored run; a value that does not parse is a broken store, said rather than guessed."""
+    raw = trial.settings.get(key)
+    if raw is None:  # a run from before the setting existed: its default then
         return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"run {trial.name}: setting {key}={raw!r} is not a number") from exc
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -109,47 +117,60 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def group_rows(group: ReplicateGroup) -> list[dict[str, Any]]:
-    """The group's rows, one per checkpoint epoch any replicate judged, pooled over the replicates that judged it."""
+    """The group's rows, one per checkpoint epoch any replicate judged, pooled over the replicates that judged it:
+    the margin rule on the two-level bootstrap (`metrics.margin`), each replicate's own margin verdict, and the
+    pooled exact-McNemar variant (`metrics.pooled`) beside it."""
     members = [t for t in group.trials if t.run_id in group.outcomes]
     if not members:
         return []
-    alpha = _float_setting(members[0], "stage_alpha", 0.05)
-    tolerance = _float_setting(members[0], "ppl_tolerance", 0.05)
-    base_ppl = registry.PROBE_PPL.name(state="base")
-    restored_ppl = registry.PROBE_PPL.name(state="restored")
+    first = members[0]
+    alpha = _float_setting(first, "stage_alpha", 0.05)
+    tolerance = _float_setting(first, "ppl_tolerance", 0.05)
+    stage_margin = _float_setting(first, "stage_margin", 0.02)
+    ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "restored", "control")}
     epochs = sorted({int(e) for t in members for e in group.outcomes[t.run_id]["epoch"].unique()})
+    level = margin.epoch_level(alpha, len(epochs))  # Bonferroni over the grid point's epochs
     rows, own_stages, pooled_stages = [], {t.run_id: {} for t in members}, {}
     for epoch in epochs:
-        judged, replicates, accuracy = [], [], {state: [] for state in _STATES}
+        judged, frames = [], []
         for trial in members:
             frame = group.outcomes[trial.run_id]
             frame = frame[frame["epoch"] == epoch].sort_values("index")
-            if frame.empty:
-                continue
-            judged.append(trial)
-            outcome = ReplicateOutcome(*(frame[f"{state}_correct"].to_numpy(dtype=bool) for state in _STATES),
-                                       trial.at(base_ppl, 0), trial.at(restored_ppl, epoch))
-            replicates.append(outcome)
-            for state, correct in zip(_STATES, (outcome.base_correct, outcome.sft_correct, outcome.restored_correct)):
-                accuracy[state].append(float(correct.mean()))
-        pooled = classify_pooled(replicates, alpha=alpha, ppl_tolerance=tolerance)
-        pooled_stages[epoch] = pooled.stage
-        for trial, stage in zip(judged, pooled.replicate_stages):
-            own_stages[trial.run_id][epoch] = stage
+            if not frame.empty:
+                judged.append(trial)
+                frames.append(frame)
+        matrices = {state: np.stack([f[f"{state}_correct"].to_numpy(dtype=bool) for f in frames])
+                    for state in _STATES}
+        seed = margin.epoch_seed(_seed(judged[0]), epoch)
+        found = margin.deltas(*(matrices[s] for s in ("base", "sft", "restored", "control")), level=level, seed=seed)
+        ok = [margin.within_control(t.at(ppl["control"], 0), t.at(ppl["restored"], epoch), tolerance) for t in judged]
+        verdicts = margin_stages(found, stage_margin, all(ok))
+        pooled_stages[epoch] = verdicts["stage"]
+        own = []
+        for k, trial in enumerate(judged):
+            mine = margin.deltas(*(matrices[s][k] for s in ("base", "sft", "restored", "control")), level=level,
+                                 seed=margin.epoch_seed(_seed(trial), epoch))
+            own.append(margin.classify(mine, stage_margin, ok[k]).stage)
+            own_stages[trial.run_id][epoch] = own[-1]
+        mcnemar = classify_pooled([ReplicateOutcome(matrices["base"][k], matrices["sft"][k], matrices["restored"][k],
+                                                    t.at(ppl["base"], 0), t.at(ppl["restored"], epoch))
+                                   for k, t in enumerate(judged)], alpha=alpha, ppl_tolerance=tolerance)
         row: dict[str, Any] = {"group": group.group, "label": group.label,
                                **{setting_column(k): v for k, v in group.settings.items()},
-                               "epoch": epoch, "benchmark": members[0].tags.get(TAG_STAGE_BENCHMARK) or
-                               members[0].primary, "replicates": pooled.n,
-                               "seeds": ",".join(str(_seed(t)) for t in judged), "stage": pooled.stage,
-                               "agreeing": f"{pooled.agreeing}/{pooled.n}",
-                               "replicate_stages": ",".join(STAGE_SHORT[s] for s in pooled.replicate_stages),
-                               "restored": f"{pooled.n_restored}/{pooled.n}", "d_sft": pooled.d_sft,
-                               "d_restored": pooled.d_restored, "p_sft": pooled.p_sft, "p_restored": pooled.p_restored}
+                               "epoch": epoch, "benchmark": first.tags.get(TAG_STAGE_BENCHMARK) or first.primary,
+                               "replicates": len(judged), "seeds": ",".join(str(_seed(t)) for t in judged),
+                               **verdicts, "margin": stage_margin,
+                               "agreeing": f"{sum(stage == verdicts['stage'] for stage in own)}/{len(judged)}",
+                               "replicate_stages": ",".join(STAGE_SHORT[stage] for stage in own),
+                               "restored": f"{sum(ok)}/{len(judged)}", **interval_columns(found),
+                               "stage_mcnemar": mcnemar.stage, "p_sft": mcnemar.p_sft,
+                               "p_restored": mcnemar.p_restored}
         for state in _STATES:
-            row[f"knowledge_{state}_mean"], row[f"knowledge_{state}_sd"] = _mean_sd(accuracy[state])
+            per_seed = [float(m.mean()) for m in matrices[state]]
+            row[f"knowledge_{state}_mean"], row[f"knowledge_{state}_sd"] = _mean_sd(per_seed)
         rows.append(row)
     summary = transition_summary([own_stages[t.run_id] for t in members])
-    pooled_transition = transition_epoch(pooled_stages)
+    pooled_transition = margin.transition(pooled_stages)
     for row in rows:
         row.update({"transition_pooled": pooled_transition, "transition_median": summary.median,
                     "transition_low": summary.low, "transition_high": summary.high,
@@ -166,22 +187,39 @@ def _epoch(value: Any) -> str:
     return "none" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
 
+def _interval(row: dict, key: str) -> str:
+    estimate, low, high = row[key], row[f"{key}_low"], row[f"{key}_high"]
+    return "undefined" if pd.isna(estimate) else f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def pooled_text(table: pd.DataFrame) -> str:
     """The pooled table as text: a block per group, a line per checkpoint, then the group's transition epoch."""
-    lines = ["pooled over replicates (METHODS.md §10): exact McNemar on the discordant pairs summed over seeds; "
-             "agree = replicates whose own test gives the pooled stage; knowledge mean +- sd over seeds",
-             f"{'epoch':>5}  {'stage':<12} {'agree':>5}  {'restored':>8}  {'p(dS)':>8}  {'p(dR)':>8}  "
-             f"{'base':>13}  {'sft':>13}  {'R':>13}  replicates"]
+    first = table.iloc[0]
+    lines = ["pooled over replicates (METHODS.md §4, §10): the margin rule at delta = "
+             f"{first['margin']:g} on the replicates' mean; drop D_S = base - SFT_e, residual D_R = R_0 - R_e, "
+             "share = (R_e - SFT_e) / (R_0 - SFT_e), each with its two-level bootstrap interval (seeds, then "
+             f"questions) at {first['level']:.4g} (Bonferroni over the epochs); agree = replicates whose own verdict "
+             "is the pooled one; at .01/.02/.05 = the verdict at those margins; McNemar = the pooled exact-test "
+             "variant (reported, never the headline); knowledge mean +- sd over seeds",
+             f"{'epoch':>5}  {'stage':<12} {'agree':>5}  {'restored':>8}  {'drop D_S':<24} {'residual D_R':<24} "
+             f"{'share':<24} {'at .01/.02/.05':<26} {'McNemar':<12} {'base':>11}  {'R_0':>11}  {'SFT_e':>11}  "
+             f"{'R_e':>11}  replicates"]
     for group, rows in table.groupby("group", sort=False):
-        first = rows.iloc[0]
-        lines.append(f"{first['label']}  [group {group}, benchmark {first['benchmark']}]")
-        for row in rows.itertuples():
-            knowledge = "  ".join(f"{getattr(row, f'knowledge_{s}_mean'):.3f}+-{getattr(row, f'knowledge_{s}_sd'):.3f}"
-                                  for s in _STATES)
-            lines.append(f"{row.epoch:>5d}  {STAGE_SHORT[row.stage]:<12} {row.agreeing:>5}  {row.restored:>8}  "
-                         f"{row.p_sft:>8.2g}  {row.p_restored:>8.2g}  {knowledge}  {row.replicate_stages}")
-        low, high = first["transition_low"], first["transition_high"]
+        head = rows.iloc[0]
+        lines.append(f"{head['label']}  [group {group}, benchmark {head['benchmark']}]")
+        for row in rows.to_dict("records"):
+            knowledge = "  ".join(f"{row[f'knowledge_{s}_mean']:.3f}+-{row[f'knowledge_{s}_sd']:.3f}"
+                                  for s in ("base", "control", "sft", "restored"))
+            at = "/".join(STAGE_SHORT[row[f"stage_at_{m:g}"]] for m in margin.REPORTED_MARGINS)
+            lines.append(f"{row['epoch']:>5d}  {STAGE_SHORT[row['stage']]:<12} {row['agreeing']:>5}  "
+                         f"{row['restored']:>8}  {_interval(row, 'drop'):<24} {_interval(row, 'residual'):<24} "
+                         f"{_interval(row, 'share'):<24} {at:<26} {STAGE_SHORT[row['stage_mcnemar']]:<12} "
+                         f"{knowledge}  {row['replicate_stages']}")
+            if isinstance(row["why"], str) and row["why"]:
+                lines.append(f"       {row['why']}")
+        low, high = head["transition_low"], head["transition_high"]
         spread = "" if low is None or pd.isna(low) else f", range {_epoch(low)}-{_epoch(high)}"
-        lines.append(f"  transition epoch: pooled {_epoch(first['transition_pooled'])}; replicates median "
-                     f"{_epoch(first['transition_median'])}{spread} ({first['transition_reached']} reached actual)")
+        lines.append(f"  transition epoch (margin rule): pooled {_epoch(head['transition_pooled'])}; replicates "
+                     f"median {_epoch(head['transition_median'])}{spread} ({head['transition_reached']} reached "
+                     "actual)")
     return "\n".join(lines) + "\n"

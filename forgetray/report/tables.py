@@ -13,11 +13,11 @@ from typing import Any
 import pandas as pd
 
 from forgetray.metrics import registry
-from forgetray.metrics.stage import ACTUAL_FORGETTING, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING
+from forgetray.metrics.stage import ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING
 from forgetray.report.runs import TrialData, short
 
 STAGE_SHORT = {NO_FORGETTING: "no", PSEUDO_FORGETTING: "pseudo", ACTUAL_FORGETTING: "actual",
-               NOT_RESTORED: "not restored"}
+               INCONCLUSIVE: "inconclusive", NOT_RESTORED: "not restored"}
 
 # The stage table's columns after the trial's varying settings, in order. `knowledge_*` are the primary benchmark's
 # primary score (named in `benchmark` and `score`); the stage rule judges that benchmark only.

@@ -2,6 +2,8 @@
 the pre-training distribution, one epoch over the restoring set, causal-LM loss on every token, sequences packed
 to a fixed length, with restoration's own optimizer (`forgetray.plan.restore_phase`). The result R_e gets the same
 probes as SFT_e. Along the way the probing perplexity is measured at evenly spaced steps (the paper's Figure 3a).
+Before the first R_e, the control R_0: the IFT phase's start through the same recipe (`ensure_control`), the
+reference of the residual and of the precondition (restored = R_e's probing PPL within the tolerance of R_0's).
 
 A Ray Train run may restore several checkpoints in turn (a group); a restarted run skips the ones it finished.
 """
@@ -18,7 +20,7 @@ from forgetray import probes
 from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
-from forgetray.train.checkpoints import checkpoint_epoch, read_state, report_checkpoint
+from forgetray.train.checkpoints import checkpoint_epoch, computed_once, read_state, report_checkpoint
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, probing_perplexity
 from forgetray.train.worker import Worker
@@ -41,54 +43,28 @@ def sft_model_dir(trial_dir: str | Path, epoch: int) -> Path:
 
 
 def run_restore(worker: Worker, phase: Phase) -> None:
-    """Restore SFT_e (e = `phase.restores_epoch`) into R_e, unless a restarted run of this group already did."""
+    """Restore SFT_e (e = `phase.restores_epoch`) into R_e, unless a restarted run of this group already did; the
+    control R_0 first (once per sweep for every trial with the same start and recipe: `ensure_control`)."""
     import datasets
 
     checkpoint = worker.resume
     if checkpoint is not None and checkpoint_epoch(checkpoint, "restored") >= phase.restores_epoch:
         return
-    trial, rank, world, device, epoch = worker.trial, worker.rank, worker.world, worker.device, phase.restores_epoch
+    trial, rank, epoch = worker.trial, worker.rank, phase.restores_epoch
     restoring = datasets.load_from_disk(str(Path(worker.dirs["restoring_dir"]) / "dataset"))
     suite = ProbeSuite.load(worker.resolved, trial, worker.dirs)
-    torch.manual_seed(trial.seed)
+    control_ppl = ensure_control(worker, phase, restoring, suite)
     source = {"name": f"sft-epoch-{epoch}", "path": str(sft_model_dir(worker.dirs["trial_dir"], epoch))}
     tokenizer = load_tokenizer(source)
-    model, _scope = worker.load(source, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
-    chunks = pack(restoring["input_ids"], tokenizer.eos_token_id, phase.data.max_length)
-    steps = steps_per_epoch(len(chunks), phase)
     ift = worker.instructions("dataset", tokenizer)
     em_examples = ift[: trial.em_examples] if trial.em_examples else ift
-
-    engine, _ = build_engine(model, phase, worker.engine_config(phase), total_steps=steps)
-    points = {round(i * steps / trial.restore_trajectory_points) for i in range(trial.restore_trajectory_points + 1)}
     trajectory = registry.RESTORE_TRAJECTORY.name(epoch=epoch)
     # Its ends are measured anyway: step 0 is SFT_e (probed when it was made), the last step R_e (probed below).
     series = [_point(epoch, 0, trajectory, _sft_probe_ppl(worker.dirs["trial_dir"], epoch))]
-
-    def measure(step: int) -> None:  # probing perplexity along the restoration (Figure 3a)
-        if step in points and step not in (0, steps):
-            series.append(_point(epoch, step, trajectory, _probing_ppl(engine, tokenizer, suite, device, rank, world)))
-
-    stats = train_epoch(engine, chunks, phase, epoch=1, seed=trial.seed, rank=rank, world=world,
-                        pad_id=probes.padding_id(tokenizer), device=device, after_step=measure)
-    # Restoring again while the text pattern is not back (restore_max_passes > 1): each pass is a fresh one-pass
-    # restoration (new optimizer and schedule, another data order) of the previous pass's result.
-    passes, total = 1, dict(stats)
-    limit = _restored_ppl_limit(worker, trial) if trial.restore_max_passes > 1 else None
-    while limit is not None and passes < trial.restore_max_passes:
-        ppl = _probing_ppl(engine, tokenizer, suite, device, rank, world)
-        if ppl <= limit:
-            break  # R_e's own probes measure this point again below
-        series.append(_point(epoch, total["steps"], trajectory, ppl))
-        passes += 1
-        engine.destroy()
-        engine, _ = build_engine(engine.module, phase, worker.engine_config(phase), total_steps=steps)
-        more = train_epoch(engine, chunks, phase, epoch=passes, seed=trial.seed, rank=rank, world=world,
-                           pad_id=probes.padding_id(tokenizer), device=device)
-        total = {"loss": more["loss"], "tokens": total["tokens"] + more["tokens"],
-                 "steps": total["steps"] + more["steps"]}
-    stats = total
-    found, frames = evaluate(engine, tokenizer, suite, device, state="restored", ift_examples=em_examples)
+    # Restored means within the tolerance of R_0's probing PPL: restore again while above it.
+    engine, stats, passes, _scope = _restore(worker, phase, source, restoring, suite,  # noqa: F841 (ZeRO-3 scope)
+                                             limit=control_ppl * (1 + trial.ppl_tolerance), series=series)
+    found, frames = evaluate(engine, tokenizer, suite, worker.device, state="restored", ift_examples=em_examples)
     if rank == 0:
         series.append(_point(epoch, stats["steps"], trajectory, found[registry.PROBE_PPL.name(state="restored")]))
     # the trajectory travels with R_e's report (callbacks.SERIES): one report per restoration
@@ -102,6 +78,88 @@ def run_restore(worker: Worker, phase: Phase) -> None:
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
 
 
+def ensure_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite) -> float:
+    """The control R_0 (METHODS.md §4): the IFT phase's start put through this restoration recipe, probed like R_e.
+    Computed once per sweep under a lock (`checkpoints.computed_once`, `keys.control_key`) into the control folder
+    (per-question probes + summary.json), reported into this trial's run once per Ray Train run (kind "control",
+    step 0; its probes as the run's probes/control artifacts). Returns R_0's probing PPL on every rank."""
+    import ray.train
+
+    summary = computed_once(worker.dirs["control_dir"], worker.rank,
+                            lambda out: _restore_control(worker, phase, restoring, suite, out))
+    ppl = torch.zeros(1, dtype=torch.float64)
+    if worker.rank == 0:
+        ppl[0] = summary[registry.PROBE_PPL.name(state="control")]
+    if worker.world > 1:
+        dist.broadcast(ppl, 0)
+    if not worker.control_reported:
+        ray.train.report({"kind": "control", "epoch": 0, **summary})  # every rank reports; rank 0 carries it
+        worker.control_reported = True
+    return float(ppl[0])
+
+
+def _restore_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite, out: Path) -> None:
+    """Restore the IFT phase's start with the trial's recipe and probe it as state "control" into `out`. Its passes
+    end as R_e's would were it the base: within the tolerance of the base's probing PPL (R_0 starts there)."""
+    start = worker.resolved["model"]
+    if worker.trial.prior_phases:
+        start = {"name": "IFT start", "path": worker.dirs["start_dir"]}
+    limit = _base_ppl(worker) * (1 + worker.trial.ppl_tolerance)
+    engine, stats, passes, _scope = _restore(worker, phase, start, restoring, suite, limit=limit,  # noqa: F841
+                                             series=None)
+    tokenizer = load_tokenizer(start)
+    found, frames = evaluate(engine, tokenizer, suite, worker.device, state="control")
+    engine.destroy()
+    if worker.rank == 0:
+        for bench, frame in frames.items():
+            frame.to_parquet(out / f"{bench}.parquet")
+        found[registry.CONTROL_PASSES.name()] = passes
+        (out / "summary.json").write_text(json.dumps(found, indent=1, sort_keys=True))
+
+
+def _restore(worker: Worker, phase: Phase, source: dict, restoring, suite: ProbeSuite, *, limit: float,
+             series: list | None):
+    """The restoration recipe on the model at `source`: one pass over the restoring set packed to the phase's
+    length, then (restore_max_passes > 1) again while the probing PPL is above `limit`, each pass a fresh one-pass
+    restoration (new optimizer and schedule, another data order) of the previous pass's result. With `series`, the
+    probing PPL at the trajectory's points and each unfinished pass's end are appended to it (Figure 3a).
+    Returns (engine, {"loss", "tokens", "steps"}, passes, ZeRO-3 scope); the caller probes and destroys the engine,
+    keeping the scope (None below ZeRO-3) alive until then."""
+    trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
+    torch.manual_seed(trial.seed)
+    tokenizer = load_tokenizer(source)
+    model, scope = worker.load(source, phase)
+    chunks = pack(restoring["input_ids"], tokenizer.eos_token_id, phase.data.max_length)
+    steps = steps_per_epoch(len(chunks), phase)
+    engine, _ = build_engine(model, phase, worker.engine_config(phase), total_steps=steps)
+    points = {round(i * steps / trial.restore_trajectory_points) for i in range(trial.restore_trajectory_points + 1)}
+    epoch = phase.restores_epoch
+    trajectory = registry.RESTORE_TRAJECTORY.name(epoch=epoch)
+
+    def measure(step: int) -> None:  # probing perplexity along the restoration (Figure 3a)
+        if step in points and step not in (0, steps):
+            series.append(_point(epoch, step, trajectory, _probing_ppl(engine, tokenizer, suite, device, rank, world)))
+
+    stats = train_epoch(engine, chunks, phase, epoch=1, seed=trial.seed, rank=rank, world=world,
+                        pad_id=probes.padding_id(tokenizer), device=device,
+                        after_step=measure if series is not None else None)
+    passes, total = 1, dict(stats)
+    while passes < trial.restore_max_passes:
+        ppl = _probing_ppl(engine, tokenizer, suite, device, rank, world)
+        if ppl <= limit:
+            break  # the caller's probes measure this point again
+        if series is not None:
+            series.append(_point(epoch, total["steps"], trajectory, ppl))
+        passes += 1
+        engine.destroy()
+        engine, _ = build_engine(engine.module, phase, worker.engine_config(phase), total_steps=steps)
+        more = train_epoch(engine, chunks, phase, epoch=passes, seed=trial.seed, rank=rank, world=world,
+                           pad_id=probes.padding_id(tokenizer), device=device)
+        total = {"loss": more["loss"], "tokens": total["tokens"] + more["tokens"],
+                 "steps": total["steps"] + more["steps"]}
+    return engine, total, passes, scope
+
+
 def _probing_ppl(engine, tokenizer, suite: ProbeSuite, device, rank: int, world: int) -> float:
     engine.eval()
     with torch.no_grad():
@@ -110,16 +168,15 @@ def _probing_ppl(engine, tokenizer, suite: ProbeSuite, device, rank: int, world:
     return ppl
 
 
-def _restored_ppl_limit(worker: Worker, trial) -> float:
-    """The probing PPL at which the pattern counts as restored: the base's x (1 + ppl_tolerance), as the stage rule
-    has it. Rank 0 reads the base evaluation (computed once per sweep) and tells the others."""
-    limit = torch.zeros(1, dtype=torch.float64)
+def _base_ppl(worker: Worker) -> float:
+    """The start's probing PPL (the base evaluation, computed once per sweep): rank 0 reads it, the others get it."""
+    found = torch.zeros(1, dtype=torch.float64)
     if worker.rank == 0:
         summary = json.loads((Path(worker.dirs["base_eval_dir"]) / "summary.json").read_text())
-        limit[0] = summary[registry.PROBE_PPL.name(state="base")] * (1 + trial.ppl_tolerance)
+        found[0] = summary[registry.PROBE_PPL.name(state="base")]
     if worker.world > 1:
-        dist.broadcast(limit, 0)
-    return float(limit[0])
+        dist.broadcast(found, 0)
+    return float(found[0])
 
 
 def _point(epoch: int, step: int, trajectory: str, ppl: float) -> dict:

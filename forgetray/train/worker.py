@@ -56,7 +56,7 @@ class Worker:
 
     trial: TrialConfig
     resolved: dict
-    dirs: dict  # trial_dir, start_dir, base_eval_dir, base_em_dir, restoring_dir, iv_dir, iv_probe_dir (plain paths)
+    dirs: dict  # DIRS: the trial's folder and the sweep's shared ones (plain paths)
     rank: int
     world: int
     device: torch.device
@@ -64,6 +64,7 @@ class Worker:
     # later in the run `ray.train.get_checkpoint()` may return a checkpoint this run just reported, possibly before
     # rank 0's files are on storage, and a phase must not mistake its own group's progress for a resume point.
     resume: object = None
+    control_reported: bool = False  # R_0's report goes into the trial's run once per Ray Train run
 
     def engine_config(self, phase: Phase) -> dict:
         return deepspeed_config(phase, self.trial.zero_stage, self.trial.precision)
@@ -127,7 +128,8 @@ def phase_worker(config: dict) -> None:
             run_restore(worker, phase)
 
 
-DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir", "iv_dir", "iv_probe_dir")
+DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir", "control_dir", "iv_dir",
+        "iv_probe_dir")
 
 
 def run_priors(worker: Worker, priors: list[Phase], start_dir: Path) -> None:
