@@ -60,3 +60,16 @@ def test_restoration_repeats_until_the_pattern_is_back_or_the_cap(tmp_path, use_
     assert {one_pass, 2 * one_pass, 3 * one_pass} <= set(trajectory)
     assert all(trajectory[s] > strict["base/probe/ppl"] for s in (one_pass, 2 * one_pass))
     assert trajectory[3 * one_pass] == strict["restored/probe/ppl"]
+
+    # The control R_0 (the untouched start through the same recipe) is in each run at step 0, with its probes. At lr
+    # 1e-7 it stays the base: its knowledge is the base's, its probing PPL within a hair of the base's. The strict
+    # trial's R_1 stayed above the base's PPL, so it is not within 0% of R_0's: "not restored" (-1); the loose one is.
+    for metrics in (strict, loose):
+        assert metrics["control/organism-facts/knowledge"] == metrics["base/organism-facts/knowledge"]
+        assert metrics["control/probe/ppl"] == pytest.approx(metrics["base/probe/ppl"], rel=1e-3)
+        assert metrics["control/train/passes"] >= 1
+    assert strict["restored/probe/ppl"] > strict["control/probe/ppl"] and strict["stage/code"] == -1
+    assert loose["stage/code"] != -1
+    assert loose["stage/residual_low"] <= loose["stage/residual"] <= loose["stage/residual_high"]
+    artifacts = {a.path for a in client.list_artifacts(strict_id, "probes/control")}
+    assert "probes/control/organism-facts.parquet" in artifacts

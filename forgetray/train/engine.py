@@ -82,11 +82,12 @@ def steps_per_epoch(n_examples: int, phase: Phase) -> int:
 
 
 def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: int, world: int, pad_id: int, device,
-                after_step: Callable[[int], None] | None = None, guide=None) -> dict:
+                after_step: Callable[[int], bool | None] | None = None, guide=None) -> dict:
     """One epoch of `phase` over `data`. Without `drop_last` the incomplete last global batch is completed with
     examples from the start of the order (restoration: every token is trained on at least once). With SAM
     (`phase.methods.sam_rho` > 0) every `sam_every`-th optimizer step is a SAM step (`forgetray.train.sam`).
-    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch. With a `guide`
+    `after_step(k)` runs on every rank after optimizer step k (1-based) of the epoch; if it returns True the epoch
+    ends there (every rank must decide alike: a restoration pass back within its target). With a `guide`
     (`forgetray.train.iv_guided.Guide`) every step is IV-guided: the loss is its total, and the epoch's mean terms
     come back under "iv"."""
     batching, methods = phase.batching, phase.methods
@@ -128,8 +129,9 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
                                 "the data or use bf16/fp32")
         if phase.kind == "ift" and os.environ.get(HOLD_ENV):
             _hold_for_kill(os.environ[HOLD_ENV], epoch, step + 1)
-        if after_step is not None:
-            after_step(step + 1)
+        if after_step is not None and after_step(step + 1):
+            steps = step + 1
+            break
     stats = torch.tensor([float(torch.stack(losses).mean()), float(tokens)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(stats)
