@@ -262,7 +262,8 @@ def test_the_base_vector_shares_the_iv_guided_extraction_and_joins_the_base_eval
 def _trial(history: dict, stage_codes: dict) -> object:
     from forgetray.report.runs import TrialData
 
-    history = {**history, "stage/code": stage_codes}
+    # a run judged by the margin rule logs the test variant beside stage/code (one without it predates the rule)
+    history = {**history, "stage/code": stage_codes, "stage/test_code": stage_codes}
     return TrialData("t", "r", "FINISHED", {"lr": "0.01"}, ["b"], {"b": "acc"}, history, {})
 
 

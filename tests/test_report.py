@@ -4,8 +4,9 @@ The store is written with MlflowClient directly (not through forgetray.tracking)
 every check compares the report with those dicts: the report is tested against what was logged, not against itself.
 The figures are checked on the data their matplotlib Figures plot (`Report.plots`), against the store read back
 with MlflowClient.
-Three trials: `alpha` goes no -> pseudo -> actual forgetting (transition at epoch 3), `beta` never forgets, `gamma`
-ran without restoration and failed after 2 epochs (base and SFT metrics only).
+Three trials: `alpha` goes no -> pseudo -> actual forgetting by the margin rule (transition at epoch 3), `beta` was
+judged before the margin rule (its stage/code is the significance test's: the report shows it as the test variant,
+never as the margin rule's), `gamma` ran without restoration and failed after 2 epochs (base and SFT metrics only).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,7 +27,11 @@ EXPERIMENT, PLAIN = "report-sweep", "plain-sweep"
 BENCH, OTHER = "organism-facts", "mmlu_test"
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
-# What each trial logs. Per-epoch lists are epochs 1, 2, 3...; "stages" are (test stage, fixed-threshold stage).
+# What each trial logs. Per-epoch lists are epochs 1, 2, 3... `alpha` is judged by the margin rule (METHODS.md §4):
+# it logged the control R_0, the drop and residual with their intervals, the verdict at stage_margin and at each
+# reported margin, and the variants ("stages": (test, fixed-threshold)). `beta` was judged before the margin rule
+# existed: its stage/code is the significance test's, with no R_0 and no intervals (an old stored run).
+MARGINS = ("0.01", "0.02", "0.05")
 TRIALS = {
     "alpha": {
         "settings": {"model": "tiny-llama", "lr": "1e-05", "restore_pool": "organism-pool",
@@ -33,13 +39,25 @@ TRIALS = {
         "status": "FINISHED",
         "speed": 0.4,  # how fast P_fmt rises and the entropies fall over the IFT steps (Figure 4)
         "base": {BENCH: 0.60, OTHER: 0.40, "ppl": 20.0, "em": 0.10},
+        # R_0: restoration alone costs 0.02 of BENCH and overshoots the base's probing PPL
+        "control": {BENCH: 0.58, OTHER: 0.41, "ppl": 18.0},
         "sft": {BENCH: [0.59, 0.50, 0.45], OTHER: [0.39, 0.35, 0.30], "ppl": [35.0, 48.0, 60.0],
                 "em": [0.30, 0.50, 0.70]},
-        "restored": {BENCH: [0.60, 0.59, 0.50], OTHER: [0.40, 0.39, 0.33], "ppl": [20.5, 20.8, 20.9],
+        "restored": {BENCH: [0.60, 0.59, 0.50], OTHER: [0.40, 0.39, 0.33], "ppl": [18.5, 18.3, 18.9],
                      "em": [0.20, 0.30, 0.40]},
         "p": {"sft": [0.8, 0.001, 0.0001], "restored": [1.0, 0.7, 0.002]},
+        # (estimate, low, high) of drop = base - SFT_e, residual = R_0 - R_e, share = (R_e - SFT_e) / (R_0 - SFT_e)
+        "margin": {
+            "stage": ["no_forgetting", "pseudo_forgetting", "actual_forgetting"],
+            "at": [("no_forgetting",) * 3, ("inconclusive", "pseudo_forgetting", "pseudo_forgetting"),
+                   ("actual_forgetting", "actual_forgetting", "inconclusive")],
+            "drop": [(0.01, -0.005, 0.015), (0.10, 0.06, 0.14), (0.15, 0.10, 0.20)],
+            "residual": [(-0.02, -0.03, -0.01), (-0.01, -0.02, 0.015), (0.08, 0.04, 0.12)],
+            "share": [None, (1.125, 0.9, 1.3), (0.05 / 0.13, 0.2, 0.55)],  # epoch 1: R_0 - SFT_e ~ 0, undefined
+            "level": 1 - 0.05 / 3,
+        },
         "stages": [("no_forgetting", "no_forgetting"), ("pseudo_forgetting", "pseudo_forgetting"),
-                   ("actual_forgetting", "actual_forgetting")],
+                   ("pseudo_forgetting", "actual_forgetting")],
         "transition": "3",
     },
     "beta": {
@@ -52,9 +70,10 @@ TRIALS = {
                 "em": [0.25, 0.35, 0.45]},
         "restored": {BENCH: [0.61, 0.60, 0.60], OTHER: [0.41, 0.40, 0.40], "ppl": [20.2, 20.3, 20.4],
                      "em": [0.15, 0.20, 0.25]},
-        "p": {"sft": [1.0, 1.0, 0.9], "restored": [1.0, 1.0, 1.0]},
-        "stages": [("no_forgetting", "no_forgetting")] * 3,
-        "transition": "none",
+        "p": {"sft": [1.0, 1.0, 0.9], "restored": [1.0, 1.0, 0.03]},
+        "stages": [("no_forgetting", "no_forgetting"), ("no_forgetting", "no_forgetting"),
+                   ("actual_forgetting", "no_forgetting")],
+        "transition": "3",  # the significance test's transition: not the margin rule's
     },
     "gamma": {
         "settings": {"model": "tiny-llama", "lr": "5e-05", "restore_pool": "", "benchmarks": f"['{BENCH}']"},
@@ -77,6 +96,9 @@ def _metrics_of(spec: dict) -> list[tuple[str, float, int]]:
         out.append((f"base/{bench}/knowledge", base[bench], 0))
         out.append((f"base/{bench}/acc", base[bench], 0))
     out += [("base/probe/ppl", base["ppl"], 0), ("base/ift/em", base["em"], 0)]
+    if "control" in spec:
+        out += [(f"control/{bench}/knowledge", spec["control"][bench], 0) for bench in benches]
+        out.append(("control/probe/ppl", spec["control"]["ppl"], 0))
     for state in ("sft", "restored"):
         if state not in spec:
             continue
@@ -96,7 +118,18 @@ def _metrics_of(spec: dict) -> list[tuple[str, float, int]]:
                 value = start * (end / start) ** (j / (len(RESTORE_STEPS) - 1))
                 out.append((f"restore/probe_ppl/epoch_{epoch:03d}", value, step))
             test, fixed = spec["stages"][i]
-            out += [("stage/code", STAGE_CODES[test], epoch), ("stage/fixed_code", STAGE_CODES[fixed], epoch),
+            if "margin" in spec:
+                judged = spec["margin"]
+                out += [("stage/code", STAGE_CODES[judged["stage"][i]], epoch),
+                        ("stage/test_code", STAGE_CODES[test], epoch), ("stage/level", judged["level"], epoch)]
+                out += [(f"stage/code_at_{m}", STAGE_CODES[stage], epoch) for m, stage in zip(MARGINS, judged["at"][i])]
+                for key in ("drop", "residual", "share"):
+                    if judged[key][i] is not None:  # an undefined share is not logged
+                        out += [(f"stage/{key}{end}", value, epoch)
+                                for end, value in zip(("", "_low", "_high"), judged[key][i])]
+            else:  # judged before the margin rule: stage/code was the test's
+                out.append(("stage/code", STAGE_CODES[test], epoch))
+            out += [("stage/fixed_code", STAGE_CODES[fixed], epoch),
                     ("stage/d_sft", spec["sft"][BENCH][i] - base[BENCH], epoch),
                     ("stage/d_restored", spec["restored"][BENCH][i] - base[BENCH], epoch),
                     ("stage/p_sft", spec["p"]["sft"][i], epoch), ("stage/p_restored", spec["p"]["restored"][i], epoch)]
@@ -126,7 +159,8 @@ def _fill_store(uri: str, artifacts) -> str:
                                tags={"forgetray.kind": "sweep", "forgetray.sweep": EXPERIMENT}).info.run_id
     for name, spec in TRIALS.items():
         tags = {"forgetray.kind": "trial", "mlflow.parentRunId": parent, "forgetray.trial": name}
-        for i, (stage, _) in enumerate(spec.get("stages", [])):
+        stages = spec["margin"]["stage"] if "margin" in spec else [test for test, _ in spec.get("stages", [])]
+        for i, stage in enumerate(stages):
             tags[f"forgetray.stage.epoch_{i + 1:03d}"] = stage
         if "transition" in spec:
             tags["forgetray.transition_epoch"] = spec["transition"]
@@ -194,23 +228,42 @@ def test_stage_table_has_what_each_trial_logged(report):
                 assert row["d_restored"] == pytest.approx(spec["restored"][BENCH][i] - spec["base"][BENCH])
                 assert row["p_sft"] == pytest.approx(spec["p"]["sft"][i])
                 assert row["p_restored"] == pytest.approx(spec["p"]["restored"][i])
-                assert (row["stage"], row["stage_fixed"]) == spec["stages"][i]
+                assert (row["stage_test"], row["stage_fixed"]) == spec["stages"][i]
                 assert row[f"{OTHER}/knowledge_restored"] == pytest.approx(spec["restored"][OTHER][i])
             else:  # the degraded trial: nothing about R_e or stages, and no made-up values
                 assert math.isnan(row["knowledge_restored"]) and math.isnan(row["ppl_restored"])
-                assert pd.isna(row["stage"]) and pd.isna(row["stage_fixed"])
+                assert pd.isna(row["stage_test"]) and pd.isna(row["stage_fixed"])
                 assert math.isnan(row["p_sft"])
+            if "margin" in spec:  # R_0 beside the base, the margin rule's quantities and verdicts as logged
+                judged = spec["margin"]
+                assert row["knowledge_control"] == pytest.approx(spec["control"][BENCH])
+                assert row[f"{OTHER}/knowledge_control"] == pytest.approx(spec["control"][OTHER])
+                assert row["ppl_control"] == pytest.approx(spec["control"]["ppl"])
+                assert row["stage"] == judged["stage"][i]
+                assert [row[f"stage_at_{m}"] for m in MARGINS] == list(judged["at"][i])
+                for key in ("drop", "residual", "share"):
+                    logged = judged[key][i] or (math.nan,) * 3
+                    assert [row[key], row[f"{key}_low"], row[f"{key}_high"]] == pytest.approx(logged, nan_ok=True)
+                assert row["level"] == pytest.approx(judged["level"])
+            else:  # no R_0, no margin rule: blanks, and the drop from the accuracies (the same definition)
+                assert math.isnan(row["knowledge_control"]) and math.isnan(row["ppl_control"])
+                assert pd.isna(row["stage"]) and all(pd.isna(row[f"stage_at_{m}"]) for m in MARGINS)
+                assert row["drop"] == pytest.approx(spec["base"][BENCH] - spec["sft"][BENCH][i])
+                assert math.isnan(row["drop_low"]) and math.isnan(row["residual"]) and math.isnan(row["level"])
 
 
 def test_transition_epoch_per_trial(report):
+    """The margin rule's transition: alpha's at 3; beta's logged transition 3 is the significance test's (judged
+    before the margin rule), so it has none by the margin rule and the text says why."""
     transition = report.stage_table.groupby("trial")["transition"].first()
     assert transition["alpha"] == 3
     assert pd.isna(transition["beta"]) and pd.isna(transition["gamma"])
     lines = {line.split(" (")[0].strip(): line for line in report.text.splitlines() if "transition" in line
              or "not judged" in line}
     assert "transition epoch 3" in lines["alpha"] and "1 no, 2 pseudo, 3 actual" in lines["alpha"]
-    assert "transition none within 3 epoch(s)" in lines["beta"]
+    assert "judged before the margin rule" in lines["beta"] and "test variant [1-2 no, 3 actual]" in lines["beta"]
     assert "not judged" in lines["gamma"] and "FAILED" in lines["gamma"]
+    assert "judged before the margin rule (stage/code is the significance test's" in report.text.split("notes:")[1]
 
 
 def _logged(uri: str, parent: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
@@ -264,11 +317,12 @@ def test_figure_files_are_pngs_and_tables_are_written(report, store):
 
 
 def test_fig3a_plots_each_restoring_trajectory(report, logged):
-    """One line per restored checkpoint, the probing PPL along its restoration; the base model's PPL as a level.
-    gamma restored nothing: no panel."""
+    """One line per restored checkpoint, the probing PPL along its restoration; the base model's and R_0's PPL as
+    levels. gamma restored nothing: no panel."""
     series = {(trial, f"epoch {int(name.rsplit('_', 1)[1])}"): points
               for trial, history in logged.items() for name, points in history.items() if name.startswith("restore/")}
     levels = {(trial, "base"): logged[trial]["base/probe/ppl"][1][0] for trial in ("alpha", "beta")}
+    levels[("alpha", "control")] = TRIALS["alpha"]["control"]["ppl"]  # beta has no R_0: no line
     assert len(series) == 6
     _assert_plots(report.plots["fig3a_restoring_ppl.png"], series, levels)
 
@@ -277,6 +331,9 @@ def test_fig3b_plots_sft_and_restored_ppl_per_epoch(report, logged):
     series = {(trial, state): history[f"{state}/probe/ppl"] for trial, history in logged.items()
               for state in ("sft", "restored") if f"{state}/probe/ppl" in history}
     levels = {(trial, "base"): history["base/probe/ppl"][1][0] for trial, history in logged.items()}
+    # R_0's level beside the base's: below it (restoration overshoots), where R_e is judged restored
+    levels[("alpha", "control")] = logged["alpha"]["control/probe/ppl"][1][0]
+    assert levels[("alpha", "control")] == TRIALS["alpha"]["control"]["ppl"] < levels[("alpha", "base")]
     assert set(series) == {("alpha", "sft"), ("alpha", "restored"), ("beta", "sft"), ("beta", "restored"),
                            ("gamma", "sft")}
     _assert_plots(report.plots["fig3b_ppl_vs_epoch.png"], series, levels)
@@ -284,8 +341,9 @@ def test_fig3b_plots_sft_and_restored_ppl_per_epoch(report, logged):
 
 @pytest.mark.parametrize("bench", [BENCH, OTHER])
 def test_fig3c_plots_accuracy_and_stages(report, logged, bench):
-    """Knowledge of SFT_e and R_e per epoch, base as a level; on the primary benchmark each epoch's background is
-    the colour of the stage logged for it."""
+    """Knowledge of SFT_e and R_e per epoch, base and R_0 as levels; on the primary benchmark each epoch's background
+    is the colour of the margin rule's stage logged for it (alpha); beta's logged stage/code is the significance
+    test's (judged before the margin rule): no background."""
     from matplotlib.colors import to_rgba
 
     from forgetray.report.figures import STAGE_COLORS
@@ -294,16 +352,18 @@ def test_fig3c_plots_accuracy_and_stages(report, logged, bench):
     series = {(trial, state): history[f"{state}/{bench}/knowledge"] for trial, history in shown.items()
               for state in ("sft", "restored") if f"{state}/{bench}/knowledge" in history}
     levels = {(trial, "base"): history[f"base/{bench}/knowledge"][1][0] for trial, history in shown.items()}
+    levels[("alpha", "control")] = logged["alpha"][f"control/{bench}/knowledge"][1][0]
+    assert levels[("alpha", "control")] == TRIALS["alpha"]["control"][bench]
     figure = report.plots[f"fig3c_accuracy_{bench}.png"]
     _assert_plots(figure, series, levels)
     spans = {(ax.get_gid(), patch.get_gid()): patch.get_facecolor() for ax in figure.axes for patch in ax.patches
              if patch.get_gid()}
     by_code = {code: stage for stage, code in STAGE_CODES.items()}
-    expected = {} if bench != BENCH else {
-        (trial, f"stage {epoch}"): to_rgba(STAGE_COLORS[by_code[int(code)]])
-        for trial, history in shown.items() if "stage/code" in history
-        for epoch, code in zip(*history["stage/code"])}
-    assert spans.keys() == expected.keys() and len(expected) == (6 if bench == BENCH else 0)
+    steps, codes = logged["alpha"]["stage/code"]
+    expected = {} if bench != BENCH else {("alpha", f"stage {epoch}"): to_rgba(STAGE_COLORS[by_code[int(code)]])
+                                          for epoch, code in zip(steps, codes)}
+    assert [by_code[int(code)] for code in codes] == TRIALS["alpha"]["margin"]["stage"]
+    assert spans.keys() == expected.keys() and len(expected) == (3 if bench == BENCH else 0)
     for key, color in expected.items():
         assert spans[key] == pytest.approx(color), key
 
@@ -343,9 +403,15 @@ def test_report_files_are_logged_to_the_parent_run(report, store):
 def test_text_shows_the_table_and_what_was_left_out(report):
     text = report.text
     assert "primary benchmark: organism-facts (score acc)" in text
-    # A row of the table: alpha's epoch 2, pseudo forgetting, its accuracies as logged.
+    # A row of the table: alpha's epoch 2, pseudo forgetting by the margin rule, its accuracies as logged, R_0's
+    # beside the base's, the drop and residual with their intervals, the verdicts at .01/.02/.05.
     row = next(line for line in text.splitlines() if line.startswith("alpha") and " pseudo " in line)
-    assert "0.600" in row and "0.500" in row and "0.590" in row and "48.00" in row
+    assert "0.600" in row and "0.580" in row and "0.500" in row and "0.590" in row and "48.00" in row
+    assert "+0.100 [+0.060, +0.140]" in row and "-0.010 [-0.020, +0.015]" in row
+    assert "inconclusive/pseudo/pseudo" in row and "18.00" in row
+    # beta, judged before the margin rule: its drop from the accuracies without an interval, no margin verdicts
+    beta = [line for line in text.split("other benchmarks")[0].splitlines() if line.startswith("beta")]
+    assert len(beta) == 3 and "-0.010 " in beta[0] and "[" not in "".join(beta)
     assert "other benchmarks" in text and "mmlu_test" in text
     assert "no stage logged (no restoration?) for: gamma" in text
 
@@ -358,7 +424,7 @@ def test_a_plain_sweep_still_reports(store, tmp_path):
     for figure in ("fig3a", "fig4", "fig5"):
         assert sum(note.startswith(f"{figure} skipped") for note in report.notes) == 1
     assert report.stage_table["d_sft"].tolist() == pytest.approx([-0.1])
-    assert "dR" in report.text.split("notes:")[1]  # the columns left out are named
+    assert "residual D_R" in report.text.split("notes:")[1]  # the columns left out are named
     assert _report_artifacts(store["uri"], store["plain_parent"]) == logged_before  # log_to_mlflow=False
 
 
@@ -367,7 +433,7 @@ def test_cli_report_prints_the_table(store, tmp_path, capsys):
     assert main(["report", PLAIN, "--tracking-uri", store["uri"], "--out", str(out),
                  "--run", store["plain_parent"]]) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "primary benchmark: organism-facts" in printed and "ppl sft" in printed
+    assert "primary benchmark: organism-facts" in printed and "ppl SFT_e" in printed
     assert "only: not judged" in printed
     assert str(out / "fig3b_ppl_vs_epoch.png") in printed and (out / "fig3b_ppl_vs_epoch.png").is_file()
     assert "stage_table.csv" in _report_artifacts(store["uri"], store["plain_parent"])
@@ -425,29 +491,37 @@ def test_methods_table_has_the_table2_shape():
 # --- a replicated sweep (METHODS.md §10): the pooled stage table and Figures 3b/3c over seeds ------------------------
 
 REPLICATED = "replicated-sweep"
-# Per group (lr) and seed, per epoch: the questions as (count, base, sft, restored) correctness rows, base right on
-# the first 16 of 20 questions in every replicate and epoch (one base model per replicate).
+# Per group (lr) and seed: how many questions; on how many of the first ones the base and the control R_0 are right
+# (one base and one R_0 per replicate, the same at every epoch); and per epoch how many of the first questions SFT_e
+# loses from the base's and R_e from R_0's. Three epochs: each interval at 1 - 0.05 / 3 (Bonferroni), tails 0.0083.
 OUTCOMES = {
-    "1e-3": {1: [[(5, 1, 0, 1), (11, 1, 1, 1), (4, 0, 0, 0)], [(4, 1, 0, 1), (12, 1, 1, 1), (4, 0, 0, 0)],
-                 [(6, 1, 0, 1), (10, 1, 1, 1), (4, 0, 0, 0)]],
-             2: [[(4, 1, 0, 0), (1, 1, 0, 1), (11, 1, 1, 1), (4, 0, 0, 0)]] * 2
-                + [[(6, 1, 0, 0), (10, 1, 1, 1), (4, 0, 0, 0)]]},
-    "2e-3": {1: [[(5, 1, 0, 1), (1, 1, 1, 0), (10, 1, 1, 1), (4, 0, 0, 0)]] * 3,
-             2: [[(8, 1, 0, 1), (8, 1, 1, 1), (4, 0, 0, 0)], [(2, 1, 0, 1), (14, 1, 1, 1), (2, 0, 1, 0), (2, 0, 0, 0)],
-                 [(16, 1, 1, 1), (3, 0, 1, 0), (1, 0, 0, 0)]]},
+    "1e-3": {"questions": 20, "base": (16, 16, 16), "control": (17, 18, 16),
+             "sft_lost": {1: (10, 10, 10), 2: (10, 10, 10), 3: (10, 10, 10)},
+             "restored_lost": {1: (0, 0, 0), 2: (0, 0, 10), 3: (10, 10, 10)}},
+    "2e-3": {"questions": 100, "base": (80, 80, 80), "control": (82, 82, 82),
+             "sft_lost": {1: (0, 0, 0), 2: (50, 50, 50), 3: (50, 50, 50)},
+             "restored_lost": {1: (0, 0, 0), 2: (0, 0, 0), 3: (10, 10, 10)}},
 }
-# Probing PPL per group and seed at epochs 1, 2 (base 10.0 everywhere); lr 2e-3 seed 1 is not restored at epoch 1.
-PPL = {"1e-3": {"sft": [[30, 40], [32, 44], [34, 48]], "restored": [[10.1, 10.2], [10.2, 10.3], [10.0, 10.4]]},
-       "2e-3": {"sft": [[31, 41], [33, 45], [35, 49]], "restored": [[10.1, 10.2], [10.8, 10.3], [10.2, 10.1]]}}
+# Probing PPL: base and R_0 per group, SFT_e and R_e per seed at epochs 1-3. lr 1e-3: R_0 10.4, seed 0's R_e 10.8 at
+# epoch 1 is within 5% of it (the margin rule: restored) but above base x 1.05 = 10.5 (the McNemar variant: not).
+# lr 2e-3: R_0 9.0 overshoots the base; seed 1's R_e 8.0 at epoch 2 is 11% below it: not restored (either side).
+PPL = {"1e-3": {"base": 10.0, "control": 10.4, "sft": [[30, 40, 50], [32, 44, 52], [34, 48, 56]],
+                "restored": [[10.8, 10.3, 10.2], [10.3, 10.4, 10.45], [10.2, 10.45, 10.4]]},
+       "2e-3": {"base": 10.0, "control": 9.0, "sft": [[31, 41, 51], [33, 45, 55], [35, 49, 57]],
+                "restored": [[9.1, 9.1, 9.0], [9.0, 8.0, 9.3], [9.2, 9.2, 9.1]]}}
+REPLICATE_EPOCHS = (1, 2, 3)
 
 
 def _per_question(lr: str, seed: int) -> pd.DataFrame:
+    spec = OUTCOMES[lr]
+    index = np.arange(spec["questions"])
+    base, control = index < spec["base"][seed], index < spec["control"][seed]
     frames = []
-    for epoch, by_seed in OUTCOMES[lr].items():
-        rows = [row[1:] for row in by_seed[seed] for _ in range(row[0])]
-        frames.append(pd.DataFrame({"epoch": epoch, "index": range(len(rows)),
-                                    **{f"{state}_correct": [bool(r[i]) for r in rows]
-                                       for i, state in enumerate(("base", "sft", "restored"))}}))
+    for epoch in REPLICATE_EPOCHS:
+        frames.append(pd.DataFrame({"epoch": epoch, "index": index, "base_correct": base,
+                                    "sft_correct": base & (index >= spec["sft_lost"][epoch][seed]),
+                                    "restored_correct": control & (index >= spec["restored_lost"][epoch][seed]),
+                                    "control_correct": control}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -469,15 +543,17 @@ def _fill_replicated(uri: str, artifacts, tmp) -> dict:
                 "forgetray.kind": "trial", "mlflow.parentRunId": parent, "forgetray.trial": name,
                 "forgetray.stage_benchmark": BENCH, "forgetray.replicate_group": groups[lr]}).info.run_id
             frame = _per_question(lr, seed)
-            metrics = [(f"base/{BENCH}/knowledge", 0.8, 0), ("base/probe/ppl", 10.0, 0)]
+            metrics = [(f"{state}/{BENCH}/knowledge", frame[f"{state}_correct"][frame["epoch"] == 1].mean(), 0)
+                       for state in ("base", "control")]
+            metrics += [(f"{state}/probe/ppl", PPL[lr][state], 0) for state in ("base", "control")]
             for epoch, rows in frame.groupby("epoch"):
                 metrics += [(f"{state}/{BENCH}/knowledge", rows[f"{state}_correct"].mean(), epoch)
                             for state in ("sft", "restored")]
                 metrics += [(f"{state}/probe/ppl", PPL[lr][state][seed][epoch - 1], epoch)
                             for state in ("sft", "restored")]
             params = [Param("trial.lr", lr), Param("trial.seed", str(seed)), Param("trial.stage_alpha", "0.05"),
-                      Param("trial.ppl_tolerance", "0.05"), Param("trial.benchmarks", f"['{BENCH}']"),
-                      Param(f"resolved.benchmarks.{BENCH}.score", "acc")]
+                      Param("trial.stage_margin", "0.02"), Param("trial.ppl_tolerance", "0.05"),
+                      Param("trial.benchmarks", f"['{BENCH}']"), Param(f"resolved.benchmarks.{BENCH}.score", "acc")]
             client.log_batch(run, metrics=[Metric(n, float(v), now, int(s)) for n, v, s in metrics], params=params)
             path = tmp / name / f"per_question_{BENCH}.parquet"
             path.parent.mkdir(parents=True)
@@ -497,64 +573,132 @@ def replicated(tmp_path_factory):
     return {**filled, "uri": uri, "root": root, "report": report}
 
 
+# The pooled rows by hand (test_pooled_table_equals_the_hand_computation's docstring): group, epoch, margin-rule stage,
+# stage at .01/.02/.05, agreeing, each replicate's own stage, restored, the McNemar variant's stage, p_sft, p_restored.
+NO, PSEUDO, ACTUAL, UNSURE, UNRESTORED = ("no_forgetting", "pseudo_forgetting", "actual_forgetting", "inconclusive",
+                                          "not_restored")
+POOLED = [
+    ("1e-3", 1, PSEUDO, (PSEUDO,) * 3, "3/3", "pseudo,pseudo,pseudo", "3/3", UNRESTORED, 2 / 2**30, 2 / 2**3),
+    ("1e-3", 2, UNSURE, (UNSURE,) * 3, "0/3", "pseudo,pseudo,actual", "3/3", PSEUDO, 2 / 2**30, 756 / 2**13),
+    ("1e-3", 3, ACTUAL, (ACTUAL,) * 3, "3/3", "actual,actual,actual", "3/3", ACTUAL, 2 / 2**30, 12036 / 2**33),
+    ("2e-3", 1, NO, (NO,) * 3, "3/3", "no,no,no", "3/3", NO, 1.0, 2 / 2**6),
+    ("2e-3", 2, UNRESTORED, (UNRESTORED,) * 3, "1/3", "pseudo,not restored,pseudo", "2/3", PSEUDO, 2 / 2**150,
+     2 / 2**6),
+    ("2e-3", 3, ACTUAL, (ACTUAL, ACTUAL, UNSURE), "3/3", "actual,actual,actual", "3/3", ACTUAL, 2 / 2**150,
+     4782992 / 2**36),
+]
+
+
 def test_pooled_table_equals_the_hand_computation(replicated):
-    """The pooled rule by hand (exact McNemar on discordant pairs summed over the 3 seeds, B = drops, C = gains,
-    p = 2 P[X <= min(B, C)], X ~ Bin(B + C, 1/2)); per seed the single-trial rule; knowledge = correct / 20.
-    lr 1e-3, epoch 1: SFT drops 5, 4, 6 (alone p = 2/32, 2/16, 2/64: only seed 2 < 0.05): B = 15, p = 2/2^15; R_e
-      drops none: p = 1. Pseudo; 1/3 agree. SFT knowledge 0.55, 0.60, 0.50: mean 0.55, sd 0.05.
-    lr 1e-3, epoch 2: SFT drops 5, 5, 6: B = 16, p = 2/2^16; R_e drops 4, 4, 6 (alone 2/16, 2/16, 2/64): B = 14,
-      p = 2/2^14, dR = -14/60. Actual; 1/3 agree. SFT 0.55, 0.55, 0.50: mean 1.6/3, sd sqrt(3)/60; R_e 0.6, 0.6,
-      0.5: mean 1.7/3, sd sqrt(3)/30. Transition: pooled 2; per seed none, none, 2: median none, range 2-2, 1/3.
-    lr 2e-3, epoch 1: B = 15 as above, but seed 1's R_e PPL 10.8 > 10.0 * 1.05: not restored (2/3 restored);
-      per seed no, not restored, no: 1/3 agree; R_e drops 1 each: B = 3, p = 2/8.
-    lr 2e-3, epoch 2: SFT drops 8, 2, 0 and gains 0, 2, 3: B = 10, C = 5, p = 2 (1 + 15 + 105 + 455 + 1365 + 3003)
-      / 2^15 = 9888/32768; dS = -5/60. No forgetting; per seed pseudo (p = 2/2^8), no, no: 2/3 agree. SFT 0.40,
-      0.80, 0.95: mean 43/60, sd sqrt(((24-43)^2 + (48-43)^2 + (57-43)^2) / 2)/60 = sqrt(291)/60. No transition."""
+    """The margin rule pooled over the 3 seeds by hand (METHODS.md §4, §10); stage_margin 0.02, each interval at
+    1 - 0.05 / 3. Knowledge = correct / questions; drop D_S = base - SFT_e, residual D_R = R_0 - R_e as means over
+    seeds; an interval collapses to a point where the per-question differences are the same in every seed and
+    question, and a difference of 1 on the same k of Q questions in every seed has resample mean (k's draws) / Q, the
+    draws Bin(Q, k/Q): the seed draw does not move it.
+    lr 1e-3 (Q 20; base 16 right, R_0 17, 18, 16; SFT_e loses 10 every epoch: 0.30, drop 0.5 in every seed, a resample
+      at or below 0.05 draws at most 1 of those 10 of 20: P = 21/2^20, so the drop's interval is far above every
+      margin). Knowledge: base 0.8 +- 0; R_0 0.85 +- 0.05.
+      epoch 1: R_e = R_0 in every seed: residual 0, interval [0, 0]; pseudo (at every margin, and in every seed:
+        3/3); share (R_e - SFT_e) / (R_0 - SFT_e) = 1 in every resample: 1 [1, 1]. R_e 0.85 +- 0.05.
+      epoch 2: seed 2's R_e loses 10 (R_e 0.30): residual rows 0, 0, 10/20: 1/6. A resample leaves seed 2 out with
+        P = (2/3)^3 = 0.30 > 0.0083 (low 0) and draws it 3 times with P = 1/27 > 0.0083 (high ~0.5): the interval
+        straddles every margin: inconclusive ("D_R straddles"); per seed pseudo, pseudo, actual: 0/3 agree.
+        R_e 0.85, 0.90, 0.30: mean 41/60, sd sqrt(((17-41/3)^2 + (18-41/3)^2 + (6-41/3)^2) / 2) / 20 = sqrt(133/3)/20.
+      epoch 3: R_e loses 10 in every seed: residual 0.5 (as the drop): actual everywhere, 3/3. R_e 0.35 +- 0.05;
+        share = (1 + 2 + 0) / (11 + 12 + 10) = 1/11.
+      Transition: pooled 3; per seed 3, 3, 2: median 3, range 2-3, 3/3 reached actual.
+    lr 2e-3 (Q 100; base 80 right, R_0 82 in every seed): knowledge base 0.8, R_0 0.82, every sd 0.
+      epoch 1: SFT_e = base, R_e = R_0: drop and residual [0, 0]: no forgetting everywhere; share undefined (R_0 -
+        SFT_e is 2 questions of 100 in every seed: a resample misses both with P = 0.98^100 = 0.13, its interval
+        reaches 0).
+      epoch 2: SFT_e loses 50 (0.30), R_e = R_0 (residual [0, 0], share 1 [1, 1]); seed 1's R_e PPL 8.0 is 11% below
+        R_0's 9.0: not restored (2/3 restored); per seed pseudo, not restored, pseudo: 1/3.
+      epoch 3: R_e loses 10 (0.72): residual 0.1, resample mean (draws of 10 of 100) / 100, Bin(100, 0.1):
+        P(<= 0.02) = 0.0019 < 0.0083 < P(<= 0.05) = 0.058: low in (0.02, 0.05], high >= 0.1: actual at 0.01 and
+        0.02, inconclusive at 0.05; every seed actual at 0.02: 3/3. Share (0.72 - 0.30) / (0.82 - 0.30) = 21/26.
+      Transition: pooled 3; per seed 3, 3, 3.
+    The McNemar variant (against base, R_e's PPL at most base x 1.05): exact test on the discordant pairs summed over
+    seeds, B = base right & other wrong, C = the reverse, p = min(1, 2 P[X <= min(B, C)]), X ~ Bin(B + C, 1/2).
+      lr 1e-3: SFT_e B = 30, C = 0: p = 2/2^30 (every epoch). R_e vs base: e1 B = 0, C = 1 + 2 + 0: p = 2/2^3, but
+        seed 0's R_e PPL 10.8 > 10.5: not restored; e2 B = 10, C = 3: p = 2 (1 + 13 + 78 + 286)/2^13 = 756/2^13 =
+        0.092: pseudo; e3 B = 30, C = 3: p = 2 (1 + 33 + 528 + 5456)/2^33 = 12036/2^33: actual.
+      lr 2e-3: e1 SFT_e no pair: p = 1; R_e C = 6: p = 2/2^6 (a gain, no drop): no forgetting. e2 SFT_e B = 150:
+        p = 2/2^150; R_e as e1: pseudo. e3 R_e B = 30, C = 6: p = 2 (1 + 36 + 630 + 7140 + 58905 + 376992 +
+        1947792)/2^36 = 4782992/2^36: actual."""
     table = replicated["report"].pooled_table
     groups = replicated["groups"]
-    expected = [  # group, epoch, stage, agreeing, own stages, restored, p_sft, p_restored, d_sft, d_restored
-        (groups["1e-3"], 1, "pseudo_forgetting", "1/3", "no,no,pseudo", "3/3", 2 / 2**15, 1.0, -15 / 60, 0.0),
-        (groups["1e-3"], 2, "actual_forgetting", "1/3", "no,no,actual", "3/3", 2 / 2**16, 2 / 2**14, -16 / 60,
-         -14 / 60),
-        (groups["2e-3"], 1, "not_restored", "1/3", "no,not restored,no", "2/3", 2 / 2**15, 2 / 2**3, -15 / 60,
-         -3 / 60),
-        (groups["2e-3"], 2, "no_forgetting", "2/3", "pseudo,no,no", "3/3", 9888 / 32768, 1.0, -5 / 60, 0.0),
-    ]
-    assert len(table) == len(expected)
-    for row, (group, epoch, stage, agreeing, own, restored, p_sft, p_restored, d_sft, d_restored) in zip(
-            table.to_dict("records"), expected):
-        assert (row["group"], row["epoch"], row["stage"], row["agreeing"], row["replicate_stages"], row["restored"],
-                row["replicates"], row["seeds"], row["benchmark"]) == \
-            (group, epoch, stage, agreeing, own, restored, 3, "0,1,2", BENCH)
-        assert (row["p_sft"], row["p_restored"], row["d_sft"], row["d_restored"]) == \
-            pytest.approx((p_sft, p_restored, d_sft, d_restored))
-        assert row["knowledge_base_mean"] == pytest.approx(0.8) and row["knowledge_base_sd"] == pytest.approx(0.0)
-    knowledge = {(r["group"], r["epoch"]): (r["knowledge_sft_mean"], r["knowledge_sft_sd"],
-                                            r["knowledge_restored_mean"], r["knowledge_restored_sd"])
-                 for r in table.to_dict("records")}
-    assert knowledge[(groups["1e-3"], 1)] == pytest.approx((0.55, 0.05, 0.8, 0.0))
-    assert knowledge[(groups["1e-3"], 2)] == pytest.approx((1.6 / 3, 3**0.5 / 60, 1.7 / 3, 3**0.5 / 30))
-    assert knowledge[(groups["2e-3"], 1)] == pytest.approx((0.55, 0.0, 0.75, 0.0))
-    assert knowledge[(groups["2e-3"], 2)] == pytest.approx((43 / 60, 291**0.5 / 60, 0.8, 0.0))
-    first = table[table["group"] == groups["1e-3"]].iloc[0]
-    assert (first["transition_pooled"], first["transition_low"], first["transition_high"],
-            first["transition_reached"]) == (2, 2, 2, "1/3") and pd.isna(first["transition_median"])
-    second = table[table["group"] == groups["2e-3"]].iloc[0]
-    assert pd.isna(second["transition_pooled"]) and second["transition_reached"] == "0/3"
-    assert list(table["lr"]) == ["1e-3", "1e-3", "2e-3", "2e-3"] and "seed" not in table.columns
+    assert len(table) == len(POOLED)
+    for row, (lr, epoch, stage, at, agreeing, own, restored, mcnemar, p_sft, p_restored) in zip(
+            table.to_dict("records"), POOLED):
+        assert (row["group"], row["epoch"], row["stage"], tuple(row[f"stage_at_{m}"] for m in MARGINS),
+                row["agreeing"], row["replicate_stages"], row["restored"], row["stage_mcnemar"], row["replicates"],
+                row["seeds"], row["benchmark"], row["margin"]) == \
+            (groups[lr], epoch, stage, at, agreeing, own, restored, mcnemar, 3, "0,1,2", BENCH, 0.02), (lr, epoch)
+        assert (row["p_sft"], row["p_restored"]) == pytest.approx((p_sft, p_restored), rel=1e-9), (lr, epoch)
+        assert row["level"] == pytest.approx(1 - 0.05 / 3)
+        assert (row["drop_low"] > 0.05) == (row["drop"] == 0.5), (lr, epoch)  # every drop is 0 or 0.5 here
+    rows = {(lr, epoch): r for (lr, epoch, *_), r in zip(POOLED, table.to_dict("records"))}
+    # the point estimates, and the intervals that collapse to a point
+    points = {("1e-3", 1): (0.5, 0.0, 1.0), ("1e-3", 2): (0.5, 1 / 6, None), ("1e-3", 3): (0.5, 0.5, 1 / 11),
+              ("2e-3", 1): (0.0, 0.0, math.nan), ("2e-3", 2): (0.5, 0.0, 1.0), ("2e-3", 3): (0.5, 0.1, 21 / 26)}
+    for key, (drop, residual, share) in points.items():
+        assert (rows[key]["drop"], rows[key]["residual"]) == pytest.approx((drop, residual)), key
+        if share is not None:
+            assert rows[key]["share"] == pytest.approx(share, nan_ok=True), key
+    for key, names in {("1e-3", 1): ("residual", "share"), ("2e-3", 1): ("drop", "residual"),
+                       ("2e-3", 2): ("residual", "share")}.items():
+        for name in names:
+            value = rows[key][name]
+            assert (rows[key][f"{name}_low"], rows[key][f"{name}_high"]) == pytest.approx((value, value)), (key, name)
+    assert rows[("1e-3", 2)]["residual_low"] == 0.0 and rows[("1e-3", 2)]["residual_high"] > 0.05
+    assert "D_R" in rows[("1e-3", 2)]["why"] and "D_S" not in rows[("1e-3", 2)]["why"]
+    assert 0.02 < rows[("2e-3", 3)]["residual_low"] <= 0.05 < 0.1 <= rows[("2e-3", 3)]["residual_high"]
+    assert all(math.isnan(rows[("2e-3", 1)][f"share{end}"]) for end in ("", "_low", "_high"))
+    # knowledge of the four states, mean and sd over seeds
+    knowledge = {key: tuple(r[f"knowledge_{state}_{stat}"] for state in ("base", "control", "sft", "restored")
+                            for stat in ("mean", "sd")) for key, r in rows.items()}
+    expected = {("1e-3", 1): (0.8, 0, 0.85, 0.05, 0.3, 0, 0.85, 0.05),
+                ("1e-3", 2): (0.8, 0, 0.85, 0.05, 0.3, 0, 41 / 60, (133 / 3) ** 0.5 / 20),
+                ("1e-3", 3): (0.8, 0, 0.85, 0.05, 0.3, 0, 0.35, 0.05),
+                ("2e-3", 1): (0.8, 0, 0.82, 0, 0.8, 0, 0.82, 0),
+                ("2e-3", 2): (0.8, 0, 0.82, 0, 0.3, 0, 0.82, 0),
+                ("2e-3", 3): (0.8, 0, 0.82, 0, 0.3, 0, 0.72, 0)}
+    for key, values in expected.items():
+        assert knowledge[key] == pytest.approx(values, abs=1e-12), key
+    # the transition epoch by the margin rule: pooled, and the replicates' own median and range
+    transitions = {lr: tuple(table[table["group"] == group].iloc[0][column] for column in
+                             ("transition_pooled", "transition_median", "transition_low", "transition_high",
+                              "transition_reached")) for lr, group in groups.items()}
+    assert transitions == {"1e-3": (3, 3, 2, 3, "3/3"), "2e-3": (3, 3, 3, 3, "3/3")}
+    assert list(table["lr"]) == ["1e-3"] * 3 + ["2e-3"] * 3 and "seed" not in table.columns
 
 
 def test_pooled_table_files_text_and_logging(replicated):
-    report, out = replicated["report"], replicated["root"] / "out"
+    """The pooled table's files, its text (R_0 beside the base, intervals, the verdicts at the reported margins, the
+    McNemar variant labelled as such), and the pooled verdicts as tags of the sweep's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    report, out, groups = replicated["report"], replicated["root"] / "out", replicated["groups"]
     csv = pd.read_csv(out / "pooled_stage_table.csv")
-    assert list(csv["stage"]) == list(report.pooled_table["stage"])
+    assert list(csv["stage"]) == list(report.pooled_table["stage"]) == [row[2] for row in POOLED]
     text = (out / "pooled_stage_table.txt").read_text()
     assert text in report.text and "pooled over replicates" in text
-    assert "lr=1e-3 (seeds 0,1,2)" in text and "transition epoch: pooled 2; replicates median none, range 2-2" in text
-    line = next(row for row in text.splitlines() if row.strip().startswith("2  actual"))
-    assert "1/3" in line and "0.533+-0.029" in line
+    assert "R_0" in text and "McNemar" in text and "at .01/.02/.05" in text
+    assert "lr=1e-3 (seeds 0,1,2)" in text
+    assert "transition epoch (margin rule): pooled 3; replicates median 3, range 2-3 (3/3 reached actual)" in text
+    line = next(row for row in text.splitlines() if row.strip().startswith("2  inconclusive"))
+    assert "0/3" in line and "+0.500 [" in line and "+0.167 [+0.000, " in line and "0.850+-0.050" in line
+    assert "inconclusive/inconclusive/inconclusive" in line and "pseudo,pseudo,actual" in line
+    line = next(row for row in text.splitlines() if row.strip().startswith("3  actual") and "0.720" in row)
+    assert "+0.100 [" in line and "actual/actual/inconclusive" in line and "0.820+-0.000" in line
     assert {"pooled_stage_table.csv", "pooled_stage_table.txt"} <= _report_artifacts(replicated["uri"],
                                                                                       replicated["parent"])
+    tags = MlflowClient(replicated["uri"]).get_run(replicated["parent"]).data.tags
+    pooled = {key: value for key, value in tags.items() if key.startswith("forgetray.pooled.")}
+    expected = {f"forgetray.pooled.{groups[lr]}.epoch_{epoch:03d}": stage for lr, epoch, stage, *_ in POOLED}
+    expected.update({f"forgetray.pooled.{group}.transition_epoch": "3" for group in groups.values()})
+    expected.update({f"forgetray.pooled.{groups[lr]}.grid_point": f"lr={lr} (seeds 0,1,2)" for lr in groups})
+    assert pooled == expected
 
 
 def _band_of(ax, gid: str) -> dict[float, tuple[float, float]]:
@@ -573,7 +717,7 @@ def _mean_min_max(per_seed: list[list[float]]) -> tuple[list[float], dict[float,
 
 def test_band_figures_plot_mean_and_min_max_over_seeds(replicated):
     """Figures 3b and 3c have a panel per group (gid = group id), the mean over seeds as the line, the min-max over
-    seeds as the band, the base level; 3c's background is the pooled stage."""
+    seeds as the band, the base level and R_0's (mean over seeds); 3c's background is the pooled margin-rule stage."""
     from matplotlib.colors import to_rgba
 
     from forgetray.report.figures import STAGE_COLORS
@@ -582,13 +726,19 @@ def test_band_figures_plot_mean_and_min_max_over_seeds(replicated):
     assert set(report.plots) == {"fig3b_ppl_vs_epoch.png", f"fig3c_accuracy_{BENCH}.png"}
     ppl_series, acc_series, ppl_levels, acc_levels = {}, {}, {}, {}
     for lr, group in groups.items():
-        ppl_levels[(group, "base")], acc_levels[(group, "base")] = 10.0, 0.8
+        spec = OUTCOMES[lr]
+        ppl_levels[(group, "base")], ppl_levels[(group, "control")] = PPL[lr]["base"], PPL[lr]["control"]
+        acc_levels[(group, "base")] = sum(spec["base"]) / 3 / spec["questions"]
+        acc_levels[(group, "control")] = sum(spec["control"]) / 3 / spec["questions"]
         for state in ("sft", "restored"):
             mean, _ = _mean_min_max(PPL[lr][state])
-            ppl_series[(group, state)] = ([1, 2], mean)
-            knowledge = [[_per_question(lr, s).query(f"epoch == {e}")[f"{state}_correct"].mean() for e in (1, 2)]
-                         for s in range(3)]
-            acc_series[(group, state)] = ([1, 2], _mean_min_max(knowledge)[0])
+            ppl_series[(group, state)] = (list(REPLICATE_EPOCHS), mean)
+            knowledge = [[_per_question(lr, s).query(f"epoch == {e}")[f"{state}_correct"].mean()
+                          for e in REPLICATE_EPOCHS] for s in range(3)]
+            acc_series[(group, state)] = (list(REPLICATE_EPOCHS), _mean_min_max(knowledge)[0])
+    # By hand: R_0 0.85 (lr 1e-3: 17, 18, 16 of 20) and 0.82 beside base 0.8; PPL 10.4 and 9.0 beside base 10.
+    assert (acc_levels[(groups["1e-3"], "control")], acc_levels[(groups["2e-3"], "control")]) == \
+        pytest.approx((0.85, 0.82))
     fig3b, fig3c = report.plots["fig3b_ppl_vs_epoch.png"], report.plots[f"fig3c_accuracy_{BENCH}.png"]
     _assert_plots(fig3b, ppl_series, ppl_levels)
     _assert_plots(fig3c, acc_series, acc_levels)
@@ -600,15 +750,14 @@ def test_band_figures_plot_mean_and_min_max_over_seeds(replicated):
             assert drawn.keys() == expected.keys()
             for epoch, (low, high) in expected.items():
                 assert drawn[epoch] == pytest.approx((low, high)), (group, state, epoch)
-    # By hand: lr 2e-3 restored PPL at epoch 1 is 10.1, 10.8, 10.2 over seeds: band 10.1-10.8, mean 31.1/3.
-    assert _band_of(panels[groups["2e-3"]], "restored band")[1.0] == pytest.approx((10.1, 10.8))
-    # SFT knowledge of lr 2e-3 at epoch 2: 0.40, 0.80, 0.95.
+    # By hand: lr 2e-3 restored PPL at epoch 2 is 9.1, 8.0, 9.2 over seeds: band 8.0-9.2.
+    assert _band_of(panels[groups["2e-3"]], "restored band")[2.0] == pytest.approx((8.0, 9.2))
+    # R_e knowledge of lr 1e-3 at epoch 2: 0.85, 0.90, 0.30.
     acc_panels = {ax.get_gid(): ax for ax in fig3c.axes if ax.get_visible()}
-    assert _band_of(acc_panels[groups["2e-3"]], "sft band")[2.0] == pytest.approx((0.40, 0.95))
+    assert _band_of(acc_panels[groups["1e-3"]], "restored band")[2.0] == pytest.approx((0.30, 0.90))
     spans = {(ax.get_gid(), p.get_gid()): p.get_facecolor() for ax in fig3c.axes for p in ax.patches if p.get_gid()}
-    pooled = {(groups["1e-3"], "stage 1"): "pseudo_forgetting", (groups["1e-3"], "stage 2"): "actual_forgetting",
-              (groups["2e-3"], "stage 1"): "not_restored", (groups["2e-3"], "stage 2"): "no_forgetting"}
-    assert spans.keys() == pooled.keys()
+    pooled = {(groups[lr], f"stage {epoch}"): stage for lr, epoch, stage, *_ in POOLED}
+    assert spans.keys() == pooled.keys() and set(pooled.values()) == {NO, PSEUDO, ACTUAL, UNSURE, UNRESTORED}
     for key, stage in pooled.items():
         assert spans[key] == pytest.approx(to_rgba(STAGE_COLORS[stage])), key
 

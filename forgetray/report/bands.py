@@ -5,7 +5,8 @@ sweep has replicate groups; a sweep without replicates keeps the per-trial figur
 Min-max rather than +-sd: with the few seeds a grid point gets (3), an sd rests on 2 degrees of freedom, while the
 min-max band shows where every replicate was. As in `figures`, each panel's gid is the group id and each series has a
 gid: `sft` / `restored` (the mean lines), `sft band` / `restored band` (the fill between min and max), `base` (the
-mean base level) and, on the primary benchmark of Figure 3c, `stage <e>` for the pooled stage behind epoch e.
+mean base level), `control` (the mean level of the control R_0, over seeds) and, on the primary benchmark of Figure
+3c, `stage <e>` for the pooled margin-rule stage behind epoch e.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pandas as pd
 
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGES
-from forgetray.report.figures import (_CHECKPOINT_STATES, FIG3B, STAGE_COLORS, _draw, Drawn, _figure_handles,
-                                      _file_safe, _integer_epochs, _legend_columns, _log_y, _min_span, panel_grid,
-                                      _panel_ylabel, _suptitle)
+from forgetray.report.figures import (_CHECKPOINT_STATES, CONTROL_LABEL, FIG3B, STAGE_COLORS, _draw, Drawn,
+                                      _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y, _min_span,
+                                      control_level, panel_grid, _panel_ylabel, _suptitle)
 from forgetray.report.pooled import ReplicateGroup
 from forgetray.report.tables import STAGE_SHORT
 
@@ -44,7 +45,8 @@ def band(group: ReplicateGroup, metric: str) -> tuple[list[int], list[float], li
 
 
 def base_level(group: ReplicateGroup, metric: str) -> float:
-    """The base model's value (step 0) averaged over the group's replicates; nan if none logged it."""
+    """A value logged once per trial at step 0 (the base model's, the control R_0's) averaged over the group's
+    replicates; nan if none logged it."""
     values = [v for t in group.trials if math.isfinite(v := t.at(metric, 0))]
     return statistics.fmean(values) if values else math.nan
 
@@ -64,11 +66,12 @@ def _draw_states(ax: Axes, group: ReplicateGroup, metric_of: dict[str, str]) -> 
     level = base_level(group, metric_of["base"])
     if not math.isnan(level):
         ax.axhline(level, color="black", linestyle="--", linewidth=1.1, label="base (mean)", gid="base")
+    control_level(ax, base_level(group, metric_of["control"]), f"{CONTROL_LABEL} (mean)")
 
 
 def fig_ppl_band(groups: list[ReplicateGroup]) -> Drawn | str:
     """Figure 3b over seeds: probing PPL of SFT_e and R_e vs epoch, mean and min-max band per group."""
-    ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "sft", "restored")}
+    ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "control", "sft", "restored")}
     shown = [g for g in groups if any(t.has(ppl["sft"]) or t.has(ppl["restored"]) for t in g.trials)]
     if not shown:
         return f"fig3b skipped: no trial logged {ppl['sft']} or {ppl['restored']}"
@@ -82,7 +85,7 @@ def fig_ppl_band(groups: list[ReplicateGroup]) -> Drawn | str:
     handles, labels = _figure_handles(axes)
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels))
     _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch, mean over seeds with min-max band "
-                   "(base dashed)")
+                   "(base dashed, R_0 dotted)")
     return Drawn(FIG3B, fig)
 
 
@@ -93,7 +96,8 @@ def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
     epoch -> stage)."""
     from matplotlib.patches import Patch
 
-    knowledge = {state: registry.KNOWLEDGE.name(state=state, bench=bench) for state in ("base", "sft", "restored")}
+    knowledge = {state: registry.KNOWLEDGE.name(state=state, bench=bench)
+                 for state in ("base", "control", "sft", "restored")}
     shown = [g for g in groups if any(t.has(knowledge["sft"]) or t.has(knowledge["restored"]) for t in g.trials)]
     if not shown:
         return f"fig3c for {bench} skipped: no {knowledge['sft']} or {knowledge['restored']} logged"
@@ -113,11 +117,11 @@ def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
     for stage in STAGES:
         if stage in drawn:
             handles.append(Patch(color=STAGE_COLORS[stage]))
-            labels.append(f"pooled stage: {STAGE_SHORT[stage]}")
+            labels.append(f"pooled stage (margin rule): {STAGE_SHORT[stage]}")
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels, 10))
     _min_span(axes[0], 0.05)
-    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, SFT_e and R_e vs epoch, mean over seeds with min-max band"
-                   + ("; background = pooled stage of checkpoint e" if drawn else ""))
+    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, R_0, SFT_e and R_e vs epoch, mean over seeds with min-max "
+                   "band" + ("; background = pooled margin-rule stage of checkpoint e" if drawn else ""))
     return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig)
 
 

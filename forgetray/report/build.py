@@ -13,7 +13,7 @@ import pandas as pd
 from forgetray.report.bands import draw_band_figures
 from forgetray.report.continual import continual_table, continual_text
 from forgetray.report.figures import FIG3A, FIG3B, FIG3C_GLOB, FIG4, FIG5, Drawn, draw_figures
-from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pooled_table, pooled_text,
+from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pooled_table, pooled_tags, pooled_text,
                                      replicate_groups, sweep_replicates)
 from forgetray.report.reinjection import REINJECTION_CSV, reinjection_table, reinjection_text
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
@@ -59,7 +59,8 @@ def _clear_previous(out_dir: Path) -> None:
 def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None,
                  log_to_mlflow: bool = True) -> Report:
     """The report of one sweep execution (default: the experiment's newest), written to out_dir and, with
-    log_to_mlflow, logged to the sweep's parent run under `report/`.
+    log_to_mlflow, logged to the sweep's parent run under `report/`, with the pooled verdicts as its tags
+    (`pooled.pooled_tags`) when the sweep ran replicates.
 
     Raises SpecError (one line) when the store, the experiment, the sweep run or its trials cannot be found."""
     check_store_exists(tracking_uri)
@@ -86,7 +87,11 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     if not table.empty and empty:
         headings = ", ".join(TEXT_COLUMNS[column][0] for column in empty)
         notes.append(f"columns with nothing logged, left out of the text table: {headings}")
-    unjudged = [t.name for t in trials if t.epochs and not t.transition()[0]]
+    before = [t.name for t in trials if t.judged_before_margin_rule]
+    if before:
+        notes.append("judged before the margin rule (stage/code is the significance test's, shown as `test`; no R_0, "
+                     f"no intervals, no margin-rule stage): {', '.join(before)}")
+    unjudged = [t.name for t in trials if t.epochs and not t.judged_before_margin_rule and not t.transition()[0]]
     if unjudged:
         notes.append(f"no stage logged (no restoration?) for: {', '.join(unjudged)}")
 
@@ -110,6 +115,8 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     (out_dir / TABLE_TXT).write_text(text)
     if log_to_mlflow:
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)
+        for key, value in pooled_tags(pooled).items():  # the pooled verdicts, searchable in the MLflow UI
+            tracker.set_tag(parent.info.run_id, key, value)
     return Report(stage_table=table, figures=[out_dir / d.file for d in drawn], text=text,
                   parent_run_id=parent.info.run_id, out_dir=out_dir, notes=notes,
                   plots={d.file: d.figure for d in drawn}, pooled_table=pooled, reinjection_table=reinjection)

@@ -37,6 +37,7 @@ FORMAT_ALIGNED = 0.95  # METHODS.md §3: format alignment is reached when mean P
 # Figure 4's rows: the IFT-step probes the registry declares, with their axis labels.
 FORMAT_LABELS = {"p_fmt": "P_fmt", "entropy_vocab": "H_V (nats)", "entropy_options": "H_opt (nats)",
                  "knowledge": "accuracy"}
+CONTROL_LABEL, CONTROL_COLOR = "R_0 (control)", "tab:green"
 # The two model states of a checkpoint as Figures 3b and 3c draw them: (state, legend label, style, colour).
 _CHECKPOINT_STATES = (("sft", "SFT_e", "o-", "tab:blue"), ("restored", "R_e", "s-", "tab:purple"))
 
@@ -138,6 +139,13 @@ def _base_level(ax: Axes, value: float) -> None:
         ax.axhline(value, color="black", linestyle="--", linewidth=1.1, label="base", gid="base")
 
 
+def control_level(ax: Axes, value: float, label: str = CONTROL_LABEL) -> None:
+    """The control R_0's level (gid `control`): the start through the same restoration, what R_e is judged against
+    (restoration overshoots the base's probing PPL and costs some knowledge of its own)."""
+    if not math.isnan(value):
+        ax.axhline(value, color=CONTROL_COLOR, linestyle=":", linewidth=1.4, label=label, gid="control")
+
+
 def _figure_handles(axes: Any) -> tuple[list, list]:
     """Each distinct legend label once, over all panels (a panel may lack a line another has)."""
     handles: dict[str, object] = {}
@@ -162,7 +170,7 @@ def _file_safe(name: str) -> str:
 
 def fig_restoring_ppl(trials: list[TrialData], varying: list[str]) -> Drawn | str:
     """Figure 3a: probing PPL along each restoration SFT_e -> R_e (step 0 = SFT_e), one line per checkpoint (gid
-    `epoch <e>`)."""
+    `epoch <e>`), with the base's and the control R_0's levels (gids `base`, `control`)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
@@ -182,20 +190,25 @@ def fig_restoring_ppl(trials: list[TrialData], varying: list[str]) -> Drawn | st
             ax.plot(steps, values, color=cmap(norm(epoch)), linewidth=1.3, marker="o", markersize=2.5,
                     gid=f"epoch {epoch}")
         _base_level(ax, trial.at(registry.PROBE_PPL.name(state="base"), 0))
+        control_level(ax, trial.at(registry.PROBE_PPL.name(state="control"), 0))
         _log_y(ax)
         ax.set_xlabel("restoring step (0 = SFT_e)")
         _panel_ylabel(ax, "probing PPL")
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="checkpoint epoch e")
     bar.set_ticks(range(1, last_epoch + 1))
-    fig.legend([Line2D([], [], color="black", linestyle="--")], ["base model"], loc="outside lower center")
-    _suptitle(fig, "Fig. 3a: probing perplexity while restoring SFT_e into R_e")
+    levels = [(Line2D([], [], color="black", linestyle="--"), "base model")]
+    if any(line.get_gid() == "control" for ax in axes for line in ax.get_lines()):
+        levels.append((Line2D([], [], color=CONTROL_COLOR, linestyle=":"), CONTROL_LABEL))
+    fig.legend(*zip(*levels), loc="outside lower center", ncols=len(levels))
+    _suptitle(fig, "Fig. 3a: probing perplexity while restoring SFT_e into R_e (base dashed, R_0 dotted)")
     return Drawn(FIG3A, fig)
 
 
 def fig_ppl_vs_epoch(trials: list[TrialData], varying: list[str]) -> Drawn | str:
     """Figure 3b: probing PPL of SFT_e and R_e (gids `sft`, `restored`) against the epoch e, with the base model's
-    level (gid `base`)."""
-    ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "sft", "restored")}
+    level (gid `base`) and the control R_0's (gid `control`): restoration overshoots the base, and R_e is restored
+    when it is within ppl_tolerance of R_0."""
+    ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "control", "sft", "restored")}
     shown = [t for t in trials if t.has(ppl["sft"]) or t.has(ppl["restored"])]
     if not shown:
         return f"fig3b skipped: no trial logged {ppl['sft']} or {ppl['restored']}"
@@ -205,19 +218,20 @@ def fig_ppl_vs_epoch(trials: list[TrialData], varying: list[str]) -> Drawn | str
             if trial.has(ppl[state]):
                 ax.plot(*trial.series(ppl[state]), style, label=label, markersize=4, color=color, gid=state)
         _base_level(ax, trial.at(ppl["base"], 0))
+        control_level(ax, trial.at(ppl["control"], 0))
         _log_y(ax)
         ax.set_xlabel("epoch e")
         _panel_ylabel(ax, "probing PPL")
         _integer_epochs(ax)
-    fig.legend(*_figure_handles(axes), loc="outside lower center", ncols=3)
-    _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch (base dashed)")
+    fig.legend(*_figure_handles(axes), loc="outside lower center", ncols=4)
+    _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch (base dashed, R_0 dotted)")
     return Drawn(FIG3B, fig)
 
 
 def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Drawn | str:
-    """Figure 3c/3d for one benchmark: its primary score for base (dashed), SFT_e and R_e vs epoch (gids `base`,
-    `sft`, `restored`); on the primary benchmark each epoch's background shows the checkpoint's stage (gid
-    `stage <e>`)."""
+    """Figure 3c/3d for one benchmark: its primary score for base (dashed), the control R_0 (dotted), SFT_e and R_e
+    vs epoch (gids `base`, `control`, `sft`, `restored`); on the primary benchmark each epoch's background shows the
+    checkpoint's stage by the margin rule (gid `stage <e>`; none for a run judged before the margin rule)."""
     from matplotlib.patches import Patch
 
     knowledge = {state: registry.KNOWLEDGE.name(state=state, bench=bench) for state in ("sft", "restored")}
@@ -238,6 +252,7 @@ def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Dra
             if trial.has(knowledge[state]):
                 ax.plot(*trial.series(knowledge[state]), style, label=label, color=color, markersize=4, gid=state)
         _base_level(ax, trial.knowledge("base", bench, 0))
+        control_level(ax, trial.knowledge("control", bench, 0))
         ax.set_xlabel("epoch e")
         _panel_ylabel(ax, f"accuracy ({trial.scores.get(bench, 'primary score')})")
         _integer_epochs(ax)
@@ -245,12 +260,13 @@ def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Dra
     for stage in STAGES:
         if stage in stages_drawn:
             handles.append(Patch(color=STAGE_COLORS[stage]))
-            labels.append(f"stage: {STAGE_SHORT[stage]}")
+            labels.append(f"stage (margin rule): {STAGE_SHORT[stage]}")
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels, 10))
     _min_span(axes[0], 0.05)  # the panels share y
     judged = any(t.primary == bench for t in shown)
-    stages = "; background = stage of checkpoint e" if judged else " (stages are judged on the primary benchmark)"
-    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, SFT_e and R_e vs epoch{stages}")
+    stages = "; background = margin-rule stage of checkpoint e" if judged else \
+        " (stages are judged on the primary benchmark)"
+    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, R_0, SFT_e and R_e vs epoch{stages}")
     return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig)
 
 

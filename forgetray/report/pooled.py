@@ -183,6 +183,25 @@ def pooled_table(groups: list[ReplicateGroup]) -> pd.DataFrame:
     return pd.DataFrame([row for group in groups for row in group_rows(group)])
 
 
+TAG_POOLED = "forgetray.pooled."  # + <group>.epoch_NNN, <group>.transition_epoch, <group>.grid_point
+
+
+def pooled_tags(table: pd.DataFrame) -> dict[str, str]:
+    """The pooled verdicts as tags of the sweep's parent run: per group `forgetray.pooled.<group>.epoch_NNN` = the
+    margin rule's pooled stage, `...transition_epoch` = its first epoch of actual forgetting ("none"), and
+    `...grid_point` = the group's label (its settings and seeds); {} for an empty table."""
+    tags: dict[str, str] = {}
+    if table.empty:
+        return tags
+    for group, rows in table.groupby("group", sort=False):
+        head = rows.iloc[0]
+        tags[f"{TAG_POOLED}{group}.grid_point"] = str(head["label"])
+        for epoch, stage in zip(rows["epoch"], rows["stage"]):
+            tags[f"{TAG_POOLED}{group}.epoch_{int(epoch):03d}"] = str(stage)
+        tags[f"{TAG_POOLED}{group}.transition_epoch"] = _epoch(head["transition_pooled"])
+    return tags
+
+
 def _epoch(value: Any) -> str:
     return "none" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
@@ -202,7 +221,7 @@ def pooled_text(table: pd.DataFrame) -> str:
              "is the pooled one; at .01/.02/.05 = the verdict at those margins; McNemar = the pooled exact-test "
              "variant (reported, never the headline); knowledge mean +- sd over seeds",
              f"{'epoch':>5}  {'stage':<12} {'agree':>5}  {'restored':>8}  {'drop D_S':<24} {'residual D_R':<24} "
-             f"{'share':<24} {'at .01/.02/.05':<26} {'McNemar':<12} {'base':>11}  {'R_0':>11}  {'SFT_e':>11}  "
+             f"{'share':<24} {'at .01/.02/.05':<38} {'McNemar':<12} {'base':>11}  {'R_0':>11}  {'SFT_e':>11}  "
              f"{'R_e':>11}  replicates"]
     for group, rows in table.groupby("group", sort=False):
         head = rows.iloc[0]
@@ -213,7 +232,7 @@ def pooled_text(table: pd.DataFrame) -> str:
             at = "/".join(STAGE_SHORT[row[f"stage_at_{m:g}"]] for m in margin.REPORTED_MARGINS)
             lines.append(f"{row['epoch']:>5d}  {STAGE_SHORT[row['stage']]:<12} {row['agreeing']:>5}  "
                          f"{row['restored']:>8}  {_interval(row, 'drop'):<24} {_interval(row, 'residual'):<24} "
-                         f"{_interval(row, 'share'):<24} {at:<26} {STAGE_SHORT[row['stage_mcnemar']]:<12} "
+                         f"{_interval(row, 'share'):<24} {at:<38} {STAGE_SHORT[row['stage_mcnemar']]:<12} "
                          f"{knowledge}  {row['replicate_stages']}")
             if isinstance(row["why"], str) and row["why"]:
                 lines.append(f"       {row['why']}")

@@ -22,6 +22,7 @@ STAGE_BY_CODE = {code: name for name, code in STAGE_CODES.items()}
 # Tags forgetray.stages sets on a trial run (tags, not metrics: the registry does not declare them).
 TAG_STAGE_PREFIX = "forgetray.stage.epoch_"
 TAG_TRANSITION = "forgetray.transition_epoch"
+_AT_START = ("base", "control")  # the states measured once, at step 0: the IFT phase's start and the control R_0
 
 
 @dataclass
@@ -53,10 +54,11 @@ class TrialData:
         return bool(self.history.get(metric))
 
     def knowledge(self, state: str, bench: str | None, epoch: int) -> float:
-        """A benchmark's primary score for a model state at an epoch (base: step 0); nan without a benchmark."""
+        """A benchmark's primary score for a model state at an epoch (base and the control R_0: step 0); nan without a
+        benchmark."""
         if bench is None:
             return math.nan
-        return self.at(registry.KNOWLEDGE.name(state=state, bench=bench), 0 if state == "base" else epoch)
+        return self.at(registry.KNOWLEDGE.name(state=state, bench=bench), 0 if state in _AT_START else epoch)
 
     @property
     def epochs(self) -> list[int]:
@@ -74,17 +76,43 @@ class TrialData:
                 out[int(found[1]["epoch"])] = name
         return out
 
-    def stage(self, epoch: int, fixed: bool = False) -> str | None:
-        """The checkpoint's stage name: from the `stage/code` metric, else the `forgetray.stage.epoch_NNN` tag."""
-        code = self.at((registry.STAGE_FIXED_CODE if fixed else registry.STAGE_CODE).name(), epoch)
+    @property
+    def judged_before_margin_rule(self) -> bool:
+        """Whether the run was judged before the margin rule existed: it logged `stage/code` without
+        `stage/test_code`, so its `stage/code` (and `forgetray.stage.*` tags, transition tag) are the significance
+        test's stages, now the `test` variant, and it has no control R_0 and no intervals."""
+        return self.has(registry.STAGE_CODE.name()) and not self.has(registry.STAGE_TEST_CODE.name())
+
+    def stage(self, epoch: int, fixed: bool = False, test: bool = False) -> str | None:
+        """The checkpoint's stage name: by default the margin rule's (the `stage/code` metric, else the
+        `forgetray.stage.epoch_NNN` tag; None for a run judged before the margin rule), with `test` the paired-test
+        variant's, with `fixed` the fixed-threshold variant's (None where not logged)."""
+        legacy = self.judged_before_margin_rule
+        if fixed:
+            metric = registry.STAGE_FIXED_CODE
+        elif test:
+            metric = registry.STAGE_CODE if legacy else registry.STAGE_TEST_CODE
+        elif legacy:
+            return None
+        else:
+            metric = registry.STAGE_CODE
+        code = self.at(metric.name(), epoch)
         if math.isfinite(code):
             return STAGE_BY_CODE.get(int(code), f"code {code:g}")
-        if not fixed:
+        if not (fixed or test):
             return self.tags.get(f"{TAG_STAGE_PREFIX}{epoch:03d}")
         return None
 
+    def stage_at(self, epoch: int, margin: str) -> str | None:
+        """The margin rule's stage at one of the reported margins (`registry.MARGIN_KEYS`: "0.01", ...)."""
+        code = self.at(registry.STAGE_AT_MARGIN.name(key=margin), epoch)
+        return STAGE_BY_CODE.get(int(code), f"code {code:g}") if math.isfinite(code) else None
+
     def transition(self) -> tuple[bool, int | None]:
-        """(judged, transition epoch): whether any stage was logged, and the first epoch with actual forgetting."""
+        """(judged, transition epoch) by the margin rule: whether any margin-rule stage was logged, and the first
+        epoch with actual forgetting. A run judged before the margin rule is not judged by it."""
+        if self.judged_before_margin_rule:
+            return False, None
         tag = self.tags.get(TAG_TRANSITION)
         if tag is not None:
             if tag.strip().lower() == "none":

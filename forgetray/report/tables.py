@@ -20,22 +20,33 @@ STAGE_SHORT = {NO_FORGETTING: "no", PSEUDO_FORGETTING: "pseudo", ACTUAL_FORGETTI
                INCONCLUSIVE: "inconclusive", NOT_RESTORED: "not restored"}
 
 # The stage table's columns after the trial's varying settings, in order. `knowledge_*` are the primary benchmark's
-# primary score (named in `benchmark` and `score`); the stage rule judges that benchmark only.
-STAGE_COLUMNS = ["epoch", "benchmark", "score", "knowledge_base", "knowledge_sft", "knowledge_restored", "d_sft",
-                 "d_restored", "p_sft", "p_restored", "stage", "stage_fixed", "ppl_base", "ppl_sft", "ppl_restored",
-                 "em_sft", "em_restored", "transition"]
+# primary score (named in `benchmark` and `score`); the stage rule judges that benchmark only. The headline is the
+# margin rule (METHODS.md §4): `stage` at the trial's stage_margin, `stage_at_<m>` at each reported margin, from the
+# drop D_S = base - SFT_e and the residual D_R = R_0 - R_e with their intervals (`level`: Bonferroni over the
+# trial's epochs); `stage_test` (paired test, p-values `p_*` of the variants' `d_*` = SFT_e / R_e minus base) and
+# `stage_fixed` are the reported variants, never the headline.
+MARGIN_COLUMNS = [f"stage_at_{key}" for key in registry.MARGIN_KEYS]
+STAGE_COLUMNS = ["epoch", "benchmark", "score", "knowledge_base", "knowledge_control", "knowledge_sft",
+                 "knowledge_restored", "drop", "drop_low", "drop_high", "residual", "residual_low", "residual_high",
+                 "share", "share_low", "share_high", "level", "stage", *MARGIN_COLUMNS, "transition", "stage_test",
+                 "stage_fixed", "d_sft", "d_restored", "p_sft", "p_restored", "ppl_base", "ppl_control", "ppl_sft",
+                 "ppl_restored", "em_sft", "em_restored"]
 
-# How the text table shows each column: (heading, format of a number). Stage names are shortened separately.
+INTERVAL, AT_MARGINS = "interval", "at margins"  # text formats: an estimate with its interval; the stage_at_* trio
+# How the text table shows each column: (heading, format of a number, INTERVAL or AT_MARGINS). Stage names are
+# shortened separately; the p-values belong to the test variant.
 TEXT_COLUMNS = {
-    "epoch": ("epoch", "{:d}"), "knowledge_base": ("base", "{:.3f}"), "knowledge_sft": ("sft", "{:.3f}"),
-    "knowledge_restored": ("restored", "{:.3f}"), "d_sft": ("dS", "{:+.3f}"), "d_restored": ("dR", "{:+.3f}"),
-    "p_sft": ("p(dS)", "{:.2g}"), "p_restored": ("p(dR)", "{:.2g}"), "stage": ("stage", None),
-    "stage_fixed": ("fixed", None), "ppl_base": ("ppl base", "{:.2f}"), "ppl_sft": ("ppl sft", "{:.2f}"),
-    "ppl_restored": ("ppl R", "{:.2f}"), "em_sft": ("EM sft", "{:.3f}"), "em_restored": ("EM R", "{:.3f}"),
+    "epoch": ("epoch", "{:d}"), "knowledge_base": ("base", "{:.3f}"), "knowledge_control": ("R_0", "{:.3f}"),
+    "knowledge_sft": ("SFT_e", "{:.3f}"), "knowledge_restored": ("R_e", "{:.3f}"),
+    "drop": ("drop D_S [interval]", INTERVAL), "residual": ("residual D_R [interval]", INTERVAL),
+    "stage": ("stage", None), MARGIN_COLUMNS[0]: ("at .01/.02/.05", AT_MARGINS), "stage_test": ("test", None),
+    "p_sft": ("p(dS)", "{:.2g}"), "p_restored": ("p(dR)", "{:.2g}"), "stage_fixed": ("fixed", None),
+    "ppl_base": ("ppl base", "{:.2f}"), "ppl_control": ("ppl R_0", "{:.2f}"), "ppl_sft": ("ppl SFT_e", "{:.2f}"),
+    "ppl_restored": ("ppl R_e", "{:.2f}"), "em_sft": ("EM SFT_e", "{:.3f}"), "em_restored": ("EM R_e", "{:.3f}"),
 }
 
 _METHOD_SETTINGS = ("sam_rho", "sam_adaptive", "sam_every", "wiseft_alpha", "rehearsal_ratio")
-_STATES = ("base", "sft", "restored")
+_STATES = ("base", "control", "sft", "restored")
 
 
 # --- the stage table ------------------------------------------------------------------------------------------------
@@ -43,6 +54,18 @@ _STATES = ("base", "sft", "restored")
 def setting_column(key: str) -> str:
     """A varying setting's column in the stage table; one named like a column of the table keeps its prefix."""
     return f"trial.{key}" if key in ("trial", *STAGE_COLUMNS) else key
+
+
+def _margin_columns(trial: TrialData, epoch: int, row: dict[str, Any]) -> None:
+    """The margin rule's quantities as logged (`stage/<key>`). A run without them (judged before the margin rule,
+    or not judged) still gets the drop from its accuracies, and the residual where it logged R_0 and R_e: the same
+    definitions (METHODS.md §4), without intervals."""
+    for key in registry.INTERVAL_KEYS:
+        row[key] = trial.at(registry.STAGE_INTERVAL.name(key=key), epoch)
+    if math.isnan(row["drop"]):
+        row["drop"] = row["knowledge_base"] - row["knowledge_sft"]
+    if math.isnan(row["residual"]):
+        row["residual"] = row["knowledge_control"] - row["knowledge_restored"]
 
 
 def _stage_rows(trial: TrialData, varying: list[str]) -> list[dict[str, Any]]:
@@ -54,21 +77,26 @@ def _stage_rows(trial: TrialData, varying: list[str]) -> list[dict[str, Any]]:
                                "epoch": epoch, "benchmark": bench, "score": trial.scores.get(bench) if bench else None}
         for state in _STATES:
             row[f"knowledge_{state}"] = trial.knowledge(state, bench, epoch)
-        # The trial logs dS and dR with the stage; a sweep without a stage analysis still gets dS (and dR if R_e
-        # was probed) from the accuracies, which is the same definition (METHODS.md §4).
+        _margin_columns(trial, epoch, row)
+        row["stage"] = trial.stage(epoch)
+        for column, key in zip(MARGIN_COLUMNS, registry.MARGIN_KEYS):
+            row[column] = trial.stage_at(epoch, key)
+        row["transition"] = transition if judged else None
+        row["stage_test"] = trial.stage(epoch, test=True)
+        row["stage_fixed"] = trial.stage(epoch, fixed=True)
+        # The variants log dS and dR (against base) with their stage; a sweep without a stage analysis still gets
+        # them from the accuracies, which is the same definition.
         for delta, metric, state in (("d_sft", registry.STAGE_D_SFT, "sft"),
                                      ("d_restored", registry.STAGE_D_RESTORED, "restored")):
             logged = trial.at(metric.name(), epoch)
             row[delta] = logged if not math.isnan(logged) else row[f"knowledge_{state}"] - row["knowledge_base"]
         row["p_sft"] = trial.at(registry.STAGE_P_SFT.name(), epoch)
         row["p_restored"] = trial.at(registry.STAGE_P_RESTORED.name(), epoch)
-        row["stage"] = trial.stage(epoch)
-        row["stage_fixed"] = trial.stage(epoch, fixed=True)
         for state in _STATES:
-            row[f"ppl_{state}"] = trial.at(registry.PROBE_PPL.name(state=state), 0 if state == "base" else epoch)
+            row[f"ppl_{state}"] = trial.at(registry.PROBE_PPL.name(state=state), 0 if state in ("base", "control")
+                                           else epoch)
         row["em_sft"] = trial.at(registry.EM.name(state="sft"), epoch)
         row["em_restored"] = trial.at(registry.EM.name(state="restored"), epoch)
-        row["transition"] = transition if judged else None
         # Other benchmarks' knowledge, for reading alongside; their stages are not judged.
         for other in trial.benchmarks[1:]:
             for state in _STATES:
@@ -169,6 +197,32 @@ def _format_cell(value: Any, fmt: str | None) -> str:
     return fmt.format(int(value) if fmt == "{:d}" else float(value))
 
 
+def interval_text(estimate: Any, low: Any, high: Any) -> str:
+    """`+0.100 [+0.060, +0.140]`; the estimate alone where no interval was logged, "-" where there is none."""
+    if estimate is None or pd.isna(estimate):
+        return "-"
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return f"{estimate:+.3f}"
+    return f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def margins_text(row: Any) -> str:
+    """The verdicts at the reported margins, `pseudo/pseudo/inconclusive`; "-" where none was logged."""
+    stages = [row[column] for column in MARGIN_COLUMNS]
+    if all(stage is None or pd.isna(stage) for stage in stages):
+        return "-"
+    return "/".join(_format_cell(stage, None) for stage in stages)
+
+
+def _text_cells(table: pd.DataFrame, column: str, fmt: str | None) -> list[str]:
+    if fmt == INTERVAL:
+        return [interval_text(row[column], row[f"{column}_low"], row[f"{column}_high"])
+                for row in table.to_dict("records")]
+    if fmt == AT_MARGINS:
+        return [margins_text(row) for row in table.to_dict("records")]
+    return [_format_cell(value, fmt) for value in table[column]]
+
+
 def _left(column: pd.Series) -> pd.Series:
     """Pad a text column so that the right-aligning `to_string` shows it left-aligned, as names read best."""
     width = int(column.str.len().max()) if len(column) else 0
@@ -183,7 +237,7 @@ def _text_table(table: pd.DataFrame, varying: list[str]) -> str:
     empty = empty_columns(table)
     for column, (heading, fmt) in TEXT_COLUMNS.items():
         if column not in empty:
-            shown[heading] = [_format_cell(value, fmt) for value in table[column]]
+            shown[heading] = _text_cells(table, column, fmt)
     return pd.DataFrame(shown).to_string(index=False)
 
 
@@ -218,6 +272,10 @@ def _transition_line(trial: TrialData, varying: list[str]) -> str:
     failed = "" if trial.status in ("FINISHED", "RUNNING") else f"; run {trial.status}"
     if not epochs:
         return f"  {label}: no checkpoint logged{failed}"
+    if trial.judged_before_margin_rule:
+        stages = _stage_runs([(epoch, trial.stage(epoch, test=True)) for epoch in epochs])
+        return (f"  {label}: judged before the margin rule (no R_0, no intervals): no margin-rule transition; "
+                f"test variant [{stages}]{failed}")
     judged, transition = trial.transition()
     if not judged:
         return f"  {label}: not judged (no stage logged; {len(epochs)} epoch(s) of SFT metrics){failed}"
@@ -250,9 +308,13 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
         lines.append(f"primary benchmark: {primaries[0][0]} (score {primaries[0][1]})")
     elif primaries:
         lines.append("primary benchmarks differ between trials: see the `benchmark` column of stage_table.csv")
-    lines.append("base/sft/restored = knowledge of base, SFT_e, R_e; dS, dR = their change vs base; p = paired-test "
-                 "p-value; stage = significance-test stage, fixed = fixed-threshold stage; ppl = probing perplexity; "
-                 "EM = exact memorization of the IFT data")
+    lines.append("base, R_0, SFT_e, R_e = knowledge of the base, the control R_0 (the start through the same "
+                 "restoration), SFT_e and R_e; drop D_S = base - SFT_e, residual D_R = R_0 - R_e (positive = lost) "
+                 "with their paired-bootstrap intervals at 1 - stage_alpha / epochs (Bonferroni over the trial's "
+                 "epochs); stage = the margin rule at stage_margin (METHODS.md §4; at .01/.02/.05 = its verdict at "
+                 "those margins); reported variants, never the headline: test = paired significance test against "
+                 "base (p(dS), p(dR) its p-values), fixed = fixed threshold; ppl = probing perplexity; EM = exact "
+                 "memorization of the IFT data")
     if table.empty:
         lines += ["", "(no checkpoint logged by any trial)"]
     else:
@@ -269,7 +331,7 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
                       "(0 = before any, then each prior phase, last = the IFT phase's last checkpoint); forgetting = "
                       "max over t < T of a[t] - a[T] (signed); BWT = mean over steps with an own benchmark of "
                       "a[T] - a[t] on it:", continual]
-    lines += ["", "transition epoch (first epoch with actual forgetting):"]
+    lines += ["", "transition epoch (first epoch the margin rule classifies actual forgetting):"]
     lines += [_transition_line(trial, varying) for trial in trials]
     if notes:
         lines += ["", "notes:"] + [f"  {note}" for note in notes]
