@@ -121,6 +121,25 @@ def test_base_evaluation_keys_cover_what_the_base_evaluation_depends_on():
     assert base_eval_key(prior, resolved) != base_eval_key(trial, _resolved("/a.jsonl"))
 
 
+def test_control_key_is_shared_by_what_restores_the_same_start_the_same_way():
+    """R_0 (the start through the trial's restoration recipe) is one per start, restoring set, recipe, seed and probe
+    suite: trials that differ only in how they fine-tune share it; anything that changes R_0 itself splits it."""
+    from forgetray.keys import control_key
+
+    def key(dataset="/a.jsonl", **settings):
+        return control_key(TrialConfig(model="organism-tiny", restore_pool="pool.jsonl", **settings),
+                           _resolved(dataset))
+
+    shared = key()
+    for fine_tuning in ({"lr": 0.5}, {"epochs": 7}, {"sam_rho": 0.05}, {"wiseft_alpha": 0.5}, {"stage_margin": 0.05},
+                        {"lr_schedule": "constant"}):
+        assert key(**fine_tuning) == shared, fine_tuning
+    for own in ({"seed": 1}, {"restore_lr": 1e-4}, {"restore_batch_size": 4}, {"restore_seq_len": 128},
+                {"restore_max_passes": 2}, {"ppl_tolerance": 0.1}, {"zero_stage": 2}, {"probe_passages": 9}):
+        assert key(**own) != shared, own
+    assert key(dataset="/b.jsonl") != shared  # the restoring set's budget is one epoch of the IFT data's tokens
+
+
 def test_restoring_set_excludes_exactly_the_probed_passages(tmp_path):
     """The probing set may be an endless stream (a hub dataset): only the `probe_passages` the probes score are read
     and excluded from the restoring set."""
