@@ -7,7 +7,7 @@ seeds (`replicates=3`: the IFT data order and initialisation of everything seede
 each. Every checkpoint SFT_e is probed on the organism's knowledge benchmark (option likelihood is its primary score:
 tiny models know facts but cannot answer by letter) and on plain-text probing perplexity, then restored into R_e on
 the organism's plain-text pool (ranked by base-model perplexity, one IFT epoch of tokens a pass, again while the
-probing perplexity is above base x 1.05, at most 3 passes) and probed again; each checkpoint is classified no /
+probing perplexity is above R_0's x 1.05, at most 5 passes) and probed again; each checkpoint is classified no /
 pseudo / actual forgetting (or not restored), per seed and pooled over the seeds, and the run ends with the report.
 Needs the organism built once (`forgetray organism build`, part of `make quickstart`: it installs the shipped weights).
 
@@ -42,6 +42,8 @@ sweep = Sweep(
     restore_batch_size=2,
     restore_seq_len=256,
     restore_trajectory_points=2,
-    restore_max_passes=3,  # restore again while the pattern is not back (README, "The model organism")
+    # restore again while the pattern is not back: R_0 (the base restored) lands at PPL 2.4-2.6, and with 3 passes
+    # 9 of 48 checkpoints of seeds 0-2 stayed above R_0 x 1.05 (README, "The model organism")
+    restore_max_passes=5,
     restore_group=0,  # restorations in the IFT phase's own workers, after it: one worker start-up per trial
 )
