@@ -192,6 +192,8 @@ class TrialConfig:
         if not self.iv_task:  # likewise the IV-guided settings without IV guidance (or the dynamics probe)
             kept = IV_PROBE_USES if self.iv_probe_task else ()
             data = {k: v for k, v in data.items() if not k.startswith("iv_") or k in kept}
+        if self.stage_margin == TrialConfig.stage_margin:  # at its default, hashes stay those from before it
+            data.pop("stage_margin")
         if not self.iv_probe_task:
             data = {k: v for k, v in data.items() if not k.startswith("iv_probe_")}
         if not self.iv_probe_other_task:  # off: hashes as before the setting existed

@@ -138,6 +138,8 @@ def test_control_key_is_shared_by_what_restores_the_same_start_the_same_way():
                 {"restore_max_passes": 2}, {"ppl_tolerance": 0.1}, {"zero_stage": 2}, {"probe_passages": 9}):
         assert key(**own) != shared, own
     assert key(dataset="/b.jsonl") != shared  # the restoring set's budget is one epoch of the IFT data's tokens
+    # stage_margin is a trial setting (its own run), hashed only off its default (hashes from before it stay)
+    assert TrialConfig(stage_margin=0.05).config_hash() != TrialConfig().config_hash()
 
 
 def test_restoring_set_excludes_exactly_the_probed_passages(tmp_path):
