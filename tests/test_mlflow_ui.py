@@ -26,7 +26,7 @@ def test_metric_guide_covers_every_step_meaning_and_names_the_chart_sections():
     for _, text in registry.STEPS.values():
         assert text in guide
     # The UI's chart section of a metric is its name up to the last '/': one section for every restoring trajectory.
-    assert "`restore/probe_ppl/`" in guide and "`train/`" in guide and "`{base,sft,restored}/<bench>/`" in guide
+    assert "`restore/probe_ppl/`" in guide and "`train/`" in guide and "`{base,sft,restored,control}/<bench>/`" in guide
     assert registry.RESTORE_TRAJECTORY.name(epoch=12).rsplit("/", 1)[0] == "restore/probe_ppl"
 
 
