@@ -114,6 +114,9 @@ def deltas(base, sft, restored, control, *, level: float = 0.95, n_resamples: in
         raise ValueError(f"n_resamples must be >= 100, got {n_resamples}")
     b, s, r, c = (outcomes(x, name) for x, name in ((base, "base"), (sft, "sft"), (restored, "restored"),
                                                      (control, "control")))
+    shapes = {x.shape for x in (b, s, r, c)}
+    if len(shapes) != 1:  # before the differences: numpy would broadcast a 1-seed state over the others' seeds
+        raise ValueError(f"every state must answer the same seeds x questions, got shapes {sorted(shapes)}")
     differences = {"d_sft": b.astype(int) - s, "d_restored": c.astype(int) - r,
                    "gain": r.astype(int) - s, "gap": c.astype(int) - s}
     observed = {name: float(m.mean()) for name, m in differences.items()}
