@@ -80,6 +80,13 @@ def outcomes(values, name: str) -> np.ndarray:
     return arr.astype(bool)
 
 
+def _counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Multinomial(n, uniform over n) counts per resample, [n_resamples, n]: n uniform indices per resample, counted
+    (the same law as `rng.multinomial`, which draws category by category and is 8x slower at 300 questions)."""
+    idx = rng.integers(0, n, size=(n_resamples, n)) + (n * np.arange(n_resamples))[:, None]
+    return np.bincount(idx.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
+
+
 def resample_means(matrices: Mapping[str, np.ndarray], n_resamples: int, rng: np.random.Generator) -> dict:
     """Bootstrap means of each [S, Q] matrix under one shared resampling: seed counts c (multinomial over S; all ones
     when S = 1) and question counts k (multinomial over Q); a resample's mean is c @ X @ k / (S Q), the same c and k
@@ -88,8 +95,8 @@ def resample_means(matrices: Mapping[str, np.ndarray], n_resamples: int, rng: np
     if len(shapes) != 1:
         raise ValueError(f"every state must answer the same seeds x questions, got shapes {sorted(shapes)}")
     (s, q), = shapes
-    seeds = rng.multinomial(s, np.full(s, 1.0 / s), size=n_resamples) if s > 1 else np.ones((n_resamples, 1))
-    questions = rng.multinomial(q, np.full(q, 1.0 / q), size=n_resamples)
+    seeds = _counts(s, n_resamples, rng).astype(float) if s > 1 else np.ones((n_resamples, 1))
+    questions = _counts(q, n_resamples, rng)
     names = list(matrices)
     stacked = np.concatenate([matrices[name].astype(float) for name in names], axis=1)  # [S, n x Q]: one matmul
     per_question = (seeds @ stacked).reshape(n_resamples, len(names), q)
