@@ -114,7 +114,7 @@ def test_replicate_interval_of_independent_cells_has_their_variance():
     normal = Z975 * math.sqrt(p * (1 - p) / (s * q))
     crossed = margin.deltas(control, control, restored, control, n_resamples=4000, seed=1, crossed=True)
     assert (crossed.d_restored.high - crossed.d_restored.low) / 2 / normal == pytest.approx(1.05, abs=0.07)
-    plain = margin.deltas(control, control, restored, control, n_resamples=4000, seed=1)  # the default
+    plain = margin.deltas(control, control, restored, control, n_resamples=4000, seed=1, crossed=False)
     owen = math.sqrt((s - 1) / s + (q - 1) / q + (s - 1) * (q - 1) / (s * q))  # E of the pigeonhole variance / iid
     assert (plain.d_restored.high - plain.d_restored.low) / 2 / normal == pytest.approx(owen, rel=0.05)
 
@@ -200,7 +200,7 @@ def test_crossed_bounds_stay_within_a_difference_of_accuracies():
     restored[2, :10] = False
     level = margin.epoch_level(0.05, 3)
     crossed = margin.deltas(control, control, restored, control, level=level, crossed=True).d_restored
-    plain = margin.deltas(control, control, restored, control, level=level).d_restored
+    plain = margin.deltas(control, control, restored, control, level=level, crossed=False).d_restored
     assert crossed.estimate == plain.estimate == pytest.approx(1 / 6)
     assert crossed.high == 1.0 and -1.0 < crossed.low < -0.3
     assert plain.low == 0.0 and plain.high < 1.0
