@@ -35,7 +35,8 @@ SERIES = "series"
 STATES = ("base", "sft", "restored", "control")
 # control = R_0, the IFT phase's start put through the trial's restoration recipe (METHODS.md §4): what restoring
 # does to an untouched model, the reference of the residual D_R and of the PPL precondition; logged at step 0.
-PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch", "control": "0"}  # how the README shows the step per state
+# how the README shows the step per state
+PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch", "control": "0"}
 FLATNESS_KEYS = ("sc", "ag", "mag", "flatness")
 FORMAT_KEYS = ("p_fmt", "entropy_vocab", "entropy_options", "knowledge")  # what Figure 4 follows along the steps
 BENCH_SCORES = ("letter_acc", "acc", "acc_norm", "knowledge", "p_fmt", "entropy_vocab", "entropy_options")
@@ -209,7 +210,8 @@ METRICS: tuple[Metric, ...] = (
     TRAIN_LOSS, TRAIN_TOKENS, TRAIN_EXAMPLES, TRAIN_TOKENS_PER_S, TRAIN_EPOCH_SECONDS, TRAIN_LR, TRAIN_IV,
     IV_EXTRACTION, IV_PROBE_BEHAVIOUR, IV_PROBE_VECTOR, IV_PROBE_EXTRACTION, IV_PROBE_OTHER, PRIOR_LOSS,
     RESTORE_LOSS, RESTORE_TOKENS, RESTORE_STEPS, RESTORE_PASSES, CONTROL_PASSES, STEPS_FORMAT, RESTORE_TRAJECTORY,
-    STAGE_CODE, STAGE_AT_MARGIN, STAGE_INTERVAL, STAGE_TEST_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED, STAGE_P_SFT, STAGE_P_RESTORED,
+    STAGE_CODE, STAGE_AT_MARGIN, STAGE_INTERVAL, STAGE_TEST_CODE, STAGE_FIXED_CODE, STAGE_D_SFT, STAGE_D_RESTORED,
+    STAGE_P_SFT, STAGE_P_RESTORED,
     CONTINUAL_KNOWLEDGE, CONTINUAL_FORGETTING, CONTINUAL_BWT,
 )
 BENCH_METRICS = {m.pattern.rsplit("/", 1)[1]: m for m in (LETTER_ACC, ACC, ACC_NORM, KNOWLEDGE, P_FMT, MC1, MC2,
