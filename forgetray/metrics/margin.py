@@ -235,7 +235,8 @@ def deltas(base, sft, restored, control, *, level: float = 0.95, n_resamples: in
     `crossed` (replicates only; the default, `crossed=False` the plain two-level bootstrap): each difference's
     two-level bootstrap distribution is scaled about its estimate before its percentiles are read (`_width_factor`):
     to the crossed design's variance (`mean_variances`), because the plain two-level bootstrap counts the seed x
-    question interaction about three times, and per-cell noise (a question that one model gets right and another wrong by chance) is most of the variance of a small residual; and
+    question interaction about three times, and per-cell noise (a question that one model gets right and another
+    wrong by chance) is most of the variance of a small residual; and
     by Student's t over the normal quantile at that variance's degrees of freedom, because with 3 seeds the seed
     spread is estimated from 2. D_S and D_R bounds are then clipped to [-1, 1], the range of a difference of two
     accuracies (with 3 seeds and one of them alone losing, t at 2 degrees of freedom reaches past it). In
