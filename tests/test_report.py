@@ -12,6 +12,7 @@ never as the margin rule's), `gamma` ran without restoration and failed after 2 
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -591,30 +592,46 @@ POOLED = [
 
 def test_pooled_table_equals_the_hand_computation(replicated):
     """The margin rule pooled over the 3 seeds by hand (METHODS.md §4, §10); stage_margin 0.02, each interval at
-    1 - 0.05 / 3. Knowledge = correct / questions; drop D_S = base - SFT_e, residual D_R = R_0 - R_e as means over
-    seeds; an interval collapses to a point where the per-question differences are the same in every seed and
-    question, and a difference of 1 on the same k of Q questions in every seed has resample mean (k's draws) / Q, the
-    draws Bin(Q, k/Q): the seed draw does not move it.
+    1 - 0.05 / 3 (tails 0.0083, z = 2.394), crossed (margin.deltas' default). Knowledge = correct / questions; drop
+    D_S = base - SFT_e, residual D_R = R_0 - R_e as means over seeds. The crossed interval is the two-level bootstrap's
+    (seeds, then one question draw shared by every seed) scaled about the estimate by f = sqrt(target / bootstrap
+    variance) x t(df) / z (margin.mean_variances), D_S and D_R then clipped to [-1, 1]. Every asserted interval but
+    one is built so that the seeds agree exactly: a difference of 1 on the same k of Q questions in every seed, so the
+    seed component and the interaction are 0 and the seed draw does not move the resample mean, (k's draws) / Q with
+    the draws Bin(Q, k/Q); the target is then the column means' variance with Q - 1 in the denominator over Q, the
+    bootstrap's with Q, and df = Q - 1: f = sqrt(Q / (Q - 1)) t_{Q-1} / z, 1.125 at Q 20 (t_19 2.625), 1.022 at
+    Q 100 (t_99 2.435). A difference that is 0 in every seed and question has every draw 0: [0, 0] exactly.
     lr 1e-3 (Q 20; base 16 right, R_0 17, 18, 16; SFT_e loses 10 every epoch: 0.30, drop 0.5 in every seed, a resample
-      at or below 0.05 draws at most 1 of those 10 of 20: P = 21/2^20, so the drop's interval is far above every
-      margin). Knowledge: base 0.8 +- 0; R_0 0.85 +- 0.05.
+      at or below 0.10 draws at most 2 of those 10 of 20: P = 211/2^20 = 0.0002 < 0.0083, so the plain low is
+      >= 0.15 and the crossed one >= 0.5 - 1.125 x 0.35 > 0.10, above every margin). Knowledge: base 0.8 +- 0; R_0
+      0.85 +- 0.05.
       epoch 1: R_e = R_0 in every seed: residual 0, interval [0, 0]; pseudo (at every margin, and in every seed:
         3/3); share (R_e - SFT_e) / (R_0 - SFT_e) = 1 in every resample: 1 [1, 1]. R_e 0.85 +- 0.05.
-      epoch 2: seed 2's R_e loses 10 (R_e 0.30): residual rows 0, 0, 10/20: 1/6. A resample leaves seed 2 out with
-        P = (2/3)^3 = 0.30 > 0.0083 (low 0) and draws it 3 times with P = 1/27 > 0.0083 (high ~0.5): the interval
-        straddles every margin: inconclusive ("D_R straddles"); per seed pseudo, pseudo, actual: 0/3 agree.
+      epoch 2: seed 2's R_e loses 10 (R_e 0.30): residual rows 0, 0, 10/20: 1/6, the one interval whose seeds
+        disagree. Two-way ANOVA of that [3, 20] array: row deviations -1/6, -1/6, 1/3, so MS_A = 20 (1/6) / 2 = 5/3;
+        a single seed carries all the column variation, so MS_B = MS_E (= 5/57) and the question component is 0:
+        target = MS_A / 60 = 1/36 (df = 2, t_2 = (2p - 1) / sqrt(2p (1 - p)) = 7.649 at p = 0.99167); bootstrap
+        1/54 + 1/720 + 1/1080 = 1/48; f = sqrt(4/3) x 7.649 / 2.394 = 3.69. Plain draws: seed 2 left out with
+        P = (2/3)^3 = 0.30 > 0.0083, mean 0, so the plain low is 0 and the crossed low 1/6 - 3.69/6 = -0.45, below 0
+        (and above -1: not clipped); seed 2 drawn 3 times (P = 1/27) with >= 8 of its 10 questions among the 20
+        draws (P(Bin(20, 1/2) >= 8) = 0.87) gives a mean >= 0.4 with P >= 0.032 > 0.0083, so the plain high is
+        >= 0.4 and the crossed one >= 1/6 + 3.69 x (0.4 - 1/6) > 1: clipped to 1. The interval straddles every
+        margin: inconclusive ("D_R straddles"); per seed (one seed: the paired bootstrap, not crossed) pseudo,
+        pseudo, actual: 0/3 agree.
         R_e 0.85, 0.90, 0.30: mean 41/60, sd sqrt(((17-41/3)^2 + (18-41/3)^2 + (6-41/3)^2) / 2) / 20 = sqrt(133/3)/20.
-      epoch 3: R_e loses 10 in every seed: residual 0.5 (as the drop): actual everywhere, 3/3. R_e 0.35 +- 0.05;
-        share = (1 + 2 + 0) / (11 + 12 + 10) = 1/11.
+      epoch 3: R_e loses the same 10 in every seed: residual 0.5 (as the drop, the same interval): actual
+        everywhere, 3/3. R_e 0.35 +- 0.05; share = (1 + 2 + 0) / (11 + 12 + 10) = 1/11.
       Transition: pooled 3; per seed 3, 3, 2: median 3, range 2-3, 3/3 reached actual.
     lr 2e-3 (Q 100; base 80 right, R_0 82 in every seed): knowledge base 0.8, R_0 0.82, every sd 0.
       epoch 1: SFT_e = base, R_e = R_0: drop and residual [0, 0]: no forgetting everywhere; share undefined (R_0 -
-        SFT_e is 2 questions of 100 in every seed: a resample misses both with P = 0.98^100 = 0.13, its interval
-        reaches 0).
-      epoch 2: SFT_e loses 50 (0.30), R_e = R_0 (residual [0, 0], share 1 [1, 1]); seed 1's R_e PPL 8.0 is 11% below
-        R_0's 9.0: not restored (2/3 restored); per seed pseudo, not restored, pseudo: 1/3.
-      epoch 3: R_e loses 10 (0.72): residual 0.1, resample mean (draws of 10 of 100) / 100, Bin(100, 0.1):
-        P(<= 0.02) = 0.0019 < 0.0083 < P(<= 0.05) = 0.058: low in (0.02, 0.05], high >= 0.1: actual at 0.01 and
+        SFT_e is the same 2 questions of 100 in every seed: a resample misses both with P = 0.98^100 = 0.13, its
+        plain low is 0 and the crossed one 0.02 (1 - 1.022) < 0: not clearly lost).
+      epoch 2: SFT_e loses 50 (0.30; drop 0.5, Bin(100, 1/2) <= 30 has P = 4e-5, so the crossed low is
+        >= 0.5 - 1.022 x 0.2 = 0.29), R_e = R_0 (residual [0, 0]; share 1 [1, 1]: gain and gap are one array); seed
+        1's R_e PPL 8.0 is 11% below R_0's 9.0: not restored (2/3 restored); per seed pseudo, not restored, pseudo: 1/3.
+      epoch 3: R_e loses the same 10 in every seed (0.72): residual 0.1, resample mean (draws of 10 of 100) / 100,
+        Bin(100, 0.1): P(<= 0.02) = 0.0019 < 0.0083 < P(<= 0.05) = 0.058: plain low in [0.03, 0.05], crossed low in
+        [0.1 - 1.022 x 0.07, 0.1 - 1.022 x 0.05] = [0.028, 0.049], in (0.02, 0.05]; high >= 0.1: actual at 0.01 and
         0.02, inconclusive at 0.05; every seed actual at 0.02: 3/3. Share (0.72 - 0.30) / (0.82 - 0.30) = 21/26.
       Transition: pooled 3; per seed 3, 3, 3.
     The McNemar variant (against base, R_e's PPL at most base x 1.05): exact test on the discordant pairs summed over
@@ -650,7 +667,8 @@ def test_pooled_table_equals_the_hand_computation(replicated):
         for name in names:
             value = rows[key][name]
             assert (rows[key][f"{name}_low"], rows[key][f"{name}_high"]) == pytest.approx((value, value)), (key, name)
-    assert rows[("1e-3", 2)]["residual_low"] == 0.0 and rows[("1e-3", 2)]["residual_high"] > 0.05
+    # one seed alone losing: the crossed low below 0 (the plain bootstrap's is 0), the high clipped to 1
+    assert rows[("1e-3", 2)]["residual_low"] < 0.0 and rows[("1e-3", 2)]["residual_high"] == 1.0
     assert "D_R" in rows[("1e-3", 2)]["why"] and "D_S" not in rows[("1e-3", 2)]["why"]
     assert 0.02 < rows[("2e-3", 3)]["residual_low"] <= 0.05 < 0.1 <= rows[("2e-3", 3)]["residual_high"]
     assert all(math.isnan(rows[("2e-3", 1)][f"share{end}"]) for end in ("", "_low", "_high"))
@@ -687,7 +705,8 @@ def test_pooled_table_files_text_and_logging(replicated):
     assert "lr=1e-3 (seeds 0,1,2)" in text
     assert "transition epoch (margin rule): pooled 3; replicates median 3, range 2-3 (3/3 reached actual)" in text
     line = next(row for row in text.splitlines() if row.strip().startswith("2  inconclusive"))
-    assert "0/3" in line and "+0.500 [" in line and "+0.167 [+0.000, " in line and "0.850+-0.050" in line
+    assert "0/3" in line and "+0.500 [" in line and "0.850+-0.050" in line
+    assert re.search(r"\+0\.167 \[-0\.\d{3}, \+1\.000\]", line)  # crossed: low in (-1, 0), high clipped to 1
     assert "inconclusive/inconclusive/inconclusive" in line and "pseudo,pseudo,actual" in line
     line = next(row for row in text.splitlines() if row.strip().startswith("3  actual") and "0.720" in row)
     assert "+0.100 [" in line and "actual/actual/inconclusive" in line and "0.820+-0.000" in line
