@@ -20,7 +20,7 @@ import pandas as pd
 
 from forgetray.grids import TAG_REPLICATE_GROUP, replicate_group
 from forgetray.metrics import margin, registry
-from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_fixed
+from forgetray.metrics.stage import STAGE_CODES, classify_checkpoint, classify_fixed, transition_epoch
 from forgetray.plan import checkpoint_name, restore_phase
 from forgetray.tracking import TAG_STAGE_BENCHMARK, TAG_TRANSITION, stage_tag
 
@@ -120,7 +120,7 @@ def _log(tracker, run_id: str, bench: str, table: pd.DataFrame, per_question: pd
                            registry.STAGE_P_RESTORED.name(): row["p_restored"]})
         tracker.log_metrics(run_id, values, step=int(row["epoch"]))
         tracker.set_tag(run_id, stage_tag(int(row["epoch"])), row["stage"])
-    transition = margin.transition(dict(zip(table["epoch"], table["stage"]))) if len(table) else None
+    transition = transition_epoch(dict(zip(table["epoch"], table["stage"]))) if len(table) else None
     tracker.set_tag(run_id, TAG_TRANSITION, "none" if transition is None else transition)
     tracker.set_tag(run_id, TAG_STAGE_BENCHMARK, bench)
     tracker.log_table(run_id, table, "stages/stages.csv")

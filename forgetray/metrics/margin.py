@@ -32,8 +32,7 @@ from typing import Mapping
 
 import numpy as np
 
-from forgetray.metrics.stage import (ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING,
-                                     STAGES)
+from forgetray.metrics.stage import ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING
 
 REPORTED_MARGINS = (0.01, 0.02, 0.05)  # every table shows the verdict at each of these too (METHODS.md §4)
 N_RESAMPLES = 2000
@@ -315,12 +314,3 @@ def epoch_level(alpha: float, epochs: int) -> float:
 def epoch_seed(seed: int, epoch: int) -> int:
     """Each epoch its own bootstrap stream, so a verdict does not depend on which other epochs were judged."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def transition(stages_by_epoch: Mapping[int, str]) -> int | None:
-    """The first epoch classified "actual_forgetting" by the margin rule, or None."""
-    unknown = set(stages_by_epoch.values()) - set(STAGES)
-    if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
-    actual = [e for e, stage in stages_by_epoch.items() if stage == ACTUAL_FORGETTING]
-    return min(actual) if actual else None

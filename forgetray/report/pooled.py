@@ -28,6 +28,7 @@ from forgetray.grids import TAG_REPLICATE_GROUP
 from forgetray.metrics import registry
 from forgetray.metrics import margin
 from forgetray.metrics.pooled import ReplicateOutcome, classify_pooled, transition_summary
+from forgetray.metrics.stage import transition_epoch
 from forgetray.stages import interval_columns, margin_stages
 from forgetray.report.runs import TrialData, short
 from forgetray.report.tables import STAGE_SHORT, setting_column
@@ -170,7 +171,7 @@ def group_rows(group: ReplicateGroup) -> list[dict[str, Any]]:
             row[f"knowledge_{state}_mean"], row[f"knowledge_{state}_sd"] = _mean_sd(per_seed)
         rows.append(row)
     summary = transition_summary([own_stages[t.run_id] for t in members])
-    pooled_transition = margin.transition(pooled_stages)
+    pooled_transition = transition_epoch(pooled_stages)
     for row in rows:
         row.update({"transition_pooled": pooled_transition, "transition_median": summary.median,
                     "transition_low": summary.low, "transition_high": summary.high,
