@@ -61,7 +61,8 @@ class Per:
             if candidate == key:
                 return value
         raise SpecError(f"setting {name!r} = per({self.setting!r}, ...) has no value for {self.setting}={key!r} "
-                        f"(it has: {', '.join(repr(k) for k, _ in self.values)})")
+                        f"(it has: {', '.join(repr(k) for k, _ in self.values)}); give it one with "
+                        f"--set {name}=VALUE (or add {key!r} to the per(...) in the sweep file)")
 
 
 def per(setting: str, values: Mapping[Any, Any]) -> Per:

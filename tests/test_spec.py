@@ -134,6 +134,9 @@ def test_per_makes_a_setting_follow_another():
     assert {t.lr for t in sweep.with_overrides({"lr": 1e-3}).trials} == {1e-3}
     with pytest.raises(SpecError, match=r"'lr' = per\('dataset', \.\.\.\) has no value for dataset='b.jsonl'"):
         Sweep("s", dataset=grid(["a.jsonl", "b.jsonl"]), lr=per("dataset", {"a.jsonl": 5e-3}))
+    # what a newcomer meets with `--set dataset=my.jsonl` on the quickstart: the error says how to go on
+    with pytest.raises(SpecError, match=r"has no value for dataset='my.jsonl' .*; give it one with --set lr=VALUE"):
+        sweep.with_overrides({"dataset": "my.jsonl"})
     with pytest.raises(SpecError, match="'lr' = per\\('lr'"):
         Sweep("s", lr=per("lr", {1: 2}))
     with pytest.raises(SpecError, match="must be another setting"):
