@@ -7,6 +7,7 @@ Storage layout (`--storage`, default ./forgetray-results/storage):
                                          /trials/<key>/     each trial's Ray Train run, checkpoints, MLflow run id
                                          /start/<key>/      a trained start (prior phases), shared by its trials
                                          /base_eval/<key>/  base-model probes, shared by the trials of one model
+                                         /control/<key>/    the control R_0 (the start restored) and its probes
 
 Trials that differ only in `epochs` share one trajectory when the schedule allows (`forgetray.sharing`, unless
 `Sweep(share_trajectories=False)`): Tune runs one driver per trajectory, its leader (the most epochs), which then
@@ -28,6 +29,8 @@ from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.spec import SpecError, Sweep, flatten
 from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide, ui_base
 from forgetray.trial import failure_reason
+
+TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray Tune's switch for its default result loggers
 
 DEFAULT_RESULTS = Path("forgetray-results")
 # Ray Train V2 settings for a Ray this process starts (a cluster's own are left to its operator)
@@ -200,6 +203,9 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
         "system_metrics": os.environ.get(SYSTEM_METRICS_ENV, "auto"),  # decided here: the driver's environment
     }
+    # Tune's default CSV/JSON/TensorBoard loggers: MLflow has every metric; TensorBoard's logger warned about the
+    # reports' series values on every run and printed a "visualize with TensorBoard" hint. Off unless set otherwise.
+    os.environ.setdefault(TUNE_LOGGERS_ENV, "1")
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
     tune_dir = execution_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir)):

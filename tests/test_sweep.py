@@ -153,6 +153,9 @@ def test_two_trial_sweep_with_two_deepspeed_workers(tmp_path, fixture_files, hub
     local = next(t for t in trials if t.data.params["resolved.model.kind"] == "local")
     ckpts = sorted((tmp_path / "storage").glob("e2e/*/trials/*/ift/epoch_002"))
     assert len(ckpts) == 2
+    # Tune's default loggers are off (MLflow has the metrics): no TensorBoard event files, no result.json
+    tune_dir = next((tmp_path / "storage").glob("e2e/*/tune"))
+    assert not list(tune_dir.rglob("events.out.tfevents*")) and not list(tune_dir.rglob("result.json"))
     state = [json.loads((c / "state.json").read_text()) for c in ckpts]
     ckpt = next(c for c, s in zip(ckpts, state) if s["metrics"]["train/loss"] ==
                 pytest.approx(client(uri).get_metric_history(local.info.run_id, "train/loss")[-1].value))
