@@ -27,29 +27,6 @@ from forgetray.tracking import TAG_STAGE_BENCHMARK, TAG_TRANSITION, stage_tag
 # The per-question correctness the stage rule pairs, by primary score (question files and tasks alike; mc2 has none).
 CORRECT_COLUMN = {"letter": "letter_correct", "acc": "acc_correct", "acc_norm": "acc_norm_correct",
                   "mc1": "mc1_correct"}
-# The margin rule's quantities, as stages.csv columns and `stage/<key>` metrics (registry.INTERVAL_KEYS).
-_INTERVALS = {"drop": "d_sft", "residual": "d_restored", "share": "share"}
-
-
-def interval_columns(found: margin.Deltas) -> dict[str, float]:
-    """drop, drop_low, drop_high, residual, ..., share_high and level: one checkpoint's row of the margin rule."""
-    out = {}
-    for key, field in _INTERVALS.items():
-        interval = getattr(found, field)
-        out.update({key: interval.estimate, f"{key}_low": interval.low, f"{key}_high": interval.high})
-    out["level"] = found.level
-    return out
-
-
-def margin_stages(found: margin.Deltas, stage_margin: float, restored_ok: bool) -> dict[str, str]:
-    """The headline verdict (`stage`, `why`) and the verdict at each reported margin (`stage_at_<m>`)."""
-    verdict = margin.classify(found, stage_margin, restored_ok)
-    out = {"stage": verdict.stage, "why": verdict.why}
-    for m in margin.REPORTED_MARGINS:
-        out[f"stage_at_{m:g}"] = margin.classify(found, m, restored_ok).stage
-    return out
-
-
 def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, checkpoints: list[Path]) -> pd.DataFrame:
     bench, info = next(iter(resolved["benchmarks"].items()))  # the first benchmark is the stage's primary one
     column = CORRECT_COLUMN[info["score"]]
@@ -76,8 +53,9 @@ def classify_trial(tracker, run_id: str, trial, resolved: dict, dirs: dict, chec
                                      ppl_tolerance=trial.ppl_tolerance)
         fixed = classify_fixed(b.mean(), s.mean(), r.mean(), base_ppl, restored_ppl, tau=trial.stage_tau,
                                ppl_tolerance=trial.ppl_tolerance)
-        rows.append({"epoch": epoch, **margin_stages(found, trial.stage_margin, restored_ok),
-                     "restored_ok": restored_ok, "margin": trial.stage_margin, **interval_columns(found),
+        rows.append({"epoch": epoch, **margin.verdicts(found, trial.stage_margin, restored_ok),
+                     "restored_ok": restored_ok, "margin": trial.stage_margin,
+                     **margin.interval_columns(found),
                      "stage_test": tested.stage, "stage_fixed": fixed.stage, "acc_base": b.mean(),
                      "acc_control": c.mean(), "acc_sft": s.mean(), "acc_restored": r.mean(), "d_sft": tested.d_sft,
                      "d_restored": tested.d_restored, "p_sft": tested.p_sft, "p_restored": tested.p_restored,

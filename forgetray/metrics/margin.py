@@ -314,3 +314,27 @@ def epoch_level(alpha: float, epochs: int) -> float:
 def epoch_seed(seed: int, epoch: int) -> int:
     """Each epoch its own bootstrap stream, so a verdict does not depend on which other epochs were judged."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+# The rule's quantities as table columns (stages.csv, the pooled table) and `stage/<key>` metrics
+# (registry.INTERVAL_KEYS).
+_INTERVALS = {"drop": "d_sft", "residual": "d_restored", "share": "share"}
+
+
+def interval_columns(found: Deltas) -> dict[str, float]:
+    """drop, drop_low, drop_high, residual, ..., share_high and level: one checkpoint's row of the margin rule."""
+    out = {}
+    for key, field in _INTERVALS.items():
+        interval = getattr(found, field)
+        out.update({key: interval.estimate, f"{key}_low": interval.low, f"{key}_high": interval.high})
+    out["level"] = found.level
+    return out
+
+
+def verdicts(found: Deltas, stage_margin: float, restored_ok: bool) -> dict[str, str]:
+    """The headline verdict (`stage`, `why`) and the verdict at each reported margin (`stage_at_<m>`)."""
+    verdict = classify(found, stage_margin, restored_ok)
+    out = {"stage": verdict.stage, "why": verdict.why}
+    for m in REPORTED_MARGINS:
+        out[f"stage_at_{m:g}"] = classify(found, m, restored_ok).stage
+    return out

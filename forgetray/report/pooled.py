@@ -29,7 +29,6 @@ from forgetray.metrics import registry
 from forgetray.metrics import margin
 from forgetray.metrics.pooled import ReplicateOutcome, classify_pooled, transition_summary
 from forgetray.metrics.stage import transition_epoch
-from forgetray.stages import interval_columns, margin_stages
 from forgetray.report.runs import TrialData, short
 from forgetray.report.tables import STAGE_SHORT, setting_column
 from forgetray.tracking import TAG_STAGE_BENCHMARK, Tracker
@@ -145,7 +144,7 @@ def group_rows(group: ReplicateGroup) -> list[dict[str, Any]]:
         seed = margin.epoch_seed(_seed(judged[0]), epoch)
         found = margin.deltas(*(matrices[s] for s in ("base", "sft", "restored", "control")), level=level, seed=seed)
         ok = [margin.within_control(t.at(ppl["control"], 0), t.at(ppl["restored"], epoch), tolerance) for t in judged]
-        verdicts = margin_stages(found, stage_margin, all(ok))
+        verdicts = margin.verdicts(found, stage_margin, all(ok))
         pooled_stages[epoch] = verdicts["stage"]
         own = []
         for k, trial in enumerate(judged):
@@ -163,7 +162,7 @@ def group_rows(group: ReplicateGroup) -> list[dict[str, Any]]:
                                **verdicts, "margin": stage_margin,
                                "agreeing": f"{sum(stage == verdicts['stage'] for stage in own)}/{len(judged)}",
                                "replicate_stages": ",".join(STAGE_SHORT[stage] for stage in own),
-                               "restored": f"{sum(ok)}/{len(judged)}", **interval_columns(found),
+                               "restored": f"{sum(ok)}/{len(judged)}", **margin.interval_columns(found),
                                "stage_mcnemar": mcnemar.stage, "p_sft": mcnemar.p_sft,
                                "p_restored": mcnemar.p_restored}
         for state in _STATES:
