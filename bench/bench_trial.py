@@ -17,6 +17,7 @@ end of the trial (stage classification, continual summaries, closing the run).
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,10 @@ def run_replicas(sweep_file: Path) -> tuple[float, list[str]]:
                          "--dataset", trial.dataset, "--lr", str(trial.lr), "--epochs", str(trial.epochs),
                          "--batch", str(trial.batch_size), "--restore-lr", str(trial.restore_lr),
                          "--restore-batch", str(trial.restore_batch_size), "--seed", str(trial.seed),
-                         "--restore-passes", str(trial.restore_max_passes)])
+                         "--restore-passes", str(trial.restore_max_passes),
+                         "--early-probes", str(trial.early_checkpoints),
+                         "--trajectory-points", str(trial.restore_trajectory_points),
+                         "--tolerance", str(trial.ppl_tolerance)])
     start = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     outputs = [p.communicate()[0] for p in procs]
@@ -64,25 +68,35 @@ def run_replicas(sweep_file: Path) -> tuple[float, list[str]]:
 
 
 def breakdown(uri: str, parent_run_id: str) -> list[dict]:
-    """Per trial: seconds from the run's start to each phase's last reported metric (MLflow timestamps)."""
+    """Per trial, from MLflow timestamps: its fixed cost before training (its start -> its base report, which comes
+    right before its first training step) and after it (its last restoration's report -> its run's end), and the
+    phases between. A trial's start is its run's start, or, for a later trial of a shared worker group (tag
+    forgetray.cohort), the previous one's last report: it was waiting until then."""
     from mlflow import MlflowClient
 
-    from forgetray.tracking import Tracker
+    from forgetray.tracking import TAG_COHORT, Tracker
 
     client = MlflowClient(uri)
-    rows = []
-    for run in Tracker(uri).trial_runs(parent_run_id):
-        def last_time(prefix: str) -> float:
-            times = [m.timestamp for name in run.data.metrics if name.startswith(prefix)
-                     for m in client.get_metric_history(run.info.run_id, name)]
-            return max(times) / 1000 if times else float("nan")
+    runs = Tracker(uri).trial_runs(parent_run_id)
 
-        t0, end = run.info.start_time / 1000, run.info.end_time / 1000
-        base, ift, restored = last_time("base/"), last_time("sft/"), last_time("restored/")
+    def last_time(run, prefix: str) -> float:
+        times = [m.timestamp for name in run.data.metrics if name.startswith(prefix)
+                 for m in client.get_metric_history(run.info.run_id, name)]
+        return max(times) / 1000 if times else float("nan")
+
+    position = {}
+    for run in runs:
+        key, _, at = run.data.tags.get(TAG_COHORT, f"{run.info.run_id}:0").rpartition(":")
+        position[key, int(at)] = run
+    rows = []
+    for (key, at), run in sorted(position.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        t0 = run.info.start_time / 1000 if at == 0 else last_time(position[key, at - 1], "restored/")
+        end = run.info.end_time / 1000
+        base, ift, restored = last_time(run, "base/"), last_time(run, "sft/"), last_time(run, "restored/")
         compute = sum(m.value for m in client.get_metric_history(run.info.run_id, "train/epoch_seconds"))
-        rows.append({"trial": run.data.tags.get("forgetray.trial", run.info.run_name), "start+base": base - t0,
+        rows.append({"trial": run.data.tags.get("forgetray.trial", run.info.run_name), "to first step": base - t0,
                      "IFT epochs": ift - base, "(training)": compute, "restorations": restored - ift,
-                     "end": end - restored, "total": end - t0})
+                     "after last probe": end - restored, "fixed": base - t0 + end - restored, "total": end - t0})
     return rows
 
 
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(ROOT / "sweeps" / "quickstart.py"))
+    parser.add_argument("--keep", metavar="DIR", help="run forgetray's side in DIR (kept) instead of a temp dir")
+    parser.add_argument("--no-replica", action="store_true", help="forgetray's side and its breakdown only")
     args = parser.parse_args(argv)
     sweep_file = Path(args.sweep)
     import os
@@ -99,18 +115,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f} at the start (other work on the machine stretches both sides' wall clock)",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-trial-") as tmp:
+        if args.keep:
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         ours, uri, parent = run_forgetray(sweep_file, Path(tmp))
         print(f"forgetray: {ours:.0f} s wall", flush=True)
-        plain, outputs = run_replicas(sweep_file)
-        print(f"replica:   {plain:.0f} s wall (same trials, side by side)", flush=True)
-        print(f"ratio forgetray / replica: {ours / plain:.2f}  (goal <= 1.5)\n")
+        outputs = []
+        if not args.no_replica:
+            plain, outputs = run_replicas(sweep_file)
+            print(f"replica:   {plain:.0f} s wall (same trials, side by side)", flush=True)
+            print(f"ratio forgetray / replica: {ours / plain:.2f}  (goal <= 1.3)\n")
         rows = breakdown(uri, parent)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    columns = ["start+base", "IFT epochs", "(training)", "restorations", "end", "total"]
+    columns = ["to first step", "IFT epochs", "(training)", "restorations", "after last probe", "fixed", "total"]
     print("where forgetray's time went (s, from MLflow timestamps; '(training)' = sum of train/epoch_seconds):")
-    print(f"{'trial':<40}" + "".join(f"{c:>14}" for c in columns))
+    print(f"{'trial':<44}" + "".join(f"{c:>17}" for c in columns))
     for row in rows:
-        print(f"{row['trial'][:40]:<40}" + "".join(f"{row[c]:>14.1f}" for c in columns))
+        print(f"{row['trial'][:44]:<44}" + "".join(f"{row[c]:>17.1f}" for c in columns))
+    fixed = sorted(row["fixed"] for row in rows)
+    print(f"fixed cost per trial (to first step + after last probe): median {statistics.median(fixed):.1f} s "
+          f"(range {fixed[0]:.1f} .. {fixed[-1]:.1f}; goal <= 10)")
     print("\nreplica's own log (last lines):")
     for out in outputs:
         print("  " + "\n  ".join(out.strip().splitlines()[-2:]))

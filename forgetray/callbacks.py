@@ -16,16 +16,18 @@ from pathlib import Path
 from forgetray.metrics import registry
 from forgetray.tracking import Tracker
 
-# A report's fields, not metrics: its kind and the step fields the registry declares (a new step meaning needs none).
-REPORT_KEYS = ("kind", *(field for field, _ in registry.STEPS.values()))
+# A report's fields, not metrics: its kind, whose it is (the member of its Ray Train run) and the step fields the
+# registry declares (a new step meaning needs none).
+REPORT_KEYS = ("kind", "member", *(field for field, _ in registry.STEPS.values()))
 
 
-def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
-    """Log every report to the trial's run: metrics at their declared step (`registry.step_of`; an undeclared
+def make_report_logger(tracking_uri: str, runs: dict[int, tuple[str, dict]]):
+    """Log every report to its trial's run: metrics at their declared step (`registry.step_of`; an undeclared
     metric raises), and per-question probe results as Parquet artifacts.
 
-    `artifact_dirs` maps a report kind to (local dir or None for the checkpoint's probes/, artifact path with
-    `{epoch:03d}`). Steps a re-attached run already has are not logged twice.
+    `runs` maps a report's `member` (the trials one Ray Train run serves in turn) to (its MLflow run id, its
+    `artifact_dirs`: report kind -> (local dir or None for the checkpoint's probes/, artifact path with
+    `{epoch:03d}`)). Steps a re-attached run already has are not logged twice.
 
     A tracking store that is down or locked is waited for (`tracking.retrying`: backoff up to
     $FORGETRAY_TRACKING_RETRY_S, default 600 s) while the report is held here, so no metric is lost; past the bound
@@ -35,38 +37,39 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
     class MlflowReportLogger(UserCallback):
         def __init__(self):
             self._tracker = None
-            self._seen: dict[str, set[int]] = {}
+            self._seen: dict[tuple[str, str], set[int]] = {}
 
-        def _logged(self, name: str) -> set[int]:
-            if name not in self._seen:
-                self._seen[name] = self._tracker.logged_steps(run_id, name)  # retried while MLflow is down
-            return self._seen[name]
+        def _logged(self, run_id: str, name: str) -> set[int]:
+            if (run_id, name) not in self._seen:  # retried while MLflow is down
+                self._seen[run_id, name] = self._tracker.logged_steps(run_id, name)
+            return self._seen[run_id, name]
 
         def after_report(self, run_context, metrics, checkpoint):
             report = metrics[0]  # rank 0 holds the gathered probe results
+            run_id, artifact_dirs = runs[int(report.get("member", 0))]
             if self._tracker is None:
                 self._tracker = Tracker(tracking_uri)
             # One batch for the whole report (its trajectory points and every step): a driver killed while
             # logging it leaves all of it or none, never a checkpoint with some of its metrics.
-            found = [p for point in report.get(registry.SERIES, []) for p in self._new_points(point)]
-            found += self._new_points(report)
+            found = [p for point in report.get(registry.SERIES, []) for p in self._new_points(run_id, point)]
+            found += self._new_points(run_id, report)
             points = list({(name, step): (name, value, step) for name, value, step in reversed(found)}.values())
             self._tracker.log_points(run_id, points)  # the first of any (name, step) given twice
             for name, _, step in points:
-                self._seen[name].add(step)
-            self._log_artifacts(report, checkpoint)
+                self._seen[run_id, name].add(step)
+            self._log_artifacts(run_id, artifact_dirs, report, checkpoint)
 
-        def _new_points(self, report: dict) -> list[tuple[str, float, int]]:
+        def _new_points(self, run_id: str, report: dict) -> list[tuple[str, float, int]]:
             points = []
             for name, value in report.items():
                 if name in REPORT_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 step = registry.step_of(name, report)
-                if step not in self._logged(name):
+                if step not in self._logged(run_id, name):
                     points.append((name, value, step))
             return points
 
-        def _log_artifacts(self, report: dict, checkpoint) -> None:
+        def _log_artifacts(self, run_id: str, artifact_dirs: dict, report: dict, checkpoint) -> None:
             local, artifact_path = artifact_dirs.get(report.get("kind"), (None, None))
             if artifact_path is None:
                 return
@@ -82,17 +85,22 @@ def make_report_logger(tracking_uri: str, run_id: str, artifact_dirs: dict):
 
 
 def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], verbose: bool,
-                  followers: dict[int, list[int]] | None = None):
+                  followers: dict[int, list[int]] | None = None, cohorts: dict[int, list[int]] | None = None):
     """One console line per epoch, restoration and finished trial: trials done / total and what each is doing.
     `names`, `epochs`, `benchmarks` (the primary benchmark's metric name) are per trial index; the total counts
-    every grid point, and a trajectory's shorter grid points (`followers` of a Tune trial's index) are done with
-    it, "from trajectory <its name>"."""
-    followers = followers or {}
+    every grid point. A Tune trial runs the trials of its cohort in turn (`cohorts`: its trial index -> theirs;
+    a report's `member` says whose it is), and a trajectory's shorter grid points (`followers` of a trial) are done
+    with it, "from trajectory <its name>"."""
+    followers, cohorts = followers or {}, cohorts or {}
     from ray.tune import Callback
 
     def say(text: str, error: bool = False) -> None:
         if verbose or error:
             print(text, file=sys.stderr if error else sys.stdout, flush=True)
+
+    def members(trial) -> list[int]:
+        index = trial.config["trial_index"]
+        return cohorts.get(index, [index])
 
     class Progress(Callback):
         def __init__(self):
@@ -103,7 +111,7 @@ def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], ve
             return f"[{self.done}/{len(names)} trials done, {time.time() - self.start:5.0f}s]"
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            i = trial.config["trial_index"]
+            i = members(trial)[int(result.get("member", 0))]
             kind, epoch, bench, nan = result.get("kind"), int(result.get("epoch", -1)), benchmarks[i], float("nan")
 
             def get(metric: registry.Metric, **fields) -> float:
@@ -130,21 +138,25 @@ def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], ve
             say(f"{self._prefix()} {names[i]}: {line}")
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            say(f"{self._prefix()} {names[trial.config['trial_index']]}: starting "
-                "(Ray Train workers, DeepSpeed engine, base-model probes)")
+            group = members(trial)
+            then = f"; then {len(group) - 1} more in these workers" if len(group) > 1 else ""
+            say(f"{self._prefix()} {names[group[0]]}: starting (Ray Train workers, DeepSpeed engine, base-model "
+                f"probes{then})")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            i = trial.config["trial_index"]
-            self.done += 1
-            say(f"{self._prefix()} {names[i]}: finished")
-            for f in followers.get(i, []):
+            for i in members(trial):
                 self.done += 1
-                say(f"{self._prefix()} {names[f]}: finished (from trajectory {names[i]})")
+                say(f"{self._prefix()} {names[i]}: finished")
+                for f in followers.get(i, []):
+                    self.done += 1
+                    say(f"{self._prefix()} {names[f]}: finished (from trajectory {names[i]})")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            i = trial.config["trial_index"]
-            self.done += 1 + len(followers.get(i, []))
-            say(f"{self._prefix()} {names[i]}: FAILED (see the log above)"
-                + (f"; so did {len(followers[i])} grid point(s) from its trajectory" if followers.get(i) else ""))
+            group = members(trial)
+            shorter = sum(len(followers.get(i, [])) for i in group)
+            self.done += len(group) + shorter
+            who = names[group[0]] if len(group) == 1 else f"{names[group[0]]} and {len(group) - 1} more in its workers"
+            say(f"{self._prefix()} {who}: FAILED (the failed trials are listed at the end)"
+                + (f"; with {shorter} grid point(s) from their trajectories" if shorter else ""))
 
     return Progress()

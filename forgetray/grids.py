@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 from forgetray.spec import SETTINGS, SpecError, TrialConfig
 
-SWEEP_OPTIONS = ("replicates", "share_trajectories")  # sweep-level settings that `--set` accepts besides TrialConfig's
+SWEEP_OPTIONS = ("replicates", "share_trajectories", "share_workers")  # `--set` accepts these besides TrialConfig's
 TAG_REPLICATE_GROUP = "forgetray.replicate_group"  # a trial run's `replicate_group` (set with its stages)
 
 
@@ -106,10 +106,14 @@ class Sweep:
     # Trials differing only in `epochs` train one trajectory when the schedule allows (forgetray.sharing). A sweep
     # option, not a trial setting: the results are the same either way, so the trials' identities must not change.
     share_trajectories: bool
+    # A grid point's replicates run in turn in one Ray Train worker group (forgetray.sharing.cohorts): its start-up
+    # (processes, imports, loading) is paid once per group instead of once per trial. Results are the same either way.
+    share_workers: bool
     trials: tuple = field(repr=False)  # grid points in order, each point's replicates next to each other
 
     def __init__(self, name: str, *, max_concurrent_trials: int = 0, replicates: int = 1,
-                 share_trajectories: bool = True, cases: Iterable[Mapping[str, Any]] = (), **settings: Any):
+                 share_trajectories: bool = True, share_workers: bool = True,
+                 cases: Iterable[Mapping[str, Any]] = (), **settings: Any):
         if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\ "):
             raise SpecError(f"sweep name must be a non-empty string without '/', '\\' or spaces, got {name!r}")
         if not isinstance(max_concurrent_trials, int) or max_concurrent_trials < 0:
@@ -118,6 +122,8 @@ class Sweep:
             raise SpecError(f"replicates must be an int >= 1 (seeds per grid point; 1 = none), got {replicates!r}")
         if not isinstance(share_trajectories, bool):
             raise SpecError(f"share_trajectories must be True or False, got {share_trajectories!r}")
+        if not isinstance(share_workers, bool):
+            raise SpecError(f"share_workers must be True or False, got {share_workers!r}")
         unknown = [k for k in settings if k not in SETTINGS]
         if unknown:
             raise SpecError(f"unknown axis {unknown[0]!r} (known axes: {', '.join(SETTINGS)})")
@@ -136,6 +142,7 @@ class Sweep:
         object.__setattr__(self, "max_concurrent_trials", max_concurrent_trials)
         object.__setattr__(self, "replicates", replicates)
         object.__setattr__(self, "share_trajectories", share_trajectories)
+        object.__setattr__(self, "share_workers", share_workers)
         object.__setattr__(self, "cases", cases)
         object.__setattr__(self, "trials", tuple(_expand(settings, replicates, cases)))
 
@@ -168,9 +175,10 @@ class Sweep:
         settings = dict(overrides)
         replicates = settings.pop("replicates", self.replicates)
         share = settings.pop("share_trajectories", self.share_trajectories)
+        workers = settings.pop("share_workers", self.share_workers)
         cases = [{k: v for k, v in case.items() if k not in settings} for case in self.cases]  # an override wins
         return Sweep(self.name, max_concurrent_trials=self.max_concurrent_trials, replicates=replicates,
-                     share_trajectories=share, cases=cases,
+                     share_trajectories=share, share_workers=workers, cases=cases,
                      **{**self.settings, **settings})
 
     def to_dict(self) -> dict:
@@ -179,6 +187,7 @@ class Sweep:
             "max_concurrent_trials": self.max_concurrent_trials,
             "replicates": self.replicates,
             "share_trajectories": self.share_trajectories,
+            "share_workers": self.share_workers,
             "cases": [dict(case) for case in self.cases],
             "settings": {k: _plain(v) for k, v in self.settings.items()},
             "axes": sorted(self.axes),

@@ -15,6 +15,11 @@ def trial_key(trial: TrialConfig) -> str:
     return f"{trial.short_name()}-{trial.config_hash()}"
 
 
+def cohort_key(trials: list[TrialConfig]) -> str:
+    """The folder of a worker group's Ray Train run (`sharing.cohorts`): its first trial's name and all of theirs."""
+    return f"{trials[0].short_name()}-x{len(trials)}-{_digest([trial_key(t) for t in trials])}"
+
+
 def _digest(parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -1,12 +1,14 @@
 """Training shared across the trials of a sweep (pure: no Ray, MLflow, DeepSpeed or torch).
 
-Two kinds (README "Training shared across trials"):
+Three kinds (README "Training shared across trials"):
 - **prior phases**: the trials whose prior fine-tuning phases are the same (same model, phases, seed, precision,
   ZeRO stage, device and probe suite: `start_identity`) start from one trained start, trained once per sweep
   (`forgetray.trial` keys its folder with `keys.prior_start_key`, the same parts with resolved paths);
 - **epoch prefixes**: trials that differ only in `epochs` share one IFT trajectory when a shorter run is a prefix
   of the longer one (`prefix_shareable`): the longest is trained (the leader) and every shorter grid point (a
-  follower) takes its results from the leader's checkpoint at its own epoch.
+  follower) takes its results from the leader's checkpoint at its own epoch;
+- **worker groups** (`cohorts`): a grid point's replicates run in turn in one Ray Train run, so the worker
+  processes, their imports and the loaded data serve them all; each keeps its own MLflow run and checkpoints.
 
 `training_epochs` counts the epochs a sweep trains with and without both (what `forgetray validate` prints).
 """
@@ -50,6 +52,27 @@ def trajectories(trials: list[TrialConfig], share: bool = True) -> list[list[int
         groups.setdefault(key, []).append(i)
     out = [sorted(members, key=lambda i: -trials[i].epochs) for members in groups.values()]
     return sorted(out, key=lambda g: g[0])
+
+
+def cohorts(trials: list[TrialConfig], leaders: list[int], slots: int, share: bool = True) -> list[list[int]]:
+    """Groups of trial indices (trajectory leaders only) that one Ray Train worker group runs in turn, each in the
+    order of `leaders`: the trials that differ only in their seed (a grid point's replicates). While there are fewer
+    groups than `slots` (the trials the cluster runs at once), the largest group is halved, so that sharing never
+    leaves a slot idle that separate trials would have used. `share=False`: every leader alone."""
+    groups: dict[str, list[int]] = {}
+    for i in leaders:
+        data = trials[i].to_dict()
+        del data["seed"]
+        key = json.dumps(data, sort_keys=True) if share else f"alone-{i}"
+        groups.setdefault(key, []).append(i)
+    out = list(groups.values())
+    while len(out) < slots:
+        largest = max(out, key=len)
+        if len(largest) < 2:
+            break
+        half = (len(largest) + 1) // 2
+        out[out.index(largest):out.index(largest) + 1] = [largest[:half], largest[half:]]
+    return sorted(out, key=lambda g: leaders.index(g[0]))
 
 
 def unshared_reasons(trials: list[TrialConfig]) -> list[str]:

@@ -49,7 +49,8 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     if resume:
         execution_dir, state = _latest_execution(sweep_root)
         if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials] or \
-                state["sweep"].get("share_trajectories", False) != sweep.share_trajectories:
+                state["sweep"].get("share_trajectories", False) != sweep.share_trajectories or \
+                state["sweep"].get("share_workers", False) != sweep.share_workers:
             raise SpecError(f"--resume: the sweep {sweep.name!r} changed since {execution_dir} ran; "
                             "resume needs the same grid and settings")
         tracking_uri = state["tracking_uri"]
@@ -82,23 +83,35 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     _say(verbose, f"[forgetray] the trials' knowledge curves in the MLflow UI: {ui_link}")
     ok = False
     try:
-        results = _tune(sweep, trials, resolved, execution_dir, tracking_uri, parent_run_id, resume, verbose)
+        results, cohorts = _tune(sweep, trials, resolved, execution_dir, tracking_uri, parent_run_id, resume,
+                                 verbose)
         failed = [r for r in results if r.error is not None]
         ok = not failed
         followers = _followers(sweep)
+        failed_count = 0
         for r in failed:
             index = r.config.get("trial_index")
-            name = sweep.trials[index].short_name() if isinstance(index, int) else index
-            _say(True, f"[forgetray] trial failed: {name}: {failure_reason(r.error)}")
-            for f in followers.get(str(index), []):  # a failed trajectory's shorter grid points have no results
-                _say(True, f"[forgetray] trial failed: {sweep.trials[f].short_name()}: from trajectory {name}")
-        failed_count = sum(1 + len(followers.get(str(r.config.get("trial_index")), [])) for r in failed)
+            for i in cohorts.get(str(index), [index]) if isinstance(index, int) else [index]:
+                if isinstance(i, int) and _done(execution_dir, sweep, resolved, i):
+                    continue  # a cohort's member that finished before another one failed
+                name = sweep.trials[i].short_name() if isinstance(i, int) else i
+                _say(True, f"[forgetray] trial failed: {name}: {failure_reason(r.error)}")
+                failed_count += 1
+                for f in followers.get(str(i), []):  # a failed trajectory's shorter grid points have no results
+                    _say(True, f"[forgetray] trial failed: {sweep.trials[f].short_name()}: from trajectory {name}")
+                    failed_count += 1
     finally:
         tracker.end_run(parent_run_id, ok=ok)
     table = tracker.checkpoint_table(parent_run_id)
     table.attrs.update({"tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "ui_link": ui_link,
                         "execution_dir": str(execution_dir), "failed_trials": 0 if ok else failed_count})
     return table
+
+
+def _done(execution_dir: Path, sweep: Sweep, resolved: list, index: int) -> bool:
+    from forgetray.trial import DONE_FILE, trial_dirs
+
+    return (Path(trial_dirs(execution_dir, sweep.trials[index], resolved[index])["trial_dir"]) / DONE_FILE).is_file()
 
 
 DRIVER_FILE = "driver.json"  # the driver's pid and, if it started one, its local Ray session (for --resume)
@@ -197,35 +210,54 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
     _record_driver(execution_dir)
     followers = _followers(sweep)
     leaders = [i for i in range(len(trials)) if not any(i in f for f in followers.values())]
+    cohorts = _cohorts(sweep, leaders, execution_dir)
     context = {
         "sweep_name": sweep.name, "trials": trials, "resolved": resolved, "execution_dir": str(execution_dir),
-        "followers": followers,
+        "followers": followers, "cohorts": cohorts,
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
         "system_metrics": os.environ.get(SYSTEM_METRICS_ENV, "auto"),  # decided here: the driver's environment
     }
     # Tune's default CSV/JSON/TensorBoard loggers: MLflow has every metric; TensorBoard's logger warned about the
     # reports' series values on every run and printed a "visualize with TensorBoard" hint. Off unless set otherwise.
     os.environ.setdefault(TUNE_LOGGERS_ENV, "1")
+    if os.environ[TUNE_LOGGERS_ENV] == "1":  # then Tune's result grid finds no per-trial files and says so per trial
+        import logging
+
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    firsts = [int(first) for first in cohorts]  # one Tune trial per cohort, named by its first trial
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
     tune_dir = execution_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space={"trial_index": tune.grid_search(leaders), "context": context})
+                                   param_space={"trial_index": tune.grid_search(firsts), "context": context})
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial_index": tune.grid_search(leaders), "context": context},
+            param_space={"trial_index": tune.grid_search(firsts), "context": context},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(execution_dir), verbose=0,
                 callbacks=[make_progress([t.short_name() for t in sweep.trials], [t.epochs for t in sweep.trials],
                                          [benchmark_key(t.benchmarks[0]) for t in sweep.trials], verbose,
-                                         {int(k): v for k, v in followers.items()})],
+                                         {int(k): v for k, v in followers.items()},
+                                         {int(k): v for k, v in cohorts.items()})],
                 failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
             ),
         )
-    return list(tuner.fit())
+    return list(tuner.fit()), cohorts
+
+
+def _cohorts(sweep: Sweep, leaders: list[int], execution_dir: Path) -> dict[str, list[int]]:
+    """First trial index (a string: JSON-like data) -> the trials one worker group runs in turn
+    (`sharing.cohorts`), decided by the first execution and kept in sweep.json: a resumed one finds its runs."""
+    path = execution_dir / "sweep.json"
+    state = json.loads(path.read_text())
+    if "cohorts" not in state:
+        groups = sharing.cohorts(list(sweep.trials), leaders, _concurrency(sweep), sweep.share_workers)
+        state["cohorts"] = {str(group[0]): group for group in groups}
+        path.write_text(json.dumps(state, indent=1, sort_keys=True))
+    return state["cohorts"]
 
 
 def _followers(sweep: Sweep) -> dict[str, list[int]]:

@@ -41,6 +41,9 @@ SYSTEM_METRICS_ENV = "FORGETRAY_SYSTEM_METRICS"
 # The charts the printed link shows (a regular expression the UI matches against metric names).
 KNOWLEDGE_CHARTS = "/knowledge$"
 TAG_ERROR = "forgetray.error"  # why a failed trial failed (its first line: exception type and message)
+# "<cohort key>:<position>": the Ray Train run a trial shared with the other replicates of its grid point
+# (forgetray.sharing.cohorts), and its place in that run's order
+TAG_COHORT = "forgetray.cohort"
 # The run id of the trial that trained the trajectory a trial's results come from (forgetray.sharing: epoch prefixes),
 # on the leader (its own id) and on each follower.
 TAG_TRAJECTORY = "forgetray.trajectory"
@@ -268,6 +271,10 @@ class Tracker:
     # --- reading back ---
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
+
+    def has_metrics(self, run_id: str) -> bool:
+        """Whether anything was logged into the run yet (retried while the store is down)."""
+        return bool(retrying(self.client.get_run, run_id, what="read run").data.metrics)
 
     def sweep_runs(self, experiment_name: str) -> list:
         """The experiment's sweep executions (parent runs), newest first."""

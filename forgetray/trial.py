@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import plan as planning
-from forgetray.keys import (base_em_key, base_eval_key, control_key, iv_key, iv_probe_key, prior_start_key,  # noqa: F401
-                            restoring_key, start_key, trial_key)
+from forgetray.keys import (base_em_key, base_eval_key, cohort_key, control_key, iv_key,  # noqa: F401
+                            iv_probe_key, prior_start_key, restoring_key, start_key, trial_key)
 from forgetray.metrics import continual, registry
 from forgetray.plan import Phase
 from forgetray.records import (RUN_ID_FILE, attach_trial_run, run_name, trial_datasets,  # noqa: F401 (re-exported)
                                trial_params, varying_settings)
 from forgetray.spec import TrialConfig
-from forgetray.tracking import TAG_ERROR, Tracker
+from forgetray.tracking import TAG_COHORT, TAG_ERROR, Tracker
 
 # Written when a trial has finished (its run is FINISHED): a later execution (`--resume` after a driver that was
 # killed before Tune recorded the trial as done) returns at once instead of running the trial again.
@@ -54,18 +55,28 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def run_trial(config: dict) -> None:
-    """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep). With epoch
-    prefixes shared (`context["followers"]`), trial i leads a trajectory: once it is done, each shorter grid point
-    of it gets its own run from i's (`materialise_follower`)."""
+    """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep). Trial i
+    leads its cohort (`context["cohorts"]`, `sharing.cohorts`: the trials one Ray Train worker group runs in turn;
+    alone without one). With epoch prefixes shared (`context["followers"]`), each member leads a trajectory: once
+    it is done, each shorter grid point of it gets its own run from the member's (`materialise_follower`)."""
     context, index = config["context"], config["trial_index"]
+    tracker = Tracker(context["tracking_uri"])
+    members = [_member(context, i) for i in context.get("cohorts", {}).get(str(index), [index])]
+    failures = _run_cohort(tracker, context, members)
+    for member in members:
+        if member["index"] in failures:
+            continue
+        for follower in context.get("followers", {}).get(str(member["index"]), []):
+            materialise_follower(tracker, context, follower, member["trial"], member["run_id"], member["dirs"])
+    if failures:  # the first member's error; each failed member's run has its own
+        raise next(iter(failures.values()))
+
+
+def _member(context: dict, index: int) -> dict:
     trial = TrialConfig.from_dict(context["trials"][index])
     resolved = context["resolved"][index]
-    execution_dir = Path(context["execution_dir"])
-    tracker = Tracker(context["tracking_uri"])
-    dirs = trial_dirs(execution_dir, trial, resolved)
-    run_id = _run_leader(tracker, context, trial, resolved, dirs)
-    for follower in context.get("followers", {}).get(str(index), []):
-        materialise_follower(tracker, context, follower, trial, run_id, dirs)
+    return {"index": index, "trial": trial, "resolved": resolved, "run_id": None,
+            "dirs": trial_dirs(Path(context["execution_dir"]), trial, resolved)}
 
 
 def trial_dirs(execution_dir: Path, trial: TrialConfig, resolved: dict) -> dict:
@@ -94,38 +105,88 @@ def _finished_before(tracker: Tracker, trial_dir: Path) -> str | None:
     return run_id
 
 
-def _run_leader(tracker: Tracker, context: dict, trial: TrialConfig, resolved: dict, dirs: dict) -> str:
+def _run_cohort(tracker: Tracker, context: dict, members: list[dict]) -> dict[int, BaseException]:
+    """Run the members' IFT phases (and the restorations in its workers) as one Ray Train run, and finish each
+    member's run as soon as the run has gone past it (while the next member trains): separate restoration groups,
+    continual summaries, stages. Returns the members that failed (trial index -> error); each failed member's run
+    is tagged and ended FAILED, every other one FINISHED."""
+    todo = []
+    for member in members:
+        trial, resolved, trial_dir = member["trial"], member["resolved"], Path(member["dirs"]["trial_dir"])
+        member["run_id"] = _finished_before(tracker, trial_dir)
+        if member["run_id"] is None:
+            member["phases"] = planning.plan(trial)
+            groups = [g for g in planning.groups(trial, member["phases"]) if g[0].kind != "restore"]
+            *member["priors"], member["training"] = groups
+            member["run_id"] = attach_trial_run(tracker, context, trial, resolved, trial_dir, member["phases"])
+            if len(members) > 1:  # which trials shared the worker group, in their order in it
+                tracker.set_tag(member["run_id"], TAG_COHORT,
+                                f"{cohort_key([m['trial'] for m in members])}:{members.index(member)}")
+            todo.append(member)
+    failures: dict[int, BaseException] = {}
+    if not todo:
+        return failures
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fit = pool.submit(_train_cohort, context, todo)
+        for m, member in enumerate(todo):
+            later = todo[m + 1] if m + 1 < len(todo) else None
+            # The Ray Train controller logs reports in order: once the next member has reported, every report of
+            # this one is in its run.
+            while not fit.done() and not (later and _trained(member) and tracker.has_metrics(later["run_id"])):
+                time.sleep(1.0)
+            error = fit.exception() if fit.done() else None
+            trained = error is None or _trained(member)
+            try:
+                _in_run(tracker, member["run_id"], Path(member["dirs"]["trial_dir"]),
+                        lambda: _finish(tracker, context, member) if trained else _raise(error))
+            except BaseException as exc:  # noqa: BLE001 (reported per member; the run says why)
+                failures[member["index"]] = exc
+    return failures
+
+
+def _train_cohort(context: dict, members: list[dict]) -> None:
+    for member in members:  # prior phases: each member's start, trained once per sweep (ensure_start)
+        if member["priors"]:
+            ensure_start(member["trial"], member["resolved"], member["dirs"], context, member["priors"][0])
+    _fit_members(context, members)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def _trained(member: dict) -> bool:
+    """Whether the member's IFT run got through its last phase (its last checkpoint is on storage)."""
+    last = member.get("training", [None])[-1]
+    if last is None:
+        return False
+    epoch = last.restores_epoch if last.kind == "restore" else last.epochs
+    ift = Path(member["dirs"]["trial_dir"]) / "ift" / planning.checkpoint_name(last, epoch)
+    return (ift / "state.json").is_file()
+
+
+def _finish(tracker: Tracker, context: dict, member: dict) -> None:
+    """What a member's run gets after its IFT run: its state pruned, the continual summaries, its separate
+    restoration groups (if any), its stages."""
     from forgetray import stages
 
+    trial, resolved, dirs, run_id, phases = (member["trial"], member["resolved"], member["dirs"], member["run_id"],
+                                             member["phases"])
     trial_dir = Path(dirs["trial_dir"])
-    done = _finished_before(tracker, trial_dir)
-    if done:
-        return done
-    phases = planning.plan(trial)
-    run_id = attach_trial_run(tracker, context, trial, resolved, trial_dir, phases)
-    *priors, training = [g for g in planning.groups(trial, phases) if g[0].kind != "restore"]
+    if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
+        from forgetray.train.checkpoints import drop_state
+
+        for checkpoint in sorted((trial_dir / "ift").glob("epoch_*")):
+            drop_state(checkpoint)
+    # Right after training: the summaries need nothing from the restorations, and a restoration that fails
+    # then does not cost them.
+    log_continual(tracker, run_id, trial, resolved, phases)
     restorations = [g for g in planning.groups(trial, phases) if g[0].kind == "restore"]
-
-    def body() -> None:
-        if priors:
-            ensure_start(trial, resolved, dirs, context, priors[0])
-        _fit(trial, resolved, dirs, context, run_id, "ift", training)
-        if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
-            from forgetray.train.checkpoints import drop_state
-
-            for checkpoint in sorted((trial_dir / "ift").glob("epoch_*")):
-                drop_state(checkpoint)
-        # Right after training: the summaries need nothing from the restorations, and a restoration that fails
-        # then does not cost them.
-        log_continual(tracker, run_id, trial, resolved, phases)
-        if restorations:
-            _restore_all(trial, resolved, dirs, context, run_id, restorations)
-        if any(p.kind == "restore" for p in phases):  # in their own groups, or in the IFT's (restore_group=0)
-            checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
-            stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
-
-    _in_run(tracker, run_id, trial_dir, body)
-    return run_id
+    if restorations:
+        _restore_all(trial, resolved, dirs, context, run_id, restorations)
+    if any(p.kind == "restore" for p in phases):  # in their own groups, or in the IFT's (restore_group=0)
+        checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
+        stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
 
 
 def materialise_follower(tracker: Tracker, context: dict, index: int, leader: TrialConfig, leader_run_id: str,
@@ -272,50 +333,86 @@ def ensure_start(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, 
 
 def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str | None, name: str,
          phases: list[Phase]):
-    """Run one group of phases as one Ray Train run to completion; raise on failure. The prior phases' run
-    (`run_id` None: it serves every trial sharing its start) has its storage in the sweep's start folder and
+    """Run one group of phases of one trial as one Ray Train run to completion; raise on failure. The prior phases'
+    run (`run_id` None: it serves every trial sharing its start) has its storage in the sweep's start folder and
     reports to no run: each trial reports the saved probes and losses into its own."""
+    storage = str(Path(dirs["start_dir"]).parent) if run_id is None else dirs["trial_dir"]
+    member = {"trial": trial, "resolved": resolved, "dirs": dirs, "run_id": run_id}
+    return _train(context, [(member, phases)], f"{name}.train" if run_id is None else name, storage,
+                  prune=name == "ift")
+
+
+def _fit_members(context: dict, members: list[dict]):
+    """The members' IFT groups as one Ray Train run: alone, `<trial>/ift/` as ever; several (a cohort), the run
+    `<execution>/cohorts/<key>/`, each member's checkpoints in its `<trial key>/` there and its trial folder's `ift`
+    a link to that."""
+    if len(members) == 1:
+        m = members[0]
+        return _fit(m["trial"], m["resolved"], m["dirs"], context, m["run_id"], "ift", m["training"])
+    root = Path(context["execution_dir"]) / "cohorts"
+    name = cohort_key([m["trial"] for m in members])
+    for m in members:
+        link = Path(m["dirs"]["trial_dir"]) / "ift"
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(root / name / trial_key(m["trial"]), link.parent))
+    return _train(context, [(m, m["training"]) for m in members], name, str(root), prune=True,
+                  prefixes=[f"{trial_key(m['trial'])}/" for m in members])
+
+
+def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, storage: str, prune: bool,
+           prefixes: list[str] | None = None):
+    """One Ray Train run of `members` (member, its phases) in turn; raise on failure. Reports go to each member's
+    run (none for a run_id None), into Tune and the console."""
+    from functools import partial
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from forgetray.callbacks import make_report_logger
+    from forgetray.tracking import SYSTEM_METRICS_ENV, system_metrics_wanted
     from forgetray.train.checkpoints import make_state_pruner
     from forgetray.train.worker import phase_worker
 
+    trial = members[0][0]["trial"]  # the members differ only in their seeds: the same resources
+    run_id = members[0][0]["run_id"]
     use_gpu = trial.gpus_per_worker > 0
     resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
-    artifact_dirs = {"base": (dirs["base_eval_dir"], "probes/base"), "control": (dirs.get("control_dir"), "probes/control"),
-                     "iv": (dirs.get("iv_dir"), "iv"),
-                     "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
-                     "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
-                     "restored": (None, "probes/restored/epoch_{epoch:03d}")}
-    from functools import partial
-
-    from forgetray.tracking import SYSTEM_METRICS_ENV, system_metrics_wanted
-
+    runs = {m: (member["run_id"], _artifact_dirs(member["dirs"])) for m, (member, _) in enumerate(members)
+            if member["run_id"] is not None}
+    config = {"members": [{"trial": member["trial"].to_dict(), "resolved": member["resolved"],
+                           "phases": [p.to_dict() for p in phases], "prefix": (prefixes or [""] * len(members))[m],
+                           **member["dirs"]} for m, (member, phases) in enumerate(members)]}
     setting = context.get("system_metrics", os.environ.get(SYSTEM_METRICS_ENV))
     trainer = TorchTrainer(
+        # system metrics: sampled on rank 0's node into the first member's run
         partial(_monitored_worker, context["tracking_uri"], run_id)
         if run_id is not None and system_metrics_wanted(setting, trial.gpus_per_worker) else phase_worker,
-        train_loop_config={"trial": trial.to_dict(), "resolved": resolved, "phases": [p.to_dict() for p in phases],
-                           **dirs},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{name}.train" if run_id is None else name,
-            storage_path=str(Path(dirs["start_dir"]).parent) if run_id is None else dirs["trial_dir"],
+            name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
-            callbacks=[] if run_id is None else [
-                TuneReportCallback(), make_report_logger(context["tracking_uri"], run_id, artifact_dirs),
+            callbacks=[] if not runs else [
+                TuneReportCallback(), make_report_logger(context["tracking_uri"], runs),
                 # the IFT phase resumes from its newest checkpoint's DeepSpeed state only
-                *([make_state_pruner()] if name == "ift" and trial.keep_optimizer_state == "latest" else [])],
+                *([make_state_pruner()] if prune and trial.keep_optimizer_state == "latest" else [])],
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     return result
+
+
+def _artifact_dirs(dirs: dict) -> dict:
+    """Report kind -> (local folder or None: the checkpoint's probes/, the run's artifact path)."""
+    return {"base": (dirs["base_eval_dir"], "probes/base"), "control": (dirs.get("control_dir"), "probes/control"),
+            "iv": (dirs.get("iv_dir"), "iv"), "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
+            "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
+            "restored": (None, "probes/restored/epoch_{epoch:03d}")}
 
 
 def _monitored_worker(tracking_uri: str, run_id: str, config: dict) -> None:

@@ -115,8 +115,8 @@ def test_a_re_reported_continual_probe_is_logged_once(tracker):
 
     run_id = tracker.start_trial_run("cl", tracker.start_sweep_run("cl", "e", {}), "t", "h", {})
     report = {"kind": "continual", "epoch": 0, "ft_step": 1, "continual/x/knowledge": 0.25}
-    make_report_logger(tracker.uri, run_id, {}).after_report(None, [report], None)
-    fresh = make_report_logger(tracker.uri, run_id, {})  # a new fit (re-attached run) and the same one again
+    make_report_logger(tracker.uri, {0: (run_id, {})}).after_report(None, [report], None)
+    fresh = make_report_logger(tracker.uri, {0: (run_id, {})})  # a new fit (re-attached run) and the same one again
     for logger in (fresh, fresh):
         logger.after_report(None, [{**report, "continual/x/knowledge": 0.99}], None)
         logger.after_report(None, [{"kind": "continual", "epoch": 0, "ft_step": 0, "continual/x/knowledge": 0.5}],
@@ -148,7 +148,7 @@ def test_a_report_reaches_mlflow_in_one_write_or_not_at_all(tracker, monkeypatch
     monkeypatch.setattr(MlflowClient, "log_batch", first_write_only)
     report = {"kind": "ift", "epoch": 2, "global_step": 10, "train/loss": 1.5, "steps/b/p_fmt": 0.25,
               registry.SERIES: [{"global_step": 3, "steps/b/p_fmt": 0.5}, {"global_step": 6, "steps/b/p_fmt": 0.4}]}
-    make_report_logger(tracker.uri, run_id, {}).after_report(None, [report], None)
+    make_report_logger(tracker.uri, {0: (run_id, {})}).after_report(None, [report], None)
     monkeypatch.setattr(MlflowClient, "log_batch", real)
     assert _history(tracker, run_id, "train/loss") == [(2, 1.5)]
     assert _history(tracker, run_id, "steps/b/p_fmt") == [(3, 0.5), (6, 0.4), (10, 0.25)]

@@ -27,6 +27,25 @@ def test_prefix_shareable_only_without_the_total():
     assert not ok and "warm-up" in why
 
 
+def test_cohorts_are_a_grid_points_replicates_split_for_idle_slots():
+    from forgetray import Sweep, grid
+
+    sweep = Sweep("c", model=grid(["organism-tiny", "organism-small"]), lr=grid([1e-3, 2e-3]), replicates=3)
+    ts = list(sweep.trials)  # grid points in order, each one's seeds 0, 1, 2 next to each other
+    leaders = list(range(len(ts)))
+    assert sharing.cohorts(ts, leaders, slots=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert sharing.cohorts(ts, leaders, slots=4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    # 6 slots: the two largest cohorts are halved (2 + 1); no slot idles that 12 separate trials would fill
+    assert sharing.cohorts(ts, leaders, slots=6) == [[0, 1], [2], [3, 4], [5], [6, 7, 8], [9, 10, 11]]
+    assert len(sharing.cohorts(ts, leaders, slots=12)) == 12
+    assert sharing.cohorts(ts, leaders, slots=50) == [[i] for i in leaders]  # never split below one trial
+    assert sharing.cohorts(ts, leaders, slots=1, share=False) == [[i] for i in leaders]
+    # only the leaders given (trajectory followers ride with their leader), in their order
+    assert sharing.cohorts(ts, [0, 2, 3, 5], slots=1) == [[0, 2], [3, 5]]
+    # trials that differ in anything but the seed never share (here: epochs)
+    assert sharing.cohorts(trials({"seed": 0}, {"seed": 1}, {"seed": 0, "epochs": 2}), [0, 1, 2], 1) == [[0, 1], [2]]
+
+
 def test_trajectories_group_what_differs_only_in_epochs():
     ts = trials({**STEP, "epochs": 1}, {**STEP, "epochs": 3}, {**STEP, "epochs": 2},
                 {**STEP, "epochs": 2, "lr": 5e-3},  # another lr: its own trajectory

@@ -32,8 +32,6 @@ from forgetray.train.worker import Worker, maybe_fail_once, start_weights
 
 
 def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
-    import ray.train
-
     trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
     checkpoint = worker.resume
     if checkpoint is not None and (checkpoint_epoch(checkpoint, "restored")
@@ -75,11 +73,11 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
         if worker.resolved.get("restore_pool"):
             computed_once(worker.dirs["restoring_dir"], rank,
                           lambda out: _select_restoring_set(engine, tokenizer, own, worker, out))
-        ray.train.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
+        worker.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
         if guide is not None:  # its numbers, and its files as the run's iv/ artifacts (trial.py)
-            ray.train.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
+            worker.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
         if suite.iv_probe is not None:  # the dynamics probe's base vector as the run's iv_probe/ artifacts
-            ray.train.report({"kind": "iv_probe", "epoch": 0})
+            worker.report({"kind": "iv_probe", "epoch": 0})
         start_epoch = 0
     else:
         with checkpoint.as_directory() as ckpt_dir:
@@ -121,11 +119,11 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             **found, **format_metrics(found), registry.SERIES: series if epoch == 1 else [],
         }
         # DeepSpeed state for resuming; the last epoch's is never resumed from, so it is kept only on request
-        report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
+        report_checkpoint(engine, tokenizer, metrics, frames, worker, checkpoint_name(phase, epoch),
                           model_state=model_state, surface=surface,
                           save_state=epoch < phase.epochs or not trial.delete_finished_state)
         if rank == 0:
-            maybe_fail_once(epoch)
+            maybe_fail_once(epoch, trial.seed)
     engine.destroy()  # free the optimizer state before the restorations that may follow in these workers
 
 

@@ -79,7 +79,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
                registry.RESTORE_PASSES.name(): passes,
                **found, registry.SERIES: series if rank == 0 else []}
     # R_e is probed and nothing resumes from its DeepSpeed state: written only with delete_finished_state=False
-    report_checkpoint(engine, tokenizer, metrics, frames, rank, checkpoint_name(phase, epoch),
+    report_checkpoint(engine, tokenizer, metrics, frames, worker, checkpoint_name(phase, epoch),
                       save_state=not trial.delete_finished_state)
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
 
@@ -89,8 +89,6 @@ def ensure_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite) -
     Computed once per sweep under a lock (`checkpoints.computed_once`, `keys.control_key`) into the control folder
     (per-question probes + summary.json), reported into this trial's run once per Ray Train run (kind "control",
     step 0; its probes as the run's probes/control artifacts). Returns R_0's probing PPL on every rank."""
-    import ray.train
-
     summary = computed_once(worker.dirs["control_dir"], worker.rank,
                             lambda out: _restore_control(worker, phase, restoring, suite, out))
     ppl = torch.zeros(1, dtype=torch.float64)
@@ -99,7 +97,7 @@ def ensure_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite) -
     if worker.world > 1:
         dist.broadcast(ppl, 0)
     if not worker.control_reported:
-        ray.train.report({"kind": "control", "epoch": 0, **summary})  # every rank reports; rank 0 carries it
+        worker.report({"kind": "control", "epoch": 0, **summary})  # every rank reports; rank 0 carries it
         worker.control_reported = True
     return float(ppl[0])
 

@@ -3,6 +3,8 @@ trial's plan (`forgetray.plan`) that it was given, in turn, on the DeepSpeed eng
 
 The worker starts once (rank, device, logging); each phase then loads its starting weights, its data, builds its
 engine and runs its recipe: `run_prior` here, `forgetray.train.ift.run_ift`, `forgetray.train.restore.run_restore`.
+One Ray Train run may serve several trials in turn (a grid point's replicates: `forgetray.sharing.cohorts`), its
+*members*: each report says whose it is (`member`), and each member's checkpoints go to its own folder of the run.
 Every report to Ray Train carries `kind` ("base" | "iv" | "iv_probe" | "step" | "epoch" | "prior" | "continual" |
 "restore_step" | "restored") and the step fields the metric registry names (`epoch`, `global_step`, `restore_step`, `phase_epoch`,
 `ft_step`).
@@ -43,7 +45,8 @@ from forgetray.train.deepspeed_config import deepspeed_config
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch, worker_device, zero3_scope
 
 # Test hook: if this names a file that does not exist yet, the worker creates it and fails once after the given
-# epoch's checkpoint ("path:epoch"). Lets tests exercise restart-from-checkpoint without mocking Ray.
+# epoch's checkpoint ("path:epoch", or "path:epoch:seed" for the trial of that seed only). Lets tests exercise
+# restart-from-checkpoint without mocking Ray.
 FAIL_ONCE_ENV = "FORGETRAY_FAIL_ONCE"
 IFT_START = "ift_start"  # in a trial folder: a link to the shared start it trained from (prior phases only)
 CONTINUAL_PROBES = "continual_probes.json"  # in a start folder: a[t][b], t = 0..k
@@ -65,6 +68,15 @@ class Worker:
     # rank 0's files are on storage, and a phase must not mistake its own group's progress for a resume point.
     resume: object = None
     control_reported: bool = False  # R_0's report goes into the trial's run once per Ray Train run
+    member: int = 0  # which trial of the Ray Train run this is (its reports carry it)
+    prefix: str = ""  # its checkpoints' folder in the run ("<trial key>/" when the run serves several trials)
+
+    def report(self, metrics: dict, checkpoint=None, name: str | None = None) -> None:
+        """`ray.train.report` of this member: the report says whose it is, its checkpoint goes to its folder."""
+        import ray.train
+
+        ray.train.report({**metrics, "member": self.member}, checkpoint=checkpoint,
+                         checkpoint_dir_name=None if name is None else self.prefix + name)
 
     def engine_config(self, phase: Phase) -> dict:
         return deepspeed_config(phase, self.trial.zero_stage, self.trial.precision)
@@ -99,7 +111,10 @@ class Worker:
 
 
 def phase_worker(config: dict) -> None:
-    """Ray Train's per-rank function. `config` = {"trial", "resolved", "phases": [Phase dicts], **dirs}."""
+    """Ray Train's per-rank function. `config` = {"members": [{"trial", "resolved", "phases": [Phase dicts],
+    "prefix", **dirs}]}: the trials this run serves, in turn. A restarted run resumes the member its last
+    checkpoint belongs to (the ones before it are finished) and starts the ones after it afresh."""
+    from forgetray.train.checkpoints import checkpoint_member
     from forgetray.train.ift import run_ift
     from forgetray.train.restore import run_restore
 
@@ -109,12 +124,23 @@ def phase_worker(config: dict) -> None:
     torch.set_flush_denormal(True)
     import ray.train
 
-    worker = Worker(TrialConfig.from_dict(config["trial"]), config["resolved"],
-                    {k: config.get(k) for k in DIRS}, dist.get_rank(), dist.get_world_size(), worker_device(),
-                    resume=ray.train.get_checkpoint())
-    phases = [Phase.from_dict(p) for p in config["phases"]]
+    resume = ray.train.get_checkpoint()
+    resumed = checkpoint_member(resume) if resume is not None else 0
+    rank, world, device = dist.get_rank(), dist.get_world_size(), worker_device()
+    for m, member in enumerate(config["members"]):
+        if m < resumed:
+            continue  # finished before the restart
+        worker = Worker(TrialConfig.from_dict(member["trial"]), member["resolved"],
+                        {k: member.get(k) for k in DIRS}, rank, world, device,
+                        resume=resume if m == resumed else None, member=m, prefix=member.get("prefix", ""))
+        run_phases(worker, [Phase.from_dict(p) for p in member["phases"]], run_ift, run_restore)
+
+
+def run_phases(worker: Worker, phases: list[Phase], run_ift, run_restore) -> None:
+    """One member's phases in turn: its prior phases (their own Ray Train run, while the start is absent), or its
+    IFT phase and the restorations that follow it in these workers."""
     priors = [p for p in phases if p.kind == "prior"]
-    if priors:  # the start's own Ray Train run (the trial driver runs it only while the start is absent)
+    if priors:
         run_priors(worker, priors, Path(worker.dirs["start_dir"]))
         return
     for phase in phases:
@@ -170,29 +196,25 @@ def partial_start(start_dir: Path) -> Path:
 def probe_step(worker: Worker, model, tokenizer, suite, t: int) -> dict:
     """a[t][b] for every benchmark (its primary score; knowledge only: no perplexity or EM), reported as
     `continual/<bench>/knowledge` at fine-tuning step t. Every rank probes its shard; rank 0 returns the values."""
-    import ray.train
-
     from forgetray.train.evaluate import evaluate
 
     found, _ = evaluate(model, tokenizer, suite, worker.device, state="base", knowledge_only=True)
     values = {registry.CONTINUAL_KNOWLEDGE.name(bench=bench): found[registry.KNOWLEDGE.name(state="base", bench=bench)]
               for bench in suite.benchmarks if worker.rank == 0}
-    ray.train.report(continual_report(t, values))
+    worker.report(continual_report(t, values))
     return values
 
 
 def report_saved_probes(worker: Worker) -> None:
     """Report the continual probes and the prior phases' losses saved in the start folder into this trial's run
     (every trial sharing the start has them; the MLflow callback skips the steps a run already has)."""
-    import ray.train
-
     start = Path(worker.dirs["start_dir"])
     for t, values in enumerate(json.loads((start / CONTINUAL_PROBES).read_text())["knowledge"]):
-        ray.train.report(continual_report(t, values if worker.rank == 0 else {}))
+        worker.report(continual_report(t, values if worker.rank == 0 else {}))
     for name, losses in json.loads((start / PRIOR_LOSSES).read_text()).items():
         k = int(name.split("_")[1])
         for epoch, loss in enumerate(losses, start=1):
-            ray.train.report({"kind": "prior", "epoch": 0, "phase_epoch": epoch,
+            worker.report({"kind": "prior", "epoch": 0, "phase_epoch": epoch,
                               **({registry.PRIOR_LOSS.name(k=k): loss} if worker.rank == 0 else {})})
 
 
@@ -233,11 +255,11 @@ def start_weights(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def maybe_fail_once(epoch: int) -> None:
+def maybe_fail_once(epoch: int, seed: int) -> None:
     spec = os.environ.get(FAIL_ONCE_ENV)
     if not spec:
         return
-    marker, _, at_epoch = spec.rpartition(":")
-    if int(at_epoch) == epoch and not Path(marker).exists():
+    marker, at_epoch, *at_seed = spec.rsplit(":", 2) if spec.count(":") >= 2 else spec.rsplit(":", 1)
+    if int(at_epoch) == epoch and (not at_seed or int(at_seed[0]) == seed) and not Path(marker).exists():
         Path(marker).write_text(f"failed once after epoch {epoch}\n")
         raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure after epoch {epoch}")
