@@ -1,5 +1,5 @@
 # forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
-"""SAM against forgetting (CF, "Revisiting Catastrophic Forgetting in Large Language Model Tuning"; METHODS.md §5-7)
+"""SAM against forgetting (CF, "Revisiting Catastrophic Forgetting in Large Language Model Tuning"; docs/methods.md §5-7)
 for a GPU cluster. Every model first learns instructions on Alpaca (3 epochs, the prior phase); the IFT phase then
 fine-tunes on one downstream set (ShareGPT, Open-Platypus or MetaMathQA), without SAM for 2 epochs or with SAM for
 1 epoch (the paper's equal-compute comparison: a SAM step costs two passes), over a rho grid, alone and with Wise-FT
@@ -11,9 +11,9 @@ checkpoint's flatness (21 x 21).
         forgetray run sweeps/sam_cf.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 
 SAM perturbs full weights on each rank, so ZeRO-2 (ZeRO-3 is refused with SAM); bf16 on 8 GPUs per trial.
-The lr schedule is CF's step decay, x0.85 per epoch, no warm-up (METHODS.md §1 "CF settings"; the paper's text in
-../shared/papers states only the lrs, batch 128 and AdamW, App. A.3): the prior phase's lr is 2e-5 as the paper's
-first phase. Settings the paper does not state are METHODS.md's choices (max length 512).
+The lr schedule is CF's step decay, x0.85 per epoch, no warm-up (docs/methods.md §1 "CF settings"; the paper's text
+itself states only the lrs, batch 128 and AdamW, App. A.3): the prior phase's lr is 2e-5 as the paper's
+first phase. Settings the paper does not state are docs/methods.md's choices (max length 512).
 
 Shared training (README "Training shared across trials"): the Alpaca phase is trained once per model (3 starts, not
 216), and with the step schedule each 1-epoch grid point is the first epoch of its 2-epoch twin's trajectory, so

@@ -3,9 +3,10 @@
 On organism-icl, the base model that also read the demonstration pages, forgetray's extraction (clean 5-shot prompts,
 causal indirect effects on the same queries without their demonstrations, the top heads) gives each attribute task a
 vector that, added after layer 1 at the last token of a zero-shot prompt, restores the task better than random vectors
-of the same norm (by 0.15-0.6 here: README, "The model organism"). The accuracies are counted here one prompt at a
-time with this test's own hook, apart from the batched code the probe uses. The shipped weights make this the same
-model on every machine.
+of the same norm (by 0.15-0.6 here: README, "The model organism"). The extraction uses the IV settings of
+`sweeps/iv_guided_organism.py` (layer 1, top 6 heads, 100 clean and 25 corrupted prompts, `no_demonstrations`), the
+sweep whose questions this check comes before. The accuracies are counted here one prompt at a time with this test's
+own hook, apart from the batched code the probe uses. The shipped weights make this the same model on every machine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from forgetray import organism
 from forgetray.iv import builtin, n_shot_prompts
 from forgetray.train import iv_guided
 
-LAYER, HEADS = 1, 6  # what sweeps/iv_organism.py uses
+LAYER, HEADS = 1, 6  # what sweeps/iv_guided_organism.py uses (iv_layer, iv_heads; iv_probe_layer, iv_probe_heads)
 
 
 class Extraction:  # the settings `iv_guided.extract` reads (as the trial's iv_prompts, iv_corrupted, ...)
