@@ -1,4 +1,4 @@
-"""Flatness of the loss landscape (METHODS.md §7): the 2-D loss surface around a model and its SC / AG / MAG metrics.
+"""Flatness of the loss landscape (docs/methods.md §7): the 2-D loss surface around a model and its SC / AG / MAG metrics.
 
 Pure computation: numpy and torch only (matplotlib is imported inside `contour_png`), no Ray, DeepSpeed or MLflow.
 

@@ -5,7 +5,7 @@ Split out of `forgetray.spec` (which keeps `TrialConfig`, the settings and their
 names, so `from forgetray.spec import Sweep` keeps working). The module is `grids`, not `grid`: `forgetray.grid` is
 the `grid()` function in the package namespace.
 
-Replicates (METHODS.md §10): `Sweep(..., replicates=n)` runs every grid point with the seeds seed, seed + 1, ...,
+Replicates (docs/methods.md §10): `Sweep(..., replicates=n)` runs every grid point with the seeds seed, seed + 1, ...,
 seed + n - 1: a hidden seed axis. The trials are exactly those `seed=grid([seed, ..., seed + n - 1])` gives (same
 configs, same config hashes, same runs and checkpoints); what differs is that they are declared replicates of one
 grid point, so the report pools them (`forgetray.metrics.pooled`, `forgetray.report.pooled`) instead of listing

@@ -79,7 +79,7 @@ def restoring_key(trial: TrialConfig, resolved: dict) -> str:
 
 
 def control_key(trial: TrialConfig, resolved: dict) -> str:
-    """What the control R_0 (the IFT phase's start restored by the trial's restoration recipe, METHODS.md §4)
+    """What the control R_0 (the IFT phase's start restored by the trial's restoration recipe, docs/methods.md §4)
     depends on: the restoring set, the recipe (the restoration phase's optimizer, batching, length, passes and the
     tolerance that ends them), the seed (data order), the numerics, and the probes it gets (the base's). Trials that
     differ in anything else (IFT rate, epochs, methods) share one R_0."""

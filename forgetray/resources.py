@@ -126,7 +126,7 @@ def resolve_benchmark(name: str) -> dict:
                 "questions": None}
     if organism.is_organism_name(name):
         path = _organism_path(name, "benchmark", "benchmarks")
-        # Tiny models know facts but cannot answer by letter (DESIGN.md): option likelihood is the knowledge score.
+        # Tiny models know facts but cannot answer by letter (docs/design.md): option likelihood is the knowledge score.
         default = "acc"
     else:
         path = Path(name).expanduser().resolve()

@@ -1,5 +1,5 @@
 """Classify every checkpoint of a trial as no / pseudo / actual forgetting, inconclusive or not restored
-(METHODS.md §4's margin rule) and log it.
+(docs/methods.md §4's margin rule) and log it.
 
 Inputs are the trial's own files: per-question probe results of the base model, of every SFT_e checkpoint, of every
 restored R_e and of the control R_0 (the start through the same restoration), and their probing perplexities. The

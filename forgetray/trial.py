@@ -7,7 +7,7 @@
    checkpoint per epoch; the base model's probes and the restoring set are computed there, once per sweep), then
    the restorations of the IFT checkpoints, groups concurrently;
 3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`);
-4. continual-learning summaries (METHODS.md §9): once the training phases are done, the matrix a[t][b] is read back
+4. continual-learning summaries (docs/methods.md §9): once the training phases are done, the matrix a[t][b] is read back
    from the run and completed, and forgetting per benchmark and backward transfer are logged (`log_continual`).
 
 Every trainer's storage folder is derived from the trial's config hash, so a re-run of the same trial (Tune retry,

@@ -1,10 +1,10 @@
 # .venv/bin/python scripts/iv_organism_docs.py [--tracking-uri URI] [--run PARENT_RUN_ID] [--print-only DIR]
 # (after `forgetray run sweeps/iv_guided_organism.py`)
-"""Answer issue 12's three questions from the newest `iv-guided-organism` execution, with the controls of METHODS.md §8
+"""Answer issue 12's three questions from the newest `iv-guided-organism` execution, with the controls of docs/methods.md §8
 (issue 17 item 4), and write them into docs/iv_organism/ (with the sweep's report and a figure) and the README's
 IV-ORGANISM-RESULTS block.
 
-Every test takes the seed as its unit (METHODS.md §10): a per-seed summary first (the mean over the epochs, or the
+Every test takes the seed as its unit (docs/methods.md §10): a per-seed summary first (the mean over the epochs, or the
 last epoch), then the test across the seeds; the checkpoints of one seed are never counted as independent.
 1. Does the vector's cosine to the base fall as forgetting grows? Controlled for the epoch: cosine and forgetting less
    their epoch's mean over the seeds, Pearson's r, p from every permutation of whole seeds

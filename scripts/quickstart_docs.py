@@ -7,7 +7,7 @@ is the file's, 0: seeds 0-2), and its out-of-sample rerun, the newest execution 
 equal and seeds disjoint from those (`forgetray run sweeps/quickstart.py --set seed=3`: seeds 3-5, not used to choose
 anything). Writes each one's report (stage tables, figures) into docs/quickstart/ (the rerun's into
 docs/quickstart/out_of_sample/), then docs/quickstart/results.md, and replaces the README's block between the
-QUICKSTART-RESULTS markers. The block holds, per execution, the margin rule's verdicts (METHODS.md §4, §10): per
+QUICKSTART-RESULTS markers. The block holds, per execution, the margin rule's verdicts (docs/methods.md §4, §10): per
 grid point each replicate's stage sequence, the pooled one, how many replicates agree, the transition epoch (pooled,
 and the replicates' median and range); then per grid point and checkpoint the knowledge of base, R_0, SFT_e and R_e,
 the drop and residual with their intervals and the verdicts at the reported margins. Without a rerun in the store
@@ -218,7 +218,7 @@ def execution_markdown(title: str, pooled: pd.DataFrame) -> str:
 
 def legend(pooled: pd.DataFrame) -> str:
     seeds = len(str(pooled["seeds"].iloc[0]).split(","))
-    return (f"Stages by the margin rule (METHODS.md §4, §10) at delta = {pooled['margin'].iloc[0]:g}, per checkpoint "
+    return (f"Stages by the margin rule (docs/methods.md §4, §10) at delta = {pooled['margin'].iloc[0]:g}, per checkpoint "
             "(epochs as listed): n = no forgetting, P = pseudo, A = actual, ? = inconclusive (an interval straddles "
             "delta: more questions or seeds settle it), x = not restored (R_e's probing PPL not within ppl_tolerance "
             f"of R_0's, either side); pooled = the rule on the mean over the {seeds} seeds with two-level bootstrap "

@@ -1,5 +1,5 @@
 # forgetray run sweeps/iv_guided.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
-"""IV-guided training against forgetting (Jiang et al., arXiv 2406.12227; METHODS.md §8) with the released settings
+"""IV-guided training against forgetting (Jiang et al., arXiv 2406.12227; docs/methods.md §8) with the released settings
 of the authors' sibling code (FvForgetting): Llama-2-7b-chat, LoRA on q_proj and v_proj, lr 1e-4 constant, 10
 epochs, ZeRO-2; the instruction vector from the top 10 heads by causal indirect effect, injected at layer 9 at the
 last prompt token; loss = CE + 20 x KL(T=2) on the first answer token + 0.1 x KL(T=2) on all positions (each counted
@@ -18,8 +18,8 @@ trials (the IV-guided and the probe's extraction are the same folder). The extra
 al.'s (100 clean, 25 corrupted); a state's extraction is 1 + 32 x 32 forwards of the 25 corrupted prompts.
 
 Not reproduced: FvForgetting trains 1000 examples per task of its continual task sequence; forgetray trains on the
-whole instruction set named here (no example cap). Settings the papers do not state are METHODS.md's choices
-(max length 512, the restoration's as sweeps/pattern_shift.py); LoRA rank 8 and alpha 16 are our choice (METHODS.md
+whole instruction set named here (no example cap). Settings the papers do not state are docs/methods.md's choices
+(max length 512, the restoration's as sweeps/pattern_shift.py); LoRA rank 8 and alpha 16 are our choice (docs/methods.md
 does not state the released rank).
 """
 

@@ -1,5 +1,5 @@
 # forgetray run sweeps/iv_guided_organism.py
-"""Instruction vectors on the model organism, on the CPU, with the controls of METHODS.md §8 (issue 17 item 4): plain
+"""Instruction vectors on the model organism, on the CPU, with the controls of docs/methods.md §8 (issue 17 item 4): plain
 fine-tuning, plain fine-tuning matched on learning, IV-guided fine-tuning and its degree-0 control, 6 seeds each, with
 the dynamics probe on every model state and every checkpoint restored, so that the report's re-injection table puts
 SFT_e, SFT_e + the base vector, SFT_e + the controls and R_e side by side (`scripts/iv_organism_docs.py` then answers

@@ -1,5 +1,5 @@
 # forgetray run sweeps/pattern_shift.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
-"""The Pattern-Shifting testbed (PS; METHODS.md §1-4) on Llama-2 7B/13B with Alpaca and Vicuna (ShareGPT) data:
+"""The Pattern-Shifting testbed (PS; docs/methods.md §1-4) on Llama-2 7B/13B with Alpaca and Vicuna (ShareGPT) data:
 IFT for 10 epochs with a checkpoint after every epoch and fine-grained probes inside epoch 1, every checkpoint
 restored on Common Crawl text (CC-MAIN-2023-40) ranked by base-model perplexity, probes on MMLU (5-shot from each
 subject's dev split, scored by the answer letter, as lm-eval's mmlu) and ARC-Challenge (lm-eval's arc_challenge:
@@ -9,7 +9,7 @@ For a GPU cluster:
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         forgetray run sweeps/pattern_shift.py --tracking-uri http://MLFLOW:5000 --storage /shared/forgetray
 
-Settings the paper does not state are METHODS.md's choices: max length 512, weight decay 0, cosine schedule with 3%
+Settings the paper does not state are docs/methods.md's choices: max length 512, weight decay 0, cosine schedule with 3%
 warm-up, restoring sequences packed to 2048 tokens.
 """
 

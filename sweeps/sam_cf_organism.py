@@ -1,5 +1,5 @@
 # forgetray run sweeps/sam_cf_organism.py
-"""The SAM / Wise-FT / rehearsal study (CF; METHODS.md §5-7) on the built-in model organism, on the CPU, in minutes.
+"""The SAM / Wise-FT / rehearsal study (CF; docs/methods.md §5-7) on the built-in model organism, on the CPU, in minutes.
 
 Like the paper: a prior phase teaches instructions (organism-alpaca), then the IFT phase fine-tunes on a far
 task (organism-math); forgetting is the organism's knowledge (held-out facts, option likelihood) lost against the

@@ -1,4 +1,4 @@
-"""Continual-learning metrics (METHODS.md §9): the pure functions on matrices worked out by hand, the trial driver's
+"""Continual-learning metrics (docs/methods.md §9): the pure functions on matrices worked out by hand, the trial driver's
 summaries read back from a real (sqlite) MLflow run, a re-reported step not logged twice, and the report's table."""
 
 from __future__ import annotations

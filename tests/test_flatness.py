@@ -1,4 +1,4 @@
-"""forgetray.flatness (METHODS.md §7): SC / AG / MAG on surfaces with hand-derived answers, and loss_surface on tiny
+"""forgetray.flatness (docs/methods.md §7): SC / AG / MAG on surfaces with hand-derived answers, and loss_surface on tiny
 torch models (parameters restored bit-identically, centre = unperturbed loss, determinism, exact quadratic)."""
 
 from __future__ import annotations

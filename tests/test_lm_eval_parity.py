@@ -68,7 +68,7 @@ def test_loglikelihoods_and_predictions_equal_lm_eval(family_dirs, family, n_sho
     norm = [int(np.argmax([lp / len(c) for (lp, _), c in zip(w, q.choices)])) for w, q in zip(theirs[1::2], scored)]
     assert frame["acc_norm_pred"].tolist() == norm
 
-    # The merged rule (forgetray's default, METHODS.md §3) adds the bare "A" pieces' probability to lm-eval's " A":
+    # The merged rule (forgetray's default, docs/methods.md §3) adds the bare "A" pieces' probability to lm-eval's " A":
     # its prediction is argmax_k(exp(lm-eval's log-likelihood of " k") + p("k")), and its P_fmt exceeds lm-eval's sum.
     merged = probe_knowledge(model, tokenizer, scored, batch_size=3, max_length=1024, n_shot=n_shot, shots=shots,
                              bos="auto")

@@ -1,4 +1,4 @@
-"""The margin rule's pure functions (forgetray.metrics.margin, METHODS.md §4 and §10) against hand values and
+"""The margin rule's pure functions (forgetray.metrics.margin, docs/methods.md §4 and §10) against hand values and
 quantities computed independently of its bootstrap: the exact bootstrap law of tiny arrays (enumerated from the
 multinomial law, not from the module's draws), the normal approximation of a mean of n differences, the variance
 of a mean of independent cells, and the ANOVA of an additive array. Its behaviour on simulated data with a known

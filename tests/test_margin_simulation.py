@@ -1,4 +1,4 @@
-"""The margin rule (forgetray.metrics.margin, METHODS.md §4 and §10) on simulated outcomes with a known truth: what
+"""The margin rule (forgetray.metrics.margin, docs/methods.md §4 and §10) on simulated outcomes with a known truth: what
 issue 17 asks it to show. Per draw: 300 questions, 30 seeds (the first 3, 10 or 30 are used), the true residual
 D_R = acc(R_0) - acc(R_e) exactly 0, 0.5 x delta or 2.5 x delta (delta = 0.02), at a base below the ceiling and at
 a base at 1.000. Over the draws:
@@ -26,7 +26,7 @@ The generative model, chosen once for realism (not fitted to make these pass):
   uses the shared u half the time and its own otherwise: two different models agree on a coin-flip question more
   often than chance, not always. This symmetric churn is what R_0 vs R_e looks like on a real benchmark; without
   it a residual of 0 would give R_e == R_0 exactly and "never actual at 0" would be empty. At the ceiling there
-  are no borderline questions, so every discordant pair points one way (METHODS.md §4's ceiling case).
+  are no borderline questions, so every discordant pair points one way (docs/methods.md §4's ceiling case).
 - The base is one draw per question (B answers q iff its own uniform < a_q), shared by all seeds.
 
 The rule is run with `margin.deltas(..., crossed=True)`: the two-level bootstrap's spread scaled to the crossed

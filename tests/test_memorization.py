@@ -1,4 +1,4 @@
-"""Exact memorization (METHODS.md §3) against a hand-worked batch and a naive Python loop."""
+"""Exact memorization (docs/methods.md §3) against a hand-worked batch and a naive Python loop."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Anti-forgetting methods (METHODS.md §6): Wise-FT interpolation (state dicts and HF model directories) and
+"""Anti-forgetting methods (docs/methods.md §6): Wise-FT interpolation (state dicts and HF model directories) and
 rehearsal sampling."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Replicates as a first-class axis (METHODS.md §10): the `Sweep(replicates=n)` API, and the pooled stage rule
+"""Replicates as a first-class axis (docs/methods.md §10): the `Sweep(replicates=n)` API, and the pooled stage rule
 (`forgetray.metrics.pooled`) on constructed outcomes against hand computations. The report's pooled table and band
 figures are tested in tests/test_report.py."""
 

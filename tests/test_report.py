@@ -28,7 +28,7 @@ EXPERIMENT, PLAIN = "report-sweep", "plain-sweep"
 BENCH, OTHER = "organism-facts", "mmlu_test"
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
-# What each trial logs. Per-epoch lists are epochs 1, 2, 3... `alpha` is judged by the margin rule (METHODS.md §4):
+# What each trial logs. Per-epoch lists are epochs 1, 2, 3... `alpha` is judged by the margin rule (docs/methods.md §4):
 # it logged the control R_0, the drop and residual with their intervals, the verdict at stage_margin and at each
 # reported margin, and the variants ("stages": (test, fixed-threshold)). `beta` was judged before the margin rule
 # existed: its stage/code is the significance test's, with no R_0 and no intervals (an old stored run).
@@ -489,7 +489,7 @@ def test_methods_table_has_the_table2_shape():
     assert _methods_table(trials[:1], []).empty
 
 
-# --- a replicated sweep (METHODS.md §10): the pooled stage table and Figures 3b/3c over seeds ------------------------
+# --- a replicated sweep (docs/methods.md §10): the pooled stage table and Figures 3b/3c over seeds ------------------------
 
 REPLICATED = "replicated-sweep"
 # Per group (lr) and seed: how many questions; on how many of the first ones the base and the control R_0 are right
@@ -591,7 +591,7 @@ POOLED = [
 
 
 def test_pooled_table_equals_the_hand_computation(replicated):
-    """The margin rule pooled over the 3 seeds by hand (METHODS.md §4, §10); stage_margin 0.02, each interval at
+    """The margin rule pooled over the 3 seeds by hand (docs/methods.md §4, §10); stage_margin 0.02, each interval at
     1 - 0.05 / 3 (tails 0.0083, z = 2.394), crossed (margin.deltas' default). Knowledge = correct / questions; drop
     D_S = base - SFT_e, residual D_R = R_0 - R_e as means over seeds. The crossed interval is the two-level bootstrap's
     (seeds, then one question draw shared by every seed) scaled about the estimate by f = sqrt(target / bootstrap

@@ -1,4 +1,4 @@
-"""SAM (METHODS.md §5): the perturbation maths on tiny tensors, and one SAM optimizer step of the real DeepSpeed
+"""SAM (docs/methods.md §5): the perturbation maths on tiny tensors, and one SAM optimizer step of the real DeepSpeed
 engine with 1 and with 2 ranks (gloo, CPU) against a reference SAM update written here with plain autograd.
 
 AdamW's first step is about lr * sign(g): it hides an error in the gradient's scale. So under ZeRO-0 the test also

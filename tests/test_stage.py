@@ -1,4 +1,4 @@
-"""Paired significance tests and the stage rule (METHODS.md §4) against hand-worked values and written-out references."""
+"""Paired significance tests and the stage rule (docs/methods.md §4) against hand-worked values and written-out references."""
 
 import math
 import re

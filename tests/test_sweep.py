@@ -88,7 +88,7 @@ MARGIN_CODE = {"inconclusive": -2, **STAGE_CODE}
 
 
 def expected_stage(base, sft, restored, base_ppl, restored_ppl, alpha=0.05, ppl_tolerance=0.05):
-    """METHODS.md §4 / README step 8, recomputed: not restored if R_e's probing PPL exceeds (1 + tol) x base's;
+    """docs/methods.md §4 / README step 8, recomputed: not restored if R_e's probing PPL exceeds (1 + tol) x base's;
     else actual if R_e dropped, pseudo if only SFT_e dropped, no otherwise (drop = lower accuracy and p < alpha)."""
     p_sft, d_sft = exact_mcnemar(base, sft)
     p_restored, d_restored = exact_mcnemar(base, restored)

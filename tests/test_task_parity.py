@@ -8,7 +8,7 @@ standard (MMLU 5, every other task 0). One simple_evaluate call per (task, famil
 subjects' tasks in one call; about a second each, the file about 40 s on 2 cores), then, doc by doc, lm-eval's
 logged samples (`arguments`: the requests; `filtered_resps`: the continuations' log-likelihoods; the per-doc metric
 values) against probe_task's rows: the same requests, log-likelihoods to 1e-4, acc / acc_norm / mc1 correctness
-and predictions exactly, mc2 values to 1e-4, and the task means with lm-eval's aggregated results. MMLU's `letter` is forgetray's on purpose (METHODS.md §3): it is checked to
+and predictions exactly, mc2 values to 1e-4, and the task means with lm-eval's aggregated results. MMLU's `letter` is forgetray's on purpose (docs/methods.md §3): it is checked to
 be lm-eval's " k" probability plus the bare "k" piece's.
 
 The fixture's choices are of equal length in the acc_norm tasks (ARC, HellaSwag, OpenBookQA), where acc_norm could

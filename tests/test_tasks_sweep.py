@@ -57,7 +57,7 @@ def test_cf_suite_in_a_sweep(tmp_path, fixture_files, ray_session, monkeypatch):
                                                        tasks.get("mmlu").load(tmp_path / "tasks" / "mmlu"),
                                                        bos="auto", max_length=2048), tasks.get("mmlu")):
             assert f"sft/mmlu/group/{group}/acc" in metrics
-    # CF's categories from the per-task primary scores, by METHODS.md §7's formula written out here.
+    # CF's categories from the per-task primary scores, by docs/methods.md §7's formula written out here.
     understanding = ["race_middle", "race_high", "openbookqa_fact", "csl"]
     reasoning = ["boolq", "ax_b", "ax_g", "rte", "copa", "hellaswag", "siqa"]
     expected = {"DK": primary["mmlu"], "Exams": primary["arc_challenge"],

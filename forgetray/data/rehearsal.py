@@ -1,4 +1,4 @@
-"""Rehearsal (METHODS.md §6): a fine-tuning phase's training set also replays a small sample of an earlier phase's data; by
+"""Rehearsal (docs/methods.md §6): a fine-tuning phase's training set also replays a small sample of an earlier phase's data; by
 default 1% of the earlier dataset (Scialom et al. 2022), sweepable.
 
 Count: replay_count = round(ratio * n_previous), rounding halves up, computed on the decimal value of `ratio` as

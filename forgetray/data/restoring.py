@@ -1,4 +1,4 @@
-"""Restoring-set selection (METHODS.md §2): rank a plain-text pool by perplexity under the base model and take the
+"""Restoring-set selection (docs/methods.md §2): rank a plain-text pool by perplexity under the base model and take the
 lowest-perplexity passages until their tokens equal one IFT epoch's tokens.
 
 The pool is streamed (a JSONL file far larger than RAM is never loaded whole): passages are scored batch by batch and

@@ -1,4 +1,4 @@
-"""Instruction-vector dynamics of a checkpoint against the base (issue 12 item 3; METHODS.md section 8), as pure
+"""Instruction-vector dynamics of a checkpoint against the base (issue 12 item 3; docs/methods.md §8), as pure
 computation on a model and tensors:
 
 - `cosine`: the checkpoint's vector against the base's (float64);

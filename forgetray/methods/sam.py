@@ -1,4 +1,4 @@
-"""Sharpness-aware minimization (METHODS.md §5), the maths only: the weight perturbation from a gradient.
+"""Sharpness-aware minimization (docs/methods.md §5), the maths only: the weight perturbation from a gradient.
 
 SAM (Foret et al. 2021) takes the gradient g at w, moves to w + e with
 

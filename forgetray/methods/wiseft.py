@@ -1,4 +1,4 @@
-"""Wise-FT weight interpolation (METHODS.md §6): theta_a = (1 - a) * theta_0 + a * theta_1 for every weight tensor,
+"""Wise-FT weight interpolation (docs/methods.md §6): theta_a = (1 - a) * theta_0 + a * theta_1 for every weight tensor,
 theta_0 = the model before the fine-tuning phase (CF: the Alpaca model), theta_1 = the model after it; a defaults to 0.5.
 
 Numerics: each floating tensor is interpolated in float32 (float64 when either input is float64) and cast back to

@@ -1,4 +1,4 @@
-"""Continual-learning metrics over a trial's fine-tuning steps (METHODS.md §9, as TRACE and Avalanche define them).
+"""Continual-learning metrics over a trial's fine-tuning steps (docs/methods.md §9, as TRACE and Avalanche define them).
 
 Pure functions on an accuracy matrix: `matrix[t][b]` = benchmark b's primary knowledge score after fine-tuning step t,
 t = 0 (the model before any fine-tuning), 1..k (after each prior phase), T = k + 1 (after the IFT phase: its last

@@ -1,4 +1,4 @@
-"""Knowledge and perplexity metrics (METHODS.md §3) as pure functions: no model, no I/O.
+"""Knowledge and perplexity metrics (docs/methods.md §3) as pure functions: no model, no I/O.
 
 Two kinds of input:
 - functions of the model's distribution at the first answer position take logits or option probabilities as torch

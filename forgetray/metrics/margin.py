@@ -1,4 +1,4 @@
-"""The margin rule (METHODS.md §4 and §10): a stage verdict about how much knowledge was lost, not about how many
+"""The margin rule (docs/methods.md §4 and §10): a stage verdict about how much knowledge was lost, not about how many
 questions or seeds were collected. Pure functions: numpy only, seeded and deterministic.
 
 Per checkpoint e, with B the base, SFT_e the fine-tuned model, R_e its restoration and R_0 the control (the
@@ -34,7 +34,7 @@ import numpy as np
 
 from forgetray.metrics.stage import ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING
 
-REPORTED_MARGINS = (0.01, 0.02, 0.05)  # every table shows the verdict at each of these too (METHODS.md §4)
+REPORTED_MARGINS = (0.01, 0.02, 0.05)  # every table shows the verdict at each of these too (docs/methods.md §4)
 N_RESAMPLES = 2000
 
 

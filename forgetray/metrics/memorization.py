@@ -1,4 +1,4 @@
-"""Exact memorization (Tirumala et al. 2022; METHODS.md §3) as pure torch functions: no model, no I/O.
+"""Exact memorization (Tirumala et al. 2022; docs/methods.md §3) as pure torch functions: no model, no I/O.
 
 Teacher-forced on a causal LM: the logits at position t-1 predict the token at t, so label t counts as memorized
 when argmax(logits[:, t-1]) == labels[:, t]. Positions whose label is the ignore index (-100: prompt, padding) are

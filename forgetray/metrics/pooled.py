@@ -1,4 +1,4 @@
-"""The stage rule of METHODS.md §4 pooled over replicates (METHODS.md §10): pure functions, no model, no I/O.
+"""The stage rule of docs/methods.md §4 pooled over replicates (docs/methods.md §10): pure functions, no model, no I/O.
 
 A grid point run with n seeds gives, per checkpoint e, n per-question outcome tables (base, SFT_e, R_e on the same
 questions; each replicate has its own base). `classify_pooled` decides the checkpoint's stage from all of them.

@@ -33,7 +33,7 @@ STEPS = {
 # 2 s) and a worker's next report waits for it: one report per point cost a quickstart restoration ~6 s.
 SERIES = "series"
 STATES = ("base", "sft", "restored", "control")
-# control = R_0, the IFT phase's start put through the trial's restoration recipe (METHODS.md §4): what restoring
+# control = R_0, the IFT phase's start put through the trial's restoration recipe (docs/methods.md §4): what restoring
 # does to an untouched model, the reference of the residual D_R and of the PPL precondition; logged at step 0.
 # how the README shows the step per state
 PROBE_STATES = {"base": "0", "sft": "epoch", "restored": "epoch", "control": "0"}
@@ -43,7 +43,7 @@ BENCH_SCORES = ("letter_acc", "acc", "acc_norm", "knowledge", "p_fmt", "entropy_
 
 _FIELD = re.compile(r"\{(\w+)\}")
 _FIELD_PATTERNS = {"bench": r"[^/]+", "k": r"\d+", "epoch": r"\d{3}", "group": r"[^/]+"}
-CF_KEYS = ("DK", "Understanding", "Reasoning", "Exams", "AVG")  # CF's evaluation categories (METHODS.md §7)
+CF_KEYS = ("DK", "Understanding", "Reasoning", "Exams", "AVG")  # CF's evaluation categories (docs/methods.md §7)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _probe(leaf: str, higher: bool | None, meaning: str, states: tuple[str, ...]
     return Metric("{state}/{bench}/" + leaf, "epoch", higher, meaning, states)
 
 
-# --- probes of a model state (METHODS.md §3) ---
+# --- probes of a model state (docs/methods.md §3) ---
 LETTER_ACC = _probe("letter_acc", True, "letter-scored accuracy")
 ACC = _probe("acc", True, "accuracy by the log-likelihood of each option's continuation (lm-eval's acc)")
 ACC_NORM = _probe("acc_norm", True, "length-normalised option-likelihood accuracy")
@@ -116,7 +116,7 @@ CF_CATEGORY = Metric("{state}/cf/{key}", "epoch", True,
                      "CF's categories: DK, Understanding, Reasoning, Exams (means of their tasks' primary scores), AVG",
                      keys=CF_KEYS)
 FLATNESS = Metric("{state}/flatness/{key}", "epoch", False,
-                  "loss-surface sharpness SC, AG, MAG and their mean, the flatness degree (METHODS.md §7)", ("sft",))
+                  "loss-surface sharpness SC, AG, MAG and their mean, the flatness degree (docs/methods.md §7)", ("sft",))
 # --- training (the IFT phase at step = epoch; a restoration at the restored checkpoint's epoch) ---
 TRAIN_LOSS = Metric("train/loss", "epoch", False, "mean IFT loss (response tokens) over the epoch")
 TRAIN_TOKENS = Metric("train/tokens", "epoch", None, "IFT tokens (prompt + response) trained in the epoch")
@@ -172,7 +172,7 @@ STEPS_FORMAT = Metric("steps/{bench}/{key}", "optimizer step", None,
 RESTORE_TRAJECTORY = Metric("restore/probe_ppl/epoch_{epoch}", "restoring step", False,
                             "probing PPL along the restoration of SFT_NNN (Figure 3a; one MLflow chart section, a chart "
                             "per checkpoint)")
-# --- the forgetting stage of each checkpoint (METHODS.md §4) ---
+# --- the forgetting stage of each checkpoint (docs/methods.md §4) ---
 STAGE_CODE = Metric("stage/code", "epoch", None,
                     "stage by the margin rule at stage_margin (the headline): -2 inconclusive, -1 not restored, 0 no, "
                     "1 pseudo, 2 actual forgetting")
@@ -193,7 +193,7 @@ STAGE_D_SFT = Metric("stage/d_sft", "epoch", True, "variants' dS: knowledge of S
 STAGE_D_RESTORED = Metric("stage/d_restored", "epoch", True, "variants' dR: knowledge of R_e minus base")
 STAGE_P_SFT = Metric("stage/p_sft", "epoch", None, "paired-test p-value of dS")
 STAGE_P_RESTORED = Metric("stage/p_restored", "epoch", None, "paired-test p-value of dR")
-# --- continual learning over the fine-tuning steps t = 0..k+1 (METHODS.md §9; forgetray.metrics.continual) ---
+# --- continual learning over the fine-tuning steps t = 0..k+1 (docs/methods.md §9; forgetray.metrics.continual) ---
 CONTINUAL_KNOWLEDGE = Metric("continual/{bench}/knowledge", "fine-tuning step", True,
                              "a[t][b]: the benchmark's primary score after fine-tuning step t (0 = before any, "
                              "1..k = after prior phase k, k+1 = the IFT phase's last checkpoint)")

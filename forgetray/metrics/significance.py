@@ -1,4 +1,4 @@
-"""Paired significance tests on per-question correctness (METHODS.md §4): pure functions, no I/O.
+"""Paired significance tests on per-question correctness (docs/methods.md §4): pure functions, no I/O.
 
 Both model states answer the same questions, so the tests are paired: McNemar's exact test on the discordant
 questions, and a paired bootstrap of the accuracy difference. Inputs are boolean array-likes of shape [N] (0/1

@@ -1,17 +1,17 @@
-"""The reported variants of the stage rule (METHODS.md §4) as pure functions: no model, no I/O. The headline
+"""The reported variants of the stage rule (docs/methods.md §4) as pure functions: no model, no I/O. The headline
 verdict is the margin rule (`forgetray.metrics.margin`); significance alone is no verdict (with enough questions or
 seeds any residual is significant), so these two stay beside it, never in its place.
 
 For checkpoint e, dS = acc(SFT_e) - acc(base) and dR = acc(R_e) - acc(base). A "drop" is decided either by a
 paired significance test on per-question correctness (`classify_checkpoint`, the main variant) or by a fixed
-threshold on the accuracy deltas (`classify_fixed`, the variant METHODS.md asks to report alongside).
+threshold on the accuracy deltas (`classify_fixed`, the variant docs/methods.md asks to report alongside).
 
-Choices where METHODS.md leaves room:
+Choices where docs/methods.md leaves room:
 - Restoration precondition: "PPL(R_e) within 5% of PPL(base)" is read as PPL(R_e) <= PPL(base) * (1 + tolerance);
   a restored model with a *lower* probing perplexity than base has restored the text pattern, so it counts.
   A nan perplexity is not restored. Without a restoration the deltas are still reported, the stage is
   "not_restored".
-- Precedence: METHODS.md's "actual" (dR < -tau) does not require dS < -tau. A drop that survives restoration means
+- Precedence: docs/methods.md's "actual" (dR < -tau) does not require dS < -tau. A drop that survives restoration means
   knowledge is lost whatever the SFT model showed, so "actual_forgetting" wins whenever the restored model drops;
   then "pseudo_forgetting" when only the SFT model drops; else "no_forgetting".
 """

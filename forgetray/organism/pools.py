@@ -1,4 +1,4 @@
-"""Restoring pools derived at run time from the built pool (issue 17 item 4; METHODS.md §8, control 2).
+"""Restoring pools derived at run time from the built pool (issue 17 item 4; docs/methods.md §8, control 2).
 
 `organism-restore-no-<attribute>` (e.g. `organism-restore-no-colour`) is `organism-restore` with every statement of
 that attribute taken out: each prose passage loses the sentences that state it (the passage's other sentences stay,

@@ -1,4 +1,4 @@
-"""Batched probes of a causal LM (METHODS.md §3): multiple-choice knowledge and probing-set perplexity.
+"""Batched probes of a causal LM (docs/methods.md §3): multiple-choice knowledge and probing-set perplexity.
 
 Layout, one concept per module, each depending only on those listed before it: `tokens` (how text becomes model
 input: encoding, the BOS rule, left truncation, the padding rule, the one model call), `prompts` (the letter and

@@ -1,4 +1,4 @@
-"""The knowledge probe (METHODS.md §3): each multiple-choice question scored two ways in one pass over the model.
+"""The knowledge probe (docs/methods.md §3): each multiple-choice question scored two ways in one pass over the model.
 
 - Letter scoring (MMLU): at the first answer position of the letter prompt, the option letters' probabilities
   (" A" and "A" variants merged) give the prediction, P_fmt and the two entropies; lm-eval's MMLU rule (the best
@@ -68,7 +68,7 @@ def probe_knowledge(
     Letter scoring: at the first answer position of the letter prompt, the option letters' probabilities (every
     vocabulary piece of a letter merged, `letter_token_ids`) give p_fmt, entropy_vocab (whole vocabulary) and
     entropy_options (options renormalised); letter_pred is their argmax with `letter_rule="merged"` (forgetray's,
-    METHODS.md §3), or with "lm_eval" the argmax of the log-likelihood of the continuations " A", " B", ... (lm-eval's
+    docs/methods.md §3), or with "lm_eval" the argmax of the log-likelihood of the continuations " A", " B", ... (lm-eval's
     MMLU). Option likelihood: each choice is scored as the continuation " {choice}" of the question (summed token
     log-probs in option_logprobs); acc_pred is their argmax, acc_norm_pred the argmax after dividing by the
     choice's length in characters (without the leading space, as lm-eval). `bos` is the BOS rule (`tokens.

@@ -1,4 +1,4 @@
-"""Probing-set perplexity (METHODS.md §3) and the per-passage NLLs it sums, which restoring-pool ranking also uses.
+"""Probing-set perplexity (docs/methods.md §3) and the per-passage NLLs it sums, which restoring-pool ranking also uses.
 
 A passage is [BOS] + its tokens, cut to max_length tokens in all; every token after the first is scored (BOS has no
 prediction; without BOS the first token has none).

@@ -1,4 +1,4 @@
-"""Prompt formats of the knowledge probe (METHODS.md §3): the MMLU-style letter prompt (optionally k-shot) and the
+"""Prompt formats of the knowledge probe (docs/methods.md §3): the MMLU-style letter prompt (optionally k-shot) and the
 lm-eval-style option-likelihood context and continuations. Text only: tokenization is in `tokens`."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ lm_eval/tasks/truthfulqa/utils.py):
   * mc2: the true answers' share of the probability mass of all answers (process_results_mc2), computed with the
     maximum subtracted before exp: the same value wherever lm-eval's exp(ll) / sum(exp(ll)) is finite, a number
     instead of lm-eval's nan where every answer's exp underflows (log-likelihoods below about -745);
-  * letter (forgetray's, METHODS.md §3; MMLU and CSL): at the first answer position, the probability of each option
+  * letter (forgetray's, docs/methods.md §3; MMLU and CSL): at the first answer position, the probability of each option
     letter with every vocabulary piece of it merged (" A", "A", ...: `tokens.letter_token_ids`); the prediction is
     their argmax. On MMLU lm-eval's `acc` is the " A"-only version of this (its continuations are " A".." D").
 

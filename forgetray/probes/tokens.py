@@ -1,4 +1,4 @@
-"""How every probe turns text into model input (METHODS.md §3), and the one model call they all make.
+"""How every probe turns text into model input (docs/methods.md §3), and the one model call they all make.
 
 - a sequence is `[BOS] + tokenizer(text, add_special_tokens=False)` (no BOS when the tokenizer has none): the BOS
   rule "always"; `encode_contexts` also has lm-eval's "auto" (the tokenizer's own rule) and "never", and

@@ -1,4 +1,4 @@
-"""The sweep report: the stage table, the methods table and the figures of PS (METHODS.md §4), rebuilt from a sweep's
+"""The sweep report: the stage table, the methods table and the figures of PS (docs/methods.md §4), rebuilt from a sweep's
 MLflow runs alone (no checkpoint is opened, so a report can be made long after the checkpoints are gone).
 
 Layout, one concept per module, each depending only on those above it: `runs` reads the sweep's parent run and

@@ -1,5 +1,5 @@
 """Figures 3b and 3c of a replicated sweep: a panel per replicate group, the mean over its seeds as the line and the
-min-max over seeds as a band (METHODS.md §10). They replace the per-trial Figures 3b/3c (same file names) when the
+min-max over seeds as a band (docs/methods.md §10). They replace the per-trial Figures 3b/3c (same file names) when the
 sweep has replicate groups; a sweep without replicates keeps the per-trial figures.
 
 Min-max rather than +-sd: with the few seeds a grid point gets (3), an sd rests on 2 degrees of freedom, while the

@@ -73,7 +73,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir)
-    # A replicated sweep (METHODS.md §10) is also pooled per grid point, and draws Figures 3b/3c over its seeds.
+    # A replicated sweep (docs/methods.md §10) is also pooled per grid point, and draws Figures 3b/3c over its seeds.
     groups = replicate_groups(trials, sweep_replicates(parent), varying)
     pooled_notes = load_outcomes(tracker, groups)
     pooled = pooled_table(groups)

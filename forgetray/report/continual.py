@@ -1,4 +1,4 @@
-"""The report's continual-learning table (METHODS.md §9), built from `TrialData` alone: per trial the matrix a[t][b]
+"""The report's continual-learning table (docs/methods.md §9), built from `TrialData` alone: per trial the matrix a[t][b]
 (fine-tuning steps x benchmarks), then forgetting per benchmark and backward transfer.
 
 The matrix is `continual/<bench>/knowledge` at step t (0 = before any fine-tuning, 1..k = after each prior phase,

@@ -33,7 +33,7 @@ FIG3C_GLOB = "fig3c_accuracy_*.png"
 # Light backgrounds behind a checkpoint's points in Figure 3c, from "fine" to "knowledge lost".
 STAGE_COLORS = {NO_FORGETTING: "#d9f0d3", PSEUDO_FORGETTING: "#fee391", ACTUAL_FORGETTING: "#fcbba1",
                 INCONCLUSIVE: "#ffffff", NOT_RESTORED: "#e0e0e0"}
-FORMAT_ALIGNED = 0.95  # METHODS.md §3: format alignment is reached when mean P_fmt exceeds this
+FORMAT_ALIGNED = 0.95  # docs/methods.md §3: format alignment is reached when mean P_fmt exceeds this
 # Figure 4's rows: the IFT-step probes the registry declares, with their axis labels.
 FORMAT_LABELS = {"p_fmt": "P_fmt", "entropy_vocab": "H_V (nats)", "entropy_options": "H_opt (nats)",
                  "knowledge": "accuracy"}

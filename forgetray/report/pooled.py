@@ -1,4 +1,4 @@
-"""The pooled stage table of a replicated sweep (METHODS.md §10): per replicate group and checkpoint, the margin rule's
+"""The pooled stage table of a replicated sweep (docs/methods.md §10): per replicate group and checkpoint, the margin rule's
 verdict on all replicates' per-question outcomes (`forgetray.metrics.margin`: the replicates' mean drop and residual
 with two-level bootstrap intervals), the verdicts at the reported margins, how many replicates' own verdicts agree,
 the pooled exact-McNemar variant (`forgetray.metrics.pooled`), knowledge of base, R_0, SFT_e and R_e (mean and sd over
@@ -214,7 +214,7 @@ def _interval(row: dict, key: str) -> str:
 def pooled_text(table: pd.DataFrame) -> str:
     """The pooled table as text: a block per group, a line per checkpoint, then the group's transition epoch."""
     first = table.iloc[0]
-    lines = ["pooled over replicates (METHODS.md §4, §10): the margin rule at delta = "
+    lines = ["pooled over replicates (docs/methods.md §4, §10): the margin rule at delta = "
              f"{first['margin']:g} on the replicates' mean; drop D_S = base - SFT_e, residual D_R = R_0 - R_e, "
              "share = (R_e - SFT_e) / (R_0 - SFT_e), each with its two-level bootstrap interval (seeds, then "
              f"questions) at {first['level']:.4g} (Bonferroni over the epochs); agree = replicates whose own verdict "

@@ -1,4 +1,4 @@
-"""The report's re-injection table (issue 12 item 3; METHODS.md section 8, "our choice"): re-injecting the base
+"""The report's re-injection table (issue 12 item 3; docs/methods.md §8, "our choice"): re-injecting the base
 model's instruction vector as a training-free restoration, beside restoration training, checkpoint by checkpoint.
 Built from `TrialData` alone, from the dynamics probe's metrics (`{state}/iv_probe/<key>`, setting iv_probe_task).
 

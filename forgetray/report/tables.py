@@ -21,7 +21,7 @@ STAGE_SHORT = {NO_FORGETTING: "no", PSEUDO_FORGETTING: "pseudo", ACTUAL_FORGETTI
 
 # The stage table's columns after the trial's varying settings, in order. `knowledge_*` are the primary benchmark's
 # primary score (named in `benchmark` and `score`); the stage rule judges that benchmark only. The headline is the
-# margin rule (METHODS.md §4): `stage` at the trial's stage_margin, `stage_at_<m>` at each reported margin, from the
+# margin rule (docs/methods.md §4): `stage` at the trial's stage_margin, `stage_at_<m>` at each reported margin, from the
 # drop D_S = base - SFT_e and the residual D_R = R_0 - R_e with their intervals (`level`: Bonferroni over the
 # trial's epochs); `stage_test` (paired test, p-values `p_*` of the variants' `d_*` = SFT_e / R_e minus base) and
 # `stage_fixed` are the reported variants, never the headline.
@@ -59,7 +59,7 @@ def setting_column(key: str) -> str:
 def _margin_columns(trial: TrialData, epoch: int, row: dict[str, Any]) -> None:
     """The margin rule's quantities as logged (`stage/<key>`). A run without them (judged before the margin rule,
     or not judged) still gets the drop from its accuracies, and the residual where it logged R_0 and R_e: the same
-    definitions (METHODS.md §4), without intervals."""
+    definitions (docs/methods.md §4), without intervals."""
     for key in registry.INTERVAL_KEYS:
         row[key] = trial.at(registry.STAGE_INTERVAL.name(key=key), epoch)
     if math.isnan(row["drop"]):
@@ -311,7 +311,7 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
     lines.append("base, R_0, SFT_e, R_e = knowledge of the base, the control R_0 (the start through the same "
                  "restoration), SFT_e and R_e; drop D_S = base - SFT_e, residual D_R = R_0 - R_e (positive = lost) "
                  "with their paired-bootstrap intervals at 1 - stage_alpha / epochs (Bonferroni over the trial's "
-                 "epochs); stage = the margin rule at stage_margin (METHODS.md §4; at .01/.02/.05 = its verdict at "
+                 "epochs); stage = the margin rule at stage_margin (docs/methods.md §4; at .01/.02/.05 = its verdict at "
                  "those margins); reported variants, never the headline: test = paired significance test against "
                  "base (p(dS), p(dR) its p-values), fixed = fixed threshold; ppl = probing perplexity; EM = exact "
                  "memorization of the IFT data")
@@ -327,7 +327,7 @@ def report_text(experiment: str, parent: Any, trials: list[TrialData], varying: 
                       "average and its change from the IFT phase's start; ppl = probing perplexity; flatness = "
                       "mean(SC, AG, MAG)):", methods_text(methods)]
     if continual:
-        lines += ["", "continual learning (METHODS.md §9): a[t] = knowledge per benchmark after fine-tuning step t "
+        lines += ["", "continual learning (docs/methods.md §9): a[t] = knowledge per benchmark after fine-tuning step t "
                       "(0 = before any, then each prior phase, last = the IFT phase's last checkpoint); forgetting = "
                       "max over t < T of a[t] - a[T] (signed); BWT = mean over steps with an own benchmark of "
                       "a[T] - a[t] on it:", continual]

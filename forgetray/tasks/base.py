@@ -71,7 +71,7 @@ class Task:
     true_labels: Callable[[Doc], list[int]] | None = None
     scores: tuple[str, ...] = ("acc",)
     primary: str = "acc"
-    category: str | None = None  # CF's evaluation category (METHODS.md §7), None if outside CF's suite
+    category: str | None = None  # CF's evaluation category (docs/methods.md §7), None if outside CF's suite
     lm_eval_task: str | None = None  # the lm-eval task whose yaml it reproduces (parity tests), None if lm-eval lacks it
 
     def load(self, source: str | os.PathLike | None = None, num_fewshot: int | None = None) -> list[MCPrompt]:

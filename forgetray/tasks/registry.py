@@ -1,4 +1,4 @@
-"""Task names, suites, `name@path` specs, and CF's evaluation categories (METHODS.md §7) over per-task accuracies.
+"""Task names, suites, `name@path` specs, and CF's evaluation categories (docs/methods.md §7) over per-task accuracies.
 
 Task objects are built on demand (`get`), so importing this module does no work.
 """
@@ -31,7 +31,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "csl": opencompass.csl,
 }
 
-# CF's categories (METHODS.md §7, OpenCompass naming): each is the mean of its tasks' accuracies; AVG the mean of the four.
+# CF's categories (docs/methods.md §7, OpenCompass naming): each is the mean of its tasks' accuracies; AVG the mean of the four.
 CF_CATEGORIES: dict[str, tuple[str, ...]] = {
     "DK": ("mmlu",),
     "Understanding": ("race_middle", "race_high", "openbookqa_fact", "csl"),

@@ -181,7 +181,7 @@ def _context_length(model, floor: int) -> int:
 
 
 def _cf_categories(state: str, metrics: dict) -> dict:
-    """CF's category averages (METHODS.md §7) when the trial probes every task they need, else nothing."""
+    """CF's category averages (docs/methods.md §7) when the trial probes every task they need, else nothing."""
     from forgetray import tasks
 
     knowledge = {}

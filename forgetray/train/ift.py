@@ -179,7 +179,7 @@ def _flatness_batch(suite: ProbeSuite, tokenizer, trial, device) -> dict:
 
 
 def _flatness(module, batch: dict, trial) -> tuple:
-    """The loss surface around the checkpoint and its SC / AG / MAG / flatness degree (METHODS.md §7). Rank 0 only:
+    """The loss surface around the checkpoint and its SC / AG / MAG / flatness degree (docs/methods.md §7). Rank 0 only:
     ZeRO 0-2 keep the full weights on every rank."""
     surface, h = flatness.loss_surface(module, lambda m: m(**batch).loss, steps=trial.flatness_grid, seed=trial.seed)
     return (surface, h), {registry.FLATNESS.name(state="sft", key=k): v
@@ -207,7 +207,7 @@ def _base_memorization(engine, tokenizer, em_examples, suite, device, out: Path,
 
 def _select_restoring_set(engine, tokenizer, data, worker: Worker, out: Path) -> None:
     """Rank the restoring pool by base-model perplexity (each rank scores its share of the stream) and keep the
-    lowest-perplexity passages worth one IFT epoch of tokens (METHODS.md §2). The passages the trial probes (the
+    lowest-perplexity passages worth one IFT epoch of tokens (docs/methods.md §2). The passages the trial probes (the
     first `probe_passages` of the probing set, and no more: it may be an endless stream) are never selected."""
     trial, resolved, rank, world, device = worker.trial, worker.resolved, worker.rank, worker.world, worker.device
     probe_texts = excluded_passages(resolved, trial)

@@ -1,4 +1,4 @@
-"""The restoration phase's recipe (METHODS.md §2): continue training an IFT checkpoint SFT_e on plain text close to
+"""The restoration phase's recipe (docs/methods.md §2): continue training an IFT checkpoint SFT_e on plain text close to
 the pre-training distribution, one epoch over the restoring set, causal-LM loss on every token, sequences packed
 to a fixed length, with restoration's own optimizer (`forgetray.plan.restore_phase`). The result R_e gets the same
 probes as SFT_e. Along the way the probing perplexity is measured at evenly spaced steps (the paper's Figure 3a).
@@ -85,7 +85,7 @@ def run_restore(worker: Worker, phase: Phase) -> None:
 
 
 def ensure_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite) -> float:
-    """The control R_0 (METHODS.md §4): the IFT phase's start put through this restoration recipe, probed like R_e.
+    """The control R_0 (docs/methods.md §4): the IFT phase's start put through this restoration recipe, probed like R_e.
     Computed once per sweep under a lock (`checkpoints.computed_once`, `keys.control_key`) into the control folder
     (per-question probes + summary.json), reported into this trial's run once per Ray Train run (kind "control",
     step 0; its probes as the run's probes/control artifacts). Returns R_0's probing PPL on every rank."""

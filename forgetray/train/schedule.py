@@ -1,5 +1,5 @@
-"""Learning-rate schedule as a pure function (METHODS.md §1: cosine with 3% linear warm-up, our choice; CF's step
-decay of 0.85 per epoch, METHODS.md §1 "CF settings")."""
+"""Learning-rate schedule as a pure function (docs/methods.md §1: cosine with 3% linear warm-up, our choice; CF's step
+decay of 0.85 per epoch, docs/methods.md §1 "CF settings")."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ trials that share them (`forgetray.trial` holds a file lock meanwhile): their re
 saved in the sweep's shared folder `start/<key>/` (`keys.prior_start_key`), complete or absent.
 
 With prior phases, the model is also probed (knowledge only) before the first and after each of them: the
-continual-learning matrix a[t][b] for t = 0..k (METHODS.md §9). Those probes and the prior phases' per-epoch losses
+continual-learning matrix a[t][b] for t = 0..k (docs/methods.md §9). Those probes and the prior phases' per-epoch losses
 are saved in the start folder (`continual_probes.json`, `prior_losses.json`), and every IFT run that starts from it
 reports them into its own trial run (kinds "continual" at `ft_step` t and "prior" at `phase_epoch`); the MLflow
 callback skips the steps a run already has, so a restarted run neither loses nor logs them twice.
