@@ -23,7 +23,7 @@ from typing import Any
 from forgetray.spec import TrialConfig
 
 GRAD_CLIP = 1.0  # the Hugging Face Trainer's default max_grad_norm; the papers do not state one
-ADAM_BETAS = (0.9, 0.999)  # METHODS.md §1/§5: AdamW(0.9, 0.999, eps 1e-8)
+ADAM_BETAS = (0.9, 0.999)  # docs/methods.md §1/§5: AdamW(0.9, 0.999, eps 1e-8)
 ADAM_EPS = 1e-8
 KINDS = ("prior", "ift", "restore")
 # Where a phase's data comes from: instruction data (loss on the responses) or packed plain text (loss everywhere).
@@ -64,7 +64,7 @@ class Batching:
 
 @dataclass(frozen=True)
 class Methods:
-    """The anti-forgetting methods a phase trains with (METHODS.md §5-6); the defaults are plain fine-tuning."""
+    """The anti-forgetting methods a phase trains with (docs/methods.md §5-6); the defaults are plain fine-tuning."""
 
     sam_rho: float = 0.0  # 0 = plain AdamW steps
     sam_adaptive: bool = False
@@ -115,16 +115,29 @@ class IVGuided:
 
 
 @dataclass(frozen=True)
+class Speed:
+    """How a phase computes, not what: the same model up to float rounding (README "Performance settings").
+    `packing`: a micro-batch's instruction examples in one row without padding, position ids restarting per
+    example so attention stays within each (instructions only: packed text has no padding); `compile`: the model
+    under `torch.compile`; `chunked_loss`: the cross-entropy over the scored positions that many at a time, never
+    the full logits (`forgetray.train.losses`; 0 = the model's own loss)."""
+
+    packing: bool = False
+    compile: bool = False
+    chunked_loss: int = 0
+
+
+@dataclass(frozen=True)
 class Data:
     """What a phase trains on. `source` keys the trial's resolved sources: "dataset", "prior_datasets/<i>" or
-    "restoring_set" (the pool's lowest-perplexity passages worth one IFT epoch of tokens, METHODS.md §2)."""
+    "restoring_set" (the pool's lowest-perplexity passages worth one IFT epoch of tokens, docs/methods.md §2)."""
 
     source: str
     format: str  # one of DATA_FORMATS: "instructions" = loss on responses; "packed_text" = loss on every token
     max_length: int  # instructions: truncation length; packed text: the sequence length it is packed to
     rehearse: str | None = None  # source replayed into this phase (with `Methods.rehearsal_ratio`)
     # The benchmark measuring this data's own task, as the trial names it in `benchmarks` ("" = none): backward
-    # transfer compares it after the phase and at the end (METHODS.md §9, forgetray.metrics.continual).
+    # transfer compares it after the phase and at the end (docs/methods.md §9, forgetray.metrics.continual).
     own_benchmark: str = ""
 
     def __post_init__(self):
@@ -146,6 +159,7 @@ class Phase:
     lora: Lora = Lora()  # rank 0: full fine-tuning (restoration always is: the paper's restoration trains all weights)
     iv: IVGuided = IVGuided()  # the IFT phase only
     restores_epoch: int = 0  # restoration phases: the IFT epoch whose checkpoint SFT_e they start from
+    speed: Speed = Speed()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -159,6 +173,8 @@ class Phase:
         data = dataclasses.asdict(self)
         if not self.iv.on:
             del data["iv"]
+        if self.speed == Speed():  # likewise the speed settings at their defaults
+            del data["speed"]
         return data
 
     @classmethod
@@ -166,12 +182,13 @@ class Phase:
         return cls(**{**data, "data": Data(**data["data"]), "optimizer": Optimizer(**{
             **data["optimizer"], "betas": tuple(data["optimizer"]["betas"])}),
             "batching": Batching(**data["batching"]), "methods": Methods(**data["methods"]),
-            "lora": _lora(data.get("lora", {})), "iv": IVGuided(**data.get("iv", {}))})
+            "lora": _lora(data.get("lora", {})), "iv": IVGuided(**data.get("iv", {})),
+            "speed": Speed(**data.get("speed", {}))})
 
     def params(self) -> dict[str, Any]:
         """The phase's settings as flat MLflow params (`<name>.optimizer.lr`, ...), derived values included."""
         out: dict[str, Any] = {"kind": self.kind, "epochs": self.epochs, "drop_last": self.drop_last}
-        for group in ("data", "optimizer", "batching", "methods", "lora") + (("iv",) if self.iv.on else ()):
+        for group in ("data", "optimizer", "batching", "methods", "lora", "speed") + (("iv",) if self.iv.on else ()):
             for key, value in dataclasses.asdict(getattr(self, group)).items():
                 out[f"{group}.{key}"] = value
         out["batching.grad_accum"] = self.batching.grad_accum
@@ -194,11 +211,16 @@ def plan(trial: TrialConfig) -> list[Phase]:
         methods=Methods(trial.sam_rho, trial.sam_adaptive, trial.sam_every, trial.wiseft_alpha,
                         trial.rehearsal_ratio),
         lora=Lora(trial.lora_rank, trial.lora_alpha, trial.lora_dropout, trial.lora_targets),
-        iv=iv_guided(trial),
+        iv=iv_guided(trial), speed=speed(trial, "instructions"),
     ))
     if trial.restore_pool:
         phases += [restore_phase(trial, epoch) for epoch in range(1, trial.epochs + 1)]
     return phases
+
+
+def speed(trial: TrialConfig, data_format: str) -> Speed:
+    """A phase's speed settings from the trial's: packing applies to instruction data only."""
+    return Speed(trial.packing and data_format == "instructions", trial.compile, trial.chunked_loss)
 
 
 def iv_guided(trial: TrialConfig) -> IVGuided:
@@ -212,7 +234,7 @@ def ift_phase(trial: TrialConfig) -> Phase:
 
 
 def restore_phase(trial: TrialConfig, epoch: int) -> Phase:
-    """Restoration of SFT_epoch (METHODS.md §2): one epoch over the restoring set packed to `restore_seq_len`,
+    """Restoration of SFT_epoch (docs/methods.md §2): one epoch over the restoring set packed to `restore_seq_len`,
     loss on every token, no accumulation, no method (restoration is the measurement, not the method under study)."""
     return Phase(
         name=f"restore_{epoch:03d}", kind="restore",
@@ -221,11 +243,12 @@ def restore_phase(trial: TrialConfig, epoch: int) -> Phase:
                             trial.restore_warmup_ratio),
         batching=Batching(trial.restore_batch_size, trial.restore_batch_size // trial.workers, trial.workers),
         epochs=1, drop_last=False, checkpoint_every_epoch=False, restores_epoch=epoch,
+        speed=speed(trial, "packed_text"),
     )
 
 
 def fine_tuning_steps(phases: list[Phase]) -> list[Phase]:
-    """The fine-tuning steps t = 1..T of the continual-learning metrics (METHODS.md §9): the prior phases in order,
+    """The fine-tuning steps t = 1..T of the continual-learning metrics (docs/methods.md §9): the prior phases in order,
     then the IFT phase (T); step 0 is the model before any of them."""
     return [p for p in phases if p.kind == "prior"] + [p for p in phases if p.kind == "ift"]
 
@@ -268,7 +291,7 @@ def _prior_phase(trial: TrialConfig, index: int, setting: dict, batching: Batchi
                   own_benchmark=setting.get("own_benchmark", "")),
         optimizer=dataclasses.replace(optimizer, lr=setting.get("lr", trial.lr)),
         batching=batching, epochs=setting["epochs"], drop_last=True, checkpoint_every_epoch=False, methods=methods,
-        lora=lora,
+        lora=lora, speed=speed(trial, "instructions"),
     )
 
 

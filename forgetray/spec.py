@@ -25,7 +25,7 @@ class SpecError(ValueError):
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-LR_SCHEDULES = ("cosine", "constant", "step")  # "step": x lr_decay per epoch (CF, METHODS.md §1)
+LR_SCHEDULES = ("cosine", "constant", "step")  # "step": x lr_decay per epoch (CF, docs/methods.md §1)
 KNOWLEDGE_SCORES = ("letter", "acc", "acc_norm", "mc1", "mc2")  # which a benchmark offers: forgetray.resources
 BOS_RULES = ("model", "auto", "always", "never")
 LETTER_RULES = ("merged", "lm_eval")
@@ -41,7 +41,7 @@ class TrialConfig:
     model: str = "organism-small"  # organism size name, Hugging Face hub id, or local model directory
     dataset: str = "organism-alpaca"  # organism IFT set name, hub dataset id, or local Alpaca .json/.jsonl file
     epochs: int = 3  # IFT epochs; a checkpoint (and a probe) after each
-    # --- optimisation (METHODS.md §1; weight decay 0 and cosine with 3% warm-up are our choices) ---
+    # --- optimisation (docs/methods.md §1; weight decay 0 and cosine with 3% warm-up are our choices) ---
     lr: float = 1e-3
     batch_size: int = 16  # global batch: sequences per optimizer step, over all workers
     micro_batch_size: int = 0  # per worker per forward pass; 0 = batch_size / workers (no accumulation)
@@ -57,10 +57,14 @@ class TrialConfig:
     gpus_per_worker: int = 0  # 0 = CPU (DeepSpeed's CPU accelerator over gloo)
     cpus_per_worker: int = 1
     precision: str = "fp32"
+    # --- speed (README "Performance settings"): how the training phases compute, not what ---
+    packing: bool = False  # instruction micro-batches as one row without padding (attention within each example)
+    compile: bool = False  # the model under torch.compile in every training phase
+    chunked_loss: int = 0  # cross-entropy over the scored positions this many at a time, no full logits; 0 = off
     max_failures: int = 1  # a failed trial restarts from its last checkpoint this many times
     keep_optimizer_state: str = "latest"  # DeepSpeed state of a running phase: its newest checkpoint | "all"
     delete_finished_state: bool = True  # drop a phase's DeepSpeed state once it finished (models and probes stay)
-    # --- probes (METHODS.md §3) ---
+    # --- probes (docs/methods.md §3) ---
     benchmarks: tuple = ("organism-facts",)  # MC benchmark names or local MMLU-style .jsonl files
     primary_score: tuple = ()  # per-benchmark primary knowledge score: {"bench": "letter"|"acc"|"acc_norm"|...}
     n_shot: int = 0  # in-context examples in the letter-scored prompt of question files (tasks: their own protocol)
@@ -72,7 +76,7 @@ class TrialConfig:
     probe_batch_size: int = 32
     early_checkpoints: int = 0  # extra probe points inside epoch 1 (evenly spaced steps), to locate format alignment
     em_examples: int = 0  # IFT examples scored for exact memorization EM; 0 = all of them
-    # --- restoration (METHODS.md §2) and the stage rule (§4) ---
+    # --- restoration (docs/methods.md §2) and the stage rule (§4) ---
     restore_pool: str = ""  # plain-text pool (name or .jsonl); "" = no restoration
     restore_lr: float = 3e-5
     restore_batch_size: int = 16  # global batch of packed sequences
@@ -81,8 +85,8 @@ class TrialConfig:
     restore_lr_schedule: str = "cosine"
     restore_seq_len: int = 256  # restoring text is packed into sequences of this length
     restore_trajectory_points: int = 10  # probing-PPL measurements along each restoration (Figure 3a)
-    # restore again (a fresh one-pass restoration of the result) while R's probing PPL is above base x
-    # (1 + ppl_tolerance), at most this many passes in all; 1 = the fixed budget of one pass
+    # restore again (a fresh one-pass restoration of the result) while R_e's probing PPL is above R_0's x
+    # (1 + ppl_tolerance; R_0's own passes: the base's), at most this many passes in all; 1 = one pass
     restore_max_passes: int = 1
     # checkpoints restored one after another by one TorchTrainer; groups run concurrently. 0: in the IFT phase's
     # TorchTrainer, after it (one worker start-up per trial: the cheapest on a small machine)
@@ -93,14 +97,14 @@ class TrialConfig:
     stage_test: str = "mcnemar"  # reported variant: the paired test deciding a significant drop: "mcnemar" | "bootstrap"
     stage_tau: float = 0.02  # reported variant: the fixed-threshold rule's drop threshold on accuracy
     ppl_tolerance: float = 0.05  # R_e's probing PPL must be within this fraction of R_0's (either side)
-    # --- anti-forgetting methods (METHODS.md §5-6) and flatness (§7); they act on the trial's IFT phase ---
+    # --- anti-forgetting methods (docs/methods.md §5-6) and flatness (§7); they act on the trial's IFT phase ---
     sam_rho: float = 0.0  # SAM radius; 0 = plain AdamW
     sam_adaptive: bool = False  # ASAM: perturbation scaled by |w|
     sam_every: int = 1  # a SAM step every k-th optimizer step (the others are plain)
     wiseft_alpha: float = 1.0  # each checkpoint becomes (1-a)*theta_0 + a*theta_1, theta_0 = the phase's start; 1 = off
     rehearsal_ratio: float = 0.0  # share of the previous phase's data replayed in this phase (needs prior_phases)
     prior_phases: tuple = ()  # fine-tuning phases before IFT, in order: dicts of PHASE_KEYS; unset keys = plain IFT
-    flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (METHODS.md §7: 21) around every checkpoint
+    flatness_grid: int = 0  # 0 = off; n = the n x n loss surface (docs/methods.md §7: 21) around every checkpoint
     flatness_batch: int = 16  # probing-set passages in the fixed held-out batch the surface's loss is taken on
     # --- how the IFT phase fine-tunes: all weights, or LoRA adapters (PEFT; README "Mitigation methods") ---
     lora_rank: int = 0  # 0 = full fine-tuning; r > 0: LoRA adapters of rank r, the base weights frozen
@@ -134,9 +138,9 @@ class TrialConfig:
     iv_probe_heads: int = 10  # top heads by CIE that make each state's vector
     iv_probe_degree: float = 1.0  # the re-injected vector's multiple
     # the control vector: another task's base vector (same model, same extraction), injected as the base vector is;
-    # "" = off (METHODS.md §8's controls: is the recovery the task's vector, or any task vector?)
+    # "" = off (docs/methods.md §8's controls: is the recovery the task's vector, or any task vector?)
     iv_probe_other_task: str = ""
-    # --- continual-learning metrics (METHODS.md §9) ---
+    # --- continual-learning metrics (docs/methods.md §9) ---
     own_benchmark: str = ""  # the benchmark of the IFT data's own task (one of `benchmarks`); "" = none
 
     def __post_init__(self):
@@ -198,6 +202,9 @@ class TrialConfig:
             data = {k: v for k, v in data.items() if not k.startswith("iv_probe_")}
         if not self.iv_probe_other_task:  # off: hashes as before the setting existed
             data.pop("iv_probe_other_task", None)
+        for key in SPEED:  # off: hashes as before the settings existed
+            if data.get(key) == getattr(TrialConfig, key):
+                data.pop(key)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -213,6 +220,7 @@ class TrialConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
+SPEED = ("packing", "compile", "chunked_loss")  # out of the config hash at their defaults
 # What the dynamics probe reads: its own settings and the extraction's prompt counts.
 IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_probe_other_task",
                  "iv_prompts", "iv_corrupted", "iv_corruption")
@@ -336,6 +344,14 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.zero_stage <= 2 or not uses_sam, "zero_stage",
          "must be <= 2 with SAM (sam_rho > 0): ZeRO-3 partitions the weights SAM perturbs")
     need(0 <= cfg.wiseft_alpha <= 1, "wiseft_alpha", "must be in [0, 1] (1 = off)")
+    need(isinstance(cfg.packing, bool), "packing", "must be true or false")
+    need(isinstance(cfg.compile, bool), "compile", "must be true or false")
+    need(isinstance(cfg.chunked_loss, int) and cfg.chunked_loss >= 0, "chunked_loss",
+         "must be an int >= 0 (positions per chunk; 0 = off)")
+    need(not cfg.chunked_loss or cfg.zero_stage <= 2, "chunked_loss",
+         "needs zero_stage <= 2 (it calls the decoder and head outside the engine's ZeRO-3 weight gathering)")
+    need(not (cfg.packing and cfg.iv_task), "packing", "is not supported with IV guidance (iv_task): the vector is "
+         "injected at each prompt's last position of a padded row")
     # These read or rewrite full weights on a rank, which ZeRO-3 never holds.
     need(cfg.zero_stage <= 2 or (cfg.wiseft_alpha == 1 and not cfg.prior_phases and cfg.flatness_grid == 0),
          "zero_stage", "must be <= 2 with wiseft_alpha < 1, prior_phases or flatness_grid (they need full weights)")
@@ -356,7 +372,7 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.flatness_grid == 0 or cfg.lora_rank == 0, "flatness_grid",
          "must be 0 with LoRA (lora_rank > 0): the surface is defined over the full weights")
     check_iv(cfg, need)
-    # "The benchmark of a step's own data" (BWT, METHODS.md §9) is named as written in `benchmarks`.
+    # "The benchmark of a step's own data" (BWT, docs/methods.md §9) is named as written in `benchmarks`.
     need(not cfg.own_benchmark or cfg.own_benchmark in cfg.benchmarks, "own_benchmark",
          f"must be one of the trial's benchmarks {list(cfg.benchmarks)} (or '' for none)")
     for index, phase in enumerate(cfg.prior_phases):

@@ -1,4 +1,4 @@
-"""Instruction data -> token ids with the loss on response tokens only (METHODS.md §1).
+"""Instruction data -> token ids with the loss on response tokens only (docs/methods.md §1).
 
 Two record formats:
 - Alpaca (single turn): {"instruction", "input"?, "output"}, formatted with the Stanford Alpaca template;
@@ -193,3 +193,19 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         labels[row, :n] = torch.tensor(ex["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(batch: list[dict]) -> dict:
+    """A list of tokenized examples as ONE row without padding: the examples one after another, position ids
+    restarting at 0 for each (transformers then masks attention to stay within each example), each example's first
+    label not scored (it would be predicted from the previous example's last token). No attention mask: Hugging
+    Face models read packed rows from position ids only when there is none."""
+    import torch
+
+    input_ids, labels, positions = [], [], []
+    for ex in batch:
+        input_ids += ex["input_ids"]
+        labels += [IGNORE_INDEX] + list(ex["labels"][1:])
+        positions += range(len(ex["input_ids"]))
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}

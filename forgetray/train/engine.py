@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from forgetray.data.instruct import collate
+from forgetray.data.instruct import collate, collate_packed
 from forgetray.plan import Phase
+from forgetray.train.losses import lm_loss
 from forgetray.train.sam import sam_step
 from forgetray.train.schedule import lr_factor, warmup_steps
 
@@ -48,6 +49,8 @@ def build_engine(model, phase: Phase, ds_config: dict, total_steps: int, steps_p
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, opt.schedule, per_epoch, opt.lr_decay))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if phase.speed.compile:  # DeepSpeed compiles the module it wraps (torch.compile, inductor) in place
+        engine.compile()
     return engine, scheduler
 
 
@@ -97,6 +100,10 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
         order = torch.cat([order, order[: steps * batching.batch_size - len(order)]])
     per_rank = batching.micro_batch * batching.grad_accum
     losses, tokens, terms = [], 0, []
+
+    def loss_of(model, batch: dict) -> torch.Tensor:  # the model's own loss, or chunked (no full logits)
+        return lm_loss(model, batch, phase.speed.chunked_loss)
+
     engine.train()
     for step in range(steps):
         start = step * batching.batch_size + rank * per_rank
@@ -104,8 +111,10 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
         micro_batches = []
         for micro in range(batching.grad_accum):
             idx = mine[micro * batching.micro_batch:(micro + 1) * batching.micro_batch].tolist()
-            micro_batches.append({k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()})
-            tokens += int(micro_batches[-1]["attention_mask"].sum())
+            examples = [data[i] for i in idx]
+            batch = collate_packed(examples) if phase.speed.packing else collate(examples, pad_id)
+            micro_batches.append({k: v.to(device) for k, v in batch.items()})
+            tokens += sum(len(ex["input_ids"]) for ex in examples)
         global_step = (epoch - 1) * steps + step + 1
         before = len(losses)
         if guide is not None:  # spec: never with SAM
@@ -115,10 +124,10 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
             losses += step_losses
             terms += step_terms
         elif methods.sam_rho > 0 and global_step % methods.sam_every == 0:
-            losses += sam_step(engine, micro_batches, methods.sam_rho, methods.sam_adaptive, world)
+            losses += sam_step(engine, micro_batches, methods.sam_rho, methods.sam_adaptive, world, loss_of)
         else:
             for batch in micro_batches:
-                loss = engine(**batch).loss
+                loss = loss_of(engine, batch)
                 engine.backward(loss)
                 engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
                 losses.append(loss.detach().float())

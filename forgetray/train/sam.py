@@ -1,4 +1,4 @@
-"""One SAM optimizer step under the DeepSpeed engine (METHODS.md §5; the maths is `forgetray.methods.sam`).
+"""One SAM optimizer step under the DeepSpeed engine (docs/methods.md §5; the maths is `forgetray.methods.sam`).
 
 Per optimizer step (one global batch, possibly several gradient-accumulation micro-batches per rank):
 
@@ -26,11 +26,17 @@ import torch.distributed as dist
 from forgetray.methods.sam import perturbation, perturbed
 
 
-def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, world: int) -> list[torch.Tensor]:
+def model_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, world: int,
+             loss_of=model_loss) -> list[torch.Tensor]:
     """Run one SAM optimizer step over `micro_batches` (this rank's share of the global batch); returns the
-    losses at the perturbed weights (what the optimizer stepped on), one per micro-batch."""
+    losses at the perturbed weights (what the optimizer stepped on), one per micro-batch. `loss_of(model, batch)`:
+    the phase's loss (`forgetray.train.losses.lm_loss`)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    grads = _global_gradient(engine.module, params, micro_batches, world)
+    grads = _global_gradient(engine.module, params, micro_batches, world, loss_of)
     e = perturbation(params, grads, rho, adaptive)
     del grads
     saved = [p.detach().clone() for p in params]
@@ -50,7 +56,7 @@ def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, 
                 p.copy_(perturbed(p, step))
         del e
         for i, batch in enumerate(micro_batches):
-            loss = engine(**batch).loss
+            loss = loss_of(engine, batch)
             engine.backward(loss)
             losses.append(loss.detach().float())
             if i == len(micro_batches) - 1:
@@ -62,11 +68,12 @@ def sam_step(engine, micro_batches: Sequence[dict], rho: float, adaptive: bool, 
     return losses
 
 
-def _global_gradient(module, params: list[torch.Tensor], micro_batches: Sequence[dict], world: int):
+def _global_gradient(module, params: list[torch.Tensor], micro_batches: Sequence[dict], world: int,
+                     loss_of=model_loss):
     """The gradient DeepSpeed would compute for this global batch: mean over micro-batches, mean over ranks."""
     grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     for batch in micro_batches:
-        loss = module(**batch).loss / len(micro_batches)
+        loss = loss_of(module, batch) / len(micro_batches)
         for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
             if d is not None:
                 g.add_(d)
