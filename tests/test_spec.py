@@ -3,7 +3,8 @@
 import pytest
 
 from forgetray import Sweep, TrialConfig, grid
-from forgetray.spec import SETTINGS, SpecError, flatten, parse_override
+from forgetray.grids import flatten, parse_override
+from forgetray.spec import SETTINGS, SpecError
 
 
 def test_grid_expands_to_cartesian_product_in_order():
