@@ -18,7 +18,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from forgetray.spec import SpecError, Sweep, parse_override
+from forgetray.grids import Sweep, parse_override
+from forgetray.spec import SpecError
 
 EXIT_OK, EXIT_TRIAL_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -1,9 +1,9 @@
 """Sweep grids: `grid([...])` axes, the `Sweep` (a named grid of `TrialConfig`s, optionally replicated over seeds),
 its expansion, the CLI's `--set key=value` parsing and `flatten`.
 
-Split out of `forgetray.spec` (which keeps `TrialConfig`, the settings and their validation, and re-exports these
-names, so `from forgetray.spec import Sweep` keeps working). The module is `grids`, not `grid`: `forgetray.grid` is
-the `grid()` function in the package namespace.
+Split out of `forgetray.spec` (which keeps `TrialConfig`, the settings and their validation, and does not import
+this module: import these names from here or from the package, `from forgetray import Sweep`). The module is `grids`,
+not `grid`: `forgetray.grid` is the `grid()` function in the package namespace.
 
 Replicates (docs/methods.md §10): `Sweep(..., replicates=n)` runs every grid point with the seeds seed, seed + 1, ...,
 seed + n - 1: a hidden seed axis. The trials are exactly those `seed=grid([seed, ..., seed + n - 1])` gives (same

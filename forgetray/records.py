@@ -10,7 +10,8 @@ from pathlib import Path
 
 from forgetray.keys import _model_name, trial_key
 from forgetray.plan import Phase
-from forgetray.spec import TrialConfig, flatten
+from forgetray.grids import flatten
+from forgetray.spec import TrialConfig
 from forgetray.tracking import Tracker
 
 RUN_ID_FILE = "mlflow_run_id"

@@ -2,8 +2,8 @@
 
 `TrialConfig` is the single source of truth for every setting's name, type, default and bounds. A `Sweep` is a name plus
 a value or a `grid([...])` for any of those settings; it expands to the cartesian product of its grids (optionally
-replicated over seeds), and every point is a validated `TrialConfig`: `forgetray.grids`, whose names (`Sweep`, `Grid`,
-`grid`, `replicate_group`, `parse_override`, `flatten`) this module re-exports. Only plain data lives here: resolving
+replicated over seeds), and every point is a validated `TrialConfig`: `forgetray.grids` (`Sweep`, `Grid`, `grid`,
+`replicate_group`, `parse_override`, `flatten`), which imports this module. Only plain data lives here: resolving
 a model or dataset name to files is `forgetray.resources` (`resolve_sweep`), which runs before any compute starts; the
 plan of a trial's training is `forgetray.plan`.
 """
@@ -389,15 +389,3 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.restore_batch_size % cfg.workers == 0, "restore_batch_size",
          f"must be a multiple of workers = {cfg.workers}")
 
-
-# The grid and the sweep live in forgetray.grids, which imports this module: re-exported lazily (PEP 562), so that
-# `from forgetray.spec import Sweep` keeps working without an import cycle.
-_IN_GRIDS = ("Grid", "grid", "Sweep", "replicate_group", "parse_override", "flatten")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _IN_GRIDS:
-        from forgetray import grids
-
-        return getattr(grids, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,8 @@ import pandas as pd
 
 from forgetray import sharing
 from forgetray.resources import benchmark_key, resolve_trial
-from forgetray.spec import SpecError, Sweep, flatten
+from forgetray.grids import Sweep, flatten
+from forgetray.spec import SpecError
 from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide, ui_base
 from forgetray.trial import failure_reason
 

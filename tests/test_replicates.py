@@ -9,9 +9,10 @@ import pytest
 
 from forgetray import Sweep, TrialConfig, grid, replicate_group
 from forgetray.cli import load_sweep
+from forgetray.grids import parse_override
 from forgetray.metrics.pooled import ReplicateOutcome, classify_pooled, pooled_mcnemar, transition_summary
 from forgetray.metrics.stage import classify_checkpoint
-from forgetray.spec import SpecError, parse_override
+from forgetray.spec import SpecError
 
 # --- the API --------------------------------------------------------------------------------------------------------
 
