@@ -21,18 +21,18 @@ DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state (optimizer, schedu
 STATE_FILE = "state.json"  # a checkpoint's epoch and metrics
 
 
-def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, worker, name: str,
+def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, ctx, name: str,
                       model_state: dict | None = None, surface: tuple | None = None, save_state: bool = True) -> None:
     """Report `metrics` with a checkpoint: full DeepSpeed state (every rank writes its shards; unless `save_state`
     is False) so a restarted run resumes exactly, a plain Hugging Face model in the training dtype (what probes,
     restoration and users load; `model_state` if given, e.g. the Wise-FT mix), per-question probes (and the
     flatness surface with its contour plot, the paper's Figure 1, when given). A LoRA phase's checkpoint also holds
     its adapter (`adapter/`, peft's format), its `model/` is the merged model, and its DeepSpeed state leaves out
-    the frozen weights (the start's: resuming loads them from there). `worker` (`train.worker.Worker`) reports it:
-    into its member's folder of the Ray Train run."""
+    the frozen weights (the start's: resuming loads them from there). `ctx` (`train.context.RankContext`) reports
+    it: into its member's folder of the Ray Train run."""
     import ray.train
 
-    rank = worker.rank
+    rank = ctx.rank
     with tempfile.TemporaryDirectory(prefix="forgetray-ckpt-") as tmp:
         out = Path(tmp)
         module = engine.module
@@ -57,9 +57,9 @@ def report_checkpoint(engine, tokenizer, metrics: dict, frames: dict, worker, na
                 np.save(out / "probes" / "flatness_surface.npy", grid)
                 radius = h * (grid.shape[0] // 2)
                 flatness.contour_png(grid, radius, out / "probes" / "flatness.png", title=f"{name} (h={h:g})")
-            (out / STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "member": worker.member,
+            (out / STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "member": ctx.member,
                                                       "metrics": metrics}, indent=1, sort_keys=True))
-        worker.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), name=name)
+        ctx.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), name=name)
 
 
 def read_state(checkpoint_dir) -> dict:
@@ -79,7 +79,7 @@ def checkpoint_epoch(checkpoint, kind: str | None = None) -> int:
 
 
 def checkpoint_member(checkpoint) -> int:
-    """Which member of its Ray Train run (`train.worker.Worker.member`) a reported checkpoint belongs to."""
+    """Which member of its Ray Train run (`train.context.RankContext.member`) a reported checkpoint belongs to."""
     with checkpoint.as_directory() as ckpt_dir:
         return int(read_state(ckpt_dir).get("member", 0))
 

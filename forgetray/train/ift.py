@@ -2,8 +2,8 @@
 evaluate it and select the restoring set (each once per sweep, cached and shared across trials); then for each
 epoch train, probe, and report a checkpoint SFT_e (DeepSpeed state for resuming + a plain Hugging Face model +
 per-question probe results; README "Checkpoints and storage" says which checkpoints keep the DeepSpeed state). If
-Ray Train restarts the workers after a failure, the run resumes from its last checkpoint (`Worker.resume`) and the loop
-continues after its epoch.
+Ray Train restarts the workers after a failure, the run resumes from its last checkpoint (`RankContext.resume`) and
+the loop continues after its epoch.
 """
 
 from __future__ import annotations
@@ -26,58 +26,58 @@ from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
 from forgetray.train import iv_guided, iv_probe, lora
 from forgetray.train.checkpoints import checkpoint_epoch, computed_once, report_checkpoint
+from forgetray.train.context import RankContext, maybe_fail_once, start_weights
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, format_metrics, memorization
-from forgetray.train.worker import Worker, maybe_fail_once, start_weights
 
 
-def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
-    trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
-    checkpoint = worker.resume
+def run_ift(ctx: RankContext, phase: Phase, start: dict) -> None:
+    trial, rank, world, device = ctx.trial, ctx.rank, ctx.world, ctx.device
+    checkpoint = ctx.resume
     if checkpoint is not None and (checkpoint_epoch(checkpoint, "restored")
                                    or checkpoint_epoch(checkpoint, "epoch") >= phase.epochs):
         return  # finished (a re-run of the group): its DeepSpeed state may be gone (delete_finished_state)
     torch.manual_seed(trial.seed)
-    tokenizer = load_tokenizer(worker.resolved["model"])
-    model, _scope = worker.load(start, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
-    data = worker.training_set(phase, tokenizer)  # with rehearsal: the phase's own plus the replayed examples
-    own = worker.instructions(phase.data.source, tokenizer)
+    tokenizer = load_tokenizer(ctx.resolved["model"])
+    model, _scope = ctx.load(start, phase)  # noqa: F841 (the ZeRO-3 scope is kept alive on purpose)
+    data = ctx.training_set(phase, tokenizer)  # with rehearsal: the phase's own plus the replayed examples
+    own = ctx.instructions(phase.data.source, tokenizer)
     theta0 = start_weights(model) if phase.methods.wiseft_alpha < 1 else None  # the plain model's keys
     # IV guidance's reference with full fine-tuning: a frozen copy of the start (LoRA: the adapters disabled)
     reference = iv_guided.frozen_reference(model, device) if phase.iv.on and not phase.lora.rank else None
     model = lora.wrap(model, phase.lora)  # LoRA (lora_rank > 0): adapters train, the start's weights stay frozen
     steps = steps_per_epoch(len(data), phase)
-    suite = ProbeSuite.load(worker.resolved, trial, worker.dirs)
+    suite = ProbeSuite.load(ctx.resolved, trial, ctx.dirs)
     em_examples = own[: trial.em_examples] if trial.em_examples else own
     flatness_batch = _flatness_batch(suite, tokenizer, trial, device) if trial.flatness_grid else None
-    engine, scheduler = build_engine(model, phase, worker.engine_config(phase), total_steps=steps * phase.epochs)
+    engine, scheduler = build_engine(model, phase, ctx.engine_config(phase), total_steps=steps * phase.epochs)
 
     guide = None
     if phase.iv.on:  # the vector of the phase's start: once per sweep (keys.iv_key), before any resume
-        computed_once(worker.dirs["iv_dir"], rank, lambda out: _extract_iv(engine, tokenizer, phase, worker, out))
-        found = iv_guided.load(worker.dirs["iv_dir"])
+        computed_once(ctx.dirs["iv_dir"], rank, lambda out: _extract_iv(engine, tokenizer, phase, ctx, out))
+        found = iv_guided.load(ctx.dirs["iv_dir"])
         guide = iv_guided.make_guide(phase.iv, found, reference, steps * phase.epochs, device)
 
     if suite.iv_probe is not None:  # the dynamics probe's base vector, once per sweep (keys.iv_probe_key)
         with lora.adapter_disabled(engine.module) as module:  # LoRA: exactly the start
-            computed_once(worker.dirs["iv_probe_dir"], rank, lambda out: iv_probe.extract_base(
+            computed_once(ctx.dirs["iv_probe_dir"], rank, lambda out: iv_probe.extract_base(
                 suite.iv_probe, module, tokenizer, device, rank, world, out))
 
     if checkpoint is None:
         # The engine before its first step is the phase's starting model (under ZeRO-3 only the engine can run it).
-        base = computed_once(worker.dirs["base_eval_dir"], rank,
+        base = computed_once(ctx.dirs["base_eval_dir"], rank,
                              lambda out: _evaluate_base(engine, tokenizer, suite, device, out, rank))
-        base.update(computed_once(worker.dirs["base_em_dir"], rank,
+        base.update(computed_once(ctx.dirs["base_em_dir"], rank,
                                   lambda out: _base_memorization(engine, tokenizer, em_examples, suite, device, out,
                                                                  rank)))
-        if worker.resolved.get("restore_pool"):
-            computed_once(worker.dirs["restoring_dir"], rank,
-                          lambda out: _select_restoring_set(engine, tokenizer, own, worker, out))
-        worker.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
+        if ctx.resolved.get("restore_pool"):
+            computed_once(ctx.dirs["restoring_dir"], rank,
+                          lambda out: _select_restoring_set(engine, tokenizer, own, ctx, out))
+        ctx.report({"kind": "base", "epoch": 0, "global_step": 0, **base, **format_metrics(base)})
         if guide is not None:  # its numbers, and its files as the run's iv/ artifacts (trial.py)
-            worker.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
+            ctx.report({"kind": "iv", "epoch": 0, **(iv_guided.report_metrics(found) if rank == 0 else {})})
         if suite.iv_probe is not None:  # the dynamics probe's base vector as the run's iv_probe/ artifacts
-            worker.report({"kind": "iv_probe", "epoch": 0})
+            ctx.report({"kind": "iv_probe", "epoch": 0})
         start_epoch = 0
     else:
         with checkpoint.as_directory() as ckpt_dir:
@@ -119,7 +119,7 @@ def run_ift(worker: Worker, phase: Phase, start: dict) -> None:
             **found, **format_metrics(found), registry.SERIES: series if epoch == 1 else [],
         }
         # DeepSpeed state for resuming; the last epoch's is never resumed from, so it is kept only on request
-        report_checkpoint(engine, tokenizer, metrics, frames, worker, checkpoint_name(phase, epoch),
+        report_checkpoint(engine, tokenizer, metrics, frames, ctx, checkpoint_name(phase, epoch),
                           model_state=model_state, surface=surface,
                           save_state=epoch < phase.epochs or not trial.delete_finished_state)
         if rank == 0:
@@ -155,15 +155,15 @@ def wiseft_weights(module, theta0: dict | None, alpha: float):
         module.load_state_dict(trained)
 
 
-def _extract_iv(engine, tokenizer, phase: Phase, worker: Worker, out: Path) -> None:
+def _extract_iv(engine, tokenizer, phase: Phase, ctx: RankContext, out: Path) -> None:
     """Heads and vector of the IV task on the phase's start (the engine before its first step; a LoRA module with
     its adapters disabled, exactly the start), sharded over the ranks; rank 0 writes them."""
-    task = iv_guided.load_task(worker.resolved["iv_task"])
+    task = iv_guided.load_task(ctx.resolved["iv_task"])
     with lora.adapter_disabled(engine.module) as module:
-        found = iv_guided.extract(module, tokenizer, task, phase.iv, worker.resolved["bos"], worker.trial.max_length,
-                                  worker.trial.probe_batch_size, worker.trial.seed, worker.device, worker.rank,
-                                  worker.world)
-    if worker.rank == 0:
+        found = iv_guided.extract(module, tokenizer, task, phase.iv, ctx.resolved["bos"], ctx.trial.max_length,
+                                  ctx.trial.probe_batch_size, ctx.trial.seed, ctx.device, ctx.rank,
+                                  ctx.world)
+    if ctx.rank == 0:
         iv_guided.save(found, out)
 
 
@@ -205,11 +205,11 @@ def _base_memorization(engine, tokenizer, em_examples, suite, device, out: Path,
         (out / "summary.json").write_text(json.dumps({registry.EM.name(state="base"): em}, indent=1))
 
 
-def _select_restoring_set(engine, tokenizer, data, worker: Worker, out: Path) -> None:
+def _select_restoring_set(engine, tokenizer, data, ctx: RankContext, out: Path) -> None:
     """Rank the restoring pool by base-model perplexity (each rank scores its share of the stream) and keep the
     lowest-perplexity passages worth one IFT epoch of tokens (docs/methods.md §2). The passages the trial probes (the
     first `probe_passages` of the probing set, and no more: it may be an endless stream) are never selected."""
-    trial, resolved, rank, world, device = worker.trial, worker.resolved, worker.rank, worker.world, worker.device
+    trial, resolved, rank, world, device = ctx.trial, ctx.resolved, ctx.rank, ctx.world, ctx.device
     probe_texts = excluded_passages(resolved, trial)
     exclude = frozenset(text_key(t) for t in probe_texts)
     engine.eval()

@@ -21,9 +21,9 @@ from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
 from forgetray.plan import Phase, checkpoint_name
 from forgetray.train.checkpoints import checkpoint_epoch, computed_once, read_state, report_checkpoint
+from forgetray.train.context import RankContext
 from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch
 from forgetray.train.evaluate import ProbeSuite, evaluate, probing_perplexity
-from forgetray.train.worker import Worker
 
 
 # An extra pass (restore_max_passes > 1) checks the probing PPL this many times and stops once it is within the
@@ -48,29 +48,29 @@ def sft_model_dir(trial_dir: str | Path, epoch: int) -> Path:
     return Path(trial_dir) / "ift" / f"epoch_{epoch:03d}" / "model"
 
 
-def run_restore(worker: Worker, phase: Phase) -> None:
+def run_restore(ctx: RankContext, phase: Phase) -> None:
     """Restore SFT_e (e = `phase.restores_epoch`) into R_e, unless a restarted run of this group already did; the
     control R_0 first (once per sweep for every trial with the same start and recipe: `ensure_control`)."""
     import datasets
 
-    checkpoint = worker.resume
+    checkpoint = ctx.resume
     if checkpoint is not None and checkpoint_epoch(checkpoint, "restored") >= phase.restores_epoch:
         return
-    trial, rank, epoch = worker.trial, worker.rank, phase.restores_epoch
-    restoring = datasets.load_from_disk(str(Path(worker.dirs["restoring_dir"]) / "dataset"))
-    suite = ProbeSuite.load(worker.resolved, trial, worker.dirs)
-    control_ppl = ensure_control(worker, phase, restoring, suite)
-    source = {"name": f"sft-epoch-{epoch}", "path": str(sft_model_dir(worker.dirs["trial_dir"], epoch))}
+    trial, rank, epoch = ctx.trial, ctx.rank, phase.restores_epoch
+    restoring = datasets.load_from_disk(str(Path(ctx.dirs["restoring_dir"]) / "dataset"))
+    suite = ProbeSuite.load(ctx.resolved, trial, ctx.dirs)
+    control_ppl = ensure_control(ctx, phase, restoring, suite)
+    source = {"name": f"sft-epoch-{epoch}", "path": str(sft_model_dir(ctx.dirs["trial_dir"], epoch))}
     tokenizer = load_tokenizer(source)
-    ift = worker.instructions("dataset", tokenizer)
+    ift = ctx.instructions("dataset", tokenizer)
     em_examples = ift[: trial.em_examples] if trial.em_examples else ift
     trajectory = registry.RESTORE_TRAJECTORY.name(epoch=epoch)
     # Its ends are measured anyway: step 0 is SFT_e (probed when it was made), the last step R_e (probed below).
-    series = [_point(epoch, 0, trajectory, _sft_probe_ppl(worker.dirs["trial_dir"], epoch))]
+    series = [_point(epoch, 0, trajectory, _sft_probe_ppl(ctx.dirs["trial_dir"], epoch))]
     # Restored means within the tolerance of R_0's probing PPL: restore again while above it.
-    engine, stats, passes, _scope = _restore(worker, phase, source, restoring, suite,  # noqa: F841 (ZeRO-3 scope)
+    engine, stats, passes, _scope = _restore(ctx, phase, source, restoring, suite,  # noqa: F841 (ZeRO-3 scope)
                                              limit=control_ppl * (1 + trial.ppl_tolerance), series=series)
-    found, frames = evaluate(engine, tokenizer, suite, worker.device, state="restored", ift_examples=em_examples)
+    found, frames = evaluate(engine, tokenizer, suite, ctx.device, state="restored", ift_examples=em_examples)
     if rank == 0:
         series.append(_point(epoch, stats["steps"], trajectory, found[registry.PROBE_PPL.name(state="restored")]))
     # the trajectory travels with R_e's report (callbacks.SERIES): one report per restoration
@@ -79,49 +79,49 @@ def run_restore(worker: Worker, phase: Phase) -> None:
                registry.RESTORE_PASSES.name(): passes,
                **found, registry.SERIES: series if rank == 0 else []}
     # R_e is probed and nothing resumes from its DeepSpeed state: written only with delete_finished_state=False
-    report_checkpoint(engine, tokenizer, metrics, frames, worker, checkpoint_name(phase, epoch),
+    report_checkpoint(engine, tokenizer, metrics, frames, ctx, checkpoint_name(phase, epoch),
                       save_state=not trial.delete_finished_state)
     engine.destroy()  # free the optimizer state before the next checkpoint of the group
 
 
-def ensure_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite) -> float:
+def ensure_control(ctx: RankContext, phase: Phase, restoring, suite: ProbeSuite) -> float:
     """The control R_0 (docs/methods.md §4): the IFT phase's start put through this restoration recipe, probed like R_e.
     Computed once per sweep under a lock (`checkpoints.computed_once`, `keys.control_key`) into the control folder
     (per-question probes + summary.json), reported into this trial's run once per Ray Train run (kind "control",
     step 0; its probes as the run's probes/control artifacts). Returns R_0's probing PPL on every rank."""
-    summary = computed_once(worker.dirs["control_dir"], worker.rank,
-                            lambda out: _restore_control(worker, phase, restoring, suite, out))
+    summary = computed_once(ctx.dirs["control_dir"], ctx.rank,
+                            lambda out: _restore_control(ctx, phase, restoring, suite, out))
     ppl = torch.zeros(1, dtype=torch.float64)
-    if worker.rank == 0:
+    if ctx.rank == 0:
         ppl[0] = summary[registry.PROBE_PPL.name(state="control")]
-    if worker.world > 1:
+    if ctx.world > 1:
         dist.broadcast(ppl, 0)
-    if not worker.control_reported:
-        worker.report({"kind": "control", "epoch": 0, **summary})  # every rank reports; rank 0 carries it
-        worker.control_reported = True
+    if not ctx.control_reported:
+        ctx.report({"kind": "control", "epoch": 0, **summary})  # every rank reports; rank 0 carries it
+        ctx.control_reported = True
     return float(ppl[0])
 
 
-def _restore_control(worker: Worker, phase: Phase, restoring, suite: ProbeSuite, out: Path) -> None:
+def _restore_control(ctx: RankContext, phase: Phase, restoring, suite: ProbeSuite, out: Path) -> None:
     """Restore the IFT phase's start with the trial's recipe and probe it as state "control" into `out`. Its passes
     end as R_e's would were it the base: within the tolerance of the base's probing PPL (R_0 starts there)."""
-    start = worker.resolved["model"]
-    if worker.trial.prior_phases:
-        start = {"name": "IFT start", "path": worker.dirs["start_dir"]}
-    limit = _base_ppl(worker) * (1 + worker.trial.ppl_tolerance)
-    engine, stats, passes, _scope = _restore(worker, phase, start, restoring, suite, limit=limit,  # noqa: F841
+    start = ctx.resolved["model"]
+    if ctx.trial.prior_phases:
+        start = {"name": "IFT start", "path": ctx.dirs["start_dir"]}
+    limit = _base_ppl(ctx) * (1 + ctx.trial.ppl_tolerance)
+    engine, stats, passes, _scope = _restore(ctx, phase, start, restoring, suite, limit=limit,  # noqa: F841
                                              series=None)
     tokenizer = load_tokenizer(start)
-    found, frames = evaluate(engine, tokenizer, suite, worker.device, state="control")
+    found, frames = evaluate(engine, tokenizer, suite, ctx.device, state="control")
     engine.destroy()
-    if worker.rank == 0:
+    if ctx.rank == 0:
         for bench, frame in frames.items():
             frame.to_parquet(out / f"{bench}.parquet")
         found[registry.CONTROL_PASSES.name()] = passes
         (out / "summary.json").write_text(json.dumps(found, indent=1, sort_keys=True))
 
 
-def _restore(worker: Worker, phase: Phase, source: dict, restoring, suite: ProbeSuite, *, limit: float,
+def _restore(ctx: RankContext, phase: Phase, source: dict, restoring, suite: ProbeSuite, *, limit: float,
              series: list | None):
     """The restoration recipe on the model at `source`: one pass over the restoring set packed to the phase's
     length, then (restore_max_passes > 1) again while the probing PPL is above `limit`, each pass a fresh one-pass
@@ -129,13 +129,13 @@ def _restore(worker: Worker, phase: Phase, source: dict, restoring, suite: Probe
     probing PPL at the trajectory's points and each unfinished pass's end are appended to it (Figure 3a).
     Returns (engine, {"loss", "tokens", "steps"}, passes, ZeRO-3 scope); the caller probes and destroys the engine,
     keeping the scope (None below ZeRO-3) alive until then."""
-    trial, rank, world, device = worker.trial, worker.rank, worker.world, worker.device
+    trial, rank, world, device = ctx.trial, ctx.rank, ctx.world, ctx.device
     torch.manual_seed(trial.seed)
     tokenizer = load_tokenizer(source)
-    model, scope = worker.load(source, phase)
+    model, scope = ctx.load(source, phase)
     chunks = pack(restoring["input_ids"], tokenizer.eos_token_id, phase.data.max_length)
     steps = steps_per_epoch(len(chunks), phase)
-    engine, _ = build_engine(model, phase, worker.engine_config(phase), total_steps=steps)
+    engine, _ = build_engine(model, phase, ctx.engine_config(phase), total_steps=steps)
     points = {round(i * steps / trial.restore_trajectory_points) for i in range(trial.restore_trajectory_points + 1)}
     epoch = phase.restores_epoch
     trajectory = registry.RESTORE_TRAJECTORY.name(epoch=epoch)
@@ -162,7 +162,7 @@ def _restore(worker: Worker, phase: Phase, source: dict, restoring, suite: Probe
             series.append(_point(epoch, total["steps"], trajectory, ppl))
         passes += 1
         engine.destroy()
-        engine, _ = build_engine(engine.module, phase, worker.engine_config(phase), total_steps=steps)
+        engine, _ = build_engine(engine.module, phase, ctx.engine_config(phase), total_steps=steps)
         more = train_epoch(engine, chunks, phase, epoch=passes, seed=trial.seed, rank=rank, world=world,
                            pad_id=probes.padding_id(tokenizer), device=device, after_step=back)
         total = {"loss": more["loss"], "tokens": total["tokens"] + more["tokens"],
@@ -178,13 +178,13 @@ def _probing_ppl(engine, tokenizer, suite: ProbeSuite, device, rank: int, world:
     return ppl
 
 
-def _base_ppl(worker: Worker) -> float:
+def _base_ppl(ctx: RankContext) -> float:
     """The start's probing PPL (the base evaluation, computed once per sweep): rank 0 reads it, the others get it."""
     found = torch.zeros(1, dtype=torch.float64)
-    if worker.rank == 0:
-        summary = json.loads((Path(worker.dirs["base_eval_dir"]) / "summary.json").read_text())
+    if ctx.rank == 0:
+        summary = json.loads((Path(ctx.dirs["base_eval_dir"]) / "summary.json").read_text())
         found[0] = summary[registry.PROBE_PPL.name(state="base")]
-    if worker.world > 1:
+    if ctx.world > 1:
         dist.broadcast(found, 0)
     return float(found[0])
 
