@@ -7,6 +7,7 @@ order[s*B:(s+1)*B] and rank r takes its contiguous slice, split into gradient-ac
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,6 +29,17 @@ from forgetray.train.schedule import lr_factor, warmup_steps
 # process to finish optimizer step STEP of epoch EPOCH writes its pid to DIR/held and then waits (up to 300 s) for the
 # test to SIGKILL it from outside: a worker killed mid-epoch, at a known point (tests/test_faults.py).
 HOLD_ENV = "FORGETRAY_HOLD_AT"
+
+# What the epoch loop calls after every optimizer step, hook(phase, epoch, step): None (nothing is called) unless
+# `install_step_hook` found HOLD_ENV set when the worker started; the loop never reads the environment itself.
+STEP_HOOK: Callable[[Phase, int, int], None] | None = None
+
+
+def install_step_hook() -> None:
+    """Set STEP_HOOK from HOLD_ENV, read once (the worker function calls this when it starts)."""
+    global STEP_HOOK
+    spec = os.environ.get(HOLD_ENV)
+    STEP_HOOK = functools.partial(_hold_for_kill, spec) if spec else None
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -136,8 +148,8 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
             raise NonFiniteLoss(f"non-finite loss ({step_loss}) in phase {phase.name!r}, epoch {epoch}, step "
                                 f"{step + 1}/{steps} (global step {global_step}, rank {rank}): lower the lr, check "
                                 "the data or use bf16/fp32")
-        if phase.kind == "ift" and os.environ.get(HOLD_ENV):
-            _hold_for_kill(os.environ[HOLD_ENV], epoch, step + 1)
+        if STEP_HOOK is not None:
+            STEP_HOOK(phase, epoch, step + 1)
         if after_step is not None and after_step(step + 1):
             steps = step + 1
             break
@@ -153,8 +165,10 @@ def train_epoch(engine, data: list, phase: Phase, epoch: int, seed: int, rank: i
     return out
 
 
-def _hold_for_kill(spec: str, epoch: int, step: int) -> None:
-    """The HOLD_ENV test hook (see there)."""
+def _hold_for_kill(spec: str, phase: Phase, epoch: int, step: int) -> None:
+    """The HOLD_ENV test hook (see there): IFT phases only."""
+    if phase.kind != "ift":
+        return
     folder, at_epoch, at_step = spec.rsplit(":", 2)
     folder = Path(folder)
     with open(folder / "progress", "a") as f:

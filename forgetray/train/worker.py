@@ -39,7 +39,7 @@ from forgetray.spec import TrialConfig
 from forgetray.train import lora
 from forgetray.train.checkpoints import checkpoint_member, save_model_dir
 from forgetray.train.context import FAIL_ONCE_ENV, RankContext, start_weights  # noqa: F401 (the tests' hook name)
-from forgetray.train.engine import build_engine, steps_per_epoch, train_epoch, worker_device
+from forgetray.train.engine import build_engine, install_step_hook, steps_per_epoch, train_epoch, worker_device
 from forgetray.train.ift import run_ift
 from forgetray.train.restore import run_restore
 
@@ -56,6 +56,7 @@ def phase_worker(config: dict) -> None:
     # Subnormal floats (activation and gradient tails of a training model) run on a slow microcode path on x86
     # CPUs: flushing them to zero made the organism's IFT epochs 2-3x faster with the same losses (bench/README.md).
     torch.set_flush_denormal(True)
+    install_step_hook()  # a test hook, from the environment (tests/test_faults.py), or none
     import ray.train
 
     resume = ray.train.get_checkpoint()
