@@ -2,8 +2,8 @@
 
 1. The pure layers (forgetray.metrics, forgetray.methods, forgetray.flatness, forgetray.plan) import none of Ray,
    MLflow or DeepSpeed: they can be used, and tested, without the training stack.
-2. No import cycle among forgetray's modules (module-level imports only; imports inside functions are deliberate
-   lazy imports and are not counted).
+2. No import cycle among forgetray's modules, counting every import statement anywhere in a module (inside
+   functions too: a lazy import defers a dependency, it does not remove it), with an explicit allow-list.
 3. The CLI does no work at import time: `import forgetray.cli` loads none of Ray, DeepSpeed or MLflow, so it starts
    fast and validates a sweep before any of them load.
 4. No source file over MAX_LINES lines (the target is about 400).
@@ -70,9 +70,9 @@ def test_pure_layers_import_no_ray_mlflow_deepspeed():
 
 # --- 2. no import cycle ------------------------------------------------------------------------------------------------
 #
-# The graph: one node per module file under forgetray/ (a package is its __init__.py). Edges come from the imports a
-# module runs when it is imported: statements at module level, in class bodies and in module-level if/try blocks;
-# not those inside functions (lazy on purpose) nor under `if TYPE_CHECKING:` (never run).
+# The graph: one node per module file under forgetray/ (a package is its __init__.py). Edges come from every import
+# statement in a module, wherever it is: at module level, in class bodies and in functions (a lazy import only defers
+# the dependency), and under `if TYPE_CHECKING:` (annotations name the type, so the dependency is there).
 #
 # - `import forgetray.a.b` and `from forgetray.a.b import c` are edges to forgetray.a.b; in the second form, c is an
 #   edge to forgetray.a.b.c as well when that is a module (`from forgetray import probes` imports forgetray.probes).
@@ -85,40 +85,19 @@ def test_pure_layers_import_no_ray_mlflow_deepspeed():
 #   module back, that is a real cycle: the name only exists if the __init__ happened to define it before importing
 #   the submodule, and it is reported.
 
+# Edges left out of the graph, each for its reason. Keep this short: a new entry needs a reason no restructuring removes.
+ALLOWED_EDGES = {
+    # `python -m forgetray.organism.build` runs the file as __main__; its main() goes through the package's copy of
+    # the module (forgetray.organism.build, imported by the package's __init__) so that the pre-training worker
+    # processes unpickle the package's classes, not __main__'s. At run time the package is initialised before
+    # __main__ runs, so this lazy import finds it complete.
+    ("forgetray.organism.build", "forgetray.organism"),
+}
 
-def is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
 
-
-def module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    found: list[ast.Import | ast.ImportFrom] = []
-
-    def visit(nodes: list[ast.stmt]) -> None:
-        for node in nodes:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found.append(node)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue  # lazy imports
-            elif isinstance(node, ast.If):
-                if not is_type_checking(node.test):
-                    visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.ClassDef):
-                visit(node.body)
-            elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
-                visit(node.body)
-                for handler in node.handlers:
-                    visit(handler.body)
-                visit(node.orelse)
-                visit(node.finalbody)
-            elif isinstance(node, (ast.With, ast.AsyncWith, ast.For, ast.AsyncFor, ast.While)):
-                visit(node.body)
-                visit(getattr(node, "orelse", []))
-
-    visit(tree.body)
-    return found
+def all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of the module, wherever it is."""
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -126,7 +105,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         is_package = path.name == "__init__.py"
-        for node in module_level_imports(ast.parse(path.read_text(), filename=str(path))):
+        for node in all_imports(ast.parse(path.read_text(), filename=str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -142,7 +121,8 @@ def import_graph() -> dict[str, set[str]]:
                 targets = submodules
                 if len(submodules) < len(node.names):  # some name comes from base's own namespace
                     targets = [base] + submodules
-            graph[name] |= {t for t in targets if t in files}  # other imports (torch, ...) are not nodes
+            # other imports (torch, ...) are not nodes
+            graph[name] |= {t for t in targets if t in files and (name, t) not in ALLOWED_EDGES}
     return graph
 
 
@@ -178,7 +158,9 @@ def test_import_graph_is_read_correctly():
     graph = import_graph()
     assert "forgetray.metrics.significance" in graph["forgetray.metrics.stage"]
     assert "forgetray.spec" in graph["forgetray"]  # `from forgetray.spec import ...` in the package __init__
-    assert "forgetray.sweep" not in graph["forgetray"]  # imported inside run(): lazy, not an edge
+    assert "forgetray.sweep" in graph["forgetray"]  # imported inside run(): lazy, still an edge
+    assert "forgetray.train.ift" in graph["forgetray.train.worker"]
+    assert "forgetray.organism" not in graph["forgetray.organism.build"]  # the allow-list
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
