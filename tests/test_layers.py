@@ -5,7 +5,8 @@
 2. No import cycle among forgetray's modules, counting every import statement anywhere in a module (inside
    functions too: a lazy import defers a dependency, it does not remove it), with an explicit allow-list.
 3. The CLI does no work at import time: `import forgetray.cli` loads none of Ray, DeepSpeed or MLflow, so it starts
-   fast and validates a sweep before any of them load.
+   fast and validates a sweep before any of them load; the plain-data modules (sharing, plan, keys, spec, grids, the
+   metric registry) load none of those nor torch.
 4. No source file over MAX_LINES lines (the target is about 400).
 """
 
@@ -24,9 +25,12 @@ HEAVY = ("ray", "mlflow", "deepspeed")
 MAX_LINES = 450
 
 
-def loaded_after_import(code: str) -> list[str]:
-    """Run `code` in a fresh interpreter (cwd = the repository root); the HEAVY top-level packages it left loaded."""
-    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
+def loaded_after_import(code: str, packages: tuple[str, ...] = HEAVY) -> list[str]:
+    """Run `code` in a fresh interpreter (cwd = the repository root); which of `packages` (top-level names) it left
+    loaded."""
+    wanted = set(packages)
+    probe = (f"{code}\nimport json, sys\n"
+             f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {wanted!r})))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -176,6 +180,18 @@ def test_no_import_cycle():
 def test_cli_import_loads_no_training_stack():
     loaded = loaded_after_import("import forgetray.cli")
     assert loaded == [], f"`import forgetray.cli` loaded {loaded}"
+
+
+PLAIN_DATA = ("forgetray.sharing", "forgetray.plan", "forgetray.keys", "forgetray.spec", "forgetray.grids",
+              "forgetray.metrics.registry")
+
+
+def test_plain_data_modules_load_no_torch():
+    """What a trial is, its plan, keys and sharing, and the metric names: plain data, loaded by the driver and the CLI
+    before any compute; none of them may pull in torch (e.g. through forgetray.metrics' package namespace)."""
+    code = "".join(f"import {name}\n" for name in PLAIN_DATA)
+    loaded = loaded_after_import(code, HEAVY + ("torch",))
+    assert loaded == [], f"importing {', '.join(PLAIN_DATA)} loaded {loaded}"
 
 
 # --- 4. file size ----------------------------------------------------------------------------------------------------
