@@ -6,7 +6,8 @@
    trial that shares them (`ensure_start`: a file lock, the start in `<execution>/start/<key>/`), the IFT phase (a
    checkpoint per epoch; the base model's probes and the restoring set are computed there, once per sweep), then
    the restorations of the IFT checkpoints, groups concurrently;
-3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results (`stages.py`);
+3. stages: each checkpoint classified no / pseudo / actual forgetting from the per-question results
+   (`trial_stages.py`);
 4. continual-learning summaries (docs/methods.md §9): once the training phases are done, the matrix a[t][b] is read back
    from the run and completed, and forgetting per benchmark and backward transfer are logged (`log_continual`).
 
@@ -168,7 +169,7 @@ def _trained(member: dict) -> bool:
 def _finish(tracker: Tracker, context: dict, member: dict) -> None:
     """What a member's run gets after its IFT run: its state pruned, the continual summaries, its separate
     restoration groups (if any), its stages."""
-    from forgetray import stages
+    from forgetray import trial_stages
 
     trial, resolved, dirs, run_id, phases = (member["trial"], member["resolved"], member["dirs"], member["run_id"],
                                              member["phases"])
@@ -186,7 +187,7 @@ def _finish(tracker: Tracker, context: dict, member: dict) -> None:
         _restore_all(trial, resolved, dirs, context, run_id, restorations)
     if any(p.kind == "restore" for p in phases):  # in their own groups, or in the IFT's (restore_group=0)
         checkpoints = sorted((trial_dir / "ift").glob("epoch_*"))
-        stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
+        trial_stages.classify_trial(tracker, run_id, trial, resolved, dirs, checkpoints)
 
 
 def materialise_follower(tracker: Tracker, context: dict, index: int, leader: TrialConfig, leader_run_id: str,
@@ -197,7 +198,7 @@ def materialise_follower(tracker: Tracker, context: dict, index: int, leader: Tr
     1..e. Tagged `forgetray.trajectory` = the leader's run, on both; a DONE marker, so a resume skips it."""
     import tempfile
 
-    from forgetray import sharing, stages
+    from forgetray import sharing, trial_stages
     from forgetray.tracking import TAG_TRAJECTORY
 
     trial = TrialConfig.from_dict(context["trials"][index])
@@ -227,7 +228,7 @@ def materialise_follower(tracker: Tracker, context: dict, index: int, leader: Tr
         log_continual(tracker, run_id, trial, resolved, phases)
         if trial.restore_pool:  # the leader's checkpoints and restorations, with the follower's stage settings
             checkpoints = sorted((Path(leader_dirs["trial_dir"]) / "ift").glob("epoch_*"))[:trial.epochs]
-            stages.classify_trial(tracker, run_id, trial, resolved, leader_dirs, checkpoints)
+            trial_stages.classify_trial(tracker, run_id, trial, resolved, leader_dirs, checkpoints)
 
     _in_run(tracker, run_id, trial_dir, body)
 

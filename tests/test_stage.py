@@ -230,7 +230,7 @@ def test_stage_codes_logged_and_decoded_back():
     """What classify_trial logs to MLflow for each stage, and what the report reads back from those numbers."""
     import pandas as pd
 
-    from forgetray import stages
+    from forgetray import trial_stages
     from forgetray.report import TrialData
 
     names = list(DOCUMENTED_STAGE_CODES)
@@ -255,7 +255,7 @@ def test_stage_codes_logged_and_decoded_back():
             pass
 
     tracker = Recorder()
-    stages._log(tracker, "run", "bench", table, None)
+    trial_stages._log(tracker, "run", "bench", table, None)
     for epoch, name, fixed, tested in zip(epochs, names, names[::-1], names[1:] + names[:1]):
         assert tracker.metrics[epoch]["stage/code"] == DOCUMENTED_STAGE_CODES[name]
         assert tracker.metrics[epoch]["stage/code_at_0.05"] == DOCUMENTED_STAGE_CODES[name]

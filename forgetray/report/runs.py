@@ -19,7 +19,7 @@ from forgetray.spec import SpecError
 from forgetray.tracking import TAG_KIND, TAG_TRIAL, Tracker
 
 STAGE_BY_CODE = {code: name for name, code in STAGE_CODES.items()}
-# Tags forgetray.stages sets on a trial run (tags, not metrics: the registry does not declare them).
+# Tags forgetray.trial_stages sets on a trial run (tags, not metrics: the registry does not declare them).
 TAG_STAGE_PREFIX = "forgetray.stage.epoch_"
 TAG_TRANSITION = "forgetray.transition_epoch"
 _AT_START = ("base", "control")  # the states measured once, at step 0: the IFT phase's start and the control R_0
