@@ -784,3 +784,32 @@ def test_band_figures_plot_mean_and_min_max_over_seeds(replicated):
 def test_a_sweep_without_replicates_has_no_pooled_table(report, store):
     assert report.pooled_table.empty and "pooled over replicates" not in report.text
     assert not (store["root"] / "out" / "pooled_stage_table.csv").exists()
+
+
+# --- errors that surface: only missing data becomes a note ------------------------------------------------------------
+
+def _trial_data(name: str, settings: dict | None = None):
+    from forgetray.report import TrialData
+
+    return TrialData(name=name, run_id=f"id-{name}", status="FINISHED", settings=settings or {}, benchmarks=[BENCH],
+                     scores={BENCH: "acc"}, history={}, tags={})
+
+
+def test_a_stored_setting_that_is_not_a_number_fails_naming_run_setting_and_value():
+    """A stage setting that does not parse is a broken store: SpecError naming the run, the setting and the value
+    (never a copied default); a run from before the setting existed gets TrialConfig's default."""
+    from forgetray.report.pooled import ReplicateGroup, group_rows
+    from forgetray.spec import TrialConfig
+
+    broken = _trial_data("lr1e-3.s0", {"seed": "0", "stage_alpha": "five percent"})
+    message = r"run lr1e-3\.s0 \(id-lr1e-3\.s0\): setting stage_alpha='five percent' is not a number"
+    with pytest.raises(SpecError, match=message):
+        broken.number("stage_alpha")
+    group = ReplicateGroup("g", "all", {}, [broken], {broken.run_id: _per_question("1e-3", 0)})
+    with pytest.raises(SpecError, match=message):
+        group_rows(group)
+    old = _trial_data("old", {"seed": "0"})
+    assert [old.number(key) for key in ("stage_alpha", "ppl_tolerance", "stage_margin")] == [
+        TrialConfig.stage_alpha, TrialConfig.ppl_tolerance, TrialConfig.stage_margin]
+    assert old.number("ppl_tolerance") == 0.05 and _trial_data("x", {"ppl_tolerance": "0.1"}).number(
+        "ppl_tolerance") == 0.1

@@ -101,17 +101,6 @@ def load_outcomes(tracker: Tracker, groups: list[ReplicateGroup]) -> list[str]:
     return notes
 
 
-def _float_setting(trial: TrialData, key: str, default: float) -> float:
-    """A stage setting of a stored run; a value that does not parse is a broken store, said rather than guessed."""
-    raw = trial.settings.get(key)
-    if raw is None:  # a run from before the setting existed: its default then
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"run {trial.name}: setting {key}={raw!r} is not a number") from exc
-
-
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -124,9 +113,7 @@ def group_rows(group: ReplicateGroup) -> list[dict[str, Any]]:
     if not members:
         return []
     first = members[0]
-    alpha = _float_setting(first, "stage_alpha", 0.05)
-    tolerance = _float_setting(first, "ppl_tolerance", 0.05)
-    stage_margin = _float_setting(first, "stage_margin", 0.02)
+    alpha, tolerance, stage_margin = (first.number(key) for key in ("stage_alpha", "ppl_tolerance", "stage_margin"))
     ppl = {state: registry.PROBE_PPL.name(state=state) for state in ("base", "restored", "control")}
     epochs = sorted({int(e) for t in members for e in group.outcomes[t.run_id]["epoch"].unique()})
     level = margin.epoch_level(alpha, len(epochs))  # Bonferroni over the grid point's epochs

@@ -8,6 +8,7 @@ logged): this module is where the report meets the store; the tables and figures
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGE_CODES, STAGES, transition_epoch
-from forgetray.spec import SpecError
+from forgetray.spec import SpecError, TrialConfig
 from forgetray.tracking import TAG_KIND, TAG_TRIAL, Tracker
 
 STAGE_BY_CODE = {code: name for name, code in STAGE_CODES.items()}
@@ -23,6 +24,7 @@ STAGE_BY_CODE = {code: name for name, code in STAGE_CODES.items()}
 TAG_STAGE_PREFIX = "forgetray.stage.epoch_"
 TAG_TRANSITION = "forgetray.transition_epoch"
 _AT_START = ("base", "control")  # the states measured once, at step 0: the IFT phase's start and the control R_0
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrialConfig)}
 
 
 @dataclass
@@ -52,6 +54,18 @@ class TrialData:
 
     def has(self, metric: str) -> bool:
         return bool(self.history.get(metric))
+
+    def number(self, key: str) -> float:
+        """A numeric setting of this run. A run from before the setting existed did not log it: TrialConfig's default,
+        what such a run used. A logged value that is not a number is a broken store: SpecError naming the run, the
+        setting and the value, never a guess."""
+        raw = self.settings.get(key)
+        if raw is None:
+            return float(_DEFAULTS[key])
+        try:
+            return float(raw)
+        except ValueError:
+            raise SpecError(f"run {self.name} ({self.run_id}): setting {key}={raw!r} is not a number") from None
 
     def knowledge(self, state: str, bench: str | None, epoch: int) -> float:
         """A benchmark's primary score for a model state at an epoch (base and the control R_0: step 0); nan without a

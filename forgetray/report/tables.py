@@ -123,28 +123,21 @@ def empty_columns(table: pd.DataFrame) -> list[str]:
 
 # --- the mitigation table (CF's Table 2) -----------------------------------------------------------------------------
 
-def _number(trial: TrialData, key: str, default: float) -> float:
-    try:
-        return float(trial.settings.get(key, default))
-    except ValueError:
-        return default
-
-
 def _method(trial: TrialData) -> str:
     parts = []
-    if _number(trial, "wiseft_alpha", 1.0) < 1:
-        parts.append(f"Wise-FT a={_number(trial, 'wiseft_alpha', 1.0):g}")
-    if _number(trial, "rehearsal_ratio", 0.0) > 0:
-        parts.append(f"rehearsal {_number(trial, 'rehearsal_ratio', 0.0):g}")
+    if trial.number("wiseft_alpha") < 1:
+        parts.append(f"Wise-FT a={trial.number('wiseft_alpha'):g}")
+    if trial.number("rehearsal_ratio") > 0:
+        parts.append(f"rehearsal {trial.number('rehearsal_ratio'):g}")
     return " + ".join(parts) or "fine-tuning"
 
 
 def _sam(trial: TrialData) -> str:
-    rho = _number(trial, "sam_rho", 0.0)
+    rho = trial.number("sam_rho")
     if rho == 0:
         return "without SAM"
     adaptive = trial.settings.get("sam_adaptive", "False") == "True"
-    every = int(_number(trial, "sam_every", 1))
+    every = int(trial.number("sam_every"))
     return f"{'ASAM' if adaptive else 'SAM'} rho={rho:g}" + (f" every {every}" if every > 1 else "")
 
 
