@@ -795,6 +795,53 @@ def _trial_data(name: str, settings: dict | None = None):
                      scores={BENCH: "acc"}, history={}, tags={})
 
 
+class _ArtifactStore:
+    """A tracker with per-question frames by (run id, artifact path); with `fail`, every download raises it."""
+
+    def __init__(self, frames: dict, fail: Exception | None = None):
+        self.frames, self.fail = frames, fail
+
+    def list_artifacts(self, run_id, path=None):
+        return [p for r, p in self.frames if r == run_id and p.startswith(f"{path}/")]
+
+    def download_artifacts(self, run_id, path, dst):
+        if self.fail is not None:
+            raise self.fail
+        dst.mkdir(parents=True, exist_ok=True)
+        self.frames[(run_id, path)].to_parquet(dst / "outcomes.parquet")
+        return dst / "outcomes.parquet"
+
+
+def test_pooled_outcomes_missing_artifact_is_a_note_other_errors_propagate():
+    from forgetray.report.pooled import ReplicateGroup, load_outcomes
+
+    judged, unjudged = _trial_data("judged", {"seed": "0"}), _trial_data("unjudged", {"seed": "1"})
+    path = f"stages/per_question_{BENCH}.parquet"
+    frames = {(judged.run_id, path): _per_question("1e-3", 0)}
+    group = ReplicateGroup("g", "all", {}, [judged, unjudged], {})
+    notes = load_outcomes(_ArtifactStore(frames), [group])
+    assert notes == [f"pooled table: unjudged has no {path} (no stage judged), left out of its group"]
+    assert list(group.outcomes) == [judged.run_id]
+    pd.testing.assert_frame_equal(group.outcomes[judged.run_id], frames[(judged.run_id, path)])
+    # A store that fails while the artifact is there is not missing data: it was a note before, now it propagates.
+    group = ReplicateGroup("g", "all", {}, [judged, unjudged], {})
+    with pytest.raises(RuntimeError, match="store down"):
+        load_outcomes(_ArtifactStore(frames, fail=RuntimeError("store down")), [group])
+
+
+def test_a_figure_that_breaks_fails_the_report(store, tmp_path, monkeypatch):
+    """A figure whose data is missing is a note (test_a_plain_sweep_still_reports); a figure that raises is a bug
+    and fails the report with its cause (it was a 'fig5 failed: ...' note before)."""
+    from forgetray.report import figures
+
+    def broken(*args):
+        raise RuntimeError("a bug in Figure 5")
+
+    monkeypatch.setattr(figures, "fig_em", broken)
+    with pytest.raises(RuntimeError, match="a bug in Figure 5"):
+        build_report(EXPERIMENT, store["uri"], tmp_path / "out", log_to_mlflow=False)
+
+
 def test_a_stored_setting_that_is_not_a_number_fails_naming_run_setting_and_value():
     """A stage setting that does not parse is a broken store: SpecError naming the run, the setting and the value
     (never a copied default); a run from before the setting existed gets TrialConfig's default."""

@@ -8,7 +8,8 @@ its trial runs through `forgetray.tracking.Tracker` into `TrialData` (metric nam
 `Figure`; `build` puts them together, writes the folder and logs it to the parent run (`build_report`,
 `run_report`). A sweep run with `replicates=n` is also pooled per grid point: `pooled` (the pooled stage table)
 and `bands` (Figures 3b/3c over seeds). What a trial did not log is left out, with a line in `Report.notes`; the
-report never fails on a missing metric.
+report never fails on a missing metric, and never turns any other error (a bug, a store that does not answer, a
+setting that does not parse) into a note: those fail the report with their cause.
 
     report = build_report("quickstart", "sqlite:///forgetray-results/mlflow.db", Path("report"))
     print(report.text)            # the stage table and each trial's transition epoch

@@ -126,10 +126,10 @@ def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
 
 
 def draw_band_figures(groups: list[ReplicateGroup], pooled: pd.DataFrame, out_dir: Path) -> list[Drawn | str]:
-    """Figures 3b and 3c (one per benchmark) over seeds, saved into out_dir; a figure that cannot be drawn comes back
-    as the one line saying why. `pooled` is the pooled stage table (its stages colour Figure 3c)."""
+    """Figures 3b and 3c (one per benchmark) over seeds, saved into out_dir; a figure whose data no trial logged comes
+    back as the one line saying what is missing. `pooled` is the pooled stage table (its stages colour Figure 3c)."""
     stages = {} if pooled.empty else {group: dict(zip(rows["epoch"], rows["stage"]))
                                       for group, rows in pooled.groupby("group", sort=False)}
     benches = list(dict.fromkeys(bench for group in groups for trial in group.trials for bench in trial.benchmarks))
-    return [_draw("fig3b", fig_ppl_band, out_dir, groups),
-            *(_draw(f"fig3c for {bench}", fig_accuracy_band, out_dir, groups, bench, stages) for bench in benches)]
+    return [_draw(fig_ppl_band, out_dir, groups),
+            *(_draw(fig_accuracy_band, out_dir, groups, bench, stages) for bench in benches)]

@@ -77,7 +77,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     groups = replicate_groups(trials, sweep_replicates(parent), varying)
     pooled_notes = load_outcomes(tracker, groups)
     pooled = pooled_table(groups)
-    # Each figure comes back drawn and saved, or as the one line saying why it was not.
+    # Each figure comes back drawn and saved, or as the one line saying which data it lacks.
     results = draw_figures(trials, varying, out_dir, per_trial_checkpoints=not groups)
     if groups:
         results[1:1] = draw_band_figures(groups, pooled, out_dir)

@@ -351,30 +351,26 @@ def fig_em(trials: list[TrialData], varying: list[str]) -> Drawn | str:
 
 # --- all of them ----------------------------------------------------------------------------------------------------
 
-def _draw(name: str, figure: Callable[..., Drawn | str], out_dir: Path, *args: Any) -> Drawn | str:
-    """One figure, saved to out_dir, or a note. The figures are a by-product of the sweep: data that trips
-    matplotlib costs that figure (named, with the error, in the notes), not the stage table and the other figures."""
-    try:
-        drawn = figure(*args)
-        if isinstance(drawn, Drawn):
-            drawn.figure.savefig(out_dir / drawn.file, dpi=110)
-        return drawn
-    except Exception as exc:  # noqa: BLE001 - reported in the notes, see the docstring
-        return f"{name} failed: {type(exc).__name__}: {exc}"
+def _draw(figure: Callable[..., Drawn | str], out_dir: Path, *args: Any) -> Drawn | str:
+    """One figure, saved to out_dir, or the note saying which data it lacks (each `fig_*` checks for what it
+    plots and returns that note). Anything else that goes wrong is a bug, not missing data: it propagates."""
+    drawn = figure(*args)
+    if isinstance(drawn, Drawn):
+        drawn.figure.savefig(out_dir / drawn.file, dpi=110)
+    return drawn
 
 
 def draw_figures(trials: list[TrialData], varying: list[str], out_dir: Path,
                  per_trial_checkpoints: bool = True) -> list[Drawn | str]:
-    """Every figure of the report, saved into out_dir, in the report's order; a figure that cannot be drawn comes
-    back as the one line saying why. Without `per_trial_checkpoints`, Figures 3b and 3c are left to the caller (a
+    """Every figure of the report, saved into out_dir, in the report's order; a figure whose data no trial logged
+    comes back as the one line saying what is missing. Without `per_trial_checkpoints`, Figures 3b and 3c are left to the caller (a
     replicated sweep draws them over seeds: `report.bands`)."""
     benches = list(dict.fromkeys(bench for trial in trials for bench in trial.benchmarks))
-    results = [_draw("fig3a", fig_restoring_ppl, out_dir, trials, varying)]
+    results = [_draw(fig_restoring_ppl, out_dir, trials, varying)]
     if per_trial_checkpoints:
-        results.append(_draw("fig3b", fig_ppl_vs_epoch, out_dir, trials, varying))
-        results += [_draw(f"fig3c for {bench}", fig_accuracy, out_dir, trials, varying, bench) for bench in benches]
+        results.append(_draw(fig_ppl_vs_epoch, out_dir, trials, varying))
+        results += [_draw(fig_accuracy, out_dir, trials, varying, bench) for bench in benches]
     if not benches:
         results.append(f"fig3c skipped: no trial logged {_shown(registry.KNOWLEDGE)}")
-    results += [_draw("fig4", fig_format_entropy, out_dir, trials, varying),
-                _draw("fig5", fig_em, out_dir, trials, varying)]
+    results += [_draw(fig_format_entropy, out_dir, trials, varying), _draw(fig_em, out_dir, trials, varying)]
     return results

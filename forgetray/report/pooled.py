@@ -86,18 +86,20 @@ def replicate_groups(trials: list[TrialData], replicates: int, varying: list[str
 
 
 def load_outcomes(tracker: Tracker, groups: list[ReplicateGroup]) -> list[str]:
-    """Read every trial's per-question outcomes into its group; the notes for trials that have none."""
+    """Read every trial's per-question outcomes into its group; the notes for trials that have none (no stage judged:
+    no restoration, or it failed first), found by listing the run's `stages/` artifacts. Any other error (a store
+    that does not answer, an unreadable file) is not missing data: it propagates."""
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in groups:
             for trial in group.trials:
                 bench = trial.tags.get(TAG_STAGE_BENCHMARK) or trial.primary
                 path = f"stages/per_question_{bench}.parquet"
-                try:
-                    local = tracker.download_artifacts(trial.run_id, path, Path(tmp) / trial.run_id)
-                    group.outcomes[trial.run_id] = pd.read_parquet(local)
-                except Exception:  # noqa: BLE001 - a trial without stages (no restoration, failed) is left out
+                if path not in tracker.list_artifacts(trial.run_id, "stages"):
                     notes.append(f"pooled table: {trial.name} has no {path} (no stage judged), left out of its group")
+                    continue
+                local = tracker.download_artifacts(trial.run_id, path, Path(tmp) / trial.run_id)
+                group.outcomes[trial.run_id] = pd.read_parquet(local)
     return notes
 
 
