@@ -12,11 +12,12 @@ mark it as the header); every other line is {"input": str, "output": str}. Error
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
+
+from forgetray.data.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -138,28 +139,21 @@ def load_task(path: str | Path, name: str | None = None, template: Template | No
     path = Path(path)
     header: dict = {}
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "input" not in obj and ("instruction" in obj or "name" in obj):
-                if examples or header:
-                    raise ValueError(f"{where}: a header line ({sorted(obj)}) must come before the examples")
-                header = _check_header(obj, where)
-                continue
-            missing = [k for k in ("input", "output") if k not in obj]
-            if missing:
-                raise ValueError(f"{where}: missing {', '.join(missing)} (keys: {sorted(obj)})")
-            if not isinstance(obj["input"], str) or not isinstance(obj["output"], str):
-                raise ValueError(f"{where}: input and output must be strings")
-            examples.append(Example(obj["input"], obj["output"]))
+    for lineno, obj in iter_jsonl(path):  # blank lines skipped; invalid JSON: ValueError "<path>:<line>: ..."
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "input" not in obj and ("instruction" in obj or "name" in obj):
+            if examples or header:
+                raise ValueError(f"{where}: a header line ({sorted(obj)}) must come before the examples")
+            header = _check_header(obj, where)
+            continue
+        missing = [k for k in ("input", "output") if k not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)} (keys: {sorted(obj)})")
+        if not isinstance(obj["input"], str) or not isinstance(obj["output"], str):
+            raise ValueError(f"{where}: input and output must be strings")
+        examples.append(Example(obj["input"], obj["output"]))
     if not examples:
         raise ValueError(f"{path}: no examples")
     template = template or Template()
