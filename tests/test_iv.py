@@ -401,7 +401,7 @@ def test_load_task_and_its_errors(tmp_path):
     assert task.name == "antonyms" and task.instruction == "Give the opposite." and task.template.n_shot == 3
     assert task.examples == (Example("hot", "cold"), Example("up", "down"))
     bad = {
-        '{"input": "a", "output": "b"}\n{"input": "a"\n': ":2: not valid JSON",
+        '{"input": "a", "output": "b"}\n{"input": "a"\n': ":2: invalid JSON",
         '{"input": "a", "output": "b"}\n\n{"input": "a"}\n': ":3: missing output",
         '{"input": "a", "output": 3}\n': ":1: input and output must be strings",
         '[1, 2]\n': ":1: expected a JSON object",
