@@ -10,7 +10,7 @@ import torch
 
 import tokenizer_fixtures
 from forgetray.data.questions import MCPrompt
-from forgetray.probes import forward
+from forgetray.probes import forward_passes
 from forgetray.probes.scoring import score_prompts, tokenize
 from forgetray.probes.tokens import letter_token_ids
 
@@ -108,7 +108,7 @@ def test_prefix_is_run_once_per_group_and_reused(families):
     model, tokenizer = families["metaspace"]
     prompts = [p for p in _prompts() if p.prefix]
     requests = tokenize(tokenizer, prompts, "auto", 512)
-    plan = forward.plan_groups(requests, 64, 512, tokenizer.bos_token_id)
+    plan = forward_passes.plan_groups(requests, 64, 512, tokenizer.bos_token_id)
     shared_groups = [g for g in plan.groups if g.shared]
     assert len(shared_groups) == 1
     reusing = {prompts[i].id for batch in shared_groups[0].batches for i in batch}
@@ -130,17 +130,17 @@ def test_a_prompt_whose_tokens_do_not_start_with_the_prefix_falls_back(families,
                MCPrompt("c", prefix, "s Three?\nAnswer:", (" A", " B"), 1)]  # "Pari" + "s": "▁Paris", one piece
     requests = tokenize(tokenizer, prompts, "auto", 512)
     prefix_ids = requests[0].prefix_ids
-    common = forward._common_length(prefix_ids, requests[2].ctx)
-    assert common < len(prefix_ids) - forward.BOUNDARY_SLACK
-    plan = forward.plan_groups(requests, 8, 512, tokenizer.bos_token_id)
+    common = forward_passes._common_length(prefix_ids, requests[2].ctx)
+    assert common < len(prefix_ids) - forward_passes.BOUNDARY_SLACK
+    plan = forward_passes.plan_groups(requests, 8, 512, tokenizer.bos_token_id)
     layout = [(len(g.shared), sorted(i for b in g.batches for i in b)) for g in plan.groups]
     assert layout == [(len(prefix_ids), [0, 1]), (0, [2])]
     # With a slack that accepts c, the group shares only the tokens c has in common with the prefix.
-    monkeypatch.setattr(forward, "BOUNDARY_SLACK", len(prefix_ids) - common)
-    plan = forward.plan_groups(requests, 8, 512, tokenizer.bos_token_id)
+    monkeypatch.setattr(forward_passes, "BOUNDARY_SLACK", len(prefix_ids) - common)
+    plan = forward_passes.plan_groups(requests, 8, 512, tokenizer.bos_token_id)
     assert [(len(g.shared), sorted(i for b in g.batches for i in b)) for g in plan.groups] == [(common, [0, 1, 2])]
     for slack in (0, len(prefix_ids) - common):
-        monkeypatch.setattr(forward, "BOUNDARY_SLACK", slack)
+        monkeypatch.setattr(forward_passes, "BOUNDARY_SLACK", slack)
         got = score_prompts(model, tokenizer, prompts, batch_size=8)
         _assert_close(got, [_ref_score(model, tokenizer, p, "auto", 512, None) for p in prompts])
 

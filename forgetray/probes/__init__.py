@@ -4,7 +4,7 @@ Layout, one concept per module, each depending only on those listed before it: `
 input: encoding, the BOS rule, left truncation, the padding rule, the one model call), `prompts` (the letter and
 option-likelihood prompt formats, text only), `shards` (which items a rank evaluates, padded so every rank makes
 the same forward calls), `knowledge` (letter scoring and option likelihood, their summary, merging ranks' frames)
-and `perplexity` (per-passage NLLs and their sum). `scoring` (with `passes`, its forward passes) scores
+and `perplexity` (per-passage NLLs and their sum). `scoring` (with `forward_passes`, its forward calls) scores
 `MCPrompt`s as lm-eval does, faster (`score_prompts`); `knowledge` is built on it, and so is `tasks` (a
 benchmark's prompts with its scores computed per question as lm-eval computes them: `probe_task`,
 `summarize_task`). The question type and its file format are data, in `forgetray.data.questions`. This package

@@ -19,7 +19,7 @@ Speed, with results equal to one unbatched forward per (context, continuation) u
 - the context is run once for all of a prompt's continuations: single-token continuations are read off its last
   logits, longer ones are fed (minus their last token) in one more pass on the context's KV cache;
 - the `prefix` of a group of prompts (MMLU's 5 dev examples) is run ONCE per group and its KV cache reused by every
-  prompt of the group (see `forward.plan_groups` for the token check and the fallback);
+  prompt of the group (see `forward_passes.plan_groups` for the token check and the fallback);
 - batches are sorted by length; log-softmax and gathers are vectorised.
 Inputs longer than `max_length` are cut from the left, keeping a leading BOS (forgetray's rule; lm-eval drops it),
 and then scored without any reuse. Every rank makes the same number of forward calls (ZeRO-3): ranks with fewer
@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from forgetray.data.questions import MCPrompt
-from forgetray.probes import forward
+from forgetray.probes import forward_passes
 from forgetray.probes.shards import shard_indices
 from forgetray.probes.tokens import check_bos, check_sizes, encode_contexts, encode_pairs, padding_id
 
@@ -84,10 +84,10 @@ def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence
     requests = tokenize(tokenizer, prompts, bos, max_length)  # every prompt, so that every rank fails alike
     mine = list(shares[rank])
     keep_head = _keep_head(tokenizer, bos)
-    plans = {r: forward.plan_groups([requests[i] for i in share], batch_size, max_length, keep_head)
+    plans = {r: forward_passes.plan_groups([requests[i] for i in share], batch_size, max_length, keep_head)
              for r, share in enumerate(shares) if len(shares) > 1 or r == rank}
     most_calls = max(plan.n_calls for plan in plans.values())
-    results = forward.run(model, plans[rank], padding_id(tokenizer), device, answer_sets, most_calls)
+    results = forward_passes.run(model, plans[rank], padding_id(tokenizer), device, answer_sets, most_calls)
     out = []
     for local, i in enumerate(mine):
         logprobs, greedy, answer = results[local]
@@ -101,7 +101,7 @@ def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence
     return out
 
 
-def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) -> list[forward.Request]:
+def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) -> list[forward_passes.Request]:
     """Every prompt's context and continuation tokens (lm-eval's), and its prefix's own tokens for KV reuse."""
     contexts, conts = encode_pairs(tokenizer, [p.context for p in prompts], [p.continuations for p in prompts], bos)
     prefixes = sorted({p.prefix for p in prompts if p.prefix})
@@ -114,7 +114,7 @@ def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) 
             if len(ids) > max_length - 1:  # its first token needs a context token before it to be predicted from
                 raise ValueError(f"prompt {prompt.id!r}: continuation {k} is {len(ids)} tokens, more than "
                                  f"max_length - 1 = {max_length - 1}")
-        requests.append(forward.Request(context, continuations, prompt.prefix, prefix_ids.get(prompt.prefix, [])))
+        requests.append(forward_passes.Request(context, continuations, prompt.prefix, prefix_ids.get(prompt.prefix, [])))
     return requests
 
 
