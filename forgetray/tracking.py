@@ -59,21 +59,44 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store did not answer within the retry bound."""
 
 
-def _transient(exc: BaseException) -> bool:
-    """A server that is down or restarting, a connection cut, a sqlite lock: worth retrying. A request the server
-    answered with a client error (bad parameter, missing run) is not."""
-    text = f"{type(exc).__name__}: {exc}".lower()
-    markers = ("database is locked", "connection", "max retries exceeded", "timed out", "timeout",
-               "temporarily_unavailable", "503", "502", "504", "remote end closed", "broken pipe",
-               # trials of one sweep log the same dataset at once; MLflow checks-then-inserts it, so all but one
-               # lose the race on the row; a retry finds the row and links to it
-               "unique constraint failed: datasets")
-    return any(m in text for m in markers)
+def _causes(exc: BaseException):
+    """The exception and the ones behind it (`raise ... from`, or raised while handling), each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
-def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = None, **kwargs):
-    """`call(*args, **kwargs)`, retried on transient tracking errors with exponential backoff (1 s doubling to 30 s)
-    for up to `bound_s` seconds (default: $FORGETRAY_TRACKING_RETRY_S or 600 s)."""
+def _transient(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
+    """A server that is down or restarting, a connection cut or timed out, a database that is locked or gone: worth
+    retrying; told by the exception's class (or that of one behind it), never by its message. MLflow's own word
+    counts: an MlflowException with error code TEMPORARILY_UNAVAILABLE (HTTP 503, and how its SQL stores report
+    sqlalchemy's OperationalError: sqlite's "database is locked") or DEADLINE_EXCEEDED (504). Its HTTP client has
+    already retried 429/5xx and connection errors itself, and wraps what is left in a plain MlflowException raised
+    while handling the requests error, found behind it. A request the server answered with a client error (bad
+    parameter, missing run) is not transient. `also`: more classes the caller knows to be worth a retry."""
+    import requests.exceptions
+    import sqlalchemy.exc
+    import urllib3.exceptions
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE, ErrorCode
+
+    retry = (ConnectionError, TimeoutError,  # the built-in ones: refused, reset, broken pipe, socket timeouts
+             requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+             requests.exceptions.RetryError,  # MLflow's client retries on 429/5xx ran out
+             urllib3.exceptions.ProtocolError, urllib3.exceptions.MaxRetryError, urllib3.exceptions.TimeoutError,
+             sqlalchemy.exc.OperationalError, *also)
+    codes = {ErrorCode.Name(TEMPORARILY_UNAVAILABLE), ErrorCode.Name(DEADLINE_EXCEEDED)}
+    return any(isinstance(e, retry) or (isinstance(e, MlflowException) and e.error_code in codes)
+               for e in _causes(exc))
+
+
+def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = None,
+             also: tuple[type[BaseException], ...] = (), **kwargs):
+    """`call(*args, **kwargs)`, retried on transient tracking errors (`_transient`, plus the classes in `also`) with
+    exponential backoff (1 s doubling to 30 s) for up to `bound_s` seconds (default: $FORGETRAY_TRACKING_RETRY_S or
+    600 s)."""
     import logging
     import os
     import time
@@ -84,7 +107,7 @@ def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = Non
         try:
             return call(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 (filtered by _transient)
-            if not _transient(exc):
+            if not _transient(exc, also):
                 raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -240,7 +263,12 @@ class Tracker:
                                        profile=json.dumps(d.get("profile") or {})),
                                tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
         if inputs:
-            retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets")
+            import sqlalchemy.exc
+
+            # Trials of one sweep log the same dataset at once; MLflow's SQL store checks-then-inserts it, so all but
+            # one lose the race on its unique row (an IntegrityError); a retry finds the row and links to it.
+            retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets",
+                     also=(sqlalchemy.exc.IntegrityError,))
 
     def save_view(self, experiment_id: str, key: str, state: dict) -> None:
         """A saved UI view (search filter, chart filter, ...): `?viewStateShareKey=<key>` on the experiment's

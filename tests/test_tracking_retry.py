@@ -1,0 +1,94 @@
+"""forgetray.tracking.retrying tells a transient tracking error by its class (or that of an exception behind it) and
+MLflow's error code, never by its message: on exceptions built by hand, and on the real ones MLflow raises for a
+server nobody listens on and for a locked sqlite store. The retry bound and a whole store outage are in
+tests/test_faults.py; the dataset-insert race (IntegrityError, `also`) there too."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+
+import pytest
+import requests
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+from forgetray import tracking
+from forgetray.tracking import _transient, retrying
+
+
+def _raised_while_handling(inner: BaseException, outer: BaseException) -> BaseException:
+    """`outer` as MLflow's HTTP client raises it: inside the `except` of `inner` (so inner is its __context__)."""
+    try:
+        try:
+            raise inner
+        except type(inner):
+            raise outer  # noqa: B904 (the implicit chaining is the point)
+    except type(outer) as exc:
+        return exc
+
+
+def test_transient_by_class_and_error_code_not_by_message():
+    assert _transient(MlflowException("x", error_code=TEMPORARILY_UNAVAILABLE))
+    assert _transient(MlflowException("x", error_code=DEADLINE_EXCEEDED))
+    assert _transient(sqlalchemy.exc.OperationalError("UPDATE runs", {}, sqlite3.OperationalError("locked")))
+    assert _transient(ConnectionRefusedError())
+    assert _transient(_raised_while_handling(requests.exceptions.ConnectionError("refused"),
+                                             MlflowException("API request failed")))
+    assert _transient(_raised_while_handling(requests.exceptions.RetryError("too many 503"),
+                                             MlflowException("API request failed")))
+    # A client error says nothing transient, whatever words its message has (the old substring rule retried these).
+    assert not _transient(MlflowException("connection timed out: 503 database is locked",
+                                          error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not _transient(ValueError("Connection refused"))
+    race = sqlalchemy.exc.IntegrityError("INSERT INTO datasets", {}, sqlite3.IntegrityError("UNIQUE constraint"))
+    assert not _transient(race) and _transient(race, also=(sqlalchemy.exc.IntegrityError,))
+
+
+def test_retrying_retries_transient_errors_and_raises_the_others_at_once(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def flaky(value):
+        calls.append(value)
+        if len(calls) < 3:
+            raise MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE)
+        return value
+
+    assert retrying(flaky, 7, bound_s=60) == 7 and calls == [7, 7, 7]
+
+    def missing():
+        calls.append("missing")
+        raise MlflowException("Run 'x' not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="not found"):
+        retrying(missing, bound_s=60)
+    assert calls == ["missing"]
+
+
+def test_the_real_errors_of_a_server_nobody_listens_on_and_of_a_locked_sqlite_store(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(Exception) as refused:
+        tracking.Tracker(f"http://127.0.0.1:{port}").client.set_tag("0" * 32, "k", "v")
+    assert _transient(refused.value), repr(refused.value)
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.create_run(client.create_experiment("locked")).info.run_id
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write: sqlite's busy timeout (5 s) runs out
+    try:
+        with pytest.raises(MlflowException) as locked:
+            client.set_tag(run, "k", "v")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "database is locked" in str(locked.value)
+    assert _transient(locked.value), repr(locked.value)
