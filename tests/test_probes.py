@@ -319,6 +319,31 @@ def test_probe_knowledge_rejects_what_it_cannot_score(model, tokenizer):
         probe_knowledge(model, tokenizer, QUESTIONS, n_shot=3, shots=SHOTS)
 
 
+def test_probe_options_object_and_keyword_form_agree(model, tokenizer):
+    """One ProbeOptions passed through, or its fields as keywords (the older form scripts use): the same frames and
+    sums; a misspelt keyword is a TypeError, bad sizes or BOS rule a ValueError when the options are made."""
+    from forgetray.probes import LM_EVAL, ProbeOptions, passage_nlls, score_prompts
+    from forgetray.probes.knowledge import mc_prompts
+
+    options = ProbeOptions(batch_size=3, max_length=64, shard=(1, 2))
+    pd.testing.assert_frame_equal(probe_knowledge(model, tokenizer, QUESTIONS, options),
+                                  probe_knowledge(model, tokenizer, QUESTIONS, batch_size=3, max_length=64,
+                                                  shard=(1, 2)))
+    assert probe_perplexity(model, tokenizer, PASSAGES, options) == probe_perplexity(
+        model, tokenizer, PASSAGES, batch_size=3, max_length=64, shard=(1, 2))
+    assert passage_nlls(model, tokenizer, PASSAGES, options) == passage_nlls(model, tokenizer, PASSAGES,
+                                                                            batch_size=3, max_length=64)
+    prompts = mc_prompts(QUESTIONS, (), 0)
+    assert score_prompts(model, tokenizer, prompts) == score_prompts(model, tokenizer, prompts, LM_EVAL)
+    assert LM_EVAL == ProbeOptions(bos="auto", max_length=2048)  # score_prompts' and probe_task's defaults
+    with pytest.raises(TypeError, match=r"probe_knowledge\(\) got unexpected keyword argument\(s\) batchsize"):
+        probe_knowledge(model, tokenizer, QUESTIONS, batchsize=3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ProbeOptions(batch_size=0)
+    with pytest.raises(ValueError, match="bos must be one of"):
+        ProbeOptions(bos="sometimes")
+
+
 def test_shard_indices():
     assert shard_indices(7, (0, 3)) == ([0, 3, 6], 3)
     assert shard_indices(7, (2, 3)) == ([2, 5, 2], 2)

@@ -230,7 +230,7 @@ def option_likelihood_accuracy(model, tokenizer, questions: Sequence[dict]) -> f
 
     mc = [MCQuestion(id=str(q.get("id", i)), question=q["question"], choices=q["choices"], answer=q["answer"],
                      subject=q.get("subject", "")) for i, q in enumerate(questions)]
-    return probes.summarize_knowledge(probes.probe_knowledge(model, tokenizer, mc, batch_size=64))["acc"]
+    return probes.summarize_knowledge(probes.probe_knowledge(model, tokenizer, mc, probes.ProbeOptions(batch_size=64)))["acc"]
 
 
 # --- command line --------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from forgetray import metrics
 from forgetray.data.questions import LETTERS, MCPrompt, MCQuestion
 from forgetray.probes.prompts import (format_letter_prompt, format_letter_question, format_option_context,
                                       format_option_continuations, select_shots)
+from forgetray.probes.options import ProbeOptions, with_fields
 from forgetray.probes.scoring import score_shares
 from forgetray.probes.shards import shard_indices
-from forgetray.probes.tokens import bos_prefix, check_sizes, encode, letter_token_ids, truncate_left
+from forgetray.probes.tokens import bos_prefix, encode, letter_token_ids, truncate_left
 
 # Columns of probe_knowledge's frame: `index` is the question's position in the full list (merge_shards sorts by it).
 KNOWLEDGE_COLUMNS = (
@@ -53,17 +54,15 @@ def probe_knowledge(
     model,
     tokenizer,
     questions: Sequence[MCQuestion],
+    options: ProbeOptions = ProbeOptions(),
     *,
-    batch_size: int = 32,
-    max_length: int = 512,
     n_shot: int = 0,
     shots: Sequence[MCQuestion] = (),
-    device: Any = "cpu",
-    shard: tuple[int, int] = (0, 1),
-    bos: str = "always",
     letter_rule: str = "merged",
+    **fields: Any,
 ) -> pd.DataFrame:
-    """Score this rank's share of `questions` both ways; one row per question, columns KNOWLEDGE_COLUMNS.
+    """Score this rank's share (`options.shard`) of `questions` both ways; one row per question, columns
+    KNOWLEDGE_COLUMNS. `fields`: the keyword form of `options` (`probes.options`).
 
     Letter scoring: at the first answer position of the letter prompt, the option letters' probabilities (every
     vocabulary piece of a letter merged, `letter_token_ids`) give p_fmt, entropy_vocab (whole vocabulary) and
@@ -71,20 +70,20 @@ def probe_knowledge(
     docs/methods.md §3), or with "lm_eval" the argmax of the log-likelihood of the continuations " A", " B", ... (lm-eval's
     MMLU). Option likelihood: each choice is scored as the continuation " {choice}" of the question (summed token
     log-probs in option_logprobs); acc_pred is their argmax, acc_norm_pred the argmax after dividing by the
-    choice's length in characters (without the leading space, as lm-eval). `bos` is the BOS rule (`tokens.
+    choice's length in characters (without the leading space, as lm-eval). `options.bos` is the BOS rule (`tokens.
     encode_contexts`): "always" for the organism, trained with BOS; "auto" for real models, as lm-eval.
     Both prompts of a question go through `scoring.score_shares` in one call: the shots prefix is shared by the
     questions of a subject and computed once.
     """
     if letter_rule not in LETTER_RULES:
         raise ValueError(f"letter_rule must be one of {LETTER_RULES}, got {letter_rule!r}")
-    check_sizes(batch_size, max_length)
+    options = with_fields(options, fields, "probe_knowledge")
     questions = list(questions)
     if n_shot < 0:
         raise ValueError(f"n_shot must be >= 0, got {n_shot}")
     shots = list(shots)
-    rank, world = shard
-    indices, n_real = shard_indices(len(questions), shard)
+    world = options.shard[1]
+    indices, n_real = shard_indices(len(questions), options.shard)
     if not questions:
         return pd.DataFrame(columns=list(KNOWLEDGE_COLUMNS))
     # Checked on all questions, not just this rank's, so that every rank fails alike before any forward call (a
@@ -93,8 +92,7 @@ def probe_knowledge(
     prompts = mc_prompts(questions, shots, n_shot)  # question i: letter prompt 2i, option prompt 2i + 1
     shares = [[2 * i + j for i in idx[:n] for j in (0, 1)]
               for idx, n in (shard_indices(len(questions), (r, world)) for r in range(world))]
-    scores = score_shares(model, tokenizer, prompts, shares, rank, bos=bos, batch_size=batch_size,
-                          max_length=max_length, device=device, answer_sets=letter_ids)
+    scores = score_shares(model, tokenizer, prompts, shares, options, answer_sets=letter_ids)
 
     rows = []
     for pos in range(n_real):

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 import torch
 
 from forgetray import metrics
+from forgetray.probes.options import ProbeOptions, with_fields
 from forgetray.probes.shards import shard_indices
-from forgetray.probes.tokens import bos_prefix, check_sizes, encode, forward, padding_id
+from forgetray.probes.tokens import bos_prefix, encode, forward, padding_id
 
 # Log-softmax over at most this many logits at once: vectorised over rows (per-row Python calls dominated small
 # models), bounded in memory for large vocabularies and long passages.
@@ -24,21 +25,18 @@ def probe_perplexity(
     model,
     tokenizer,
     texts: Sequence[str],
-    *,
-    batch_size: int = 32,
-    max_length: int = 512,
-    device: Any = "cpu",
-    shard: tuple[int, int] = (0, 1),
+    options: ProbeOptions = ProbeOptions(),
+    **fields: Any,
 ) -> tuple[float, int]:
-    """Summed NLL (float64) and number of scored tokens over this rank's share of `texts`.
+    """Summed NLL (float64) and number of scored tokens over this rank's share (`options.shard`) of `texts`.
+    `fields`: the keyword form of `options` (`probes.options`).
 
     Sum both over ranks, then `metrics.perplexity`.
     """
-    check_sizes(batch_size, max_length)
+    options = with_fields(options, fields, "probe_perplexity")
     texts = list(texts)
-    indices, n_real = shard_indices(len(texts), shard)
-    scored = passage_nlls(model, tokenizer, [texts[i] for i in indices], batch_size=batch_size,
-                          max_length=max_length, device=device)[:n_real]  # drop the shard's padding copies
+    indices, n_real = shard_indices(len(texts), options.shard)
+    scored = passage_nlls(model, tokenizer, [texts[i] for i in indices], options)[:n_real]  # less the padding copies
     return float(sum(nll for nll, _ in scored)), int(sum(n for _, n in scored))
 
 
@@ -52,21 +50,20 @@ def passage_nlls(
     model,
     tokenizer,
     texts: Sequence[str],
-    *,
-    batch_size: int = 32,
-    max_length: int = 512,
-    device: Any = "cpu",
+    options: ProbeOptions = ProbeOptions(),
+    **fields: Any,
 ) -> list[tuple[float, int]]:
-    """(summed NLL, scored tokens) of each passage, in order. What probing perplexity sums and what restoring-pool
-    ranking sorts by."""
-    check_sizes(batch_size, max_length)
+    """(summed NLL, scored tokens) of each passage, in order (all of `texts`: `options.shard` is not applied). What
+    probing perplexity sums and what restoring-pool ranking sorts by. `fields`: the keyword form of `options`."""
+    options = with_fields(options, fields, "passage_nlls")
+    batch_size = options.batch_size
     pad_id = padding_id(tokenizer)
-    seqs = passage_sequences(tokenizer, texts, max_length)
+    seqs = passage_sequences(tokenizer, texts, options.max_length)
     out: list[tuple[float, int]] = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
         # An empty passage (no BOS, no text) still takes its slot, as a pad token, so batch counts stay equal.
-        logits = forward(model, [seq or [pad_id] for seq in batch], pad_id, device)
+        logits = forward(model, [seq or [pad_id] for seq in batch], pad_id, options.device)
         out.extend(sequence_nlls(logits, batch, pad_id))
     return out
 

@@ -35,8 +35,9 @@ import torch
 
 from forgetray.data.questions import MCPrompt
 from forgetray.probes import forward_passes
+from forgetray.probes.options import LM_EVAL, ProbeOptions, with_fields
 from forgetray.probes.shards import shard_indices
-from forgetray.probes.tokens import check_bos, check_sizes, encode_contexts, encode_pairs, padding_id
+from forgetray.probes.tokens import encode_contexts, encode_pairs, padding_id
 
 
 @dataclass(frozen=True)
@@ -52,42 +53,33 @@ class PromptScore:
 
 
 @torch.no_grad()
-def score_prompts(
-    model,
-    tokenizer,
-    prompts: Sequence[MCPrompt],
-    *,
-    bos: str = "auto",
-    batch_size: int = 32,
-    max_length: int = 2048,
-    device: Any = "cpu",
-    shard: tuple[int, int] = (0, 1),
-    answer_sets: Sequence[Sequence[int]] | None = None,
-) -> list[PromptScore]:
-    """Score this rank's share of `prompts` (see the module docstring)."""
-    world = shard[1]
+def score_prompts(model, tokenizer, prompts: Sequence[MCPrompt], options: ProbeOptions = LM_EVAL, *,
+                  answer_sets: Sequence[Sequence[int]] | None = None, **fields: Any) -> list[PromptScore]:
+    """Score this rank's share (`options.shard`) of `prompts` (see the module docstring). `fields`: the keyword form
+    of `options` (`probes.options`)."""
+    options = with_fields(options, fields, "score_prompts")
+    world = options.shard[1]
     shares = [idx[:n] for idx, n in (shard_indices(len(prompts), (r, world)) for r in range(world))]
-    return score_shares(model, tokenizer, prompts, shares, shard[0], bos=bos, batch_size=batch_size,
-                        max_length=max_length, device=device, answer_sets=answer_sets)
+    return score_shares(model, tokenizer, prompts, shares, options, answer_sets=answer_sets)
 
 
 @torch.no_grad()
-def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence[Sequence[int]], rank: int, *,
-                 bos: str = "auto", batch_size: int = 32, max_length: int = 2048, device: Any = "cpu",
-                 answer_sets: Sequence[Sequence[int]] | None = None) -> list[PromptScore]:
-    """`score_prompts` with the shares given: rank r scores prompts shares[r], in that order (a caller that shards
-    by something else than prompts, e.g. by question with two prompts each). Every rank makes as many forward calls
-    as the busiest; every prompt is checked on every rank before any call."""
-    check_sizes(batch_size, max_length)
-    check_bos(bos)
+def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence[Sequence[int]],
+                 options: ProbeOptions = LM_EVAL, *, answer_sets: Sequence[Sequence[int]] | None = None,
+                 **fields: Any) -> list[PromptScore]:
+    """`score_prompts` with the shares given: rank r (`options.shard[0]`) scores prompts shares[r], in that order (a
+    caller that shards by something else than prompts, e.g. by question with two prompts each). Every rank makes as
+    many forward calls as the busiest; every prompt is checked on every rank before any call."""
+    options = with_fields(options, fields, "score_shares")
+    rank, bos, max_length = options.shard[0], options.bos, options.max_length
     prompts = list(prompts)
     requests = tokenize(tokenizer, prompts, bos, max_length)  # every prompt, so that every rank fails alike
     mine = list(shares[rank])
     keep_head = _keep_head(tokenizer, bos)
-    plans = {r: forward_passes.plan_groups([requests[i] for i in share], batch_size, max_length, keep_head)
+    plans = {r: forward_passes.plan_groups([requests[i] for i in share], options.batch_size, max_length, keep_head)
              for r, share in enumerate(shares) if len(shares) > 1 or r == rank}
     most_calls = max(plan.n_calls for plan in plans.values())
-    results = forward_passes.run(model, plans[rank], padding_id(tokenizer), device, answer_sets, most_calls)
+    results = forward_passes.run(model, plans[rank], padding_id(tokenizer), options.device, answer_sets, most_calls)
     out = []
     for local, i in enumerate(mine):
         logprobs, greedy, answer = results[local]
@@ -114,7 +106,8 @@ def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) 
             if len(ids) > max_length - 1:  # its first token needs a context token before it to be predicted from
                 raise ValueError(f"prompt {prompt.id!r}: continuation {k} is {len(ids)} tokens, more than "
                                  f"max_length - 1 = {max_length - 1}")
-        requests.append(forward_passes.Request(context, continuations, prompt.prefix, prefix_ids.get(prompt.prefix, [])))
+        requests.append(forward_passes.Request(context, continuations, prompt.prefix,
+                                               prefix_ids.get(prompt.prefix, [])))
     return requests
 
 

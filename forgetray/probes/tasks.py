@@ -33,9 +33,10 @@ import torch
 
 from forgetray import metrics
 from forgetray.data.questions import MCPrompt
+from forgetray.probes.options import LM_EVAL, ProbeOptions, with_fields
 from forgetray.probes.scoring import score_prompts
 from forgetray.probes.shards import shard_indices
-from forgetray.probes.tokens import check_sizes, letter_token_ids
+from forgetray.probes.tokens import letter_token_ids
 from forgetray.tasks import mmlu
 from forgetray.tasks.base import Task
 
@@ -66,20 +67,17 @@ def probe_task(
     tokenizer,
     task: Task,
     prompts: Sequence[MCPrompt],
-    *,
-    bos: str = "auto",
-    batch_size: int = 32,
-    max_length: int = 2048,
-    device: Any = "cpu",
-    shard: tuple[int, int] = (0, 1),
+    options: ProbeOptions = LM_EVAL,
+    **fields: Any,
 ) -> pd.DataFrame:
-    """Score this rank's share of `task`'s `prompts`; one row per prompt, columns `task_columns(task)`.
+    """Score this rank's share (`options.shard`) of `task`'s `prompts`; one row per prompt, columns
+    `task_columns(task)`. `fields`: the keyword form of `options` (`probes.options`).
 
-    `bos` is the BOS rule of `tokens.encode_contexts` ("auto": lm-eval's, the tokenizer's own). Every prompt is
-    checked on every rank before any forward call, so that all ranks fail alike (a rank failing alone would leave
+    `options.bos` is the BOS rule of `tokens.encode_contexts` ("auto": lm-eval's, the tokenizer's own). Every prompt
+    is checked on every rank before any forward call, so that all ranks fail alike (a rank failing alone would leave
     the others waiting in ZeRO-3's collectives).
     """
-    check_sizes(batch_size, max_length)
+    options = with_fields(options, fields, "probe_task")
     columns = task_columns(task)
     prompts = list(prompts)
     lengths = [choice_lengths(task, p) for p in prompts]
@@ -91,9 +89,8 @@ def probe_task(
         return pd.DataFrame(columns=list(columns))
     letters = "letter" in task.scores
     answer_sets = letter_token_ids(tokenizer, max(len(p.continuations) for p in prompts)) if letters else None
-    scores = score_prompts(model, tokenizer, prompts, bos=bos, batch_size=batch_size, max_length=max_length,
-                           device=device, shard=shard, answer_sets=answer_sets)
-    indices, n_real = shard_indices(len(prompts), shard)
+    scores = score_prompts(model, tokenizer, prompts, options, answer_sets=answer_sets)
+    indices, n_real = shard_indices(len(prompts), options.shard)
     rows = []
     for i, score in zip(indices[:n_real], scores):
         prompt = prompts[i]

@@ -7,7 +7,7 @@ frames are gathered to rank 0 and the perplexity sums are all-reduced. Metrics a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -59,6 +59,11 @@ class ProbeSuite:
         return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length,
                    resolved.get("bos", "always"), trial.letter_rule, dynamics)
 
+    def options(self, device, rank: int = 0, world: int = 1) -> probes.ProbeOptions:
+        """How this suite's probes run on this rank: its batching, max length and BOS rule."""
+        return probes.ProbeOptions(batch_size=self.batch_size, max_length=self.max_length, bos=self.bos,
+                                   device=device, shard=(rank, world))
+
 
 def load_questions(bench: dict) -> list:
     """A resolved benchmark's questions: a local MMLU-style JSONL file or a hub dataset."""
@@ -101,6 +106,7 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
     `ift_examples` adds exact memorization on them (`ift/em`); `knowledge_only` skips perplexity, EM and the IV
     dynamics probe (the cheap probe used at fine-grained steps inside epoch 1)."""
     rank, world = _distributed()
+    options = suite.options(device, rank, world)
     metrics: dict[str, float] = {}
     frames: dict[str, pd.DataFrame] = {}
     was_training = model.training
@@ -109,14 +115,11 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
         for name, bench in suite.benchmarks.items():
             if "task" in bench:
                 # A task follows its own protocol: its prompts may be long (MMLU 5-shot), so up to the model's context.
-                local = probes.probe_task(
-                    model, tokenizer, bench["task"], bench["prompts"], bos=suite.bos, batch_size=suite.batch_size,
-                    max_length=_context_length(model, suite.max_length), device=device, shard=(rank, world))
+                local = probes.probe_task(model, tokenizer, bench["task"], bench["prompts"],
+                                          replace(options, max_length=_context_length(model, suite.max_length)))
             else:
-                local = probes.probe_knowledge(
-                    model, tokenizer, bench["questions"], batch_size=suite.batch_size, max_length=suite.max_length,
-                    n_shot=suite.n_shot, shots=bench["shots"], device=device, shard=(rank, world), bos=suite.bos,
-                    letter_rule=suite.letter_rule)
+                local = probes.probe_knowledge(model, tokenizer, bench["questions"], options, n_shot=suite.n_shot,
+                                               shots=bench["shots"], letter_rule=suite.letter_rule)
             if world > 1:
                 gathered = [None] * world if rank == 0 else None
                 dist.gather_object(local, gathered, dst=0)
@@ -155,8 +158,7 @@ def evaluate(model, tokenizer, suite: ProbeSuite, device, state: str, ift_exampl
 def probing_perplexity(model, tokenizer, suite: ProbeSuite, device, rank: int, world: int) -> tuple[float, int]:
     """(perplexity, tokens) of the probing passages, each rank scoring its shard, summed over the ranks. The caller
     puts the model in eval mode and disables gradients."""
-    nll, n_tokens = probes.probe_perplexity(model, tokenizer, suite.passages, batch_size=suite.batch_size,
-                                            max_length=suite.max_length, device=device, shard=(rank, world))
+    nll, n_tokens = probes.probe_perplexity(model, tokenizer, suite.passages, suite.options(device, rank, world))
     if world > 1:
         sums = torch.tensor([nll, float(n_tokens)], dtype=torch.float64)
         dist.all_reduce(sums)

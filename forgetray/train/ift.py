@@ -212,11 +212,11 @@ def _select_restoring_set(engine, tokenizer, data, ctx: RankContext, out: Path) 
     trial, resolved, rank, world, device = ctx.trial, ctx.resolved, ctx.rank, ctx.world, ctx.device
     probe_texts = excluded_passages(resolved, trial)
     exclude = frozenset(text_key(t) for t in probe_texts)
+    options = probes.ProbeOptions(batch_size=trial.probe_batch_size, max_length=trial.probe_max_length, device=device)
     engine.eval()
     with torch.no_grad():
         def score(texts):
-            return probes.passage_nlls(engine, tokenizer, texts, batch_size=trial.probe_batch_size,
-                                       max_length=trial.probe_max_length, device=device)
+            return probes.passage_nlls(engine, tokenizer, texts, options)
 
         batches = score_pool(score, resolved["restore_pool"]["path"], out / f"scores-{rank}.parquet",
                              batch_size=trial.probe_batch_size, shard=(rank, world), exclude=exclude,
