@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from forgetray import fit
 from forgetray import plan as planning
 from forgetray.keys import (base_em_key, base_eval_key, cohort_key, control_key, iv_key,  # noqa: F401
                             iv_probe_key, prior_start_key, restoring_key, start_key, trial_key)
@@ -149,7 +150,7 @@ def _train_cohort(context: dict, members: list[dict]) -> None:
     for member in members:  # prior phases: each member's start, trained once per sweep (ensure_start)
         if member["priors"]:
             ensure_start(member["trial"], member["resolved"], member["dirs"], context, member["priors"][0])
-    _fit_members(context, members)
+    fit.fit_members(context, members)
 
 
 def _raise(exc: BaseException) -> None:
@@ -324,110 +325,12 @@ def ensure_start(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, 
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes or the process dies
             if not start.is_dir():  # nobody trained it while this trial waited
                 shutil.rmtree(partial_start(start), ignore_errors=True)
-                _fit(trial, resolved, dirs, context, None, start.name, priors)
+                fit.fit(trial, resolved, dirs, context, None, start.name, priors)
     link = Path(dirs["trial_dir"]) / IFT_START
     if not link.exists():
         link.unlink(missing_ok=True)  # a dangling link
         link.symlink_to(os.path.relpath(start, link.parent))
     return start
-
-
-def _fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str | None, name: str,
-         phases: list[Phase]):
-    """Run one group of phases of one trial as one Ray Train run to completion; raise on failure. The prior phases'
-    run (`run_id` None: it serves every trial sharing its start) has its storage in the sweep's start folder and
-    reports to no run: each trial reports the saved probes and losses into its own."""
-    storage = str(Path(dirs["start_dir"]).parent) if run_id is None else dirs["trial_dir"]
-    member = {"trial": trial, "resolved": resolved, "dirs": dirs, "run_id": run_id}
-    return _train(context, [(member, phases)], f"{name}.train" if run_id is None else name, storage,
-                  prune=name == "ift")
-
-
-def _fit_members(context: dict, members: list[dict]):
-    """The members' IFT groups as one Ray Train run: alone, `<trial>/ift/` as ever; several (a cohort), the run
-    `<execution>/cohorts/<key>/`, each member's checkpoints in its `<trial key>/` there and its trial folder's `ift`
-    a link to that."""
-    if len(members) == 1:
-        m = members[0]
-        return _fit(m["trial"], m["resolved"], m["dirs"], context, m["run_id"], "ift", m["training"])
-    root = Path(context["execution_dir"]) / "cohorts"
-    name = cohort_key([m["trial"] for m in members])
-    for m in members:
-        link = Path(m["dirs"]["trial_dir"]) / "ift"
-        if not link.is_symlink():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(root / name / trial_key(m["trial"]), link.parent))
-    return _train(context, [(m, m["training"]) for m in members], name, str(root), prune=True,
-                  prefixes=[f"{trial_key(m['trial'])}/" for m in members])
-
-
-def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, storage: str, prune: bool,
-           prefixes: list[str] | None = None):
-    """One Ray Train run of `members` (member, its phases) in turn; raise on failure. Reports go to each member's
-    run (none for a run_id None), into Tune and the console."""
-    from functools import partial
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from forgetray.callbacks import make_report_logger
-    from forgetray.tracking import SYSTEM_METRICS_ENV, system_metrics_wanted
-    from forgetray.train.checkpoints import make_state_pruner
-    from forgetray.train.worker import phase_worker
-
-    trial = members[0][0]["trial"]  # the members differ only in their seeds: the same resources
-    run_id = members[0][0]["run_id"]
-    use_gpu = trial.gpus_per_worker > 0
-    resources = {"CPU": trial.cpus_per_worker, **({"GPU": trial.gpus_per_worker} if use_gpu else {})}
-    runs = {m: (member["run_id"], _artifact_dirs(member["dirs"])) for m, (member, _) in enumerate(members)
-            if member["run_id"] is not None}
-    config = {"members": [{"trial": member["trial"].to_dict(), "resolved": member["resolved"],
-                           "phases": [p.to_dict() for p in phases], "prefix": (prefixes or [""] * len(members))[m],
-                           **member["dirs"]} for m, (member, phases) in enumerate(members)]}
-    setting = context.get("system_metrics", os.environ.get(SYSTEM_METRICS_ENV))
-    trainer = TorchTrainer(
-        # system metrics: sampled on rank 0's node into the first member's run
-        partial(_monitored_worker, context["tracking_uri"], run_id)
-        if run_id is not None and system_metrics_wanted(setting, trial.gpus_per_worker) else phase_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=trial.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
-            callbacks=[] if not runs else [
-                TuneReportCallback(), make_report_logger(context["tracking_uri"], runs),
-                # the IFT phase resumes from its newest checkpoint's DeepSpeed state only
-                *([make_state_pruner()] if prune and trial.keep_optimizer_state == "latest" else [])],
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return result
-
-
-def _artifact_dirs(dirs: dict) -> dict:
-    """Report kind -> (local folder or None: the checkpoint's probes/, the run's artifact path)."""
-    return {"base": (dirs["base_eval_dir"], "probes/base"), "control": (dirs.get("control_dir"), "probes/control"),
-            "iv": (dirs.get("iv_dir"), "iv"), "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
-            "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
-            "restored": (None, "probes/restored/epoch_{epoch:03d}")}
-
-
-def _monitored_worker(tracking_uri: str, run_id: str, config: dict) -> None:
-    """`phase_worker`, with MLflow's system metrics monitor on rank 0 logging into the trial's run meanwhile (one
-    sampler per Ray Train run: the node of rank 0; every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10)."""
-    from ray.train import get_context
-
-    from forgetray.tracking import system_metrics
-    from forgetray.train.worker import phase_worker
-
-    if get_context().get_world_rank() != 0:
-        return phase_worker(config)
-    with system_metrics(tracking_uri, run_id):
-        return phase_worker(config)
 
 
 def _restore_all(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str,
@@ -444,7 +347,7 @@ def _restore_all(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, 
 
     def restore(group: list[Phase]) -> None:
         first, last = group[0].restores_epoch, group[-1].restores_epoch
-        _fit(trial, resolved, dirs, context, run_id, f"restore_{first:03d}-{last:03d}", group)
+        fit.fit(trial, resolved, dirs, context, run_id, f"restore_{first:03d}-{last:03d}", group)
         for phase in group:  # finished in this execution: an interrupted sweep's resume skips it
             done(phase).write_text("ok\n")
 
