@@ -1,9 +1,12 @@
 """Grid expansion and validation of sweeps (pure, no Ray)."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from forgetray import Sweep, TrialConfig, grid
-from forgetray.grids import flatten, parse_override
+from forgetray.grids import SWEEP_OPTIONS, flatten, parse_override
 from forgetray.spec import SETTINGS, SpecError
 
 
@@ -91,6 +94,39 @@ def test_overrides():
 def test_every_setting_has_a_default_and_flatten():
     assert set(TrialConfig().to_dict()) == set(SETTINGS)
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": {}}) == {"a.b": 1, "a.c.d": 2, "e": {}}
+
+
+def _readme_settings_table() -> list[str]:
+    """The settings named in the first column of README.md's `| setting | meaning |` table ("Running sweeps"), in
+    order: every backticked name of every row, several per row."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| setting | meaning |")
+    assert lines[start + 1].replace(" ", "") == "|---|---|"
+    names = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        first_column = line.split("|")[1]
+        found = re.findall(r"`([^`]+)`", first_column)
+        assert found, f"a row of the README settings table names no setting: {line[:80]!r}"
+        names += found
+    return names
+
+
+def test_readme_settings_table_lists_exactly_the_settings():
+    """Every TrialConfig setting has a row in the README's table, and the table names no setting that does not
+    exist (a renamed or removed one), nor one twice."""
+    documented = _readme_settings_table()
+    assert len(documented) == len(set(documented)), [n for n in documented if documented.count(n) > 1]
+    missing = [name for name in SETTINGS if name not in documented]
+    unknown = [name for name in documented if name not in SETTINGS]
+    assert not missing, f"settings missing from README.md's settings table: {missing}"
+    assert not unknown, f"README.md's settings table names settings TrialConfig does not have: {unknown}"
+    # the sweep options are not trial settings (so not in the table), but the README says how to set each
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for option in SWEEP_OPTIONS:
+        assert option not in SETTINGS and option not in documented
+        assert f"--set {option}=" in readme, f"README.md never shows `--set {option}=...`"
 
 
 def test_cases_set_several_settings_together_crossed_with_the_grids():
