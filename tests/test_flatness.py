@@ -356,17 +356,37 @@ def test_loss_surface_exact_quadratic_and_orientation():
 
 
 def test_loss_surface_perturbs_only_trainable():
+    """The frozen weight stays put at every grid point; the trainable ones are at theta + a d1 + b d2 there (so they
+    did move, everywhere but the centre), and every parameter is back to the bit afterwards."""
     model = small_model()
     model[0].weight.requires_grad_(False)
+    before = snapshot(model)
     frozen = model[0].weight.detach().clone()
-    seen = []
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert [name for name, _ in trainable] == ["0.bias", "2.weight", "2.bias"]
+    d1, d2 = directions(trainable, 0)  # as loss_surface draws them: over the trainable parameters, in order
+    seen, points = [], []
 
     def loss(m: nn.Module) -> torch.Tensor:
         seen.append(torch.equal(m[0].weight, frozen))
+        points.append({name: p.detach().clone() for name, p in m.named_parameters() if name != "0.weight"})
         return mse(m)
 
     loss_surface(model, loss, steps=3, seed=0)
     assert len(seen) == 9 and all(seen)
+    coords, _ = grid_coordinates(3, 1.0)
+    expected_points = [(a, b) for b in coords for a in coords]  # rows follow b, columns a
+    assert len(points) == len(expected_points)
+    for (a, b), got in zip(expected_points, points):
+        for (name, _), u, v in zip(trainable, d1, d2):
+            want = before[name] + float(a) * u + float(b) * v
+            torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=f"{name} at a={a}, b={b}")
+        moved = max(float((got[name] - before[name]).abs().max()) for name, _ in trainable)
+        if a == 0 and b == 0:
+            assert moved == 0.0  # the centre is theta exactly
+        else:  # the moves are of the weights' own size (filter-normalised directions), far above rounding
+            assert moved > 0.05, (a, b, moved)
+    assert_bit_identical(model, before)  # and back
 
 
 def test_loss_surface_accepts_float_loss():
