@@ -49,9 +49,11 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     trials = [t.to_dict() for t in sweep.trials]
     if resume:
         execution_dir, state = _latest_execution(sweep_root)
-        if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials] or \
-                state["sweep"].get("share_trajectories", False) != sweep.share_trajectories or \
-                state["sweep"].get("share_workers", False) != sweep.share_workers:
+        for option in ("share_trajectories", "share_workers"):  # an execution from before an option ran without it
+            if state["sweep"].get(option, False) != getattr(sweep, option):
+                raise SpecError(f"--resume: {execution_dir} ran with {option}={state['sweep'].get(option, False)}: "
+                                f"resume with --set {option}={str(state['sweep'].get(option, False)).lower()}")
+        if [t["config_hash"] for t in state["trials"]] != [t.config_hash() for t in sweep.trials]:
             raise SpecError(f"--resume: the sweep {sweep.name!r} changed since {execution_dir} ran; "
                             "resume needs the same grid and settings")
         tracking_uri = state["tracking_uri"]

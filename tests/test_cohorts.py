@@ -8,7 +8,6 @@ import pytest
 
 from test_sweep import runs_of, steps
 
-pytestmark = pytest.mark.slow
 
 
 def _sweep(fixture_files, pool, share_workers):
@@ -30,6 +29,7 @@ def _by_seed(uri, metric):
                                                                        key=lambda m: m.step)] for t in trials}
 
 
+@pytest.mark.slow
 def test_replicates_share_one_worker_group(tmp_path, fixture_files, ray_session):
     import ray
     from fixtures import make_pool_file
@@ -85,3 +85,24 @@ def test_replicates_share_one_worker_group(tmp_path, fixture_files, ray_session)
     for metric in ("train/loss", "sft/bench/acc", "sft/probe/ppl", "control/probe/ppl", "restored/probe/ppl"):
         together, alone = _by_seed(shared, metric), _by_seed(apart, metric)
         assert together.keys() == {0, 1, 2} and together == alone, metric
+
+
+def test_resume_of_an_execution_from_before_worker_groups_says_how(tmp_path, fixture_files):
+    """An execution without the option recorded ran one worker group per trial: --resume must say how to match it
+    (before Ray starts), not that the sweep changed."""
+    import json
+
+    from fixtures import make_pool_file
+
+    from forgetray import run
+    from forgetray.spec import SpecError
+
+    sweep = _sweep(fixture_files, make_pool_file(tmp_path / "pool.jsonl", n=50), True)
+    execution = tmp_path / "storage" / "cohort" / "20260101-000000"
+    execution.mkdir(parents=True)
+    state = {"sweep": {k: v for k, v in sweep.to_dict().items() if k != "share_workers"},
+             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "parent_run_id": "x",
+             "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials]}
+    (execution / "sweep.json").write_text(json.dumps(state))
+    with pytest.raises(SpecError, match="ran with share_workers=False: resume with --set share_workers=false"):
+        run(sweep, storage=tmp_path / "storage", resume=True)
