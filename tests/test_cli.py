@@ -120,9 +120,35 @@ def test_every_sweep_file_starts_with_its_command_and_validates_offline():
 
     from forgetray.cli import load_sweep
 
+    from forgetray.sharing import training_epochs
+
+    # Each shipped sweep's trials and training epochs, worked out by hand from its file. Epochs "without" sharing =
+    # prior-phase epochs of every trial + IFT epochs of every trial + one restoring pass per checkpoint (trials with
+    # a restore_pool); "with" = prior phases once per distinct start + IFT once per trajectory (epoch prefixes only
+    # with lr_schedule constant/step and no warm-up) + restorations once per trajectory checkpoint.
+    expected = {
+        # dataset 2 x iv_task 2 = 4 trials x 10 epochs; restore_pool set: 40 IFT + 40 restoring; no epochs grid
+        "iv_guided.py": (4, 80, 80),
+        # cases 4 x replicates 6 = 24 trials x 4 epochs: 96 IFT + 96 restoring; cosine: nothing shared
+        "iv_guided_organism.py": (24, 192, 192),
+        # model 2 x dataset 2 = 4 trials x 10 epochs: 40 IFT + 40 restoring
+        "pattern_shift.py": (4, 80, 80),
+        # model 2 x dataset 2 x replicates 3 = 12 trials x 4 epochs: 48 IFT + 48 restoring
+        "quickstart.py": (12, 96, 96),
+        # model 3 x dataset 3 x epochs 2 x sam_rho 3 x wiseft 2 x rehearsal 2 = 216 trials; prior 3 epochs each:
+        # 648 without, 3 starts (one per model) x 3 = 9 with; IFT 108 x 1 + 108 x 2 = 324 without, the step
+        # schedule shares each 1-epoch trial with its 2-epoch twin: 108 x 2 = 216 with; no restoring.
+        # 648 + 324 = 972 without, 9 + 216 = 225 with (the numbers the README and the file's docstring quote)
+        "sam_cf.py": (216, 972, 225),
+        # sam_rho 2 x wiseft 2 x rehearsal 2 = 8 trials x 3 epochs (cosine: 24 IFT either way); prior 1 epoch
+        # each: 8 without, 1 start with (one model, one seed); no restoring: 32 without, 25 with
+        "sam_cf_organism.py": (8, 32, 25),
+    }
     files = sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.py"))
-    assert files, "no sweep files"
+    assert [f.name for f in files] == sorted(expected), "a sweep file was added or removed: give it its hand values"
     for file in files:
         first = file.read_text().splitlines()[0]
         assert first.startswith("# forgetray run sweeps/" + file.name), f"{file.name}: first line is {first!r}"
-        assert load_sweep(str(file)).size >= 1
+        sweep = load_sweep(str(file))
+        counted = training_epochs(list(sweep.trials), sweep.share_trajectories)
+        assert (sweep.size, counted["without"], counted["with"]) == expected[file.name], file.name
