@@ -69,8 +69,6 @@ def test_retrying_retries_transient_errors_and_raises_the_others_at_once(monkeyp
 
 
 def test_the_real_errors_of_a_server_nobody_listens_on_and_of_a_locked_sqlite_store(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,16 +77,26 @@ def test_the_real_errors_of_a_server_nobody_listens_on_and_of_a_locked_sqlite_st
         tracking.Tracker(f"http://127.0.0.1:{port}").client.set_tag("0" * 32, "k", "v")
     assert _transient(refused.value), repr(refused.value)
 
-    db = tmp_path / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{db}")
-    run = client.create_run(client.create_experiment("locked")).info.run_id
+    # sqlite locked by another writer, through MLflow's own session handling (its SQL stores' every call): MLflow
+    # waits 20 s on a lock (busy_timeout), which this test lowers to 0 inside the session.
+    from mlflow.store.db.utils import _get_managed_session_maker
+    from sqlalchemy.orm import sessionmaker
+
+    db = tmp_path / "locked.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+    managed = _get_managed_session_maker(sessionmaker(bind=engine), "sqlite")
     holder = sqlite3.connect(db, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write: sqlite's busy timeout (5 s) runs out
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
     try:
         with pytest.raises(MlflowException) as locked:
-            client.set_tag(run, "k", "v")
+            with managed(read_only=False) as session:
+                session.execute(sqlalchemy.text("PRAGMA busy_timeout = 0"))
+                session.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+        engine.dispose()
     assert "database is locked" in str(locked.value)
     assert _transient(locked.value), repr(locked.value)
