@@ -52,6 +52,33 @@ def test_mcnemar_p_value_equals_the_written_out_reference(b01, b10):
     assert swapped.delta == pytest.approx(-result.delta)
 
 
+@pytest.mark.parametrize("b01,b10", [(0, 1), (1, 0), (3, 3), (4, 7), (12, 30), (0, 25), (40, 2), (97, 203)])
+def test_mcnemar_and_sign_test_p_equal_scipys_binomtest(b01, b10):
+    """metrics.significance keeps its exact binomial by hand (scipy is not a runtime dependency; see there): the
+    same two-sided p as scipy.stats.binomtest, for McNemar, the sign test and the pooled McNemar's counts."""
+    from scipy.stats import binomtest
+
+    from forgetray.metrics.significance import _half_binomial_cdf, sign_test
+
+    expected = binomtest(b01, b01 + b10, 0.5).pvalue
+    a = np.array([False] * b01 + [True] * b10 + [True] * 7)
+    b = np.array([True] * b01 + [False] * b10 + [True] * 7)
+    assert metrics.mcnemar(a, b).p_value == pytest.approx(expected, rel=1e-9)
+    assert sign_test(a.astype(float), b.astype(float)).p_value == pytest.approx(expected, rel=1e-9)
+    assert min(1.0, 2 * _half_binomial_cdf(min(b01, b10), b01 + b10)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ranks_equal_scipys_rankdata():
+    """spearman's ranks by hand (average ranks for ties), against scipy.stats.rankdata."""
+    from scipy.stats import rankdata
+
+    from forgetray.metrics.significance import _ranks
+
+    rng = np.random.default_rng(3)
+    for values in (np.array([0.3, 0.1, 0.3, 0.2, 0.3, 0.0]), rng.integers(0, 5, 40).astype(float), rng.random(25)):
+        assert _ranks(values).tolist() == pytest.approx(rankdata(values).tolist())
+
+
 def test_mcnemar_without_discordant_pairs_gives_p_one():
     a = np.array([True, False, True, True, False])
     result = metrics.mcnemar(a, a.copy())

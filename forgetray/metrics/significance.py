@@ -53,10 +53,16 @@ def _paired(a_correct, b_correct) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+# Why by hand and not scipy.stats (binomtest, rankdata), which give the same numbers (tests/test_stage.py checks
+# McNemar, the sign test and the ranks against them): scipy is not a runtime dependency of forgetray (only of its
+# tests), and `import scipy.stats` alone takes 0.9 s on the 2-core test machine (numpy already loaded), three times
+# what loading this module, margin and pooled takes, numpy included (0.3 s), in every process that judges stages.
+
+
 def _half_binomial_cdf(k: int, n: int) -> float:
     """P[X <= k] for X ~ Binomial(n, 1/2), exactly: sum_{i<=k} C(n, i) / 2^n in integers, rounded once at the end.
 
-    Exact integers keep tiny p-values accurate and avoid depending on scipy (not a declared dependency).
+    Exact integers keep tiny p-values accurate (2 * this is scipy.stats.binomtest(k, n, 0.5).pvalue for k <= n/2).
     """
     term = total = 1
     for i in range(k):
@@ -158,7 +164,7 @@ def sign_test(a, b) -> SignTestResult:
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank."""
+    """1-based ranks, ties given their average rank (scipy.stats.rankdata's default, "average")."""
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x))
     ranks[order] = np.arange(1, len(x) + 1)
