@@ -5,9 +5,11 @@ CSV copies of Parquet tables, the saved view the printed link opens, and the sys
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pandas as pd
+import psutil
 import pytest
 
 from forgetray import tracking
@@ -21,13 +23,46 @@ def tracker(tmp_path):
     return tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts")
 
 
+EXAMPLE_FIELDS = {"bench": "mmlu", "k": 3, "epoch": 12, "group": "stem"}  # a value for every field but state and key
+
+
+def _section_regex(shown: str) -> re.Pattern:
+    """A chart section as the guide shows it (`{a,b}/<bench>/`) -> the regex of the sections it stands for."""
+    out = ""
+    for part in re.split(r"(\{[^}]*\}|<[^>]+>)", shown):
+        if part.startswith("{"):
+            out += "(" + "|".join(map(re.escape, part[1:-1].split(","))) + ")"
+        elif part.startswith("<"):
+            out += "[^/]+"
+        else:
+            out += re.escape(part)
+    return re.compile(out)
+
+
 def test_metric_guide_covers_every_step_meaning_and_names_the_chart_sections():
     guide = tracking.metric_guide()
-    for _, text in registry.STEPS.values():
-        assert text in guide
-    # The UI's chart section of a metric is its name up to the last '/': one section for every restoring trajectory.
-    assert "`restore/probe_ppl/`" in guide and "`train/`" in guide and "`{base,sft,restored,control}/<bench>/`" in guide
-    assert registry.RESTORE_TRAJECTORY.name(epoch=12).rsplit("/", 1)[0] == "restore/probe_ppl"
+    lines = guide.splitlines()
+    assert lines[-1] == "- `system/`: MLflow's system metrics (when enabled), step = sample number"
+    shown = {}  # step text -> the chart sections listed for it
+    for line in lines[:-1]:
+        found = re.fullmatch(r"- step = \*\*(.+?)\*\*: (.+)", line)
+        assert found, line
+        shown[found[1]] = [section.strip("`") for section in found[2].split(", ")]
+    # one line per step meaning that has metrics, in the registry's order
+    meanings = [m for m in registry.STEPS if any(metric.step == m for metric in registry.METRICS)]
+    assert list(shown) == [registry.STEPS[m][1] for m in meanings]
+    # The UI's chart section of a metric is its name up to the last '/': every concrete name of every metric has
+    # its section on its own step meaning's line (e.g. one `restore/probe_ppl/` for every restoring trajectory).
+    for metric in registry.METRICS:
+        patterns = [_section_regex(section) for section in shown[registry.STEPS[metric.step][1]]]
+        for state in (metric.states if "state" in metric.fields else [None]):
+            for key in (metric.keys if "key" in metric.fields else [None]):
+                fields = {f: EXAMPLE_FIELDS.get(f) for f in metric.fields}
+                fields.update({"state": state} if state else {}, **({"key": key} if key else {}))
+                section = metric.name(**fields).rsplit("/", 1)[0] + "/"
+                assert any(p.fullmatch(section) for p in patterns), (metric.pattern, section, patterns)
+    assert "restore/probe_ppl/" in shown[registry.STEPS["restoring step"][1]]
+    assert "{base,sft,restored,control}/<bench>/" in shown[registry.STEPS["epoch"][1]]
 
 
 def test_run_names_lead_with_the_swept_settings():
@@ -45,7 +80,9 @@ def test_experiment_opens_in_the_classic_view_with_a_description(tracker):
     run_id = tracker.start_sweep_run("my-study", "20260101-000000", {"sweep.name": "my-study"}, description="hello")
     experiment = tracker.client.get_experiment_by_name("my-study")
     assert experiment.tags[tracking.TAG_EXPERIMENT_KIND] == "custom_model_development"
-    assert "What `step` means" in experiment.tags[tracking.TAG_NOTE]
+    note = experiment.tags[tracking.TAG_NOTE]
+    assert note.startswith("forgetray sweep **my-study**: ") and note.endswith(
+        "What `step` means, by chart section:\n\n" + tracking.metric_guide())
     assert tracker.get_run(run_id).data.tags[tracking.TAG_NOTE] == "hello"
     # An experiment made before (no kind, no note) gets both when the next execution starts.
     tracker.client.delete_experiment_tag(experiment.experiment_id, tracking.TAG_EXPERIMENT_KIND)
@@ -123,4 +160,23 @@ def test_system_metrics_switch_and_monitor(tracker, monkeypatch):
     run_id = tracker.start_trial_run("s", tracker.start_sweep_run("s", "e", {}), "k", "h", {})
     with tracking.system_metrics(tracker.uri, run_id, sampling_interval=0.5):
         time.sleep(2.5)
-    assert any(k.startswith("system/cpu_utilization") for k in tracker.get_run(run_id).data.metrics)
+    first = len(tracker.client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    with tracking.system_metrics(tracker.uri, run_id, sampling_interval=0.5):  # a resumed trial's monitor
+        time.sleep(1.5)
+    history = {name: tracker.client.get_metric_history(run_id, name) for name in (
+        "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+        "system/system_memory_usage_percentage")}
+    cpu = sorted(history["system/cpu_utilization_percentage"], key=lambda m: m.step)
+    # a sample every 0.5 s (plus the time to log it): at most 6 in the first block, 4 in the second, the second's
+    # numbered on from the first's (no step twice)
+    assert 2 <= first <= 6 and first < len(cpu) <= 10, (first, [m.step for m in cpu])
+    assert [m.step for m in cpu] == list(range(len(cpu)))
+    assert all(0.0 <= m.value <= 100.0 for m in cpu)
+    # the memory samples: the megabytes are the percentage of this machine's memory (each rounded to 0.1)
+    total_mb = psutil.virtual_memory().total / 1e6
+    used = {m.step: m.value for m in history["system/system_memory_usage_megabytes"]}
+    for m in history["system/system_memory_usage_percentage"]:
+        assert 0 < m.value < 100 and m.value == pytest.approx(100 * used[m.step] / total_mb, abs=0.11), m
+    # and near what this machine uses now (other processes come and go: within 20 points)
+    assert abs(history["system/system_memory_usage_percentage"][-1].value
+               - 100 * psutil.virtual_memory().used / psutil.virtual_memory().total) < 20
