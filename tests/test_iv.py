@@ -22,6 +22,7 @@ from forgetray.iv.vector import (answer_probs, causal_indirect_effect, inject_ve
 
 N_LAYERS, N_HEADS, HEAD_DIM, HIDDEN, VOCAB = 2, 4, 8, 32, 64
 LENGTHS = [5, 3, 7]  # unequal, so every padded batch has padding
+RANDOM_VECTORS = 20  # random vectors of the instruction vector's norm it is compared with
 
 
 @pytest.fixture(scope="module")
@@ -244,20 +245,42 @@ def test_injection_at_the_attention_output(model):
     assert diff[:, :-1].abs().max() == 0
 
 
-def test_pipeline_vector_moves_the_answer_probability(model):
-    """Sanity on random weights: mean -> CIE -> top heads -> vector -> injected forward changes P(answer)."""
-    clean, corrupted = padded(seqs(8), "left"), padded(seqs(9), "left")
-    corrupted["answer_ids"] = torch.tensor([1, 2, 3])
+def test_pipeline_vector_raises_the_answer_probability_more_than_random_vectors(model):
+    """mean -> CIE -> top heads -> vector -> injected forward. A task random weights can carry: the clean prompts are
+    one token repeated, and the answer is what the model predicts after them; the corrupted prompts are random. The
+    vector of the top layer-0 heads, added where they write (layer 0's attention output), raises P(answer) on the
+    corrupted prompts, and by more than random vectors of its norm (seeded) do: the heads the CIE picks carry the
+    clean context, not just any push. (Measured over 5 repeated tokens x 2 corrupted sets: the vector always raises
+    P(answer) and beats 94-100% of 50 random vectors. With random clean prompts and answers, as this test had before,
+    it does not: random weights carry no such task, and 7-93% of random vectors did better.)"""
+    clean, corrupted = padded([[5] * n for n in LENGTHS], "left"), padded(seqs(9), "left")
+    with torch.no_grad():
+        answer = int(model(**clean).logits[0, -1].argmax())
+    corrupted["answer_ids"] = torch.tensor([answer] * len(LENGTHS))
     mean = mean_head_activations(model, [clean])
-    top = top_heads(causal_indirect_effect(model, [corrupted], mean), k=3)
+    top = top_heads(causal_indirect_effect(model, [corrupted], mean, layers=[0]), k=2)
+    assert all(layer == 0 for layer, _, _ in top)
     vector = instruction_vector(model, mean, top)
     pos = iv_heads.last_token_positions(corrupted["attention_mask"])
     inputs = {k: corrupted[k] for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        before = answer_probs(model(**inputs).logits, pos, corrupted["answer_ids"])
-        with inject_vector(model, vector, 0, pos):
-            after = answer_probs(model(**inputs).logits, pos, corrupted["answer_ids"])
-    assert not torch.allclose(before, after)
+
+    def gains(v: torch.Tensor) -> torch.Tensor:
+        """The rise of P(answer) on each corrupted prompt with v added at layer 0's attention output."""
+        with torch.no_grad():
+            before = answer_probs(model(**inputs).logits, pos, corrupted["answer_ids"])
+            with inject_vector(model, v, 0, pos, site="attn"):
+                after = answer_probs(model(**inputs).logits, pos, corrupted["answer_ids"])
+        return after - before
+
+    own = gains(vector)
+    assert (own > 0).all(), own  # on every prompt
+    g = torch.Generator().manual_seed(0)
+    random_gains = []
+    for _ in range(RANDOM_VECTORS):
+        direction = torch.randn(HIDDEN, generator=g, dtype=torch.float64)
+        random_gains.append(float(gains(direction * (vector.norm() / direction.norm())).mean()))
+    beaten = sum(float(own.mean()) > r for r in random_gains)
+    assert beaten >= 0.9 * RANDOM_VECTORS, (float(own.mean()), sorted(random_gains))
 
 
 def test_unsupported_architecture_is_named():
