@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_sam import _model  # the tiny Llama of the SAM tests (64 tokens, 2 layers, 16 wide)
+
 from forgetray.data.instruct import IGNORE_INDEX, collate, collate_packed
 from forgetray.train.losses import lm_loss
-
-
-def _model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    return LlamaForCausalLM(config).float()
 
 
 def _examples() -> list[dict]:
@@ -55,7 +47,7 @@ def test_a_packed_row_is_the_padded_batch():
     packed row without position ids, attending across examples, does not match)."""
     examples = _examples()
     # Boundaries do not change the scored set here: every example's first label is a prompt token.
-    padded_model, packed_model = _model(), _model()
+    padded_model, packed_model = _model(0), _model(0)
     padded = lm_loss(padded_model, collate(examples, 0))
     packed = lm_loss(packed_model, collate_packed(examples))
     padded.backward()
@@ -64,13 +56,13 @@ def test_a_packed_row_is_the_padded_batch():
     assert torch.allclose(_grads(packed_model), _grads(padded_model), atol=1e-6)
     crossed = collate_packed(examples)
     del crossed["position_ids"]  # one long sequence: attention crosses example boundaries
-    assert abs(float(lm_loss(_model(), crossed)) - float(padded)) > 1e-3
+    assert abs(float(lm_loss(_model(0), crossed)) - float(padded)) > 1e-3
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_chunked_loss_is_the_models_loss(chunk):
     for batch in (collate(_examples(), 0), collate_packed(_examples())):
-        plain_model, chunked_model = _model(), _model()
+        plain_model, chunked_model = _model(0), _model(0)
         plain = plain_model(**batch, use_cache=False).loss  # Hugging Face's own loss (a cache ignores packing)
         chunked = lm_loss(chunked_model, batch, chunk)
         plain.backward()
@@ -79,7 +71,7 @@ def test_chunked_loss_is_the_models_loss(chunk):
         assert torch.allclose(_grads(chunked_model), _grads(plain_model), atol=1e-7)
     # by hand: the mean over scored tokens of -log softmax, from the full logits
     batch = collate(_examples(), 0)
-    model = _model()
+    model = _model(0)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
