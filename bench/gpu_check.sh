@@ -22,5 +22,9 @@ echo "bench_gpu.py exit status $status"
 [ "$status" -eq 0 ] || tail -40 "$OUT/bench_gpu.stderr.txt"
 
 # --- quick extra checks (the lead's) go below ---
+# The evaluator at MMLU scale (bench/README.md "bench_eval.py"); needs lm-eval (a wheel in .whl/).
+timeout 300 python3 bench/bench_eval.py --model 1b --device cuda --dtype bf16 --mmlu --batch-tokens 65536 \
+    --fp32-ties 0.1 --rounds 1 2>"$OUT/bench_eval.stderr.txt" | tee "$OUT/bench_eval.txt"
+echo "bench_eval.py exit status ${PIPESTATUS[0]}"
 
 exit "$status"

@@ -102,8 +102,9 @@ def start_settings(trial: TrialConfig) -> dict:
 
 def probe_settings(trial: TrialConfig) -> list:
     """The probe-suite settings of the continual probes a[t][b] (besides the benchmark files themselves)."""
+    batching = [trial.probe_batch_tokens] if trial.probe_batch_tokens else []  # at 0: keys as before it existed
     return [list(trial.benchmarks), sorted(trial.primary_score), trial.n_shot, trial.bos, trial.letter_rule,
-            trial.probe_max_length, trial.probe_batch_size]
+            trial.probe_max_length, trial.probe_batch_size] + batching
 
 
 def training_epochs(trials: list[TrialConfig], share_trajectories: bool = True) -> dict:

@@ -74,6 +74,7 @@ class TrialConfig:
     probe_passages: int = 500  # how many passages of the probing set are scored
     probe_max_length: int = 256
     probe_batch_size: int = 32
+    probe_batch_tokens: int = 0  # > 0: multiple-choice probe calls hold this many tokens, not probe_batch_size rows
     early_checkpoints: int = 0  # extra probe points inside epoch 1 (evenly spaced steps), to locate format alignment
     em_examples: int = 0  # IFT examples scored for exact memorization EM; 0 = all of them
     # --- restoration (docs/methods.md §2) and the stage rule (§4) ---
@@ -220,7 +221,8 @@ class TrialConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
-SPEED = ("packing", "compile", "chunked_loss")  # out of the config hash at their defaults
+# How trials compute, not what (up to float rounding): out of the config hash at their defaults.
+SPEED = ("packing", "compile", "chunked_loss", "probe_batch_tokens")
 # What the dynamics probe reads: its own settings and the extraction's prompt counts.
 IV_PROBE_USES = ("iv_probe_task", "iv_probe_layer", "iv_probe_heads", "iv_probe_degree", "iv_probe_other_task",
                  "iv_prompts", "iv_corrupted", "iv_corruption")
@@ -320,6 +322,8 @@ def _check_values(cfg: TrialConfig) -> None:
     need(cfg.probe_passages >= 1, "probe_passages", "must be >= 1")
     need(cfg.probe_max_length >= 8, "probe_max_length", "must be >= 8")
     need(cfg.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
+    need(isinstance(cfg.probe_batch_tokens, int) and cfg.probe_batch_tokens >= 0, "probe_batch_tokens",
+         "must be an int >= 0 (0: probe_batch_size rows per call)")
     need(cfg.early_checkpoints >= 0, "early_checkpoints", "must be >= 0")
     need(cfg.em_examples >= 0, "em_examples", "must be >= 0 (0 = all)")
     need(cfg.restore_lr > 0, "restore_lr", "must be > 0")

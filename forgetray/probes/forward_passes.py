@@ -10,6 +10,14 @@ Three kinds of work, all right-padded (positions 0, 1, 2, ... of real tokens are
   contexts (masked out).
 Inputs too long for `max_length` skip all of that: one plain row per continuation, cut from the left.
 
+How many rows a call takes (`chunks`): `batch_size` rows, or with `batch_tokens` as many rows as fit in that many
+tokens (rows x the longest row, the group's shared tokens counted in every row, since every row attends to them): on
+a GPU a fixed row count either wastes the card on short prompts or runs out of memory on long ones.
+
+Only the scored positions go through the LM head (`logits_to_keep`, where the model takes it), and a bf16/fp16
+model's head runs in fp32 there (`fp32_head`): the log-softmax then sees fp32 logits, so rounding the logits to bf16
+no longer flips near-tied answers (lm-eval takes the log-softmax of bf16 logits).
+
 KV reuse of a prefix is exact because a prompt only reuses the prefix's tokens that are its own first tokens: the
 shared length is the common token prefix of the prefix's own tokens and every member's context tokens. A prompt whose
 context tokens leave more than `BOUNDARY_SLACK` of the prefix's tokens (the prefix's last tokens may merge with the
@@ -18,7 +26,8 @@ query's first characters, e.g. "\\n\\n" + "\\n") runs without reuse, as do promp
 
 from __future__ import annotations
 
-import math
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -53,9 +62,30 @@ class Plan:
     long_rows: list[tuple[int, int, list[int]]]  # (request, continuation, input ids) of inputs cut to max_length
     batch_size: int
     n_calls: int
+    batch_tokens: int = 0
+
+    def chunks(self, widths: Sequence[int]) -> list[range]:
+        """`chunks(widths, self.batch_size, self.batch_tokens)`."""
+        return chunks(widths, self.batch_size, self.batch_tokens)
 
 
-def plan_groups(requests: list[Request], batch_size: int, max_length: int, keep_head: int | None) -> Plan:
+def chunks(widths: Sequence[int], batch_size: int, batch_tokens: int = 0) -> list[range]:
+    """Consecutive runs of rows, each one forward call: `batch_size` rows, or with `batch_tokens` > 0 as many as keep
+    rows x the widest row <= batch_tokens (at least one row, however wide)."""
+    out, start, widest = [], 0, 0
+    for i, width in enumerate(widths):
+        widest = max(widest, width)
+        full = (i - start + 1) * widest > batch_tokens if batch_tokens else i - start == batch_size
+        if full and i > start:
+            out.append(range(start, i))
+            start, widest = i, width
+    if start < len(widths):
+        out.append(range(start, len(widths)))
+    return out
+
+
+def plan_groups(requests: list[Request], batch_size: int, max_length: int, keep_head: int | None,
+                batch_tokens: int = 0) -> Plan:
     """Which tokens run in which forward call; pure, so every rank can count every rank's calls."""
     long_rows, pools = [], {}
     for i, req in enumerate(requests):
@@ -72,20 +102,28 @@ def plan_groups(requests: list[Request], batch_size: int, max_length: int, keep_
             plain += members
             continue
         shared = min(min(common, len(requests[i].ctx) - 1) for i, common in members)
-        groups.append(_group(requests, [i for i, _ in members], requests[members[0][0]].ctx[:shared], batch_size))
+        groups.append(_group(requests, [i for i, _ in members], requests[members[0][0]].ctx[:shared], batch_size,
+                             batch_tokens))
     if plain:
-        groups.append(_group(requests, [i for i, _ in plain], [], batch_size))
-    n_calls = math.ceil(len(long_rows) / batch_size)
+        groups.append(_group(requests, [i for i, _ in plain], [], batch_size, batch_tokens))
+    plan = Plan(requests, groups, long_rows, batch_size, 0, batch_tokens)
+    plan.n_calls = len(plan.chunks([len(row[2]) for row in long_rows]))
     for group in groups:
-        n_calls += bool(group.shared) + len(group.batches)
-        n_calls += sum(math.ceil(len(_cont_rows(requests, batch)) / batch_size) for batch in group.batches)
-    return Plan(requests, groups, long_rows, batch_size, n_calls)
+        plan.n_calls += bool(group.shared) + len(group.batches)
+        plan.n_calls += sum(len(plan.chunks(_tail_widths(requests, batch))) for batch in group.batches)
+    return plan
 
 
-def _group(requests, members: list[int], shared: list[int], batch_size: int) -> Group:
+def _group(requests, members: list[int], shared: list[int], batch_size: int, batch_tokens: int) -> Group:
     # Longest first (as lm-eval), so that a batch's rows have similar lengths and little padding.
     order = sorted(members, key=lambda i: (-len(requests[i].ctx), i))
-    return Group(shared, [order[s:s + batch_size] for s in range(0, len(order), batch_size)])
+    return Group(shared, [order[r.start:r.stop] for r in
+                          chunks([len(requests[i].ctx) for i in order], batch_size, batch_tokens)])
+
+
+def _tail_widths(requests, batch: list[int]) -> list[int]:
+    """The width of each `_cont_rows` row of a batch: its context plus the continuation's tokens after the first."""
+    return [len(requests[batch[b]].ctx) + len(requests[batch[b]].conts[k]) - 1 for b, k in _cont_rows(requests, batch)]
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -112,7 +150,12 @@ def _cont_rows(requests, batch: list[int]) -> list[tuple[int, int]]:
 
 def run(model, plan: Plan, pad_id: int, device: Any, answer_sets, n_calls: int) -> list[tuple]:
     """Per request: (log-probs, greedy flags, answer summary or None); then dummy calls up to `n_calls`."""
-    reqs, bs = plan.requests, plan.batch_size
+    with fp32_head(model):
+        return _run(model, plan, pad_id, device, answer_sets, n_calls, keeps_logits(model))
+
+
+def _run(model, plan: Plan, pad_id: int, device: Any, answer_sets, n_calls: int, keep: bool) -> list[tuple]:
+    reqs = plan.requests
     logprobs = [[0.0] * len(r.conts) for r in reqs]
     greedy = [[True] * len(r.conts) for r in reqs]
     answers: list[Any] = [None] * len(reqs)
@@ -122,19 +165,24 @@ def run(model, plan: Plan, pad_id: int, device: Any, answer_sets, n_calls: int) 
         if group.shared:
             out = model(input_ids=torch.tensor([group.shared], device=device),
                         attention_mask=torch.ones((1, len(group.shared)), dtype=torch.long, device=device),
-                        use_cache=True)
+                        use_cache=True, **({"logits_to_keep": 1} if keep else {}))  # only its cache is read
             shared_kv, calls = _layers(out.past_key_values), calls + 1
         for batch in group.batches:
-            calls += _context_batch(model, reqs, batch, group.shared, shared_kv, pad_id, device, answer_sets, bs,
+            calls += _context_batch(model, plan, batch, group.shared, shared_kv, pad_id, device, answer_sets, keep,
                                     logprobs, greedy, answers)
-    for start in range(0, len(plan.long_rows), bs):
-        chunk = plan.long_rows[start:start + bs]
+    for part in plan.chunks([len(row[2]) for row in plan.long_rows]):
+        chunk = plan.long_rows[part.start:part.stop]
         ids, mask = pad_right([row[2] for row in chunk], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         conts = [reqs[i].conts[k] for i, k, _ in chunk]
         positions = [[len(row[2]) - len(c) + j for j in range(len(c))] for row, c in zip(chunk, conts)]
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if keep:  # the scored positions only, padded to the widest row by repeating its last one
+            width = max(len(p) for p in positions)
+            kwargs["logits_to_keep"] = torch.tensor([p + p[-1:] * (width - len(p)) for p in positions], device=device)
+            positions = [list(range(len(p))) for p in positions]
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
         sums, hits = _gather(logits, positions, conts)
-        for (i, k, _), s, h, pos in zip(chunk, sums, hits, positions):
+        for (i, k, _), s, h in zip(chunk, sums, hits):
             logprobs[i][k], greedy[i][k] = s, h
         if answer_sets is not None:
             first = [j for j, (_, k, _) in enumerate(chunk) if k == 0]
@@ -148,22 +196,25 @@ def run(model, plan: Plan, pad_id: int, device: Any, answer_sets, n_calls: int) 
     return list(zip(logprobs, greedy, answers))
 
 
-def _context_batch(model, reqs, batch, shared, shared_kv, pad_id, device, answer_sets, bs, logprobs, greedy,
+def _context_batch(model, plan, batch, shared, shared_kv, pad_id, device, answer_sets, keep, logprobs, greedy,
                    answers) -> int:
     """Contexts of one batch (on the group's shared cache), then their multi-token continuations; returns calls."""
+    reqs = plan.requests
     n_shared = len(shared)
     suffixes = [reqs[i].ctx[n_shared:] for i in batch]
     ids, mask = pad_right(suffixes, pad_id)
     if shared_kv is not None:
         mask = torch.cat([torch.ones((len(batch), n_shared), dtype=torch.long), mask], dim=1)
     rows = _cont_rows(reqs, batch)
+    last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
     kwargs: dict[str, Any] = {"use_cache": bool(rows) or shared_kv is not None}
     if shared_kv is not None:
         kwargs["past_key_values"] = _cache([(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
                                             for k, v in shared_kv])
+    if keep:
+        kwargs["logits_to_keep"] = last[:, None]  # [B, 1]: each row's last context token
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    at = out.logits[torch.arange(len(batch), device=out.logits.device),
-                    torch.tensor([len(s) - 1 for s in suffixes], device=out.logits.device)]  # [B, V]
+    at = out.logits[:, 0] if keep else out.logits[torch.arange(len(batch), device=out.logits.device), last]  # [B, V]
     log_p = torch.log_softmax(at.float(), dim=-1)
     top = at.argmax(dim=-1)
     # Every continuation's first token, in one gather: [B, K] with K padded by repeating continuation 0.
@@ -182,8 +233,8 @@ def _context_batch(model, reqs, batch, shared, shared_kv, pad_id, device, answer
     if not rows:
         return calls
     kv = _layers(out.past_key_values)
-    for start in range(0, len(rows), bs):
-        chunk = rows[start:start + bs]
+    for part in plan.chunks(_tail_widths(reqs, batch)):
+        chunk = rows[part.start:part.stop]
         index = torch.tensor([b for b, _ in chunk], device=kv[0][0].device)
         conts = [reqs[batch[b]].conts[k] for b, k in chunk]
         tail, tail_mask = pad_right([c[:-1] for c in conts], pad_id)
@@ -200,6 +251,42 @@ def _context_batch(model, reqs, batch, shared, shared_kv, pad_id, device, answer
             greedy[i][k] = greedy[i][k] and h
         calls += 1
     return calls
+
+
+def hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine (`.module`) and a PEFT wrapper (`get_base_model`)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do), so that the LM head runs on
+    the scored positions only."""
+    forward = getattr(hf_model(model), "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+@contextmanager
+def fp32_head(model):
+    """Within: a half-precision model's LM head (a plain `nn.Linear`) computes its logits in fp32 from the rounded
+    hidden states. The instance's `forward` is replaced, not the module, so hooks around the call (ZeRO-3's gathering
+    of the weight) still run; an adapted head (e.g. a LoRA layer) is left alone."""
+    inner = hf_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _gather(logits: torch.Tensor, positions: list[list[int]], targets: list[list[int]]) -> tuple[list, list]:

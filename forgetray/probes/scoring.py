@@ -20,7 +20,8 @@ Speed, with results equal to one unbatched forward per (context, continuation) u
   logits, longer ones are fed (minus their last token) in one more pass on the context's KV cache;
 - the `prefix` of a group of prompts (MMLU's 5 dev examples) is run ONCE per group and its KV cache reused by every
   prompt of the group (see `forward_passes.plan_groups` for the token check and the fallback);
-- batches are sorted by length; log-softmax and gathers are vectorised.
+- batches are sorted by length, `batch_size` rows or `batch_tokens` tokens each; log-softmax and gathers are
+  vectorised; only the scored positions go through the LM head, in fp32 for a bf16/fp16 model (`forward_passes`).
 Inputs longer than `max_length` are cut from the left, keeping a leading BOS (forgetray's rule; lm-eval drops it),
 and then scored without any reuse. Every rank makes the same number of forward calls (ZeRO-3): ranks with fewer
 calls make one-token dummy calls at the end.
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from forgetray.data.questions import MCPrompt
-from forgetray.probes import forward_passes
+from forgetray.probes import forward_passes, ties
 from forgetray.probes.options import LM_EVAL, ProbeOptions, with_fields
 from forgetray.probes.shards import shard_indices
 from forgetray.probes.tokens import encode_contexts, encode_pairs, padding_id
@@ -76,10 +77,13 @@ def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence
     requests = tokenize(tokenizer, prompts, bos, max_length)  # every prompt, so that every rank fails alike
     mine = list(shares[rank])
     keep_head = _keep_head(tokenizer, bos)
-    plans = {r: forward_passes.plan_groups([requests[i] for i in share], options.batch_size, max_length, keep_head)
+    plans = {r: forward_passes.plan_groups([requests[i] for i in share], options.batch_size, max_length, keep_head,
+                                          options.batch_tokens)
              for r, share in enumerate(shares) if len(shares) > 1 or r == rank}
     most_calls = max(plan.n_calls for plan in plans.values())
     results = forward_passes.run(model, plans[rank], padding_id(tokenizer), options.device, answer_sets, most_calls)
+    if options.fp32_ties and ties.is_half(model):
+        _rescore_ties(model, tokenizer, [requests[i] for i in mine], results, options, answer_sets)
     out = []
     for local, i in enumerate(mine):
         logprobs, greedy, answer = results[local]
@@ -91,6 +95,20 @@ def score_shares(model, tokenizer, prompts: Sequence[MCPrompt], shares: Sequence
             entropy_vocab=None if answer is None else answer[1],
         ))
     return out
+
+
+def _rescore_ties(model, tokenizer, requests, results: list, options: ProbeOptions, answer_sets) -> None:
+    """Score again, with the weights in fp32 (`ties`), this rank's prompts whose best two continuations lie within
+    `options.fp32_ties` of each other; their results are replaced in place."""
+    again = ties.near_ties([logprobs for logprobs, _, _ in results], options.fp32_ties)
+    if not again:
+        return
+    plan = forward_passes.plan_groups([requests[i] for i in again], options.batch_size, options.max_length,
+                                      _keep_head(tokenizer, options.bos), options.batch_tokens)
+    with ties.full_precision(model):
+        redone = forward_passes.run(model, plan, padding_id(tokenizer), options.device, answer_sets, plan.n_calls)
+    for i, result in zip(again, redone):
+        results[i] = result
 
 
 def tokenize(tokenizer, prompts: Sequence[MCPrompt], bos: str, max_length: int) -> list[forward_passes.Request]:

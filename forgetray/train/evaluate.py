@@ -34,6 +34,7 @@ class ProbeSuite:
     bos: str = "always"
     letter_rule: str = "merged"
     iv_probe: object = None  # forgetray.train.iv_probe.IVProbe with iv_probe_task (needs the trial's dirs)
+    batch_tokens: int = 0  # > 0: multiple-choice calls filled to this many tokens (ProbeOptions.batch_tokens)
 
     @classmethod
     def load(cls, resolved: dict, trial, dirs: dict | None = None) -> "ProbeSuite":
@@ -57,12 +58,12 @@ class ProbeSuite:
 
             dynamics = IVProbe.load(resolved, trial, dirs)
         return cls(benchmarks, passages, trial.n_shot, trial.probe_batch_size, trial.probe_max_length,
-                   resolved.get("bos", "always"), trial.letter_rule, dynamics)
+                   resolved.get("bos", "always"), trial.letter_rule, dynamics, trial.probe_batch_tokens)
 
     def options(self, device, rank: int = 0, world: int = 1) -> probes.ProbeOptions:
         """How this suite's probes run on this rank: its batching, max length and BOS rule."""
         return probes.ProbeOptions(batch_size=self.batch_size, max_length=self.max_length, bos=self.bos,
-                                   device=device, shard=(rank, world))
+                                   device=device, shard=(rank, world), batch_tokens=self.batch_tokens)
 
 
 def load_questions(bench: dict) -> list:
