@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from forgetray.keys import _model_name, trial_key
@@ -13,6 +14,7 @@ from forgetray.plan import Phase
 from forgetray.grids import flatten
 from forgetray.spec import TrialConfig
 from forgetray.tracking import Tracker
+from forgetray.ui import TAG_GRID_POINT
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -66,13 +68,58 @@ def varying_settings(trials: list[dict]) -> list[str]:
     return [k for k in trials[0] if len({json.dumps(t.get(k), sort_keys=True) for t in trials}) > 1]
 
 
+SEP = "\u00b7"  # between a run name's parts: `small\u00b7alpaca\u00b7s1`
+
+
+def _follows(trials: list[dict], key: str, other: str) -> bool:
+    """Whether `key`'s value is fixed by `other`'s (lr=per("dataset", ...)): naming both tells nothing more."""
+    seen: dict[str, str] = {}
+    for t in trials:
+        a, b = json.dumps(t.get(other), sort_keys=True), json.dumps(t.get(key), sort_keys=True)
+        if seen.setdefault(a, b) != b:
+            return False
+    return True
+
+
+def _labels(trials: list[dict], key: str) -> dict[str, str]:
+    """Each value of a swept setting (by its JSON) -> how a run name shows it. A name (model, data) shows bare and
+    without the prefix all its values share (`organism-tiny`, `organism-small` -> `tiny`, `small`): that prefix is
+    what pushed the part that differs out of the UI's name column. A number or a flag shows as `key=value`."""
+    values = {json.dumps(t.get(key), sort_keys=True): t.get(key) for t in trials}
+    shown = {k: _short(v) for k, v in values.items()}
+    if len(set(shown.values())) < len(shown):  # two paths with one stem: the whole values
+        shown = {k: str(v) for k, v in values.items()}
+    if not all(isinstance(v, str) for v in values.values()):
+        return {k: f"{key}={v}" for k, v in shown.items()}
+    prefix = os.path.commonprefix(list(shown.values()))
+    cut = max(prefix.rfind(c) for c in "-_./") + 1  # at a separator, never inside a word
+    if len(shown) > 1 and all(len(v) > cut for v in shown.values()):
+        shown = {k: v[cut:] for k, v in shown.items()}
+    return shown
+
+
+def name_parts(trial: TrialConfig, trials: list[dict]) -> list[str]:
+    """The parts of a trial's run name without its seed: one per swept setting (TrialConfig's order), leaving out
+    the seed and any setting another shown one fixes; the model's name when nothing else is swept. They name its
+    grid point."""
+    mine, shown = trial.to_dict(), []
+    for key in varying_settings(trials):
+        if key != "seed" and not any(_follows(trials, key, other) for other in shown):
+            shown.append(key)
+    return [_labels(trials, k)[json.dumps(mine[k], sort_keys=True)] for k in shown] or [_model_name(trial)]
+
+
+def grid_point(trial: TrialConfig, trials: list[dict]) -> str:
+    """The trial's grid point as the UI groups by it (tag forgetray.grid_point): its run name without the seed."""
+    return SEP.join(name_parts(trial, trials))
+
+
 def run_name(trial: TrialConfig, trials: list[dict]) -> str:
-    """The trial run's name in the MLflow UI: the swept settings first (`lr=5e-3 dataset=organism-math`), then
-    the model, so the UI's truncated name column still tells trials apart. `trial_key` stays the trial's id (tag
-    forgetray.trial)."""
-    mine = trial.to_dict()
-    swept = [f"{k}={_short(mine[k])}" for k in varying_settings(trials) if k != "model"]
-    return " ".join([*swept, _model_name(trial)])
+    """The trial run's name in the MLflow UI: short values of what differs between the sweep's trials, the seed last
+    (`small\u00b7alpaca\u00b7s1`), so the UI's truncated name column still tells trials apart. `trial_key` stays the
+    trial's id (tag forgetray.trial); the description lists every swept setting with its whole value."""
+    seeds = len({t.get("seed") for t in trials}) > 1
+    return SEP.join([*name_parts(trial, trials), *([f"s{trial.seed}"] if seeds else [])])
 
 
 def trial_note(trial: TrialConfig, trials: list[dict]) -> str:
@@ -133,13 +180,15 @@ def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolv
     run_id = run_id or tracker.find_trial_run(context["parent_run_id"], trial.config_hash())
     if run_id:
         tracker.reopen(run_id)
+        tracker.set_tag(run_id, TAG_GRID_POINT, grid_point(trial, context["trials"]))  # runs from before the tag
         trial_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
         return run_id
     run_id = tracker.start_trial_run(context["sweep_name"], context["parent_run_id"], trial_key(trial),
                                      trial.config_hash(), trial_params(trial, resolved, phases),
                                      run_name=run_name(trial, context["trials"]),
-                                     description=trial_note(trial, context["trials"]))
+                                     description=trial_note(trial, context["trials"]),
+                                     tags={TAG_GRID_POINT: grid_point(trial, context["trials"])})
     tracker.log_datasets(run_id, trial_datasets(resolved))
     trial_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")

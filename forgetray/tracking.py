@@ -29,17 +29,14 @@ TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI nests by
 TAG_RUN_NAME = "mlflow.runName"
 TAG_TRANSITION = "forgetray.transition_epoch"  # first epoch classified actual forgetting, or "none"
 TAG_STAGE_BENCHMARK = "forgetray.stage_benchmark"
-# What the MLflow UI (3.x) reads: a run's / an experiment's description (markdown), the experiment's kind (without it
-# the UI may open the experiment in its GenAI mode: traces, no runs table) and the saved views its links open.
+# What the MLflow UI (3.x) reads: a run's / an experiment's description (markdown) and the experiment's kind (shown
+# on its page; 3.17 takes its GenAI / Model training mode from the link instead: forgetray.ui). Saved views: forgetray.ui.
 TAG_NOTE = "mlflow.note.content"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's classic ML view: runs table, charts, artifacts
-TAG_SHARED_VIEW = "mlflow.sharedViewState."  # + a key: the UI state `?viewStateShareKey=<key>` opens
 # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) logged by the rank-0 worker of each
 # Ray Train run into the trial's run: "auto" (default) = when the trial has GPUs, "1" = always, "0" = never.
 SYSTEM_METRICS_ENV = "FORGETRAY_SYSTEM_METRICS"
-# The charts the printed link shows (a regular expression the UI matches against metric names).
-KNOWLEDGE_CHARTS = "/knowledge$"
 TAG_ERROR = "forgetray.error"  # why a failed trial failed (its first line: exception type and message)
 # "<cohort key>:<position>": the Ray Train run a trial shared with the other replicates of its grid point
 # (forgetray.sharing.cohorts), and its place in that run's order
@@ -165,13 +162,14 @@ class Tracker:
         return run.info.run_id
 
     def start_trial_run(self, sweep_name: str, parent_run_id: str, trial_name: str, config_hash: str,
-                        params: dict, run_name: str | None = None, description: str = "") -> str:
+                        params: dict, run_name: str | None = None, description: str = "",
+                        tags: dict | None = None) -> str:
         """`trial_name` (tag forgetray.trial) identifies the trial; `run_name` is what the UI shows (the swept
-        settings first, so its truncated column still tells trials apart)."""
+        settings first, so its truncated column still tells trials apart); `tags`: more tags, there from the start."""
         run = self.client.create_run(
             self.experiment_id(sweep_name), run_name=run_name or trial_name,
             tags={TAG_KIND: "trial", TAG_SWEEP: sweep_name, TAG_PARENT: parent_run_id, TAG_CONFIG_HASH: config_hash,
-                  TAG_TRIAL: trial_name, **({TAG_NOTE: description} if description else {})},
+                  TAG_TRIAL: trial_name, **({TAG_NOTE: description} if description else {}), **(tags or {})},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -270,31 +268,11 @@ class Tracker:
             retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets",
                      also=(sqlalchemy.exc.IntegrityError,))
 
-    def save_view(self, experiment_id: str, key: str, state: dict) -> None:
-        """A saved UI view (search filter, chart filter, ...): `?viewStateShareKey=<key>` on the experiment's
-        page opens it (MLflow 3.x reads the experiment tag mlflow.sharedViewState.<key> as JSON)."""
-        import json
-
-        self.client.set_experiment_tag(experiment_id, TAG_SHARED_VIEW + key, json.dumps(state))
-
     def trial_charts_view(self, parent_run_id: str) -> str:
-        """Save the UI view of one sweep execution's trials as knowledge curves and return its address in the UI
-        (relative: `#/experiments/<id>/runs?...`; prefix the UI's base URL). The view: the UI's classic ML mode
-        (`workflowType=machine_learning`; 3.17 opens in GenAI mode otherwise, whatever the experiment's kind), the
-        runs table filtered to the execution's trial runs and grouped by `forgetray.kind` (the UI still adds the
-        parent run, in a group of its own; without grouping the trials would sit collapsed under it and the charts
-        be empty), every trial its own line in the charts, chart mode, charts filtered to `.../knowledge`."""
-        experiment_id = self.client.get_run(parent_run_id).info.experiment_id
-        key = f"forgetray-{parent_run_id}"
-        self.save_view(experiment_id, key, {
-            "searchFilter": f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
-            "orderByKey": "attributes.start_time", "orderByAsc": True,
-            "chartsSearchFilter": KNOWLEDGE_CHARTS, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
-            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": TAG_KIND}]},
-            "useGroupedValuesInCharts": False,
-        })
-        return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
-                "&compareRunsMode=CHART")
+        """Save the UI view of one sweep execution's trials and return its relative address (`forgetray.ui`)."""
+        from forgetray.ui import charts_view
+
+        return charts_view(self, parent_run_id)
 
     # --- reading back ---
     def get_run(self, run_id: str):
@@ -386,11 +364,6 @@ def experiment_note(name: str) -> str:
             "The parent runs are collapsed in the runs table; expand one (or open the link `forgetray run` prints, "
             "also in the parent run's description) to chart its trials. What `step` means, by chart section:\n\n"
             + metric_guide())
-
-
-def ui_base(tracking_uri: str) -> str:
-    """Where the UI of this store is: the tracking server itself, else `mlflow ui`'s default address."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def system_metrics_wanted(setting: str | None, gpus_per_worker: float) -> bool:
