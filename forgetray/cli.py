@@ -6,6 +6,7 @@
     forgetray organism verify [--full] [--root DIR]
     forgetray organism ship --root DIR
     forgetray report EXPERIMENT [--tracking-uri URI] [--out DIR] [--run PARENT_RUN_ID]
+    forgetray ui [STORE] [--port N] [--host H]
 
 Exit codes: 0 success, 1 some trial failed, 2 bad input (found before Ray starts; nothing is written).
 """
@@ -88,10 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./forgetray-results)")
     report.add_argument("--out", help="output directory (default: ./forgetray-results/report/EXPERIMENT)")
     report.add_argument("--run", help="the sweep's parent run id (default: the newest execution)")
+
+    # listed for --help; `main` hands its arguments to forgetray.ui.main, which parses them
+    sub.add_parser("ui", add_help=False, help="start the MLflow UI on a results folder and print each sweep's "
+                   "grouped view (forgetray ui --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ui"]:
+        from forgetray import ui
+
+        return ui.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "organism":
@@ -137,7 +147,8 @@ def _run(sweep: Sweep, args) -> int:
         run_report(sweep.name, uri, table.attrs["parent_run_id"], Path(table.attrs["execution_dir"]) / "report")
     print(f"\nMLflow: {uri}  experiment {sweep.name!r}, parent run {table.attrs['parent_run_id']}")
     if uri.startswith("sqlite:"):
-        print(f"browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        # forgetray ui, not `mlflow ui`: one worker (comes up on a busy machine), runs open in Model training mode
+        print(f"browse: forgetray ui {Path(uri[len('sqlite:///'):]).parent}")
     if table.attrs.get("ui_link"):  # the trial runs as knowledge curves (README: "Browsing results in MLflow")
         print(f"knowledge curves: {table.attrs['ui_link']}")
     failed = table.attrs.get("failed_trials", 0)

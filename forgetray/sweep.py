@@ -28,7 +28,8 @@ from forgetray import sharing
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.grids import Sweep, flatten
 from forgetray.spec import SpecError
-from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide, ui_base
+from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide
+from forgetray.ui import ui_base
 from forgetray.trial import failure_reason
 
 TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray Tune's switch for its default result loggers
