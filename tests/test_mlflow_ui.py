@@ -15,7 +15,10 @@ import pytest
 from forgetray import tracking
 from forgetray.metrics import registry
 from forgetray.spec import TrialConfig
+from forgetray.grids import Sweep, grid, per, replicate_group
+from forgetray.records import grid_point
 from forgetray.trial import run_name, trial_datasets, varying_settings
+from forgetray import ui
 
 
 @pytest.fixture
@@ -70,10 +73,23 @@ def test_run_names_lead_with_the_swept_settings():
               for d in ("organism-math", "organism-alpaca") for lr in (5e-3, 1e-4)]
     assert varying_settings(trials) == ["dataset", "lr"]
     names = [run_name(TrialConfig.from_dict(t), trials) for t in trials]
-    assert names[0] == "dataset=organism-math lr=5e-3 tiny-llama"
-    assert len(set(names)) == 4 and all(n.endswith(" tiny-llama") for n in names)
+    # short values of what differs (a name without the prefix all its values share), a number with its key
+    assert names == ["math·lr=5e-3", "math·lr=1e-4", "alpaca·lr=5e-3", "alpaca·lr=1e-4"]
     single = [trials[0]]
     assert run_name(TrialConfig.from_dict(trials[0]), single) == "tiny-llama"
+
+
+def test_replicates_are_named_seed_last_and_share_their_grid_point():
+    # the quick start's grid: lr follows the dataset (per), so it adds nothing to a name
+    sweep = Sweep("q", model=grid(["organism-tiny", "organism-small"]), dataset=grid(["organism-alpaca", "organism-math"]),
+                  lr=per("dataset", {"organism-alpaca": 5e-3, "organism-math": 4e-3}), replicates=3)
+    trials = [t.to_dict() for t in sweep.trials]
+    names = [run_name(t, trials) for t in sweep.trials]
+    assert names[:4] == ["tiny·alpaca·s0", "tiny·alpaca·s1", "tiny·alpaca·s2", "tiny·math·s0"]
+    assert len(set(names)) == 12 and max(map(len, names)) <= 15
+    points = {grid_point(t, trials): replicate_group(t) for t in sweep.trials}
+    assert sorted(points) == ["small·alpaca", "small·math", "tiny·alpaca", "tiny·math"]
+    assert len(set(points.values())) == 4  # one label per grid point, as forgetray's replicate groups are
 
 
 def test_experiment_opens_in_the_classic_view_with_a_description(tracker):
@@ -143,15 +159,27 @@ def test_the_printed_link_opens_a_saved_view_of_the_trials(tracker):
                         f"&viewStateShareKey=forgetray-{parent}&compareRunsMode=CHART")
     state = json.loads(experiment.tags[f"mlflow.sharedViewState.forgetray-{parent}"])
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent}'"
-    assert state["chartsSearchFilter"] == tracking.KNOWLEDGE_CHARTS and state["runsHiddenMode"] == "SHOW_ALL"
-    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "forgetray.kind"}]
-    assert state["useGroupedValuesInCharts"] is False
+    assert state["chartsSearchFilter"] == ui.KNOWLEDGE_CHARTS and state["runsHiddenMode"] == "SHOW_ALL"
+    # grouped by grid point, each group drawn as its mean with a min/max band (tests/test_mlflow_browser.py draws it)
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "forgetray.grid_point"}]
+    assert state["useGroupedValuesInCharts"] is True
     # The filter is one MLflow search accepts, and it finds the trials (not the parent).
     child = tracker.start_trial_run("s", parent, "k", "h", {})
     found = tracker.client.search_runs([experiment.experiment_id], filter_string=state["searchFilter"])
     assert [r.info.run_id for r in found] == [child]
-    assert tracking.ui_base("http://mlflow:5000/") == "http://mlflow:5000"
-    assert tracking.ui_base("sqlite:////x/mlflow.db") == "http://127.0.0.1:5000"
+    assert ui.ui_base("http://mlflow:5000/") == "http://mlflow:5000"
+    assert ui.ui_base("sqlite:////x/mlflow.db") == "http://127.0.0.1:5000"
+
+
+def test_ui_finds_the_store_or_names_the_path_it_looked_at(tmp_path, capsys):
+    from forgetray.cli import main
+
+    assert main(["ui", str(tmp_path / "nowhere")]) == 2
+    assert f"no MLflow store at {tmp_path / 'nowhere' / 'mlflow.db'}" in capsys.readouterr().err
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    db = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert ui.store_uri(str(tmp_path)) == ui.store_uri(str(tmp_path / "mlflow.db")) == ui.store_uri(db) == db
+    assert ui.store_uri("http://mlflow:5000") == "http://mlflow:5000"
 
 
 def test_system_metrics_switch_and_monitor(tracker, monkeypatch):
