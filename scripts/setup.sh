@@ -4,6 +4,17 @@
 # because an unpinned torch drags in GBs of CUDA wheels on CPU-only machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Headless Chromium for tests/test_mlflow_browser.py (it fails, saying how to install it, without one): Debian's
+# package, quietly, where apt is usable as root; elsewhere a hint (before the stamp check: a clean clone's CI too).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing chromium (apt-get) for the MLflow UI test ..."
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+      echo "[setup] could not install chromium: tests/test_mlflow_browser.py will fail until it is installed" >&2
+  else
+    echo "[setup] no chromium: install it (apt-get install chromium) for tests/test_mlflow_browser.py" >&2
+  fi
+fi
 TORCH_VERSION="${FORGETRAY_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
 stamp=".venv/.forgetray-setup"
