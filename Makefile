@@ -10,5 +10,7 @@ organism: setup
 quickstart: organism
 	.venv/bin/forgetray run sweeps/quickstart.py
 
+# Two test processes: most tests use one core (Ray start-up, servers and DeepSpeed's waits leave the other idle);
+# worksteal hands a free process the next test whichever process was given it.
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist worksteal

@@ -28,13 +28,13 @@ from forgetray import sharing
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.grids import Sweep, flatten
 from forgetray.spec import SpecError
-from forgetray.tracking import SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri, metric_guide
-from forgetray.ui import ui_base
+from forgetray.tracking import (DEFAULT_RESULTS, SYSTEM_METRICS_ENV, TAG_NOTE, Tracker, default_tracking_uri,
+                                metric_guide)
+from forgetray.ui import charts_view, ui_base
 from forgetray.trial import failure_reason
 
 TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray Tune's switch for its default result loggers
 
-DEFAULT_RESULTS = Path("forgetray-results")
 # Ray Train V2 settings for a Ray this process starts (a cluster's own are left to its operator)
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (it only orchestrates; workers hold the model)
@@ -72,7 +72,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
         execution_dir.mkdir(parents=True, exist_ok=False)
         parent_run_id = tracker.start_sweep_run(sweep.name, execution_dir.name, flatten({"sweep": sweep.to_dict()}))
         tracker.set_tag(parent_run_id, TAG_NOTE, _sweep_note(sweep, execution_dir.name,
-                                                             tracker.trial_charts_view(parent_run_id)))
+                                                             charts_view(tracker, parent_run_id)))
         state = {
             "sweep": sweep.to_dict(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
             "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials],
@@ -83,7 +83,7 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s){shared}; MLflow {tracking_uri} "
                   f"(parent run {parent_run_id}); storage {execution_dir}")
 
-    ui_link = ui_base(tracking_uri) + "/" + tracker.trial_charts_view(parent_run_id)
+    ui_link = ui_base(tracking_uri) + "/" + charts_view(tracker, parent_run_id)
     _say(verbose, f"[forgetray] the trials' knowledge curves in the MLflow UI: {ui_link}")
     ok = False
     try:

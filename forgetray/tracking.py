@@ -30,7 +30,7 @@ TAG_RUN_NAME = "mlflow.runName"
 TAG_TRANSITION = "forgetray.transition_epoch"  # first epoch classified actual forgetting, or "none"
 TAG_STAGE_BENCHMARK = "forgetray.stage_benchmark"
 # What the MLflow UI (3.x) reads: a run's / an experiment's description (markdown) and the experiment's kind (shown
-# on its page; 3.17 takes its GenAI / Model training mode from the link instead: forgetray.ui). Saved views: forgetray.ui.
+# on its page; 3.17 takes its GenAI / Model training mode from the link instead: forgetray.ui). Saved views: forgetray.ui.charts_view.
 TAG_NOTE = "mlflow.note.content"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the UI's classic ML view: runs table, charts, artifacts
@@ -120,6 +120,9 @@ def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = Non
 def stage_tag(epoch: int) -> str:
     """The tag holding checkpoint `epoch`'s forgetting stage (its name)."""
     return f"forgetray.stage.epoch_{epoch:03d}"
+
+
+DEFAULT_RESULTS = Path("forgetray-results")  # `forgetray run`'s results folder when given no --storage / --tracking-uri
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -267,12 +270,6 @@ class Tracker:
             # one lose the race on its unique row (an IntegrityError); a retry finds the row and links to it.
             retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets",
                      also=(sqlalchemy.exc.IntegrityError,))
-
-    def trial_charts_view(self, parent_run_id: str) -> str:
-        """Save the UI view of one sweep execution's trials and return its relative address (`forgetray.ui`)."""
-        from forgetray.ui import charts_view
-
-        return charts_view(self, parent_run_id)
 
     # --- reading back ---
     def get_run(self, run_id: str):

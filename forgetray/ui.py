@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from forgetray.tracking import TAG_KIND, TAG_PARENT, Tracker
+from forgetray.tracking import DEFAULT_RESULTS, TAG_KIND, TAG_PARENT, Tracker
 
 # A trial run's grid point (`records.grid_point`: its run name without the seed): what the view groups by, so a grid
 # point's replicates are one line (their mean) with a band (their min and max) in every chart.
@@ -74,8 +74,6 @@ def charts_view(tracker: Tracker, parent_run_id: str) -> str:
 
 def store_uri(store: str | None) -> str:
     """STORE -> its tracking URI; SystemExit-worthy ValueError naming the path when there is no store there."""
-    from forgetray.sweep import DEFAULT_RESULTS
-
     if store and "://" in store:
         if store.startswith("sqlite:///"):
             path = Path(store[len("sqlite:///"):])

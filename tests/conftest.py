@@ -15,6 +15,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="forgetray-hf-hub-")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Under pytest-xdist (`make test` runs two workers), each worker keeps its Rays under a root of its own: `ray.init()`
+# joins the newest cluster it finds under its root, so two workers' clusters must not share one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"forgetray-{os.environ['PYTEST_XDIST_WORKER']}"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The Ray Train settings `forgetray run` gives a Ray it starts, for the Rays tests start themselves too (inherited
 # by the processes of a Ray started from here): faster polling, no preemption watcher actor per trainer.

@@ -153,7 +153,7 @@ def test_parquet_tables_get_a_csv_the_ui_previews(tracker, tmp_path):
 
 def test_the_printed_link_opens_a_saved_view_of_the_trials(tracker):
     parent = tracker.start_sweep_run("s", "e", {})
-    fragment = tracker.trial_charts_view(parent)
+    fragment = ui.charts_view(tracker, parent)
     experiment = tracker.client.get_experiment_by_name("s")
     assert fragment == (f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
                         f"&viewStateShareKey=forgetray-{parent}&compareRunsMode=CHART")

@@ -18,13 +18,13 @@ from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pool
 from forgetray.report.reinjection import REINJECTION_CSV, reinjection_table, reinjection_text
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
 from forgetray.report.tables import TEXT_COLUMNS, empty_columns, methods_table, report_text, stage_table
-from forgetray.tracking import Tracker, default_tracking_uri
+from forgetray.tracking import DEFAULT_RESULTS, Tracker, default_tracking_uri
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REPORT_ARTIFACT_PATH = "report"  # where the report's files go on the sweep's parent run
-DEFAULT_RESULTS_DIR = Path("forgetray-results")  # what `forgetray run` uses when given no --tracking-uri
+DEFAULT_RESULTS_DIR = DEFAULT_RESULTS  # what `forgetray run` uses when given no --tracking-uri
 TABLE_CSV, TABLE_TXT, METHODS_CSV = "stage_table.csv", "stage_table.txt", "methods_table.csv"
 CONTINUAL_CSV = "continual_table.csv"
 
