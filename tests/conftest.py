@@ -104,3 +104,10 @@ def ray_session():
 def in_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` tests (minutes each) first, in their files' order: with two test processes (`make test`), the long
+    ones then start at once and the short ones fill the gaps at the end, instead of one process finishing a long
+    test alone while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
