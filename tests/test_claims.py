@@ -31,6 +31,17 @@ def test_watch_measures_how_long_a_heartbeat_stood_still_on_the_waiters_clock():
     assert watch.unchanged_s((1, None)) == 0.0  # a new generation starts its own lease
 
 
+class SlowStore(MemoryStore):
+    """Listing takes a while (like a network store's), so that concurrent writers all look before any creates."""
+
+    def keys(self, prefix: str):
+        import time
+
+        found = super().keys(prefix)
+        time.sleep(0.05)  # the answer is on its way back while another writer may create
+        return found
+
+
 def _compete(store: MemoryStore, n: int, computed: list, **kwargs) -> list[str]:
     barrier = threading.Barrier(n)
 
@@ -48,7 +59,7 @@ def _compete(store: MemoryStore, n: int, computed: list, **kwargs) -> list[str]:
 
 
 def test_eight_concurrent_trials_compute_a_shared_result_once_and_all_use_that_one():
-    store, computed = MemoryStore(), []
+    store, computed = SlowStore(), []
     results = _compete(store, 8, computed)
     assert len(computed) == 1 and len(set(results)) == 1
     assert json.loads(store.read(f"{results[0]}/summary.json")) == {"by": computed[0]}
