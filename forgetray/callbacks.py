@@ -9,10 +9,13 @@ Ray is imported when a callback is made, never at import time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from forgetray import storage
 from forgetray.metrics import registry
 from forgetray.tracking import Tracker
 
@@ -74,14 +77,34 @@ def make_report_logger(tracking_uri: str, runs: dict[int, tuple[str, dict]]):
             if artifact_path is None:
                 return
             artifact_path = artifact_path.format(epoch=int(report["epoch"]))
-            if local is not None and Path(local).is_dir():
-                self._tracker.log_artifacts(run_id, Path(local), artifact_path)
+            if local is not None and storage.published(local) is not None:  # a shared result (on this node)
+                self._tracker.log_artifacts(run_id, storage.fetch(local), artifact_path)
             elif checkpoint is not None:
-                with checkpoint.as_directory() as ckpt:
-                    if (Path(ckpt) / "probes").is_dir():
-                        self._tracker.log_artifacts(run_id, Path(ckpt) / "probes", artifact_path)
+                with _probes_of(checkpoint) as probes:
+                    if probes is not None:
+                        self._tracker.log_artifacts(run_id, probes, artifact_path)
 
     return MlflowReportLogger()
+
+
+@contextlib.contextmanager
+def _probes_of(checkpoint):
+    """A reported checkpoint's `probes/` as a local folder (None if it has none): on object storage that folder
+    alone is downloaded, into a temporary one, not the model."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        probes = Path(checkpoint.path) / "probes"
+        yield probes if probes.is_dir() else None
+        return
+    source = f"{checkpoint.path}/probes"
+    if checkpoint.filesystem.get_file_info(source).type == pafs.FileType.NotFound:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="forgetray-probes-") as tmp:
+        pafs.copy_files(source, tmp, source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
 
 
 def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], verbose: bool,

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a sweep file (Ray Tune + Ray Train/DeepSpeed, results in MLflow)")
     run.add_argument("sweep", help="path to a sweep file defining `sweep`")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./forgetray-results)")
-    run.add_argument("--storage", help="checkpoint storage root, local or shared (default: ./forgetray-results/storage)")
+    run.add_argument("--storage", help="checkpoint storage root: a local or shared folder, or s3://bucket/prefix "
+                     "(default: ./forgetray-results/storage)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting; a JSON list makes it a grid (repeatable)")
     run.add_argument("--resume", action="store_true",
@@ -133,10 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
+def _report(name: str, uri: str, parent_run_id: str, execution: str) -> None:
+    """The report into `<execution>/report/` (on object storage: made in a temporary folder, then uploaded)."""
+    import tempfile
+
+    from forgetray import storage
+    from forgetray.report import run_report
+
+    if not storage.is_remote(execution):
+        run_report(name, uri, parent_run_id, Path(execution) / "report")
+        return
+    with tempfile.TemporaryDirectory(prefix="forgetray-report-") as tmp:
+        run_report(name, uri, parent_run_id, Path(tmp) / "report")
+        storage.put_dir(Path(tmp) / "report", storage.join(execution, "report"))
+
+
 def _run(sweep: Sweep, args) -> int:
     from forgetray.sweep import run_sweep
-
-    from forgetray.report import run_report
 
     table = run_sweep(sweep, tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume)
     print()
@@ -144,7 +158,7 @@ def _run(sweep: Sweep, args) -> int:
     uri = table.attrs["tracking_uri"]
     if not table.empty:  # the run ends with its report: the stage table and the figures, from MLflow alone
         print()
-        run_report(sweep.name, uri, table.attrs["parent_run_id"], Path(table.attrs["execution_dir"]) / "report")
+        _report(sweep.name, uri, table.attrs["parent_run_id"], table.attrs["execution_dir"])
     print(f"\nMLflow: {uri}  experiment {sweep.name!r}, parent run {table.attrs['parent_run_id']}")
     if uri.startswith("sqlite:"):
         # forgetray ui, not `mlflow ui`: one worker (comes up on a busy machine), runs open in Model training mode

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from forgetray import storage as store
 from forgetray.keys import cohort_key, trial_key
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig
@@ -18,7 +19,7 @@ def fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: s
     """Run one group of phases of one trial as one Ray Train run to completion; raise on failure. The prior phases'
     run (`run_id` None: it serves every trial sharing its start) has its storage in the sweep's start folder and
     reports to no run: each trial reports the saved probes and losses into its own."""
-    storage = str(Path(dirs["start_dir"]).parent) if run_id is None else dirs["trial_dir"]
+    storage = str(store.parent(dirs["start_dir"])) if run_id is None else dirs["trial_dir"]
     member = {"trial": trial, "resolved": resolved, "dirs": dirs, "run_id": run_id}
     return _train(context, [(member, phases)], f"{name}.train" if run_id is None else name, storage,
                   prune=name == "ift")
@@ -31,9 +32,15 @@ def fit_members(context: dict, members: list[dict]):
     if len(members) == 1:
         m = members[0]
         return fit(m["trial"], m["resolved"], m["dirs"], context, m["run_id"], "ift", m["training"])
-    root = Path(context["execution_dir"]) / "cohorts"
+    root = store.join(context["execution_dir"], "cohorts")
     name = cohort_key([m["trial"] for m in members])
     for m in members:
+        if store.is_remote(root):  # no symlinks on object storage: the link is an object naming the folder
+            from forgetray.trial import IFT_LINK
+
+            store.write_text(store.join(m["dirs"]["trial_dir"], IFT_LINK),
+                             str(store.join(root, name, trial_key(m["trial"]))))
+            continue
         link = Path(m["dirs"]["trial_dir"]) / "ift"
         if not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +81,7 @@ def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, st
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=store.ray_storage(storage)[0], storage_filesystem=store.ray_storage(storage)[1],
             failure_config=FailureConfig(max_failures=trial.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # every epoch's model is kept for restoration
             callbacks=[] if not runs else [

@@ -171,18 +171,19 @@ def trial_datasets(resolved: dict) -> list[dict]:
     return out
 
 
-def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolved: dict, trial_dir: Path,
+def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolved: dict, trial_dir,
                      phases: list[Phase]) -> str:
     """The trial's MLflow run: created once, its id stored with the trial's checkpoints, reused on resume."""
-    id_file = trial_dir / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    from forgetray import storage
+
+    id_file = storage.join(trial_dir, RUN_ID_FILE)
+    run_id = (storage.read_text(id_file) or "").strip() or None
     # A driver killed between creating the run and storing its id left the run without the file: reuse it.
     run_id = run_id or tracker.find_trial_run(context["parent_run_id"], trial.config_hash())
     if run_id:
         tracker.reopen(run_id)
         tracker.set_tag(run_id, TAG_GRID_POINT, grid_point(trial, context["trials"]))  # runs from before the tag
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id + "\n")
+        storage.write_text(id_file, run_id + "\n")
         return run_id
     run_id = tracker.start_trial_run(context["sweep_name"], context["parent_run_id"], trial_key(trial),
                                      trial.config_hash(), trial_params(trial, resolved, phases),
@@ -190,6 +191,5 @@ def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolv
                                      description=trial_note(trial, context["trials"]),
                                      tags={TAG_GRID_POINT: grid_point(trial, context["trials"])})
     tracker.log_datasets(run_id, trial_datasets(resolved))
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id + "\n")
+    storage.write_text(id_file, run_id + "\n")
     return run_id

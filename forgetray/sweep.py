@@ -9,6 +9,9 @@ Storage layout (`--storage`, default ./forgetray-results/storage):
                                          /base_eval/<key>/  base-model probes, shared by the trials of one model
                                          /control/<key>/    the control R_0 (the start restored) and its probes
 
+`--storage s3://bucket/prefix` keeps the same layout on object storage (`forgetray.storage`: Ray Tune and Ray Train
+write through pyarrow's S3 filesystem; shared results are published by create-if-absent, `forgetray.claims`).
+
 Trials that differ only in `epochs` share one trajectory when the schedule allows (`forgetray.sharing`, unless
 `Sweep(share_trajectories=False)`): Tune runs one driver per trajectory, its leader (the most epochs), which then
 makes each shorter grid point's run from its own (`trial.materialise_follower`).
@@ -25,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from forgetray import sharing
+from forgetray import storage as store
 from forgetray.resources import benchmark_key, resolve_trial
 from forgetray.grids import Sweep, flatten
 from forgetray.spec import SpecError
@@ -45,8 +49,11 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     """Run (or with `resume=True` continue) a sweep; return one row per (trial, checkpoint) read back from MLflow."""
     # Everything that can be wrong with the input is found here, before Ray starts or any run is created.
     resolved = [resolve_trial(trial) for trial in sweep.trials]
-    storage_root = Path(storage).expanduser().resolve() if storage else (DEFAULT_RESULTS / "storage").resolve()
-    sweep_root = storage_root / sweep.name
+    if storage is not None and "://" in str(storage):
+        storage_root = _object_storage(str(storage), sweep)
+    else:
+        storage_root = Path(storage).expanduser().resolve() if storage else (DEFAULT_RESULTS / "storage").resolve()
+    sweep_root = store.join(storage_root, sweep.name)
     trials = [t.to_dict() for t in sweep.trials]
     if resume:
         execution_dir, state = _latest_execution(sweep_root)
@@ -59,8 +66,9 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
                             "resume needs the same grid and settings")
         tracking_uri = state["tracking_uri"]
     else:
-        execution_dir = sweep_root / time.strftime("%Y%m%d-%H%M%S")
-        tracking_uri = tracking_uri or default_tracking_uri(storage_root.parent if not storage else storage_root)
+        execution_dir = store.join(sweep_root, time.strftime("%Y%m%d-%H%M%S"))
+        local_root = storage_root if not store.is_remote(storage_root) else (DEFAULT_RESULTS / "storage").resolve()
+        tracking_uri = tracking_uri or default_tracking_uri(local_root.parent if not storage else local_root)
 
     tracker = Tracker(tracking_uri, artifact_root=Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts"
                       if tracking_uri.startswith("sqlite:///") else None)
@@ -69,15 +77,20 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
         parent_run_id = state["parent_run_id"]
         tracker.reopen(parent_run_id)
     else:
-        execution_dir.mkdir(parents=True, exist_ok=False)
-        parent_run_id = tracker.start_sweep_run(sweep.name, execution_dir.name, flatten({"sweep": sweep.to_dict()}))
-        tracker.set_tag(parent_run_id, TAG_NOTE, _sweep_note(sweep, execution_dir.name,
+        if store.is_remote(execution_dir):
+            if store.children(execution_dir):
+                raise SpecError(f"{execution_dir} exists already")
+        else:
+            execution_dir.mkdir(parents=True, exist_ok=False)
+        execution = store.name(execution_dir)
+        parent_run_id = tracker.start_sweep_run(sweep.name, execution, flatten({"sweep": sweep.to_dict()}))
+        tracker.set_tag(parent_run_id, TAG_NOTE, _sweep_note(sweep, execution,
                                                              charts_view(tracker, parent_run_id)))
         state = {
             "sweep": sweep.to_dict(), "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
             "trials": [{"config_hash": t.config_hash(), "name": t.short_name()} for t in sweep.trials],
         }
-        (execution_dir / "sweep.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        store.write_text(store.join(execution_dir, "sweep.json"), json.dumps(state, indent=1, sort_keys=True))
     trained = len(sharing.trajectories(list(sweep.trials), sweep.share_trajectories))
     shared = f" ({trained} trained; the shorter epochs from their trajectory)" if trained < sweep.size else ""
     _say(verbose, f"[forgetray] sweep {sweep.name!r}: {sweep.size} trial(s){shared}; MLflow {tracking_uri} "
@@ -112,10 +125,26 @@ def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.P
     return table
 
 
-def _done(execution_dir: Path, sweep: Sweep, resolved: list, index: int) -> bool:
+# What does not run on object storage yet: these read and write their shared folders as local paths.
+NOT_ON_OBJECT_STORAGE = ("restore_pool", "iv_task", "iv_probe_task")
+
+
+def _object_storage(uri: str, sweep: Sweep) -> str:
+    """`--storage s3://...` checked before anything runs: the URI, the endpoint, the bucket, and the trials."""
+    root = store.validate(uri)
+    for trial in sweep.trials:
+        for setting in NOT_ON_OBJECT_STORAGE:
+            if getattr(trial, setting):
+                raise SpecError(f"--storage {uri!r}: {setting} is not supported on object storage yet "
+                                "(use a shared filesystem path)")
+    return root
+
+
+def _done(execution_dir, sweep: Sweep, resolved: list, index: int) -> bool:
     from forgetray.trial import DONE_FILE, trial_dirs
 
-    return (Path(trial_dirs(execution_dir, sweep.trials[index], resolved[index])["trial_dir"]) / DONE_FILE).is_file()
+    trial_dir = trial_dirs(execution_dir, sweep.trials[index], resolved[index])["trial_dir"]
+    return store.exists(store.join(trial_dir, DONE_FILE))
 
 
 DRIVER_FILE = "driver.json"  # the driver's pid and, if it started one, its local Ray session (for --resume)
@@ -129,7 +158,7 @@ def _record_driver(execution_dir: Path) -> None:
     node = getattr(ray._private.worker, "_global_node", None)
     own = node is not None and node.head and bool(getattr(node, "all_processes", None))  # started here
     record = {"pid": os.getpid(), "session_dir": node.get_session_dir_path() if own else None}
-    (execution_dir / DRIVER_FILE).write_text(json.dumps(record))
+    store.write_text(store.join(execution_dir, DRIVER_FILE), json.dumps(record))
 
 
 def end_stale_driver(execution_dir: Path, verbose: bool) -> list[int]:
@@ -141,10 +170,10 @@ def end_stale_driver(execution_dir: Path, verbose: bool) -> list[int]:
 
     import psutil
 
-    path = execution_dir / DRIVER_FILE
-    if not path.is_file():
+    text = store.read_text(store.join(execution_dir, DRIVER_FILE))
+    if text is None:
         return []
-    record = json.loads(path.read_text())
+    record = json.loads(text)
     try:
         old = psutil.Process(record["pid"])
         if old.pid != os.getpid() and "forgetray" in " ".join(old.cmdline()):
@@ -184,12 +213,12 @@ def _sweep_note(sweep: Sweep, execution: str, charts: str) -> str:
             f"table and the figures.\n\nWhat `step` means, by chart section:\n\n" + metric_guide())
 
 
-def _latest_execution(sweep_root: Path) -> tuple[Path, dict]:
-    executions = sorted(p for p in sweep_root.glob("*/sweep.json")) if sweep_root.is_dir() else []
+def _latest_execution(sweep_root) -> tuple:
+    executions = [store.join(sweep_root, name) for name in store.children(sweep_root)]
+    executions = [e for e in executions if store.exists(store.join(e, "sweep.json"))]
     if not executions:
         raise SpecError(f"--resume: no earlier execution of this sweep under {sweep_root}")
-    path = executions[-1]
-    return path.parent, json.loads(path.read_text())
+    return executions[-1], json.loads(store.read_text(store.join(executions[-1], "sweep.json")))
 
 
 def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, tracking_uri: str, parent_run_id: str,
@@ -230,10 +259,11 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     firsts = [int(first) for first in cohorts]  # one Tune trial per cohort, named by its first trial
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
-    tune_dir = execution_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    tune_path, tune_fs = store.ray_storage(store.join(execution_dir, "tune"))
+    if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True,
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=tune_fs,
                                    param_space={"trial_index": tune.grid_search(firsts), "context": context})
     else:
         tuner = tune.Tuner(
@@ -241,7 +271,8 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
             param_space={"trial_index": tune.grid_search(firsts), "context": context},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(execution_dir), verbose=0,
+                name="tune", storage_path=store.ray_storage(execution_dir)[0], storage_filesystem=tune_fs,
+                verbose=0,
                 callbacks=[make_progress([t.short_name() for t in sweep.trials], [t.epochs for t in sweep.trials],
                                          [benchmark_key(t.benchmarks[0]) for t in sweep.trials], verbose,
                                          {int(k): v for k, v in followers.items()},
@@ -255,12 +286,12 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
 def _cohorts(sweep: Sweep, leaders: list[int], execution_dir: Path) -> dict[str, list[int]]:
     """First trial index (a string: JSON-like data) -> the trials one worker group runs in turn
     (`sharing.cohorts`), decided by the first execution and kept in sweep.json: a resumed one finds its runs."""
-    path = execution_dir / "sweep.json"
-    state = json.loads(path.read_text())
+    path = store.join(execution_dir, "sweep.json")
+    state = json.loads(store.read_text(path))
     if "cohorts" not in state:
         groups = sharing.cohorts(list(sweep.trials), leaders, _concurrency(sweep), sweep.share_workers)
         state["cohorts"] = {str(group[0]): group for group in groups}
-        path.write_text(json.dumps(state, indent=1, sort_keys=True))
+        store.write_text(path, json.dumps(state, indent=1, sort_keys=True))
     return state["cohorts"]
 
 

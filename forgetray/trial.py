@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import fit
+from forgetray import storage as store
 from forgetray import plan as planning
 from forgetray.keys import (base_em_key, base_eval_key, cohort_key, control_key, iv_key,  # noqa: F401
                             iv_probe_key, prior_start_key, restoring_key, start_key, trial_key)
@@ -78,30 +79,40 @@ def _member(context: dict, index: int) -> dict:
     trial = TrialConfig.from_dict(context["trials"][index])
     resolved = context["resolved"][index]
     return {"index": index, "trial": trial, "resolved": resolved, "run_id": None,
-            "dirs": trial_dirs(Path(context["execution_dir"]), trial, resolved)}
+            "dirs": trial_dirs(context["execution_dir"], trial, resolved)}
 
 
-def trial_dirs(execution_dir: Path, trial: TrialConfig, resolved: dict) -> dict:
-    """The trial's own folder and the sweep's shared ones it uses (plain paths for the workers)."""
+def trial_dirs(execution_dir, trial: TrialConfig, resolved: dict) -> dict:
+    """The trial's own folder and the sweep's shared ones it uses (plain paths, or s3:// URIs, for the workers)."""
+    def at(*parts) -> str:
+        return str(store.join(execution_dir, *parts))
+
     return {
-        "trial_dir": str(execution_dir / "trials" / trial_key(trial)),
-        "start_dir": str(execution_dir / "start" / prior_start_key(trial, resolved)) if trial.prior_phases else None,
-        "base_eval_dir": str(execution_dir / "base_eval" / base_eval_key(trial, resolved)),
-        "base_em_dir": str(execution_dir / "base_em" / base_em_key(trial, resolved)),
-        "restoring_dir": str(execution_dir / "restoring" / restoring_key(trial, resolved))
-        if resolved.get("restore_pool") else None,
-        "control_dir": str(execution_dir / "control" / control_key(trial, resolved))
-        if resolved.get("restore_pool") else None,
-        "iv_dir": str(execution_dir / "iv" / iv_key(trial, resolved)) if trial.iv_task else None,
-        "iv_probe_dir": str(execution_dir / "iv" / iv_probe_key(trial, resolved)) if trial.iv_probe_task else None,
+        "trial_dir": at("trials", trial_key(trial)),
+        "start_dir": at("start", prior_start_key(trial, resolved)) if trial.prior_phases else None,
+        "base_eval_dir": at("base_eval", base_eval_key(trial, resolved)),
+        "base_em_dir": at("base_em", base_em_key(trial, resolved)),
+        "restoring_dir": at("restoring", restoring_key(trial, resolved)) if resolved.get("restore_pool") else None,
+        "control_dir": at("control", control_key(trial, resolved)) if resolved.get("restore_pool") else None,
+        "iv_dir": at("iv", iv_key(trial, resolved)) if trial.iv_task else None,
+        "iv_probe_dir": at("iv", iv_probe_key(trial, resolved)) if trial.iv_probe_task else None,
     }
 
 
-def _finished_before(tracker: Tracker, trial_dir: Path) -> str | None:
+IFT_LINK = "ift.link"  # on object storage (no symlinks): the URI of a cohort member's IFT folder
+
+
+def ift_location(trial_dir):
+    """A trial's IFT checkpoints: `<trial>/ift` (a link into its cohort's folder when it shared a worker group)."""
+    link = store.read_text(store.join(trial_dir, IFT_LINK)) if store.is_remote(trial_dir) else None
+    return link.strip() if link else store.join(trial_dir, "ift")
+
+
+def _finished_before(tracker: Tracker, trial_dir) -> str | None:
     """The run id of a trial finished by an earlier execution (not run again), else None."""
-    if not (trial_dir / DONE_FILE).is_file():
+    if not store.exists(store.join(trial_dir, DONE_FILE)):
         return None
-    run_id = (trial_dir / RUN_ID_FILE).read_text().strip()
+    run_id = store.read_text(store.join(trial_dir, RUN_ID_FILE)).strip()
     if tracker.get_run(run_id).info.status != "FINISHED":  # killed between the marker and ending the run
         tracker.end_run(run_id, ok=True)
     return run_id
@@ -114,7 +125,7 @@ def _run_cohort(tracker: Tracker, context: dict, members: list[dict]) -> dict[in
     is tagged and ended FAILED, every other one FINISHED."""
     todo = []
     for member in members:
-        trial, resolved, trial_dir = member["trial"], member["resolved"], Path(member["dirs"]["trial_dir"])
+        trial, resolved, trial_dir = member["trial"], member["resolved"], member["dirs"]["trial_dir"]
         member["run_id"] = _finished_before(tracker, trial_dir)
         if member["run_id"] is None:
             member["phases"] = planning.plan(trial)
@@ -139,7 +150,7 @@ def _run_cohort(tracker: Tracker, context: dict, members: list[dict]) -> dict[in
             error = fit.exception() if fit.done() else None
             trained = error is None or _trained(member)
             try:
-                _in_run(tracker, member["run_id"], Path(member["dirs"]["trial_dir"]),
+                _in_run(tracker, member["run_id"], member["dirs"]["trial_dir"],
                         lambda: _finish(tracker, context, member) if trained else _raise(error))
             except BaseException as exc:  # noqa: BLE001 (reported per member; the run says why)
                 failures[member["index"]] = exc
@@ -163,8 +174,8 @@ def _trained(member: dict) -> bool:
     if last is None:
         return False
     epoch = last.restores_epoch if last.kind == "restore" else last.epochs
-    ift = Path(member["dirs"]["trial_dir"]) / "ift" / planning.checkpoint_name(last, epoch)
-    return (ift / "state.json").is_file()
+    ift = store.join(ift_location(member["dirs"]["trial_dir"]), planning.checkpoint_name(last, epoch))
+    return store.exists(store.join(ift, "state.json"))
 
 
 def _finish(tracker: Tracker, context: dict, member: dict) -> None:
@@ -178,8 +189,10 @@ def _finish(tracker: Tracker, context: dict, member: dict) -> None:
     if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
         from forgetray.train.checkpoints import drop_state
 
-        for checkpoint in sorted((trial_dir / "ift").glob("epoch_*")):
-            drop_state(checkpoint)
+        ift = ift_location(dirs["trial_dir"])
+        for name in store.children(ift):
+            if name.startswith("epoch_"):
+                drop_state(store.join(ift, name))
     # Right after training: the summaries need nothing from the restorations, and a restoration that fails
     # then does not cost them.
     log_continual(tracker, run_id, trial, resolved, phases)
@@ -204,7 +217,7 @@ def materialise_follower(tracker: Tracker, context: dict, index: int, leader: Tr
 
     trial = TrialConfig.from_dict(context["trials"][index])
     resolved = context["resolved"][index]
-    trial_dir = Path(trial_dirs(Path(context["execution_dir"]), trial, resolved)["trial_dir"])
+    trial_dir = trial_dirs(context["execution_dir"], trial, resolved)["trial_dir"]
     if _finished_before(tracker, trial_dir):
         return
     phases = planning.plan(trial)
@@ -243,13 +256,13 @@ def _artifact_folders(tracker: Tracker, run_id: str, path: str) -> list[str]:
     return [leaf for folder in folders for leaf in _artifact_folders(tracker, run_id, folder)]
 
 
-def _in_run(tracker: Tracker, run_id: str, trial_dir: Path, body) -> None:
+def _in_run(tracker: Tracker, run_id: str, trial_dir, body) -> None:
     """Run `body`; mark the trial done, or tag why it failed; end the run either way."""
     ok = False
     try:
         body()
         ok = True
-        (trial_dir / DONE_FILE).write_text(run_id + "\n")
+        store.write_text(store.join(trial_dir, DONE_FILE), run_id + "\n")
     except BaseException as exc:  # the run says why (the console summary prints the same line)
         reason = failure_reason(exc)
         if "TrackingUnavailable" not in reason:  # a store that is gone is not waited for again
@@ -318,6 +331,8 @@ def ensure_start(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, 
 
     from forgetray.train.worker import IFT_START, partial_start
 
+    if store.is_remote(dirs["start_dir"]):
+        return _ensure_start_remote(trial, resolved, dirs, context, priors)
     start = Path(dirs["start_dir"])
     if not start.is_dir():
         start.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +345,28 @@ def ensure_start(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, 
     if not link.exists():
         link.unlink(missing_ok=True)  # a dangling link
         link.symlink_to(os.path.relpath(start, link.parent))
+    return start
+
+
+def _ensure_start_remote(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, priors: list[Phase]) -> str:
+    """`ensure_start` on object storage, which has no locks: the create-if-absent protocol (`forgetray.claims`).
+    The trial that wins the claim trains the start into its own data folder (uploaded whole, then `.complete`) and
+    publishes it; the others wait for the publication, or take over once the winner's heartbeat (this driver's
+    thread) has stood still for `claims.LEASE_S`. The trial folder gets `ift_start.link` (the start's URI)."""
+    from forgetray import claims
+    from forgetray.train.worker import IFT_START
+
+    start = dirs["start_dir"]
+    got = store.acquire(start)
+    if isinstance(got, claims.Claim):
+        try:
+            fit.fit(trial, resolved, {**dirs, "start_dir": store.SCHEME + got.data}, context, None,
+                    store.name(start), priors)
+        except BaseException:
+            claims.release(store.S3Objects(), got)
+            raise
+        claims.publish(store.S3Objects(), got)
+    store.write_text(store.join(dirs["trial_dir"], IFT_START + ".link"), str(store.published(start)) + "\n")
     return start
 
 

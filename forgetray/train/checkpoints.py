@@ -15,6 +15,7 @@ import numpy as np
 import torch.distributed as dist
 
 from forgetray import flatness
+from forgetray import storage as store
 from forgetray.train import lora
 
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state (optimizer, schedule, weights): what resuming loads
@@ -94,6 +95,8 @@ def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) ->
     """
     from filelock import FileLock
 
+    if store.is_remote(cache_dir):
+        return _computed_once_remote(cache_dir, rank, compute)
     cache = Path(cache_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(cache) + ".lock") if rank == 0 else None
@@ -119,6 +122,34 @@ def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) ->
             lock.release()
 
 
+def _computed_once_remote(location: str, rank: int, compute: Callable[[Path], None]) -> dict:
+    """`computed_once` on object storage: rank 0 runs the create-if-absent protocol (`forgetray.claims`) instead of
+    the lock; the winner's ranks compute into a temporary folder that rank 0 uploads whole and publishes, every
+    other trial waits for the publication and reads it (downloaded into the node's cache)."""
+    from forgetray import claims
+
+    got = store.acquire(location) if rank == 0 else None
+    state = [isinstance(got, claims.Claim)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(state, src=0)
+    if state[0]:
+        tmp = Path(tempfile.mkdtemp(prefix="forgetray-shared-"))
+        try:
+            compute(tmp)
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            if rank == 0:
+                store.put_dir(tmp, store.SCHEME + got.data)
+                claims.publish(store.S3Objects(), got)
+        except BaseException:
+            if rank == 0:
+                claims.release(store.S3Objects(), got)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((store.fetch(location) / "summary.json").read_text()) if rank == 0 else {}
+
+
 def save_model_dir(model, tokenizer, out: Path, rank: int, world: int) -> None:
     """Save a full model + tokenizer as a Hugging Face directory at `out` (rank 0), complete or absent."""
     if rank == 0:
@@ -134,8 +165,13 @@ def save_model_dir(model, tokenizer, out: Path, rank: int, world: int) -> None:
 # Storage: which checkpoints keep DeepSpeed state (settings keep_optimizer_state, delete_finished_state)
 
 
-def drop_state(checkpoint_dir: Path) -> bool:
+def drop_state(checkpoint_dir) -> bool:
     """Delete a checkpoint's DeepSpeed state (its `model/`, `probes/` and `state.json` stay). True if it had one."""
+    if store.is_remote(checkpoint_dir):
+        state = store.join(checkpoint_dir, DEEPSPEED_DIR)
+        had = bool(store.children(state))
+        store.delete_tree(state)
+        return had
     state = Path(checkpoint_dir) / DEEPSPEED_DIR
     if not state.is_dir():
         return False
@@ -148,17 +184,22 @@ def drop_older_states(newest: Path) -> list[str]:
     `newest`: those Ray Train no longer resumes from once it recorded `newest`. Later ones are left alone: the
     controller records a report while the workers already train on, so the next checkpoint may be on storage
     before this one is recorded. Returns the names of the checkpoints it pruned."""
-    newest = Path(newest)
+    newest = newest if store.is_remote(newest) else Path(newest)
 
-    def state(checkpoint: Path) -> tuple[str, int]:
-        found = read_state(checkpoint)
+    def state(checkpoint) -> tuple[str, int] | None:
+        text = store.read_text(store.join(checkpoint, STATE_FILE))
+        if text is None:
+            return None
+        found = json.loads(text)
         return found.get("metrics", {}).get("kind", "epoch"), int(found["epoch"])
 
     kind, last = state(newest)
     if kind != "epoch":  # only the IFT phase resumes from DeepSpeed state (a restored R_e's is never resumed from)
         return []
-    older = [d for d in sorted(newest.parent.iterdir()) if d.is_dir() and (d / STATE_FILE).is_file()]
-    return [d.name for d in older if state(d)[0] == "epoch" and state(d)[1] < last and drop_state(d)]
+    folder = store.parent(newest)
+    states = {name: state(store.join(folder, name)) for name in store.children(folder)}
+    return [name for name, found in states.items() if found and found[0] == "epoch" and found[1] < last
+            and drop_state(store.join(folder, name))]
 
 
 def make_state_pruner():
@@ -172,7 +213,10 @@ def make_state_pruner():
     class StatePruner(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if checkpoint is not None:
-                drop_older_states(Path(checkpoint.path))
+                import pyarrow.fs as pafs
+
+                local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+                drop_older_states(Path(checkpoint.path) if local else store.SCHEME + checkpoint.path)
 
     return StatePruner()
 

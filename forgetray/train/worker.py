@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from forgetray import probes
+from forgetray import storage as store
 from forgetray.methods import wiseft
 from forgetray.metrics import registry
 from forgetray.models import load_tokenizer
@@ -76,13 +77,13 @@ def run_phases(ctx: RankContext, phases: list[Phase]) -> None:
     IFT phase and the restorations that follow it in these workers."""
     priors = [p for p in phases if p.kind == "prior"]
     if priors:
-        run_priors(ctx, priors, Path(ctx.dirs["start_dir"]))
+        run_priors(ctx, priors, ctx.dirs["start_dir"])
         return
     for phase in phases:
         if phase.kind == "ift":
             start = ctx.resolved["model"]
             if ctx.trial.prior_phases:
-                start = {"name": "IFT start", "path": ctx.dirs["start_dir"]}
+                start = {"name": "IFT start", "path": str(store.fetch(ctx.dirs["start_dir"]))}
                 report_saved_probes(ctx)
             run_ift(ctx, phase, start)
         else:
@@ -93,15 +94,18 @@ DIRS = ("trial_dir", "start_dir", "base_eval_dir", "base_em_dir", "restoring_dir
         "iv_probe_dir")
 
 
-def run_priors(ctx: RankContext, priors: list[Phase], start_dir: Path) -> None:
+def run_priors(ctx: RankContext, priors: list[Phase], start_dir) -> None:
     """Train the prior phases in turn (each hands its model to the next), probing the knowledge benchmarks before
     the first and after each one (fine-tuning steps t = 0..k); save the result with the probes and the losses in a
-    partial folder, then rename it to `start_dir` (the driver removed any partial one a killed run left)."""
+    partial folder, then rename it to `start_dir` (the driver removed any partial one a killed run left). On object
+    storage (`start_dir` the claim's data folder, `trial._ensure_start_remote`): a temporary folder, uploaded whole."""
     import shutil
+    import tempfile
 
     from forgetray.train.evaluate import ProbeSuite
 
-    if start_dir.is_dir():  # a restarted run whose first try got as far as the rename
+    remote = store.is_remote(start_dir)
+    if store.complete(start_dir):  # a restarted run whose first try got as far as the rename (the upload)
         return
     tokenizer = load_tokenizer(ctx.resolved["model"])
     suite = ProbeSuite.load(ctx.resolved, ctx.trial)
@@ -112,14 +116,19 @@ def run_priors(ctx: RankContext, priors: list[Phase], start_dir: Path) -> None:
     for t, phase in enumerate(priors, start=1):
         model, losses[phase.name] = run_prior(ctx, phase, model)
         matrix.append(probe_step(ctx, model, tokenizer, suite, t))
-    partial = partial_start(start_dir)
+    partial = Path(tempfile.mkdtemp(prefix="forgetray-start-")) / "start" if remote else partial_start(start_dir)
     if ctx.rank == 0:  # left by a try of this run that failed before the rename
         shutil.rmtree(partial, ignore_errors=True)
     save_model_dir(model, tokenizer, partial, ctx.rank, ctx.world)
     if ctx.rank == 0:
         (partial / CONTINUAL_PROBES).write_text(json.dumps({"knowledge": matrix}, indent=1, sort_keys=True))
         (partial / PRIOR_LOSSES).write_text(json.dumps(losses, indent=1, sort_keys=True))
-        partial.rename(start_dir)  # complete or absent: the trials waiting on the lock find all of it
+        if remote:
+            store.put_dir(partial, start_dir)
+        else:
+            partial.rename(start_dir)  # complete or absent: the trials waiting on the lock find all of it
+    if remote:
+        shutil.rmtree(partial.parent, ignore_errors=True)
     if ctx.world > 1:
         dist.barrier()
 
@@ -143,7 +152,7 @@ def probe_step(ctx: RankContext, model, tokenizer, suite, t: int) -> dict:
 def report_saved_probes(ctx: RankContext) -> None:
     """Report the continual probes and the prior phases' losses saved in the start folder into this trial's run
     (every trial sharing the start has them; the MLflow callback skips the steps a run already has)."""
-    start = Path(ctx.dirs["start_dir"])
+    start = store.fetch(ctx.dirs["start_dir"])
     for t, values in enumerate(json.loads((start / CONTINUAL_PROBES).read_text())["knowledge"]):
         ctx.report(continual_report(t, values if ctx.rank == 0 else {}))
     for name, losses in json.loads((start / PRIOR_LOSSES).read_text()).items():
