@@ -42,6 +42,10 @@ TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray Tune's switch for
 # Ray Train V2 settings for a Ray this process starts (a cluster's own are left to its operator)
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 DRIVER_MEMORY = 256 * 1024**2  # bytes reserved per trial driver (it only orchestrates; workers hold the model)
+# Custom resources each trial driver asks for, as JSON (e.g. '{"head_node": 0.01}'): on a cluster whose worker
+# nodes may be lost (spot instances), this keeps the drivers (and the Train controllers they start) on the nodes
+# that stay; a lost worker node then costs a restart of the workers from the last checkpoint, not the trial.
+DRIVER_RESOURCES_ENV = "FORGETRAY_DRIVER_RESOURCES"
 
 
 def run_sweep(sweep: Sweep, tracking_uri: str | None = None, storage: str | os.PathLike | None = None,
@@ -258,7 +262,8 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
 
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     firsts = [int(first) for first in cohorts]  # one Tune trial per cohort, named by its first trial
-    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY})
+    pinned = json.loads(os.environ.get(DRIVER_RESOURCES_ENV) or "{}")
+    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY, **pinned})
     tune_path, tune_fs = store.ray_storage(store.join(execution_dir, "tune"))
     if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.

@@ -1,0 +1,121 @@
+"""`--storage s3://bucket/prefix` on a two-node local Ray cluster, against an S3 server on 127.0.0.1 (moto's): the
+sweep's state, checkpoints, shared start, trajectories and base-evaluation caches live in the bucket, the shared
+results are computed once by create-if-absent (no file lock anywhere), and the nodes write nothing outside their
+caches. Bad storage is refused before anything runs. The protocol's rule itself: tests/test_claims.py."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from s3_cluster import BUCKET, CREDENTIALS, Cluster, files_outside_caches, objects, start_s3, wait_job
+
+SWEEP = """from forgetray import Sweep, grid
+sweep = Sweep("s3", model={model!r}, dataset={dataset!r}, benchmarks=[{benchmark!r}], probe_set={probe_set!r},
+    probe_passages=16, probe_batch_size=5, batch_size=8, max_length=256, workers=1, cpus_per_worker=1,
+    lr=grid([3e-3, 1e-3]), epochs=grid([1, 2]), lr_schedule="constant", warmup_ratio=0.0,
+    prior_phases=[{{"dataset": {dataset!r}, "epochs": 1, "lr": 3e-3}}], {extra})
+"""
+
+
+def sweep_file(root: Path, fixture_files: dict, extra: str = "") -> Path:
+    path = root / "sweep.py"
+    path.write_text(SWEEP.format(**{k: str(v) for k, v in fixture_files.items()}, extra=extra))
+    return path
+
+
+def trial_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = [r for r in c.search_runs([exp.experiment_id], max_results=50) if r.data.tags.get("forgetray.kind") == "trial"]
+    return c, runs
+
+
+def assert_each_step_once(c, run) -> None:
+    for name in c.get_run(run.info.run_id).data.metrics:
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, name)]
+        assert len(steps) == len(set(steps)), f"{name} logged twice at a step: {steps}"
+
+
+@pytest.mark.slow
+def test_sweep_on_s3_across_two_nodes_shares_its_start_and_caches_by_create_if_absent(fixture_files):
+    started = time.time()
+    root = Path(tempfile.mkdtemp(prefix="frs3-", dir="/tmp"))  # short: Ray's socket paths live under --temp-dir
+    server, proxy = start_s3()
+    cluster = Cluster(root, proxy.port)
+    try:
+        cluster.start()
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        proc = cluster.run(sweep_file(root, fixture_files), f"s3://{BUCKET}/sweeps", uri, 900)
+        log = wait_job(proc, 900, root)
+        elapsed = time.time() - started
+        assert proc.returncode == 0, log[-6000:]
+
+        keys = [k for k in objects(proxy.target, "sweeps/s3/") if not k.endswith("/")]  # not pyarrow's folders
+        execution = keys[0].split("/")[2]
+        base = f"sweeps/s3/{execution}/"
+        assert f"{base}sweep.json" in keys and any(k.startswith(f"{base}tune/") for k in keys)
+        # The shared start and the base-model caches: one claim, one data folder, one publication each.
+        for shared in ("start", "base_eval", "base_em"):
+            mine = [k[len(base) + len(shared) + 1:] for k in keys if k.startswith(f"{base}{shared}/")]
+            claims = [k for k in mine if ".claim." in k]
+            datas = {k.split("/")[0] for k in mine if ".data." in k}
+            assert len(claims) == 1 and claims[0].endswith(".claim.0") and len(datas) == 1, (shared, mine)
+            assert sum(k.endswith(".done") for k in mine) == 1 and any(k.endswith("/.complete") for k in mine)
+        # Two trained trajectories (epochs 2), each with its checkpoints; their epochs-1 grid points follow them.
+        trained = {k.split("/")[4] for k in keys if k.startswith(f"{base}trials/") and "/ift/epoch_" in k}
+        assert len(trained) == 2
+        for trial in trained:
+            for epoch in (1, 2):
+                assert f"{base}trials/{trial}/ift/epoch_{epoch:03d}/model/model.safetensors" in keys
+            assert f"{base}trials/{trial}/trial_done" in keys
+        assert not [k for k in keys if k.endswith(".lock")]
+
+        c, runs = trial_runs(uri, "s3")
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+        assert sum("forgetray.trajectory" in r.data.tags for r in runs) == 4
+        for run in runs:
+            assert_each_step_once(c, run)
+            assert [m.step for m in c.get_metric_history(run.info.run_id, "base/bench/acc")] == [0]
+        # Nothing written on the nodes' disks outside the caches (the start and the base probes were read there).
+        assert files_outside_caches(root) == []
+        cached = root / "home" / ".cache" / "forgetray" / "storage" / BUCKET
+        assert any(cached.rglob("model.safetensors"))
+        print(f"S3 two-node sweep: {elapsed:.0f} s")
+    finally:
+        cluster.stop()
+        proxy.down()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bad_object_storage_is_refused_before_anything_runs(fixture_files, tmp_path, monkeypatch):
+    from forgetray import storage
+    from forgetray.spec import SpecError
+
+    storage._client.cache_clear()
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SpecError, match=r"--storage 's3://': no bucket"):
+        storage.validate("s3://")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(SpecError, match=r"--storage 's3://b/x': the endpoint http://127.0.0.1:9 \(AWS_ENDPOINT_URL\) "
+                                        "did not answer"):
+        storage.validate("s3://b/x")
+    storage._client.cache_clear()
+    server, proxy = start_s3()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        with pytest.raises(SpecError, match="bucket 'nope' does not exist"):
+            storage.validate("s3://nope/x")
+        assert storage.validate(f"s3://{BUCKET}/x/") == f"s3://{BUCKET}/x"
+    finally:
+        storage._client.cache_clear()
+        proxy.down()
+        server.stop()
