@@ -119,3 +119,35 @@ def test_bad_object_storage_is_refused_before_anything_runs(fixture_files, tmp_p
         storage._client.cache_clear()
         proxy.down()
         server.stop()
+
+
+def test_create_if_absent_on_s3_has_one_winner_among_concurrent_writers(monkeypatch):
+    """The protocol against a real S3 server: S3's conditional PUT gives one claim and one publication among eight
+    concurrent writers, and the others read the winner's data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from forgetray import claims, storage
+
+    server, proxy = start_s3()
+    storage._client.cache_clear()
+    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}.items():
+        monkeypatch.setenv(name, value)
+    computed = []
+    try:
+        def one(i: int) -> str:
+            got = storage.acquire(f"s3://{BUCKET}/x/base_eval/k", poll_s=0.05, beat_s=0.05)
+            if isinstance(got, str):
+                return got
+            computed.append(i)
+            storage.write_text(f"s3://{got.data}/summary.json", str(i))
+            return claims.publish(storage.S3Objects(), got)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+        assert len(computed) == 1 and len(set(results)) == 1
+        assert storage.read_text(f"s3://{results[0]}/summary.json") == str(computed[0])
+        assert [k for k in objects(proxy.target, "x/") if ".claim." in k] == ["x/base_eval/k.claim.0"]
+    finally:
+        storage._client.cache_clear()
+        proxy.down()
+        server.stop()
