@@ -109,7 +109,7 @@ def test_a_lost_node_restarts_its_trial_from_the_last_checkpoint_on_the_survivin
     seconds, steps, _ = run_with_fault(fixture_files, "lostnode", kill_node2)
     before = {p for p, *_ in steps[:killed["lines"]]}
     restarted = [(p, e, s) for p, e, s, on in steps[killed["lines"]:] if p not in before and not on]
-    assert restarted, steps
+    assert restarted, f"no worker started after the kill (lines {killed['lines']}): {steps}"
     # The lost trial's new worker, on the head node, began at epoch 2: it resumed from the epoch-1 checkpoint.
     assert restarted[0][1:] == (2, 1), steps
     assert killed["workers"] and not killed["workers"] & {p for p, *_ in restarted}
