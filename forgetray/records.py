@@ -14,7 +14,7 @@ from forgetray.plan import Phase
 from forgetray.grids import flatten
 from forgetray.spec import TrialConfig
 from forgetray.tracking import Tracker
-from forgetray.ui import TAG_GRID_POINT
+from forgetray.tracking_history import forget_history
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -182,6 +182,7 @@ def attach_trial_run(tracker: Tracker, context: dict, trial: TrialConfig, resolv
     run_id = run_id or tracker.find_trial_run(context["parent_run_id"], trial.config_hash())
     if run_id:
         tracker.reopen(run_id)
+        forget_history(tracker, run_id)  # it will log more: its history table (if any) is no longer complete
         tracker.set_tag(run_id, TAG_GRID_POINT, grid_point(trial, context["trials"]))  # runs from before the tag
         storage.write_text(id_file, run_id + "\n")
         return run_id

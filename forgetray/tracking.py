@@ -1,5 +1,5 @@
-"""Everything forgetray writes to or reads from MLflow. No other module imports mlflow (the Ray callback that
-logs workers' reports as they arrive is `forgetray.callbacks`, which writes through this module).
+"""Everything forgetray writes to or reads from MLflow. No other module imports mlflow but `tracking_history` (a run's
+metric history as one artifact, bulk reads); the Ray callback that logs reports is `callbacks`, writing through here.
 
 Layout: one experiment per sweep name; one parent run per sweep execution; one nested run per trial whose params are
 the flattened resolved config (trial settings, resolved sources, DeepSpeed and optimizer config) and whose metrics

@@ -35,6 +35,7 @@ from forgetray.records import (RUN_ID_FILE, attach_trial_run, run_name, trial_da
                                trial_params, varying_settings)
 from forgetray.spec import TrialConfig
 from forgetray.tracking import TAG_COHORT, TAG_ERROR, Tracker
+from forgetray.tracking_history import TAG_HISTORY, write_history
 
 # Written when a trial has finished (its run is FINISHED): a later execution (`--resume` after a driver that was
 # killed before Tune recorded the trial as done) returns at once instead of running the trial again.
@@ -113,9 +114,24 @@ def _finished_before(tracker: Tracker, trial_dir) -> str | None:
     if not store.exists(store.join(trial_dir, DONE_FILE)):
         return None
     run_id = store.read_text(store.join(trial_dir, RUN_ID_FILE)).strip()
-    if tracker.get_run(run_id).info.status != "FINISHED":  # killed between the marker and ending the run
+    run = tracker.get_run(run_id)
+    if run.info.status != "FINISHED":  # killed between the marker and ending the run
+        if TAG_HISTORY not in run.data.tags:
+            _store_history(tracker, run_id)
         tracker.end_run(run_id, ok=True)
     return run_id
+
+
+def _store_history(tracker: Tracker, run_id: str) -> None:
+    """The run's metric history as one table, for the report's bulk read (`tracking_history`). Not getting it
+    written fails nothing: without its tag the report reads that run one metric key at a time."""
+    import logging
+
+    try:
+        write_history(tracker, run_id)
+    except Exception as exc:  # noqa: BLE001 (the trial's own outcome must stand)
+        logging.getLogger(__name__).warning("run %s: metrics/history.parquet not written (%s: %s); the report "
+                                            "will read this run per metric key", run_id, type(exc).__name__, exc)
 
 
 def _run_cohort(tracker: Tracker, context: dict, members: list[dict]) -> dict[int, BaseException]:
@@ -257,21 +273,25 @@ def _artifact_folders(tracker: Tracker, run_id: str, path: str) -> list[str]:
 
 
 def _in_run(tracker: Tracker, run_id: str, trial_dir, body) -> None:
-    """Run `body`; mark the trial done, or tag why it failed; end the run either way."""
-    ok = False
+    """Run `body`; mark the trial done, or tag why it failed; store the run's metric history; end the run either
+    way."""
+    ok, store_gone = False, False
     try:
         body()
         ok = True
         store.write_text(store.join(trial_dir, DONE_FILE), run_id + "\n")
     except BaseException as exc:  # the run says why (the console summary prints the same line)
         reason = failure_reason(exc)
-        if "TrackingUnavailable" not in reason:  # a store that is gone is not waited for again
+        store_gone = "TrackingUnavailable" in reason
+        if not store_gone:  # a store that is gone is not waited for again
             try:
                 tracker.set_tag(run_id, TAG_ERROR, reason)
             except Exception:  # noqa: BLE001 (the trial's own error is what must surface)
                 pass
         raise
     finally:
+        if not store_gone:  # a failed trial's table too: the report shows what it logged
+            _store_history(tracker, run_id)
         tracker.end_run(run_id, ok=ok)
 
 
