@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -788,45 +789,44 @@ def test_a_sweep_without_replicates_has_no_pooled_table(report, store):
 
 # --- errors that surface: only missing data becomes a note ------------------------------------------------------------
 
-def _trial_data(name: str, settings: dict | None = None):
+def _trial_data(name: str, settings: dict | None = None, run_id: str | None = None, artifact_uri: str = ""):
     from forgetray.report import TrialData
 
-    return TrialData(name=name, run_id=f"id-{name}", status="FINISHED", settings=settings or {}, benchmarks=[BENCH],
-                     scores={BENCH: "acc"}, history={}, tags={})
+    return TrialData(name=name, run_id=run_id or f"id-{name}", status="FINISHED", settings=settings or {},
+                     benchmarks=[BENCH], scores={BENCH: "acc"}, history={}, tags={}, artifact_uri=artifact_uri)
 
 
-class _ArtifactStore:
-    """A tracker with per-question frames by (run id, artifact path); with `fail`, every download raises it."""
+def test_pooled_outcomes_missing_artifact_is_a_note_other_errors_propagate(tmp_path):
+    """Three real runs: one with its per-question file, one without (a note), one whose file cannot be read (a folder
+    in its place: not missing data, the error propagates)."""
+    from mlflow.tracking import MlflowClient
 
-    def __init__(self, frames: dict, fail: Exception | None = None):
-        self.frames, self.fail = frames, fail
-
-    def list_artifacts(self, run_id, path=None):
-        return [p for r, p in self.frames if r == run_id and p.startswith(f"{path}/")]
-
-    def download_artifacts(self, run_id, path, dst):
-        if self.fail is not None:
-            raise self.fail
-        dst.mkdir(parents=True, exist_ok=True)
-        self.frames[(run_id, path)].to_parquet(dst / "outcomes.parquet")
-        return dst / "outcomes.parquet"
-
-
-def test_pooled_outcomes_missing_artifact_is_a_note_other_errors_propagate():
     from forgetray.report.pooled import ReplicateGroup, load_outcomes
+    from forgetray.tracking import Tracker
 
-    judged, unjudged = _trial_data("judged", {"seed": "0"}), _trial_data("unjudged", {"seed": "1"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("outcomes", artifact_location=(tmp_path / "artifacts").as_uri())
     path = f"stages/per_question_{BENCH}.parquet"
-    frames = {(judged.run_id, path): _per_question("1e-3", 0)}
-    group = ReplicateGroup("g", "all", {}, [judged, unjudged], {})
-    notes = load_outcomes(_ArtifactStore(frames), [group])
+    frame = _per_question("1e-3", 0)
+    trials = {}
+    for seed, name in enumerate(("judged", "unjudged", "broken")):
+        run = client.create_run(experiment)
+        trials[name] = _trial_data(name, {"seed": str(seed)}, run.info.run_id, run.info.artifact_uri)
+    (tmp_path / "out").mkdir()
+    frame.to_parquet(tmp_path / "out" / Path(path).name)
+    client.log_artifact(trials["judged"].run_id, str(tmp_path / "out" / Path(path).name), "stages")
+    group = ReplicateGroup("g", "all", {}, [trials["judged"], trials["unjudged"]], {})
+    notes = load_outcomes(Tracker(uri), [group])
     assert notes == [f"pooled table: unjudged has no {path} (no stage judged), left out of its group"]
-    assert list(group.outcomes) == [judged.run_id]
-    pd.testing.assert_frame_equal(group.outcomes[judged.run_id], frames[(judged.run_id, path)])
+    assert list(group.outcomes) == [trials["judged"].run_id]
+    pd.testing.assert_frame_equal(group.outcomes[trials["judged"].run_id], frame)
     # A store that fails while the artifact is there is not missing data: it was a note before, now it propagates.
-    group = ReplicateGroup("g", "all", {}, [judged, unjudged], {})
-    with pytest.raises(RuntimeError, match="store down"):
-        load_outcomes(_ArtifactStore(frames, fail=RuntimeError("store down")), [group])
+    broken = Path(client.get_run(trials["broken"].run_id).info.artifact_uri.removeprefix("file://")) / path
+    broken.mkdir(parents=True)
+    group = ReplicateGroup("g", "all", {}, [trials["judged"], trials["broken"]], {})
+    with pytest.raises(IsADirectoryError):
+        load_outcomes(Tracker(uri), [group])
 
 
 def test_a_figure_that_breaks_fails_the_report(store, tmp_path, monkeypatch):

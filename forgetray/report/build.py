@@ -57,16 +57,18 @@ def _clear_previous(out_dir: Path) -> None:
 
 
 def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_id: str | None = None,
-                 log_to_mlflow: bool = True) -> Report:
+                 log_to_mlflow: bool = True, per_key_history: bool = False) -> Report:
     """The report of one sweep execution (default: the experiment's newest), written to out_dir and, with
     log_to_mlflow, logged to the sweep's parent run under `report/`, with the pooled verdicts as its tags
-    (`pooled.pooled_tags`) when the sweep ran replicates.
+    (`pooled.pooled_tags`) when the sweep ran replicates. `per_key_history` reads every trial's metrics one key
+    at a time, as runs without `metrics/history.parquet` are (the same report, slower: for comparing the two).
 
     Raises SpecError (one line) when the store, the experiment, the sweep run or its trials cannot be found."""
     check_store_exists(tracking_uri)
     tracker = Tracker(tracking_uri)
     parent = resolve_parent(tracker, experiment, parent_run_id)
-    trials = load_trials(tracker, experiment, parent)
+    read_notes: list[str] = []
+    trials = load_trials(tracker, experiment, parent, read_notes, per_key=per_key_history)
     varying = varying_settings(trials)
     table = stage_table(trials, varying)
 
@@ -82,7 +84,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     if groups:
         results[1:1] = draw_band_figures(groups, pooled, out_dir)
     drawn = [result for result in results if isinstance(result, Drawn)]
-    notes = [result for result in results if isinstance(result, str)] + pooled_notes
+    notes = [result for result in results if isinstance(result, str)] + pooled_notes + read_notes
     empty = empty_columns(table)
     if not table.empty and empty:
         headings = ", ".join(TEXT_COLUMNS[column][0] for column in empty)

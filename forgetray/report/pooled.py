@@ -32,6 +32,7 @@ from forgetray.metrics.stage import transition_epoch
 from forgetray.report.runs import TrialData, short
 from forgetray.report.tables import STAGE_SHORT, setting_column
 from forgetray.tracking import TAG_STAGE_BENCHMARK, Tracker
+from forgetray.tracking_history import fetch_artifact
 
 POOLED_CSV, POOLED_TXT = "pooled_stage_table.csv", "pooled_stage_table.txt"
 _STATES = ("base", "sft", "restored", "control")
@@ -86,19 +87,19 @@ def replicate_groups(trials: list[TrialData], replicates: int, varying: list[str
 
 
 def load_outcomes(tracker: Tracker, groups: list[ReplicateGroup]) -> list[str]:
-    """Read every trial's per-question outcomes into its group; the notes for trials that have none (no stage judged:
-    no restoration, or it failed first), found by listing the run's `stages/` artifacts. Any other error (a store
-    that does not answer, an unreadable file) is not missing data: it propagates."""
+    """Read every trial's per-question outcomes into its group (one request per trial); the notes for trials that
+    have none (no stage judged: no restoration, or it failed first: the store says the file does not exist). Any
+    other error (a store that does not answer, an unreadable file) is not missing data: it propagates."""
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in groups:
             for trial in group.trials:
                 bench = trial.tags.get(TAG_STAGE_BENCHMARK) or trial.primary
                 path = f"stages/per_question_{bench}.parquet"
-                if path not in tracker.list_artifacts(trial.run_id, "stages"):
+                local = fetch_artifact(tracker, trial.artifact_uri, path, Path(tmp) / trial.run_id)
+                if local is None:
                     notes.append(f"pooled table: {trial.name} has no {path} (no stage judged), left out of its group")
                     continue
-                local = tracker.download_artifacts(trial.run_id, path, Path(tmp) / trial.run_id)
                 group.outcomes[trial.run_id] = pd.read_parquet(local)
     return notes
 

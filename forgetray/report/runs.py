@@ -1,6 +1,6 @@
 """Reading a sweep execution back from MLflow: the parent run and, per trial run, a `TrialData`.
 
-Everything goes through `forgetray.tracking.Tracker`, and every metric name is read through
+Everything goes through `forgetray.tracking.Tracker` (bulk reads: `forgetray.tracking_history`), and every metric name is read through
 `forgetray.metrics.registry` (which benchmarks a trial has, which metrics count IFT epochs, which restorations it
 logged): this module is where the report meets the store; the tables and figures only see `TrialData`.
 """
@@ -17,7 +17,9 @@ from typing import Any
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGE_CODES, STAGES, transition_epoch
 from forgetray.spec import SpecError, TrialConfig
+from forgetray.report.history import load_histories
 from forgetray.tracking import TAG_KIND, TAG_TRIAL, Tracker
+from forgetray.tracking_history import search_trial_runs
 
 STAGE_BY_CODE = {code: name for name, code in STAGE_CODES.items()}
 # Tags forgetray.trial_stages sets on a trial run (tags, not metrics: the registry does not declare them).
@@ -39,6 +41,7 @@ class TrialData:
     scores: dict[str, str]  # benchmark -> name of its primary score ("letter", "acc", ...)
     history: dict[str, dict[int, float]]  # metric name -> {step: value}
     tags: dict[str, str]
+    artifact_uri: str = ""  # the run's artifact root (search_runs gives it): its files in one request each
 
     @property
     def primary(self) -> str | None:
@@ -146,8 +149,7 @@ class TrialData:
         return f"{self.name} ({settings})" if settings else self.name
 
 
-def _load_trial(tracker: Tracker, run: Any) -> TrialData:
-    history = tracker.metric_history(run.info.run_id, sorted(run.data.metrics))
+def _load_trial(run: Any, history: dict[str, dict[int, float]]) -> TrialData:
     params = run.data.params
     benchmarks = _ordered_benchmarks(params.get("trial.benchmarks", ""), history)
     return TrialData(
@@ -159,6 +161,7 @@ def _load_trial(tracker: Tracker, run: Any) -> TrialData:
         scores={bench: params.get(f"resolved.benchmarks.{bench}.score", "primary score") for bench in benchmarks},
         history=history,
         tags=dict(run.data.tags),
+        artifact_uri=run.info.artifact_uri,
     )
 
 
@@ -242,9 +245,17 @@ def resolve_parent(tracker: Tracker, experiment: str, parent_run_id: str | None)
                     f"(its sweep runs: {', '.join(run.info.run_id for run in sweeps[:5])})")
 
 
-def load_trials(tracker: Tracker, experiment: str, parent: Any) -> list[TrialData]:
-    """The sweep run's trials, read once each and sorted by name. SpecError when it has none."""
-    runs = [run for run in tracker.trial_runs(parent.info.run_id) if run.data.tags.get(TAG_KIND) == "trial"]
+def load_trials(tracker: Tracker, experiment: str, parent: Any, notes: list[str] | None = None,
+                per_key: bool = False) -> list[TrialData]:
+    """The sweep run's trials, read once each and sorted by name: one search for all of them (paged), then each
+    one's metric history from its `metrics/history.parquet` (`report.history`; with `per_key`, or for a run without
+    a complete table, one request per metric key, with a line in `notes`). SpecError when it has none."""
+    runs = [run for run in search_trial_runs(tracker, parent.info.experiment_id, parent.info.run_id)
+            if run.data.tags.get(TAG_KIND) == "trial"]
     if not runs:
         raise SpecError(f"sweep run {parent.info.run_id} of experiment {experiment!r} has no trial runs")
-    return sorted((_load_trial(tracker, run) for run in runs), key=lambda t: t.name)
+    names = {run.info.run_id: run.data.tags.get(TAG_TRIAL) or run.info.run_name or run.info.run_id for run in runs}
+    histories, read_notes = load_histories(tracker, runs, names, per_key=per_key)
+    if notes is not None:
+        notes.extend(read_notes)
+    return sorted((_load_trial(run, histories[run.info.run_id]) for run in runs), key=lambda t: t.name)
