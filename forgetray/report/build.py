@@ -19,6 +19,7 @@ from forgetray.report.reinjection import REINJECTION_CSV, reinjection_table, rei
 from forgetray.report.runs import check_store_exists, load_trials, resolve_parent, varying_settings
 from forgetray.report.tables import TEXT_COLUMNS, empty_columns, methods_table, report_text, stage_table
 from forgetray.tracking import DEFAULT_RESULTS, Tracker, default_tracking_uri
+from forgetray.tracking_history import set_tags
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -117,8 +118,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, parent_run_i
     (out_dir / TABLE_TXT).write_text(text)
     if log_to_mlflow:
         tracker.log_artifacts(parent.info.run_id, out_dir, REPORT_ARTIFACT_PATH)
-        for key, value in pooled_tags(pooled).items():  # the pooled verdicts, searchable in the MLflow UI
-            tracker.set_tag(parent.info.run_id, key, value)
+        set_tags(tracker, parent.info.run_id, pooled_tags(pooled))  # the pooled verdicts, searchable in the UI
     return Report(stage_table=table, figures=[out_dir / d.file for d in drawn], text=text,
                   parent_run_id=parent.info.run_id, out_dir=out_dir, notes=notes,
                   plots={d.file: d.figure for d in drawn}, pooled_table=pooled, reinjection_table=reinjection)
