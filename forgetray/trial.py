@@ -10,6 +10,8 @@
    (`trial_stages.py`);
 4. continual-learning summaries (docs/methods.md §9): once the training phases are done, the matrix a[t][b] is read back
    from the run and completed, and forgetting per benchmark and backward transfer are logged (`log_continual`).
+5. as its run ends (failed or not), the run's whole metric history is stored as one artifact for the report
+   (`tracking_history.write_history`).
 
 Every trainer's storage folder is derived from the trial's config hash, so a re-run of the same trial (Tune retry,
 `--resume`) finds Ray Train's snapshots there and continues from the last checkpoints; finished restorations leave a

@@ -3,10 +3,10 @@ MLflow runs alone (no checkpoint is opened, so a report can be made long after t
 
 Layout, one concept per module, each depending only on those above it: `runs` reads the sweep's parent run and
 its trial runs through `forgetray.tracking.Tracker` into `TrialData` (metric names parsed and built through
-`forgetray.metrics.registry`); `tables` turns trials into the stage table, the methods table and the printed text;
-`figures` draws Figures 3a/3b/3c/4/5 with matplotlib (imported only when a figure is drawn) and hands back each
-`Figure`; `build` puts them together, writes the folder and logs it to the parent run (`build_report`,
-`run_report`). A sweep run with `replicates=n` is also pooled per grid point: `pooled` (the pooled stage table)
+`forgetray.metrics.registry`; `history` reads each trial's metrics in one download); `tables` turns trials into the
+stage table, the methods table and the printed text; `figures` draws Figures 3a/3b/3c/4/5 with matplotlib
+(imported only when a figure is drawn) and hands back each `Figure`; `build` puts them together, writes the
+folder and logs it to the parent run (`build_report`, `run_report`). A sweep run with `replicates=n` is also pooled per grid point: `pooled` (the pooled stage table)
 and `bands` (Figures 3b/3c over seeds). What a trial did not log is left out, with a line in `Report.notes`; the
 report never fails on a missing metric, and never turns any other error (a bug, a store that does not answer, a
 setting that does not parse) into a note: those fail the report with their cause.

@@ -1,8 +1,8 @@
 """Reading a sweep execution back from MLflow: the parent run and, per trial run, a `TrialData`.
 
-Everything goes through `forgetray.tracking.Tracker` (bulk reads: `forgetray.tracking_history`), and every metric name is read through
-`forgetray.metrics.registry` (which benchmarks a trial has, which metrics count IFT epochs, which restorations it
-logged): this module is where the report meets the store; the tables and figures only see `TrialData`.
+Everything goes through `forgetray.tracking` (bulk reads: `forgetray.tracking_history`), and every metric name is
+read through `forgetray.metrics.registry` (which benchmarks a trial has, which metrics count IFT epochs, which
+restorations it logged): this module is where the report meets the store; the tables and figures only see `TrialData`.
 """
 
 from __future__ import annotations
