@@ -296,3 +296,18 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
     parent = runs_of(uri, "restore-e2e")[0][0]
     assert any(p.startswith("report/") for p in
                [f.path for f in client(uri).list_artifacts(parent.info.run_id, "report")])
+    # The trial's run ended by storing its whole metric history as one table (issue 19): the report read it in one
+    # download, and it holds what MLflow returns key by key.
+    from forgetray.report.history import history_of
+    from forgetray.tracking import Tracker
+    from forgetray.tracking_history import HISTORY_ARTIFACT, TAG_HISTORY, forgetray_keys
+
+    assert not [note for note in report.notes if "one key at a time" in note]
+    tracker = Tracker(uri)
+    for run in runs_of(uri, "restore-e2e")[1]:
+        (tmp_path / "history" / run.info.run_id).mkdir(parents=True)
+        table = pd.read_parquet(tracker.download_artifacts(run.info.run_id, HISTORY_ARTIFACT,
+                                                           tmp_path / "history" / run.info.run_id))
+        keys = forgetray_keys(run.data.metrics)
+        assert run.data.tags[TAG_HISTORY] == str(len(table)) and len(keys) > 20
+        assert history_of(table, keys) == tracker.metric_history(run.info.run_id, keys)
