@@ -13,6 +13,8 @@ from forgetray.keys import cohort_key, trial_key
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig
 
+IFT_LINK = "ift.link"  # on object storage (no symlinks): the URI of a cohort member's IFT folder
+
 
 def fit(trial: TrialConfig, resolved: dict, dirs: dict, context: dict, run_id: str | None, name: str,
          phases: list[Phase]):
@@ -36,8 +38,6 @@ def fit_members(context: dict, members: list[dict]):
     name = cohort_key([m["trial"] for m in members])
     for m in members:
         if store.is_remote(root):  # no symlinks on object storage: the link is an object naming the folder
-            from forgetray.trial import IFT_LINK
-
             store.write_text(store.join(m["dirs"]["trial_dir"], IFT_LINK),
                              str(store.join(root, name, trial_key(m["trial"]))))
             continue

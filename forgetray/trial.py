@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from forgetray import fit
+from forgetray.fit import IFT_LINK
 from forgetray import storage as store
 from forgetray import plan as planning
 from forgetray.keys import (base_em_key, base_eval_key, cohort_key, control_key, iv_key,  # noqa: F401
@@ -102,7 +103,6 @@ def trial_dirs(execution_dir, trial: TrialConfig, resolved: dict) -> dict:
     }
 
 
-IFT_LINK = "ift.link"  # on object storage (no symlinks): the URI of a cohort member's IFT folder
 
 
 def ift_location(trial_dir):
