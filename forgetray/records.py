@@ -15,6 +15,7 @@ from forgetray.grids import flatten
 from forgetray.spec import TrialConfig
 from forgetray.tracking import Tracker
 from forgetray.tracking_history import forget_history
+from forgetray.ui import TAG_GRID_POINT
 
 RUN_ID_FILE = "mlflow_run_id"
 
