@@ -448,3 +448,75 @@ def test_epoch_level_is_bonferroni(alpha, epochs, level):
 def test_epoch_level_rejects(alpha, epochs, message):
     with pytest.raises(ValueError, match=message):
         margin.epoch_level(alpha, epochs)
+
+
+# --- the rule's table row and verdicts, and the crossed scaling at the smallest designs ---------------------------
+
+
+def test_interval_columns_and_verdicts_by_hand():
+    ds, dr = Interval(0.06, 0.04, 0.08), Interval(0.015, 0.005, 0.025)
+    share = Interval(0.75, 0.5, 0.9)
+    row = Deltas(d_sft=ds, d_restored=dr, share=share, level=0.98, seeds=3, questions=50)
+    assert margin.interval_columns(row) == {
+        "drop": 0.06, "drop_low": 0.04, "drop_high": 0.08, "residual": 0.015, "residual_low": 0.005,
+        "residual_high": 0.025, "share": 0.75, "share_low": 0.5, "share_high": 0.9, "level": 0.98}
+    # D_S [0.04, 0.08], D_R [0.005, 0.025]: at 0.03 pseudo (D_S above, D_R below); at 0.01 D_R straddles; at 0.02
+    # D_R straddles; at 0.05 D_S straddles, D_R below
+    assert margin.verdicts(row, 0.03, True) == {
+        "stage": PSEUDO_FORGETTING, "why": "", "stage_at_0.01": margin.INCONCLUSIVE,
+        "stage_at_0.02": margin.INCONCLUSIVE, "stage_at_0.05": margin.INCONCLUSIVE}
+    inconclusive = margin.verdicts(row, 0.02, True)
+    assert inconclusive["stage"] == margin.INCONCLUSIVE
+    assert inconclusive["why"] == "D_R [+0.005, +0.025] straddles 0.02: more questions or seeds settle it"
+    assert margin.verdicts(row, 0.003, True)["stage"] == ACTUAL_FORGETTING  # D_R's low 0.005 above 0.003
+    assert margin.verdicts(row, 0.03, False) == {
+        "stage": NOT_RESTORED, "why": "PPL(R_e) not within the tolerance of PPL(R_0)", "stage_at_0.01": NOT_RESTORED,
+        "stage_at_0.02": NOT_RESTORED, "stage_at_0.05": NOT_RESTORED}
+
+
+def test_every_verdict_carries_its_margin():
+    assert margin.classify(found((0.05, 0.09), (0.03, 0.05)), 0.04, restored_ok=False).margin == 0.04
+    assert margin.classify(found((0.01, 0.05), (0.0, 0.03)), 0.02, restored_ok=True).margin == 0.02
+
+
+def test_within_control_default_tolerance_is_five_percent():
+    assert margin.within_control(10.0, 10.4) and margin.within_control(10.0, 9.6)
+    assert not margin.within_control(10.0, 10.6) and not margin.within_control(10.0, 9.4)
+
+
+def _width_reference(x: np.ndarray, level: float) -> float:
+    """sqrt(target / bootstrap variance) * t / z at the target's degrees of freedom (scipy's quantiles)."""
+    stats = pytest.importorskip("scipy.stats")
+    target, bootstrap, df = margin.mean_variances(x)
+    p = 1 - (1 - level) / 2
+    return math.sqrt(target / bootstrap) * stats.t.ppf(p, df) / stats.norm.ppf(p)
+
+
+@pytest.mark.parametrize("shape", [(2, 30), (4, 2), (3, 7)])
+def test_crossed_spread_is_scaled_by_the_variance_ratio_and_t_over_z(shape):
+    """Two seeds and two questions are the smallest designs the crossed scaling applies to: each crossed draw is
+    estimate + (plain draw - estimate) * factor, so the crossed bounds are the plain ones scaled about the estimate
+    by the factor written out here with scipy."""
+    rng = np.random.default_rng(sum(shape))
+    control = np.ones(shape, dtype=bool)
+    restored = rng.random(shape) < 0.6
+    restored[0, 0], restored[1, 1] = False, True  # some spread in both seeds and questions
+    level = 0.9
+    plain = margin.deltas(control, control, restored, control, level=level, crossed=False).d_restored
+    crossed = margin.deltas(control, control, restored, control, level=level, crossed=True).d_restored
+    factor = _width_reference(control.astype(int) - restored, level)
+    assert factor != pytest.approx(1.0, abs=1e-3)
+    expected_low = max(plain.estimate + (plain.low - plain.estimate) * factor, -1.0)
+    expected_high = min(plain.estimate + (plain.high - plain.estimate) * factor, 1.0)
+    assert crossed.estimate == plain.estimate
+    assert crossed.low == pytest.approx(expected_low, abs=1e-9)
+    assert crossed.high == pytest.approx(expected_high, abs=1e-9)
+
+
+def test_one_question_with_seeds_is_not_scaled():
+    """3 seeds x 1 question: no question spread to estimate a crossed variance from, the plain two-level bootstrap
+    stands (factor 1)."""
+    control = np.ones((3, 1), dtype=bool)
+    restored = np.array([[True], [False], [True]])
+    crossed = margin.deltas(control, control, restored, control, crossed=True)
+    assert crossed == margin.deltas(control, control, restored, control, crossed=False)

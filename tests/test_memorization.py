@@ -62,3 +62,11 @@ def test_em_ratio_and_validation():
         metrics.exact_memorization(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer token predictions"):
         metrics.exact_memorization(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_em_ratio_refuses_impossible_counts_by_name():
+    assert metrics.em_ratio(3, 4) == 0.75 and metrics.em_ratio(4, 4) == 1.0
+    with pytest.raises(ValueError, match="need 0 <= n_memorized <= n_positions, got 5 and 4"):
+        metrics.em_ratio(5, 4)
+    with pytest.raises(ValueError, match="got -1 and 4"):
+        metrics.em_ratio(-1, 4)

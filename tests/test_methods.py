@@ -264,3 +264,51 @@ def test_mix_samples_every_earlier_example_equally_often():
         for item in replayed:
             counts[item] += 1
     assert all(abs(c - 900) < 130 for c in counts), counts
+
+
+def test_interpolate_model_dirs_writes_beside_out_dir_into_new_parents(model_dirs, tmp_path, monkeypatch):
+    """The output is assembled in a hidden temporary directory next to `out_dir` (same file system: the final rename
+    is atomic), whose missing parents are created; an empty `out_dir` is taken over."""
+    import forgetray.methods.wiseft as wiseft
+
+    dirs, params = model_dirs
+    out = tmp_path / "a" / "b" / "out"
+    seen = []
+
+    def spying(theta0, theta1, alpha):
+        seen.append(sorted(p.name for p in out.parent.iterdir()))
+        return interpolate_state_dicts(theta0, theta1, alpha)
+
+    monkeypatch.setattr(wiseft, "interpolate_state_dicts", spying)
+    assert interpolate_model_dirs(dirs["m0"], dirs["m1"], 1.0, out) == out
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(".out.wiseft-")
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    interpolate_model_dirs(dirs["m0"], dirs["m1"], 0.0, empty)
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_interpolate_model_dirs_errors_name_what_is_wrong(model_dirs, tmp_path):
+    dirs, _ = model_dirs
+    with pytest.raises(FileNotFoundError, match=f"^model directory not found: {tmp_path / 'nope'}$"):
+        interpolate_model_dirs(tmp_path / "nope", dirs["m1"], 0.5, tmp_path / "out")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"bare: no model.safetensors or model.safetensors.index.json \(only "
+                                                r"safetensors checkpoints are supported\)$"):
+        interpolate_model_dirs(bare, dirs["m1"], 0.5, tmp_path / "out")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match=f"^output directory already exists and is not empty: {a_file}$"):
+        interpolate_model_dirs(dirs["m0"], dirs["m1"], 0.5, a_file)
+
+
+def test_interpolate_model_dirs_shape_mismatch_names_the_key(tmp_path):
+    from safetensors.torch import save_file
+
+    for name, shape in (("d0", (2, 3)), ("d1", (3, 2))):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.zeros(shape), "b": torch.zeros(2)}, str(tmp_path / name / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"^shape mismatch for 'w': theta0 \[2, 3\] vs theta1 \[3, 2\]$"):
+        interpolate_model_dirs(tmp_path / "d0", tmp_path / "d1", 0.5, tmp_path / "out")

@@ -1,6 +1,7 @@
 """The pure knowledge/perplexity metrics against values worked out by hand."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -99,3 +100,67 @@ def test_token_logprobs():
     got = metrics.token_logprobs(logits, [1, 0])
     assert got.dtype == torch.float64
     assert got.tolist() == pytest.approx([math.log(0.75), math.log(0.5)], abs=1e-7)
+
+
+# --- the reductions run over the last axis only, whatever the leading shape (and their exact inputs) -------------
+
+
+def test_option_and_vocabulary_reductions_run_over_the_last_axis_of_a_3d_batch():
+    # [2, 2, 3]: two prompts x two positions x three options, each row worked out alone by hand.
+    probs = torch.tensor([[[0.4, 0.2, 0.3], [0.0, 0.0, 0.01]], [[0.1, 0.1, 0.2], [0.5, 0.25, 0.25]]])
+    torch.testing.assert_close(metrics.format_probability(probs),
+                               torch.tensor([[0.9, 0.01], [0.4, 1.0]], dtype=torch.float64))
+    # renormalised per row: (4, 2, 3)/9, (0, 0, 1), (1, 1, 2)/4, (2, 1, 1)/4
+    def h(*p):
+        return -sum(x * math.log(x) for x in p if x > 0)
+    expected = [[h(4 / 9, 2 / 9, 3 / 9), 0.0], [h(0.25, 0.25, 0.5), h(0.5, 0.25, 0.25)]]
+    got = metrics.entropy_options(probs)
+    assert got.shape == (2, 2)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_token_logprobs_of_a_longer_sequence_and_narrow_inputs():
+    # Three positions over a vocabulary of 4: each row's log-softmax worked out alone (numpy, float64).
+    rows = np.array([[0.0, 1.0, 2.0, 3.0], [5.0, -1.0, 0.5, 0.5], [-2.0, 0.0, 0.0, 4.0]])
+    targets = np.array([2, 0, 3], dtype=np.int32)  # int32 ids (a tokenizer's numpy output) index like int64 ones
+    expected = [r[t] - math.log(np.exp(r).sum()) for r, t in zip(rows, targets)]
+    got = metrics.token_logprobs(torch.tensor(rows, dtype=torch.float32), targets)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    # bf16 logits: the log-softmax runs in float32 on the bf16 values (no second rounding to bf16)
+    low = torch.tensor(rows, dtype=torch.bfloat16)
+    wide = low.double().numpy()
+    expected_low = [r[t] - math.log(np.exp(r).sum()) for r, t in zip(wide, targets)]
+    assert metrics.token_logprobs(low, targets).tolist() == pytest.approx(expected_low, abs=1e-6)
+
+
+def test_option_likelihood_predictions_refuses_one_dimensional_and_zero_length_options():
+    with pytest.raises(ValueError, match=r"must be the same \[N, K\] shape"):
+        metrics.option_likelihood_predictions([-1.0, -2.0], [1, 2])  # one question, not a batch
+    with pytest.raises(ValueError, match="char_lengths must be positive"):
+        metrics.option_likelihood_predictions([[-1.0, -2.0], [-1.0, -2.0]], [[1, 2], [3, 0]])  # one zero length
+
+
+def test_perplexity_and_accuracy_edge_cases():
+    with pytest.raises(ValueError, match="at least one scored token, got n_tokens=0"):
+        metrics.perplexity(1.0, 0)
+    with pytest.raises(ValueError, match="n_tokens=-2"):
+        metrics.perplexity(1.0, -2)
+    assert metrics.perplexity(2.0, 1) == pytest.approx(math.exp(2.0))
+    assert metrics.accuracy([2, 0, 0, 0]) == 0.25  # truthiness, not the mean of the numbers
+    assert metrics.accuracy(np.array([0.5, 0.0])) == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty input is nan without numpy's "mean of empty slice" warning
+        assert math.isnan(metrics.accuracy(np.array([], dtype=bool)))
+
+
+def test_package_names_load_from_their_submodules_on_first_use():
+    import importlib
+
+    names = dir(metrics)
+    assert names == sorted(names)
+    assert set(metrics.__all__) <= set(names)
+    assert metrics.em_ratio is importlib.import_module("forgetray.metrics.memorization").em_ratio
+    assert metrics.STAGE_CODES is importlib.import_module("forgetray.metrics.stage").STAGE_CODES
+    with pytest.raises(AttributeError, match="module 'forgetray.metrics' has no attribute 'nonesuch'"):
+        metrics.nonesuch

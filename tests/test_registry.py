@@ -60,3 +60,30 @@ def test_undeclared_or_malformed_names_are_refused():
         registry.KNOWLEDGE.name(state="sft")  # a field missing
     with pytest.raises(KeyError, match="no 'restore_step'"):
         registry.step_of("restore/probe_ppl/epoch_001", {"epoch": 1})
+
+
+def test_task_metrics_places_every_summary_key_by_hand():
+    # probes.summarize_task's keys for MMLU (acc, letter, per category, macro) and for the lm-eval tasks.
+    summary = {"acc": 0.5, "letter": 0.25, "acc_stem": 0.75, "letter_social_sciences": 1, "acc_macro": 0.4,
+               "letter_macro": 0.3}
+    assert registry.task_metrics("sft", "mmlu", summary) == {
+        "sft/mmlu/acc": 0.5, "sft/mmlu/letter_acc": 0.25, "sft/mmlu/group/stem/acc": 0.75,
+        "sft/mmlu/group/social_sciences/letter_acc": 1.0, "sft/mmlu/macro/acc": 0.4,
+        "sft/mmlu/macro/letter_acc": 0.3}
+    got = registry.task_metrics("restored", "arc", {"acc": 1, "acc_norm": 0.125, "mc1": 0.5, "mc2": 0.75})
+    assert got == {"restored/arc/acc": 1.0, "restored/arc/acc_norm": 0.125, "restored/arc/mc1": 0.5,
+                   "restored/arc/mc2": 0.75}
+    assert all(type(v) is float for v in got.values())  # numpy or int scores are logged as floats
+    for bad in ("accuracy", "mc1_stem", "mc2_macro", "p_fmt_stem"):
+        with pytest.raises(KeyError, match=f"{bad!r} of 'b' is not a declared metric"):
+            registry.task_metrics("base", "b", {bad: 0.5})
+
+
+def test_iv_probe_metric_finds_each_quantity_in_its_own_declaration():
+    for metric in (registry.IV_PROBE_BEHAVIOUR, registry.IV_PROBE_VECTOR, registry.IV_PROBE_EXTRACTION,
+                   registry.IV_PROBE_OTHER):
+        for key in metric.keys:
+            assert registry.iv_probe_metric(key) is metric, key
+    assert registry.iv_probe_metric("cosine").name(state="sft", key="cosine") == "sft/iv_probe/cosine"
+    with pytest.raises(KeyError, match="'ce' is not a quantity of the IV dynamics probe"):
+        registry.iv_probe_metric("ce")

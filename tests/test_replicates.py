@@ -179,3 +179,41 @@ def test_transition_summary(transitions, median, low, high):
     assert summary.epochs == transitions
     assert (summary.median, summary.low, summary.high) == (median, low, high)
     assert summary.reached == sum(t is not None for t in transitions)
+
+
+def test_pooled_settings_reach_the_pooled_and_the_per_replicate_rules():
+    """SMALL_DROPS alone: dS p = 0.0625 (5 drops), so at alpha 0.1 each replicate alone is pseudo; pooled over one
+    replicate p = 0.0625 too: exactly alpha 0.0625 is no drop (p must be below it)."""
+    one = [_replicate(SMALL_DROPS)]
+    assert classify_pooled(one, alpha=0.0625).stage == "no_forgetting"
+    assert classify_pooled(one, alpha=0.0626).stage == "pseudo_forgetting"
+    pooled = classify_pooled([_replicate(SMALL_DROPS) for _ in range(2)], alpha=0.1)
+    assert pooled.replicate_stages == ("pseudo_forgetting",) * 2 and pooled.agreeing == 2
+    # R drops 4 questions it does not restore (p = 2/16 = 0.125): actual at alpha 0.13, not at 0.125
+    rows = [(4, 1, 1, 0), (12, 1, 1, 1), (4, 0, 0, 0)]
+    assert classify_pooled([_replicate(rows)], alpha=0.125).stage == "no_forgetting"
+    assert classify_pooled([_replicate(rows)], alpha=0.13).stage == "actual_forgetting"
+    # the PPL tolerance reaches every replicate's precondition: 10% above base is restored at 0.2 only
+    loose = classify_pooled([_replicate(SMALL_DROPS, restored_ppl=11.0)] * 2, ppl_tolerance=0.2)
+    assert loose.restored_ok and loose.n_restored == 2 and loose.replicate_stages == ("no_forgetting",) * 2
+    assert classify_pooled([_replicate(SMALL_DROPS, restored_ppl=11.0)]).stage == "not_restored"
+
+
+def test_significant_gains_are_no_drop():
+    """SFT and R both answer 8 more questions than base (b = 0, c = 8 per replicate): p = 2/2^8, but the change is
+    a gain, not forgetting."""
+    pooled = classify_pooled([_replicate([(8, 0, 1, 1), (12, 1, 1, 1)]) for _ in range(2)])
+    assert pooled.p_sft == pytest.approx(2 / 2**16) and pooled.d_sft == pytest.approx(0.4)
+    assert pooled.stage == "no_forgetting"
+
+
+def test_pooled_inputs_are_checked_by_message():
+    with pytest.raises(ValueError, match="^pooled_mcnemar needs at least one stratum$"):
+        pooled_mcnemar([])
+    with pytest.raises(ValueError, match="^classify_pooled needs at least one replicate$"):
+        classify_pooled([])
+    for alpha in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^alpha must be in \(0, 1\), got {alpha}$"):
+            classify_pooled([_replicate(SMALL_DROPS)], alpha=alpha)
+    with pytest.raises(ValueError, match="^transition_summary needs at least one replicate$"):
+        transition_summary([])

@@ -229,3 +229,53 @@ def test_sam_step_one_and_two_workers_match_reference(tmp_path, zero_stage, adap
                     (world, key, float((got["grads"][key] - want).abs().max()))
                 # and it is not the plain gradient at w: SAM's perturbation moved it
             assert max(float((expected_grads[k] - plain_grads[k]).abs().max()) for k in expected_grads) > 1e-3
+
+
+def test_perturbed_weights_are_rounded_once():
+    """bf16 has 8 significant bits: at 1.0 its spacing is 2^-7, so 1 + (2^-8 + 1e-6) is nearer 1 + 2^-7. Rounding e
+    to bf16 first (2^-8 exactly: 1e-6 is below its spacing there) and then the sum gives a tie, which rounds to even,
+    1.0: the perturbation would be lost."""
+    from forgetray.methods.sam import perturbed
+
+    w = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    e = torch.tensor([2.0**-8 + 1e-6, 0.25], dtype=torch.float32)
+    got = perturbed(w, e)
+    assert got.dtype == torch.bfloat16
+    assert got.tolist() == [1.0 + 2.0**-7, -1.75]
+    assert (w + e.to(torch.bfloat16)).tolist() == [1.0, -1.75]  # the in-place bf16 sum this avoids
+    # an fp32 master weight, the result in the model's bf16: the same single rounding
+    assert perturbed(w.float(), e, torch.bfloat16).tolist() == [1.0 + 2.0**-7, -1.75]
+    # float64 stays float64 (no float32 step): 1 + 1e-12 survives
+    w64 = torch.tensor([1.0], dtype=torch.float64)
+    assert perturbed(w64, torch.tensor([1e-12], dtype=torch.float64)).item() == 1.0 + 1e-12
+    assert perturbed(w64, torch.tensor([1e-12], dtype=torch.float64), torch.float32).dtype == torch.float32
+
+
+def test_perturbation_norm_runs_over_every_parameter_and_keeps_wide_dtypes():
+    # g = ([1, 2], [[2], [4]]) -> ||g||^2 = 1 + 4 + 4 + 16 = 25; e = rho g / 5, each in its parameter's dtype
+    params = [torch.zeros(2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.bfloat16)]
+    grads = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([[2.0], [4.0]], dtype=torch.bfloat16)]
+    e = perturbation(params, grads, rho=1.0)
+    assert e[0].dtype == torch.float64 and e[1].dtype == torch.float32  # float32 at least, wider kept
+    assert e[0].tolist() == pytest.approx([0.2, 0.4], abs=1e-12)
+    assert e[1].shape == (2, 1) and e[1].flatten().tolist() == pytest.approx([0.4, 0.8], abs=1e-7)
+    # ASAM over two tensors: |w| g = (1 * 3, -2 -> 2 * 4 = 8) and (0.5 * 2 = 1): norm sqrt(9 + 64 + 1) = sqrt(74);
+    # e = rho w^2 g / sqrt(74)
+    params = [torch.tensor([1.0, -2.0]), torch.tensor([0.5])]
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([2.0])]
+    e = perturbation(params, grads, rho=3.0, adaptive=True)
+    assert e[0].tolist() == pytest.approx([3.0 * 3.0 / math.sqrt(74), 3.0 * 16.0 / math.sqrt(74)], rel=1e-6)
+    assert e[1].tolist() == pytest.approx([3.0 * 0.5 / math.sqrt(74)], rel=1e-6)
+    with pytest.raises(ValueError, match="2 parameters but 1 gradients"):
+        perturbation(params, grads[:1], rho=1.0)
+    with pytest.raises(ValueError, match="rho must be >= 0, got -1.0"):
+        perturbation(params, grads, rho=-1.0)
+
+
+def test_a_vanishing_gradient_gives_a_finite_step_no_longer_than_rho():
+    """The guard is added to the norm: a gradient of norm 1e-12 (the guard's size) gives half the radius, never an
+    infinite or overlong step (a guard subtracted would divide by zero here)."""
+    for adaptive in (False, True):
+        e = perturbation([torch.ones(1, dtype=torch.float64)], [torch.full((1,), 1e-12, dtype=torch.float64)],
+                         rho=1.0, adaptive=adaptive)
+        assert e[0].item() == pytest.approx(0.5, rel=1e-9)

@@ -336,3 +336,76 @@ def test_spearman_rho_and_its_permutation_p_against_full_enumeration():
     exact_p = sum(abs(r) >= abs(rho) - 1e-12 for r in exact) / len(exact)
     assert p == pytest.approx(exact_p, abs=0.005)
     assert spearman([1, 2, 3], [5, 5, 5]) == (pytest.approx(float("nan"), nan_ok=True), 1.0)
+
+
+def test_fixed_threshold_settings_reach_the_rule():
+    fixed = metrics.classify_fixed
+    # tau = 0 is allowed: any loss at all is a drop, no change is none
+    assert fixed(0.50, 0.49, 0.50, 10.0, 10.0, tau=0.0).stage == metrics.PSEUDO_FORGETTING
+    assert fixed(0.50, 0.50, 0.50, 10.0, 10.0, tau=0.0).stage == metrics.NO_FORGETTING
+    with pytest.raises(ValueError, match="tau must be non-negative, got -0.01"):
+        fixed(0.50, 0.45, 0.49, 10.0, 10.0, tau=-0.01)
+    # the PPL tolerance is the caller's: 10% above base is restored at tolerance 0.2, not at the default 0.05
+    loose = fixed(0.50, 0.45, 0.49, 10.0, 11.0, ppl_tolerance=0.2)
+    assert loose.restored_ok is True and loose.stage == metrics.PSEUDO_FORGETTING
+    strict = fixed(0.50, 0.45, 0.49, 10.0, 11.0)
+    assert strict.restored_ok is False and strict.stage == metrics.NOT_RESTORED
+
+
+def test_classify_checkpoint_passes_its_settings_to_both_tests_and_the_precondition():
+    # Base right on all 200; 5 questions lost: McNemar p = 2 / 2^5 = 0.0625, a drop at alpha 0.1, none at 0.05.
+    lost5, lost2 = outcomes(200, 5), outcomes(200, 2)
+    assert metrics.classify_checkpoint(BASE, lost5, lost2, 10.0, 10.0).stage == metrics.NO_FORGETTING
+    assert metrics.classify_checkpoint(BASE, lost5, lost2, 10.0, 10.0, alpha=0.1).stage == metrics.PSEUDO_FORGETTING
+    assert metrics.classify_checkpoint(BASE, BASE, lost5, 10.0, 10.0, alpha=0.1).stage == metrics.ACTUAL_FORGETTING
+    # the tolerance reaches the PPL precondition: 10% above base is restored at 0.2 only
+    loose = metrics.classify_checkpoint(BASE, lost5, lost2, 10.0, 11.0, alpha=0.1, ppl_tolerance=0.2)
+    assert loose.restored_ok is True and loose.stage == metrics.PSEUDO_FORGETTING
+    assert metrics.classify_checkpoint(BASE, lost5, lost2, 10.0, 11.0).stage == metrics.NOT_RESTORED
+
+
+def test_is_restored_at_zero_tolerance_and_its_error():
+    assert metrics.is_restored(10.0, 10.0, ppl_tolerance=0.0)
+    assert not metrics.is_restored(10.0, 10.000001, ppl_tolerance=0.0)
+    with pytest.raises(ValueError, match="ppl_tolerance must be non-negative, got -0.1"):
+        metrics.is_restored(10.0, 10.0, ppl_tolerance=-0.1)
+
+
+def test_bootstrap_and_drop_settings_are_validated_at_their_bounds():
+    a, b = outcomes(20, 0), outcomes(20, 3)
+    one = metrics.paired_bootstrap(a, b, n_resamples=1)  # a single resample is allowed: both bounds are its delta
+    assert one.low == one.high
+    with pytest.raises(ValueError, match="^n_resamples must be positive, got 0$"):
+        metrics.paired_bootstrap(a, b, n_resamples=0)
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^confidence must be in \(0, 1\), got {confidence}$"):
+            metrics.paired_bootstrap(a, b, confidence=confidence)
+    for alpha in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^alpha must be in \(0, 1\), got {alpha}$"):
+            metrics.significant_drop(a, b, alpha=alpha)
+
+
+def test_mcnemar_drop_needs_p_strictly_below_alpha():
+    # 5 of 200 lost, none gained: p = 2 / 2^5 = 0.0625 exactly
+    assert metrics.mcnemar(BASE, outcomes(200, 5)).p_value == 0.0625
+    assert not metrics.significant_drop(BASE, outcomes(200, 5), alpha=0.0625)
+    assert metrics.significant_drop(BASE, outcomes(200, 5), alpha=0.0625 + 1e-9)
+
+
+def test_bootstrap_drop_is_the_upper_bound_of_its_own_interval():
+    """significant_drop(test="bootstrap") is paired_bootstrap's (1 - alpha) interval with the same draws, for every
+    seed and resample count: on a borderline case (6 lost, 1 gained of 100) the decision changes with them."""
+    a = np.ones(100, dtype=bool)
+    b = outcomes(100, 6)
+    a[99] = False  # question 99: a wrong, b right
+    decisions = set()
+    for seed in range(12):
+        for n_resamples, alpha in ((40, 0.05), (40, 0.2), (200, 0.05)):
+            ci = metrics.paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed, confidence=1 - alpha)
+            got = metrics.significant_drop(a, b, alpha=alpha, test="bootstrap", n_resamples=n_resamples, seed=seed)
+            assert got == (ci.high < 0), (seed, n_resamples, alpha)
+            decisions.add(got)
+    assert decisions == {True, False}
+    # the defaults: 10,000 resamples from seed 0
+    assert metrics.paired_bootstrap(a, b) == metrics.paired_bootstrap(a, b, n_resamples=10_000, seed=0)
+    assert metrics.paired_bootstrap(a, b, n_resamples=40) != metrics.paired_bootstrap(a, b, n_resamples=40, seed=1)

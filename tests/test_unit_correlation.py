@@ -72,3 +72,53 @@ def test_inputs_are_checked():
     sampled = within_strata_correlation(np.arange(9.0), np.arange(9.0) ** 2, [1] * 9, list(range(9)),
                                         max_permutations=500)
     assert not sampled.exact and sampled.permutations == 500 and 1 / 501 <= sampled.p_value < 0.02
+
+
+def test_sampled_p_is_the_seeded_share_plus_one():
+    """More than max_permutations unit orders: p = (count + 1) / (permutations + 1) over the permutations of seed
+    `seed`'s generator (default 0), counted here against this test's own demeaning."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(9, 2))
+    y = 0.3 * x + rng.normal(size=(9, 2))
+    xs, strata, units = _grid(x)
+    ys, _, _ = _grid(y)
+    got = within_strata_correlation(xs, ys, strata, units, max_permutations=200)
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    r = float((xc * yc).sum() / np.sqrt((xc**2).sum() * (yc**2).sum()))
+    draws = np.random.default_rng(0)
+    count = sum(abs(float((xc * yc[draws.permutation(9)]).sum() / np.sqrt((xc**2).sum() * (yc**2).sum())))
+                >= abs(r) - 1e-12 for _ in range(200))
+    assert 0 < count < 200  # a p between the bounds, where the seed matters
+    assert got.r == pytest.approx(r)
+    assert got.p_value == pytest.approx((count + 1) / 201) and not got.exact and got.permutations == 200
+    assert within_strata_correlation(xs, ys, strata, units, max_permutations=200, seed=0) == got
+    assert within_strata_correlation(xs, ys, strata, units, max_permutations=200, seed=5).p_value != got.p_value
+    # a perfect correlation of 9 units: no random order of 200 reaches it (2 of 9! do): p = 1 / 201 exactly
+    perfect = within_strata_correlation(np.arange(9.0), np.arange(9.0), [1] * 9, list(range(9)),
+                                        max_permutations=200)
+    assert perfect.r == pytest.approx(1.0) and perfect.p_value == 1 / 201
+
+
+def test_exact_up_to_max_permutations_inclusive():
+    # 3 units have 3! = 6 orders, all enumerated at max_permutations=6; x = y unevenly spaced: only the identity
+    # reaches |r| = 1 (the reversal gives r = -0.93), so p = 1/6
+    got = within_strata_correlation([1.0, 2.0, 4.0], [1.0, 2.0, 4.0], [1, 1, 1], [0, 1, 2], max_permutations=6)
+    assert got.exact and got.permutations == 6 and got.p_value == pytest.approx(1 / 6)
+    sampled = within_strata_correlation([1.0, 2.0, 4.0], [1.0, 2.0, 4.0], [1, 1, 1], [0, 1, 2], max_permutations=5)
+    assert not sampled.exact and sampled.permutations == 5
+    # 8 units (8! = 40320 orders) are enumerated by default
+    assert within_strata_correlation(np.arange(8.0), np.arange(8.0) ** 3, [1] * 8, list(range(8))).exact
+
+
+def test_constant_side_and_bad_inputs_by_message():
+    flat = within_strata_correlation([1, 1, 1], [1, 2, 3], [1, 1, 1], [0, 1, 2])
+    assert (flat.p_value, flat.units, flat.permutations, flat.exact) == (1.0, 3, 0, True)
+    with pytest.raises(ValueError, match="^within_strata_correlation needs x, y, strata and units of one length$"):
+        within_strata_correlation([1, 2, 3, 4], [1, 2, 3], [1, 1, 1, 1], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="^within_strata_correlation needs x, y, strata and units of one length$"):
+        within_strata_correlation([[1, 2, 3]], [[1, 2, 3]], [[1, 1, 1]], [[0, 1, 2]])  # one length, but not 1-d
+    for x, y in (([1, None, 3], [1, 2, 3]), ([1, 2, 3], [1, float("nan"), 3]), ([1, 2, 3], [None, 2, 3])):
+        with pytest.raises(ValueError, match=r"^within_strata_correlation: a value is missing \(nan\)$"):
+            within_strata_correlation(x, y, [1, 1, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="^within_strata_correlation needs every unit measured once at every stratum$"):
+        within_strata_correlation([1, 2, 3, 4], [1, 2, 3, 4], [1, 1, 1, 2], [0, 1, 2, 0])
