@@ -49,6 +49,18 @@ def test_missing_values_are_left_out():
     assert math.isnan(backward_transfer(matrix, [None, "y", None]))
 
 
+def test_unmeasured_as_none_or_absent_and_empty_matrices():
+    # None (a probe that logged nothing) is left out like nan; a benchmark measured only at T has no forgetting
+    matrix = [{"x": 0.9, "y": None}, {"x": None, "y": 0.6}, {"x": 0.5, "y": 0.7, "z": 0.3}]
+    assert forgetting(matrix, "x") == pytest.approx(0.4)
+    assert forgetting(matrix, "y") == pytest.approx(-0.1)
+    assert math.isnan(forgetting(matrix, "z"))
+    assert list(forgetting_by_benchmark(matrix)) == ["x", "y", "z"]
+    assert math.isnan(backward_transfer(matrix, [None, "x", None]))  # a[1][x] not measured: nothing to compare
+    assert backward_transfer(matrix, [None, "y", None]) == pytest.approx(0.1)
+    assert math.isnan(backward_transfer([], []))  # no steps at all: no BWT, not an error
+
+
 # --- the trial driver: summaries from what the run logged --------------------------------------------------------
 
 @pytest.fixture

@@ -520,3 +520,47 @@ def test_one_question_with_seeds_is_not_scaled():
     restored = np.array([[True], [False], [True]])
     crossed = margin.deltas(control, control, restored, control, crossed=True)
     assert crossed == margin.deltas(control, control, restored, control, crossed=False)
+
+
+def test_t_quantile_beyond_1000_degrees_of_freedom_to_1e8():
+    """The Cornish-Fisher branch (df > 1000) against scipy at 1e-8: its second term is ~3e-6 at df = 1001, so each of
+    its coefficients shows; the truncation error (the third term) is 2.6e-9 there."""
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1001.0, 1500.0):
+        for p in (0.9, 0.975):
+            assert margin.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), abs=1e-8, rel=0)
+
+
+@pytest.mark.parametrize("p, df", [(1.0, 3.0), (0.4, 3.0), (0.9, 0.0), (0.9, -1.0)])
+def test_t_quantile_domain(p, df):
+    with pytest.raises(ValueError, match=rf"^needs 1/2 <= p < 1 and df > 0, got p={p}, df={df}$"):
+        margin.t_quantile(p, df)
+
+
+def _anova_reference(x: list[list[float]]) -> tuple[float, float]:
+    """The truncated crossed-design variance of the mean and its Satterthwaite df, from two-way ANOVA mean squares
+    computed with loops: s_a = max(0, (MS_A - MS_E) / Q), s_b = max(0, (MS_B - MS_E) / S), s_e = MS_E."""
+    s, q = len(x), len(x[0])
+    g = sum(sum(row) for row in x) / (s * q)
+    r = [sum(x[i]) / q - g for i in range(s)]
+    c = [sum(x[i][j] for i in range(s)) / s - g for j in range(q)]
+    ms_a = q * sum(v * v for v in r) / (s - 1)
+    ms_b = s * sum(v * v for v in c) / (q - 1)
+    ms_e = sum((x[i][j] - g - r[i] - c[j]) ** 2 for i in range(s) for j in range(q)) / ((s - 1) * (q - 1))
+    target = max(0.0, (ms_a - ms_e) / q) / s + max(0.0, (ms_b - ms_e) / s) / q + ms_e / (s * q)
+    # S Q target as a linear combination of mean squares: MS_A and MS_B where kept, MS_E with 1 - (number kept)
+    terms = [(ms_a, s - 1)] * (ms_a > ms_e) + [(ms_b, q - 1)] * (ms_b > ms_e)
+    terms.append((ms_e * (1 - len(terms)), (s - 1) * (q - 1)))
+    return target, (target * s * q) ** 2 / sum(m * m / d for m, d in terms)
+
+
+@pytest.mark.parametrize("seed_spread, question_spread", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_mean_variances_of_a_noisy_array_against_the_anova_by_hand(seed_spread, question_spread):
+    """Seed and question effects on top of cell noise, each present or not: every truncation pattern."""
+    rng = np.random.default_rng(int(seed_spread * 2 + question_spread))
+    x = (seed_spread * 3 * rng.normal(size=(4, 1)) + question_spread * 3 * rng.normal(size=(1, 6))
+         + rng.normal(size=(4, 6)))
+    target, _, df = margin.mean_variances(x)
+    want_target, want_df = _anova_reference(x.tolist())
+    assert target == pytest.approx(want_target, rel=1e-12)
+    assert df == pytest.approx(want_df, rel=1e-12)

@@ -87,3 +87,15 @@ def test_iv_probe_metric_finds_each_quantity_in_its_own_declaration():
     assert registry.iv_probe_metric("cosine").name(state="sft", key="cosine") == "sft/iv_probe/cosine"
     with pytest.raises(KeyError, match="'ce' is not a quantity of the IV dynamics probe"):
         registry.iv_probe_metric("ce")
+
+
+def test_declaration_and_naming_errors_by_message():
+    with pytest.raises(ValueError, match="^metric 'x/{bench}': unknown step meaning 'lap'$"):
+        registry.Metric("x/{bench}", "lap", None, "a bad declaration")
+    assert registry.Metric("x/{bench}", "epoch", None, "fine").name(bench="b") == "x/b"
+    with pytest.raises(KeyError, match=r"metric '\{state\}/\{bench\}/knowledge' takes fields \('state', 'bench'\), "
+                                       r"got \['state'\]"):
+        registry.KNOWLEDGE.name(state="sft")
+    with pytest.raises(ValueError, match=r"^'nope/b/knowledge' does not fit metric pattern '\{state\}/\{bench\}/"
+                                         r"knowledge' \(an unknown state, or a field holding '/'\)$"):
+        registry.KNOWLEDGE.name(state="nope", bench="b")

@@ -409,3 +409,20 @@ def test_bootstrap_drop_is_the_upper_bound_of_its_own_interval():
     # the defaults: 10,000 resamples from seed 0
     assert metrics.paired_bootstrap(a, b) == metrics.paired_bootstrap(a, b, n_resamples=10_000, seed=0)
     assert metrics.paired_bootstrap(a, b, n_resamples=40) != metrics.paired_bootstrap(a, b, n_resamples=40, seed=1)
+
+
+def test_sign_test_inputs_by_message():
+    from forgetray.metrics.significance import sign_test
+
+    one = sign_test([0.5], [0.25])  # a single pair is a (powerless) test
+    assert (one.n, one.negative, one.p_value) == (1, 1, 1.0)
+    shape_error = r"^sign_test needs two equal-length, non-empty 1-d sequences, got "
+    with pytest.raises(ValueError, match=shape_error + r"\(3,\) and \(2,\)$"):
+        sign_test([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match=shape_error + r"\(1, 2\) and \(1, 2\)$"):
+        sign_test([[1, 2]], [[1, 3]])
+    with pytest.raises(ValueError, match=shape_error + r"\(0,\) and \(0,\)$"):
+        sign_test([], [])
+    for a, b in (([1, None], [1, 2]), ([1, 2], [None, 2])):  # None is a missing value, like nan
+        with pytest.raises(ValueError, match=r"^sign_test: a value is missing \(nan\)$"):
+            sign_test(a, b)
