@@ -564,3 +564,27 @@ def test_mean_variances_of_a_noisy_array_against_the_anova_by_hand(seed_spread, 
     want_target, want_df = _anova_reference(x.tolist())
     assert target == pytest.approx(want_target, rel=1e-12)
     assert df == pytest.approx(want_df, rel=1e-12)
+
+
+def test_outcomes_are_boolean_and_every_input_is_named():
+    assert margin.outcomes([1, 0, 1], "x").dtype == bool and margin.outcomes([1, 0, 1], "x").shape == (1, 3)
+    with pytest.raises(ValueError, match=r"^x must be \[questions\] or \[seeds, questions\] with at least one of "
+                                         r"each, got shape \(0, 5\)$"):
+        margin.outcomes(np.ones((0, 5)), "x")  # no seeds
+    for position, name in enumerate(("base", "sft", "restored", "control")):
+        states = [GOOD] * 4
+        states[position] = [1, 2, 0]
+        with pytest.raises(ValueError, match=f"^{name} must be boolean or 0/1$"):
+            margin.deltas(*states)
+
+
+def test_deltas_defaults_and_the_smallest_resample_count():
+    rng = np.random.default_rng(11)
+    states = [rng.random((3, 40)) < p for p in (0.8, 0.6, 0.7, 0.8)]
+    default = margin.deltas(*states)
+    assert default == margin.deltas(*states, seed=0, crossed=True, n_resamples=margin.N_RESAMPLES, level=0.95)
+    assert default != margin.deltas(*states, seed=1)
+    assert default != margin.deltas(*states, crossed=False)
+    assert margin.deltas(*states, n_resamples=100).level == 0.95  # 100 resamples are allowed
+    with pytest.raises(ValueError, match="^n_resamples must be >= 100, got 99$"):
+        margin.deltas(*states, n_resamples=99)

@@ -4,6 +4,7 @@ rehearsal sampling."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -312,3 +313,26 @@ def test_interpolate_model_dirs_shape_mismatch_names_the_key(tmp_path):
         save_file({"w": torch.zeros(shape), "b": torch.zeros(2)}, str(tmp_path / name / "model.safetensors"))
     with pytest.raises(ValueError, match=r"^shape mismatch for 'w': theta0 \[2, 3\] vs theta1 \[3, 2\]$"):
         interpolate_model_dirs(tmp_path / "d0", tmp_path / "d1", 0.5, tmp_path / "out")
+
+
+def test_alpha_endpoints_return_the_input_tensors_themselves():
+    """The documented identity at the endpoints: alpha = 1 returns theta1's tensors, alpha = 0 theta0's (same dtype)
+    or theta0's cast to theta1's dtype, never a recomputed (1 - a) * t0 + a * t1 (which would turn -0.0 + 0 * inf
+    into nan, or 0 * nan into nan)."""
+    theta0 = {"w": torch.tensor([1.0, -0.0]), "d": torch.tensor([0.25, 1.0 + 2.0**-40], dtype=torch.float64)}
+    theta1 = {"w": torch.tensor([math.inf, math.nan]), "d": torch.tensor([0.5, 2.0])}
+    at1 = interpolate_state_dicts(theta0, theta1, 1.0)
+    assert at1["w"] is theta1["w"] and at1["d"] is theta1["d"]
+    at0 = interpolate_state_dicts(theta0, theta1, 0.0)
+    assert at0["w"] is theta0["w"]
+    assert at0["d"].dtype == torch.float32 and at0["d"].tolist() == [0.25, 1.0]  # cast to theta1's float32
+
+
+def test_wiseft_errors_by_message():
+    w = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^alpha must be a number in \[0, 1\], got 'half'$"):
+        interpolate_state_dicts({"w": w}, {"w": w}, "half")
+    with pytest.raises(ValueError, match=r"^theta0 and theta1 have different keys \(different architectures, or tied "
+                                         r"weights saved in one model only\): 1 key\(s\) of theta1 missing from "
+                                         r"theta0, first 'b'; 2 key\(s\) of theta0 not in theta1, first 'c'$"):
+        interpolate_state_dicts({"a": w, "c": w, "d": w}, {"a": w, "b": w}, 0.5)

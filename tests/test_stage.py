@@ -426,3 +426,28 @@ def test_sign_test_inputs_by_message():
     for a, b in (([1, None], [1, 2]), ([1, 2], [None, 2])):  # None is a missing value, like nan
         with pytest.raises(ValueError, match=r"^sign_test: a value is missing \(nan\)$"):
             sign_test(a, b)
+
+
+def test_paired_inputs_are_named_in_their_errors():
+    with pytest.raises(ValueError, match=r"^a_correct must be one-dimensional \(one entry per question\), got shape "
+                                         r"\(1, 2\)$"):
+        metrics.mcnemar([[1, 0]], [1, 0])
+    with pytest.raises(ValueError, match=r"^b_correct must be one-dimensional"):
+        metrics.mcnemar([1, 0], [[1, 0]])
+    with pytest.raises(ValueError, match="^a_correct must be boolean or 0/1$"):
+        metrics.mcnemar([2, 0], [1, 0])
+    with pytest.raises(ValueError, match="^b_correct must be boolean or 0/1$"):
+        metrics.mcnemar([1, 0], [1, 0.5])
+    with pytest.raises(ValueError, match="^paired tests need at least one question$"):
+        metrics.mcnemar([], [])
+
+
+def test_mcnemar_p_of_thousands_of_discordant_pairs_against_scipy():
+    """1000 against 1100 discordant questions: the binomial coefficients pass 10^600, beyond a float (exact integers
+    keep the p-value finite and right)."""
+    stats = pytest.importorskip("scipy.stats")
+    a = np.array([True] * 1000 + [False] * 1100 + [True] * 50)
+    b = np.array([False] * 1000 + [True] * 1100 + [True] * 50)
+    result = metrics.mcnemar(a, b)
+    assert (result.b10, result.b01) == (1000, 1100)
+    assert result.p_value == pytest.approx(stats.binomtest(1000, 2100, 0.5).pvalue, rel=1e-9)
