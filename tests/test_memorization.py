@@ -70,3 +70,11 @@ def test_em_ratio_refuses_impossible_counts_by_name():
         metrics.em_ratio(5, 4)
     with pytest.raises(ValueError, match="got -1 and 4"):
         metrics.em_ratio(-1, 4)
+
+
+def test_input_errors_by_message():
+    with pytest.raises(ValueError, match=r"^two-dimensional input must be integer token predictions; pass logits as "
+                                         r"\[B, L, V\]$"):
+        metrics.exact_memorization(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^expected logits \[B, L, V\] or predictions \[B, L\], got shape \(4,\)$"):
+        metrics.exact_memorization(torch.zeros(4), torch.zeros(1, 4, dtype=torch.long))

@@ -154,9 +154,14 @@ def test_perplexity_and_accuracy_edge_cases():
         assert math.isnan(metrics.accuracy(np.array([], dtype=bool)))
 
 
-def test_package_names_load_from_their_submodules_on_first_use():
+def test_package_names_load_from_their_submodules_on_first_use(monkeypatch):
     import importlib
 
+    # a name not used yet in this process: looked up in its submodule once, then kept in the package's namespace
+    monkeypatch.delitem(vars(metrics), "em_ratio", raising=False)
+    assert metrics.em_ratio is importlib.import_module("forgetray.metrics.memorization").em_ratio
+    assert vars(metrics)["em_ratio"] is metrics.em_ratio
+    assert metrics.__getattr__("transition_epoch") is importlib.import_module("forgetray.metrics.stage").transition_epoch
     names = dir(metrics)
     assert names == sorted(names)
     assert set(metrics.__all__) <= set(names)

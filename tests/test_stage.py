@@ -451,3 +451,21 @@ def test_mcnemar_p_of_thousands_of_discordant_pairs_against_scipy():
     result = metrics.mcnemar(a, b)
     assert (result.b10, result.b01) == (1000, 1100)
     assert result.p_value == pytest.approx(stats.binomtest(1000, 2100, 0.5).pvalue, rel=1e-9)
+
+
+def test_spearman_inputs_defaults_and_constant_sides():
+    from forgetray.metrics.significance import spearman
+
+    x, y = [1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]
+    rho, p = spearman(x, y)
+    assert (rho, p) == spearman(x, y, permutations=10000, seed=0)
+    assert spearman(x, y, permutations=200) != spearman(x, y, permutations=200, seed=1)
+    assert rho == pytest.approx(1 - 6 * 6 / (6 * 35))  # 1 - 6 sum d^2 / (n (n^2 - 1)), d = +-1 for each of 6
+    for bad_x, bad_y, shapes in (([1, 2, 3], [1, 2], r"\(3,\), \(2,\)"), ([[1, 2, 3]], [[1, 2, 3]], r"\(1, 3\), \(1, 3\)"),
+                                 ([1, 2], [1, 2], r"\(2,\), \(2,\)")):
+        with pytest.raises(ValueError, match=rf"^spearman needs two equal-length 1-d sequences of >= 3 values, got "
+                                             rf"{shapes}$"):
+            spearman(bad_x, bad_y)
+    # ranks 1..n have a spread; a constant side has none: rho undefined, p = 1 (either side)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])[0]) and spearman([1, 2, 3], [5, 5, 5])[1] == 1.0
+    assert spearman([1.0, 2.0, 3.0], [3.0, 1.0, 2.0])[0] == pytest.approx(-0.5)
