@@ -588,3 +588,20 @@ def test_deltas_defaults_and_the_smallest_resample_count():
     assert margin.deltas(*states, n_resamples=100).level == 0.95  # 100 resamples are allowed
     with pytest.raises(ValueError, match="^n_resamples must be >= 100, got 99$"):
         margin.deltas(*states, n_resamples=99)
+
+
+def test_crossed_bounds_are_clipped_below_at_minus_one_too():
+    """The mirror of the clipping test: one of 3 seeds alone *gains* 10 of 20 questions over the control, so the
+    crossed interval of D_R reaches below -1 before it is clipped to it."""
+    restored = np.ones((3, 20), dtype=bool)
+    control = restored.copy()
+    control[2, :10] = False
+    level = margin.epoch_level(0.05, 3)
+    crossed = margin.deltas(control, control, restored, control, level=level, crossed=True).d_restored
+    assert crossed.estimate == pytest.approx(-1 / 6) and crossed.low == -1.0 and 0.3 < crossed.high < 1.0
+
+
+def test_resample_means_refuses_states_of_different_shapes():
+    with pytest.raises(ValueError, match=r"^every state must answer the same seeds x questions, got shapes "
+                                         r"\[\(2, 3\), \(2, 4\)\]$"):
+        margin.resample_means({"a": np.ones((2, 3)), "b": np.ones((2, 4))}, 100, np.random.default_rng(0))

@@ -336,3 +336,15 @@ def test_wiseft_errors_by_message():
                                          r"weights saved in one model only\): 1 key\(s\) of theta1 missing from "
                                          r"theta0, first 'b'; 2 key\(s\) of theta0 not in theta1, first 'c'$"):
         interpolate_state_dicts({"a": w, "c": w, "d": w}, {"a": w, "b": w}, 0.5)
+
+
+def test_interpolate_model_dirs_copies_subdirectories_of_dir1(model_dirs, tmp_path):
+    import shutil
+
+    dirs, _ = model_dirs
+    dir1 = tmp_path / "m1"
+    shutil.copytree(dirs["m1"], dir1)
+    (dir1 / "tokenizer").mkdir()
+    (dir1 / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    out = interpolate_model_dirs(dirs["m0"], dir1, 0.5, tmp_path / "out")
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"

@@ -137,7 +137,7 @@ def test_token_logprobs_of_a_longer_sequence_and_narrow_inputs():
 def test_option_likelihood_predictions_refuses_one_dimensional_and_zero_length_options():
     with pytest.raises(ValueError, match=r"must be the same \[N, K\] shape"):
         metrics.option_likelihood_predictions([-1.0, -2.0], [1, 2])  # one question, not a batch
-    with pytest.raises(ValueError, match="char_lengths must be positive"):
+    with pytest.raises(ValueError, match=r"^char_lengths must be positive \(acc_norm divides by them\)$"):
         metrics.option_likelihood_predictions([[-1.0, -2.0], [-1.0, -2.0]], [[1, 2], [3, 0]])  # one zero length
 
 

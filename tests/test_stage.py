@@ -469,3 +469,18 @@ def test_spearman_inputs_defaults_and_constant_sides():
     # ranks 1..n have a spread; a constant side has none: rho undefined, p = 1 (either side)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])[0]) and spearman([1, 2, 3], [5, 5, 5])[1] == 1.0
     assert spearman([1.0, 2.0, 3.0], [3.0, 1.0, 2.0])[0] == pytest.approx(-0.5)
+
+
+def test_spearman_permutation_p_counts_ties_with_rho_and_adds_one():
+    """3 values: 2 of the 6 orders of y reach |rho| = 1 (itself and its reversal); p = (count + 1) / (permutations + 1)
+    with the count taken here over seed 0's shuffles."""
+    from forgetray.metrics.significance import spearman
+
+    draws = np.random.default_rng(0)
+    count = sum(abs(np.corrcoef([1, 2, 3], draws.permutation([1.0, 2.0, 3.0]))[0, 1]) >= 1 - 1e-12
+                for _ in range(300))
+    assert 60 < count < 140
+    assert spearman([1, 2, 3], [1, 2, 3], permutations=300) == (pytest.approx(1.0), (count + 1) / 301)
+    # ties: x's ranks (1.5, 1.5, 3.5, 3.5) have standard deviation exactly 1, a spread like any other
+    rho, _ = spearman([1, 1, 2, 2], [1, 2, 3, 4], permutations=50)
+    assert rho == pytest.approx(np.corrcoef([1.5, 1.5, 3.5, 3.5], [1, 2, 3, 4])[0, 1])
