@@ -7,7 +7,7 @@
 #   bash scripts/mutation.sh            a clean run (removes ./mutants first), then the summary per module
 #   bash scripts/mutation.sh --keep     reuse ./mutants: only mutants without a result are run (after a stop)
 #
-# Needs mutmut (the test extra: pip install -e '.[test]'). About 35 minutes on the 2-core machine.
+# Needs mutmut (the test extra: pip install -e '.[test]'). A full run: 37 minutes on the 2-core test machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
