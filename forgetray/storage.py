@@ -155,7 +155,8 @@ def exists(location) -> bool:
         return Path(location).exists()
     import pyarrow.fs as pafs
 
-    return filesystem().get_file_info(key(location)).type != pafs.FileType.NotFound
+    info = retrying(lambda: filesystem().get_file_info(key(location)), f"look up {location}")
+    return info.type != pafs.FileType.NotFound
 
 
 def read_text(location) -> str | None:
@@ -182,7 +183,8 @@ def children(location) -> list[str]:
         return sorted(p.name for p in Path(location).iterdir()) if Path(location).is_dir() else []
     import pyarrow.fs as pafs
 
-    found = filesystem().get_file_info(pafs.FileSelector(key(location), allow_not_found=True))
+    found = retrying(lambda: filesystem().get_file_info(pafs.FileSelector(key(location), allow_not_found=True)),
+                     f"list {location}")
     return sorted(Path(info.path).name for info in found)
 
 
@@ -201,7 +203,8 @@ def put_dir(local: Path, location) -> None:
     fs = filesystem()
     for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
         target = f"{key(location)}/{path.relative_to(local).as_posix()}"
-        pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        retrying(lambda: pafs.copy_files(str(path), target, source_filesystem=pafs.LocalFileSystem(),
+                                         destination_filesystem=fs), f"upload {target}")
     write_text(join(location, COMPLETE), "")
 
 
