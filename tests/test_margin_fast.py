@@ -61,17 +61,32 @@ def test_arbitrary_floats_agree_to_1e_12(seeds):
         assert not np.allclose(fast[name], fast[name].mean())  # draws that vary: a real comparison
 
 
-def test_deltas_unchanged_on_replicates():
-    # The whole interval path, pooled (3 seeds, crossed scaling) and one seed, against the reference draws.
+def _reference_deltas(monkeypatch, *args, **kwargs):
+    """`deltas` with its draws from the reference `resample_means` on `default_rng(seed)`, as it drew them before."""
+    with monkeypatch.context() as patch:
+        patch.setattr(margin, "_seeded_counts", lambda seed, s, q, n_resamples: (seed, n_resamples))
+        patch.setattr(margin, "_weighted_means",
+                      lambda m, seed, n: reference_resample_means(m, n, np.random.default_rng(seed)))
+        return margin.deltas(*args, **kwargs)
+
+
+@pytest.mark.parametrize("cache_bytes", [margin._CACHE_BYTES, 0, 2_000_000])
+def test_deltas_unchanged_on_replicates(monkeypatch, cache_bytes):
+    # The whole interval path, pooled (3 seeds, crossed scaling) and one seed, against the reference draws; again
+    # from the cache (a second grid point with the same seeds), and with a cache too small to hold them all.
+    monkeypatch.setattr(margin, "_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(margin, "_cache", {})
     rng = np.random.default_rng(11)
     b, s, r, c = (rng.random((3, 120)) < p for p in (0.6, 0.45, 0.55, 0.58))
-    found = margin.deltas(b, s, r, c, seed=5)
-    original = margin.resample_means
-    try:
-        margin.resample_means = reference_resample_means
-        expected = margin.deltas(b, s, r, c, seed=5)
-        expected_one = margin.deltas(b[0], s[0], r[0], c[0], seed=6)
-    finally:
-        margin.resample_means = original
-    assert found == expected
-    assert margin.deltas(b[0], s[0], r[0], c[0], seed=6) == expected_one
+    expected = _reference_deltas(monkeypatch, b, s, r, c, seed=5)
+    expected_one = _reference_deltas(monkeypatch, b[0], s[0], r[0], c[0], seed=6)
+    for _ in range(2):
+        for seed in (5, 6, 7):  # 7: another stream between, so that a small cache evicts
+            found = margin.deltas(b, s, r, c, seed=seed)
+            found_one = margin.deltas(b[0], s[0], r[0], c[0], seed=seed)
+            if seed == 5:
+                assert found == expected
+            if seed == 6:
+                assert found_one == expected_one
+    assert expected != _reference_deltas(monkeypatch, b, s, r, c, seed=6)  # the seed matters: a real comparison
+    assert sum(v.nbytes for counts in margin._cache.values() for v in counts if v is not None) <= cache_bytes

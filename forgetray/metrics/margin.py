@@ -90,6 +90,27 @@ def _counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
 
 
+def _resample_counts(s: int, q: int, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarray | None, np.ndarray]:
+    """The seed counts (None when S = 1: every seed once) and the question counts of `resample_means`, in that order
+    from `rng`."""
+    seeds = _counts(s, n_resamples, rng) if s > 1 else None
+    return seeds, _counts(q, n_resamples, rng)
+
+
+def _weighted_means(matrices: Mapping[str, np.ndarray], seeds: np.ndarray | None, questions: np.ndarray) -> dict:
+    """c @ X @ k / (S Q) for every matrix X under resample counts c (seeds) and k (questions)."""
+    (s, q), = {m.shape for m in matrices.values()}
+    names = list(matrices)
+    # The question counts first, as one [B, Q] @ [Q, n x S] product (every state's seeds side by side), then the seed
+    # counts over S columns: one small BLAS product instead of a [B, n, Q] intermediate and an einsum over it. With
+    # 0/1 outcomes every partial sum is an integer well below 2^53, so the means are bit for bit those of the former
+    # c @ X then @ k order (tests/test_margin_fast.py).
+    stacked = np.concatenate([matrices[name].astype(float).T for name in names], axis=1)  # [Q, n x S]
+    per_seed = (questions.astype(float) @ stacked).reshape(len(questions), len(names), s)
+    sums = per_seed[:, :, 0] if seeds is None else (per_seed * seeds[:, None, :]).sum(axis=2)
+    return dict(zip(names, sums.T / (s * q)))
+
+
 def resample_means(matrices: Mapping[str, np.ndarray], n_resamples: int, rng: np.random.Generator) -> dict:
     """Bootstrap means of each [S, Q] matrix under one shared resampling: seed counts c (multinomial over S; all ones
     when S = 1) and question counts k (multinomial over Q); a resample's mean is c @ X @ k / (S Q), the same c and k
@@ -98,18 +119,33 @@ def resample_means(matrices: Mapping[str, np.ndarray], n_resamples: int, rng: np
     if len(shapes) != 1:
         raise ValueError(f"every state must answer the same seeds x questions, got shapes {sorted(shapes)}")
     (s, q), = shapes
-    seeds = _counts(s, n_resamples, rng) if s > 1 else None  # drawn before the questions: the same stream as ever
-    questions = _counts(q, n_resamples, rng).astype(float)
-    names = list(matrices)
-    # The question counts first, as one [B, Q] @ [Q, n x S] product (every state's seeds side by side), then the seed
-    # counts over S columns: the report judges ~1,000 checkpoints, and this order is one small BLAS product instead of
-    # a [B, n, Q] intermediate and an einsum over it. With 0/1 outcomes every partial sum is an integer well below
-    # 2^53, so the means are bit for bit those of the former c @ X then @ k order (tests/test_margin_fast.py).
-    stacked = np.concatenate([matrices[name].astype(float).T for name in names], axis=1)  # [Q, n x S]
-    per_seed = (questions @ stacked).reshape(n_resamples, len(names), s)
-    sums = per_seed[:, :, 0] if seeds is None else (per_seed * seeds[:, None, :]).sum(axis=2)
-    means = sums.T / (s * q)
-    return dict(zip(names, means))
+    return _weighted_means(matrices, *_resample_counts(s, q, n_resamples, rng))
+
+
+# `deltas`' resample counts by (seed, S, Q, resamples). A replicated sweep runs every grid point with the same seeds
+# (grids.Sweep: seed, seed + 1, ...) and judges the same epochs on the same questions, so the pooled table asks for
+# the same few seeded draws at every grid point (`epoch_seed`); drawing them is most of a checkpoint's cost. Stored as
+# the smallest unsigned type that holds a count (<= Q), at most _CACHE_BYTES in all, the oldest dropped first.
+_CACHE_BYTES = 64 * 2**20
+_cache: dict[tuple[int, int, int, int], tuple[np.ndarray | None, np.ndarray]] = {}
+
+
+def _seeded_counts(seed: int, s: int, q: int, n_resamples: int) -> tuple[np.ndarray | None, np.ndarray]:
+    key = (seed, s, q, n_resamples)
+    if key not in _cache:
+        dtype = np.min_scalar_type(max(s, q))
+        counts = tuple(None if c is None else c.astype(dtype)
+                       for c in _resample_counts(s, q, n_resamples, np.random.default_rng(seed)))
+        for c in counts:
+            if c is not None:
+                c.setflags(write=False)  # shared by every later call with this seed
+        size = sum(c.nbytes for c in counts if c is not None)
+        while _cache and size + sum(c.nbytes for v in _cache.values() for c in v if c is not None) > _CACHE_BYTES:
+            del _cache[next(iter(_cache))]
+        if size <= _CACHE_BYTES:
+            _cache[key] = counts
+        return counts
+    return _cache[key]
 
 
 def mean_variances(x) -> tuple[float, float, float]:
@@ -262,7 +298,7 @@ def deltas(base, sft, restored, control, *, level: float = 0.95, n_resamples: in
     differences = {"d_sft": b.astype(int) - s, "d_restored": c.astype(int) - r,
                    "gain": r.astype(int) - s, "gap": c.astype(int) - s}
     observed = {name: float(m.mean()) for name, m in differences.items()}
-    draws = resample_means(differences, n_resamples, np.random.default_rng(seed))
+    draws = _weighted_means(differences, *_seeded_counts(seed, *b.shape, n_resamples))  # = resample_means(..seed)
     crossed = crossed and b.shape[0] > 1  # one seed: the paired bootstrap over questions as it is
     if crossed:
         draws = {name: observed[name] + (draws[name] - observed[name]) * _width_factor(differences[name], level)
