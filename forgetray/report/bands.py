@@ -21,8 +21,10 @@ import pandas as pd
 from forgetray.metrics import registry
 from forgetray.metrics.stage import STAGES
 from forgetray.report.figures import (_CHECKPOINT_STATES, CONTROL_LABEL, FIG3B, STAGE_COLORS, _draw, Drawn,
-                                      _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y, _min_span,
+                                      _data, _figure_handles, _file_safe, _integer_epochs, _legend_columns, _log_y,
+                                      _min_span,
                                       control_level, panel_grid, _panel_ylabel, _suptitle)
+from forgetray.report.panel_data import capped
 from forgetray.report.pooled import ReplicateGroup
 from forgetray.report.tables import STAGE_SHORT
 
@@ -56,6 +58,10 @@ def _group_panels(groups: list[ReplicateGroup], width: float = 3.6, height: floa
     return panel_grid([(group.group, group.label) for group in groups], width, height, max_cols)
 
 
+def _group_panel(group: ReplicateGroup) -> tuple[str, str]:
+    return group.group, group.label
+
+
 def _draw_states(ax: Axes, group: ReplicateGroup, metric_of: dict[str, str]) -> None:
     for state, label, style, color in _CHECKPOINT_STATES:
         epochs, mean, low, high = band(group, metric_of[state])
@@ -75,6 +81,7 @@ def fig_ppl_band(groups: list[ReplicateGroup]) -> Drawn | str:
     shown = [g for g in groups if any(t.has(ppl["sft"]) or t.has(ppl["restored"]) for t in g.trials)]
     if not shown:
         return f"fig3b skipped: no trial logged {ppl['sft']} or {ppl['restored']}"
+    every, (shown, left_out) = shown, capped(shown)
     fig, axes = _group_panels(shown)
     for ax, group in zip(axes, shown):
         _draw_states(ax, group, ppl)
@@ -85,8 +92,9 @@ def fig_ppl_band(groups: list[ReplicateGroup]) -> Drawn | str:
     handles, labels = _figure_handles(axes)
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels))
     _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch, mean over seeds with min-max band "
-                   "(base dashed, R_0 dotted)")
-    return Drawn(FIG3B, fig)
+                   "(base dashed, R_0 dotted)" + left_out)
+    data = _data(every, _group_panel, lambda ax, group: _draw_states(ax, group, ppl)) if left_out else None
+    return Drawn(FIG3B, fig, data)
 
 
 def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
@@ -101,15 +109,22 @@ def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
     shown = [g for g in groups if any(t.has(knowledge["sft"]) or t.has(knowledge["restored"]) for t in g.trials)]
     if not shown:
         return f"fig3c for {bench} skipped: no {knowledge['sft']} or {knowledge['restored']} logged"
-    fig, axes = _group_panels(shown)
     drawn = set()
-    for ax, group in zip(axes, shown):
+
+    def draw(ax: Axes, group: ReplicateGroup) -> None:
         if group.trials[0].primary == bench:
             for epoch, stage in sorted(pooled_stages.get(group.group, {}).items()):
                 ax.axvspan(epoch - 0.5, epoch + 0.5, color=STAGE_COLORS[stage], zorder=0, linewidth=0,
                            gid=f"stage {epoch}")
                 drawn.add(stage)
         _draw_states(ax, group, knowledge)
+
+    every, (shown, left_out) = shown, capped(shown)
+    data = _data(every, _group_panel, draw) if left_out else None
+    drawn.clear()  # the legend explains the stages of the panels drawn
+    fig, axes = _group_panels(shown)
+    for ax, group in zip(axes, shown):
+        draw(ax, group)
         ax.set_xlabel("epoch e")
         _panel_ylabel(ax, f"accuracy ({group.trials[0].scores.get(bench, 'primary score')})")
         _integer_epochs(ax)
@@ -121,8 +136,8 @@ def fig_accuracy_band(groups: list[ReplicateGroup], bench: str,
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels, 10))
     _min_span(axes[0], 0.05)
     _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, R_0, SFT_e and R_e vs epoch, mean over seeds with min-max "
-                   "band" + ("; background = pooled margin-rule stage of checkpoint e" if drawn else ""))
-    return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig)
+                   "band" + ("; background = pooled margin-rule stage of checkpoint e" if drawn else "") + left_out)
+    return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig, data)
 
 
 def draw_band_figures(groups: list[ReplicateGroup], pooled: pd.DataFrame, out_dir: Path) -> list[Drawn | str]:

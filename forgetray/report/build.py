@@ -13,6 +13,7 @@ import pandas as pd
 from forgetray.report.bands import draw_band_figures
 from forgetray.report.continual import continual_table, continual_text
 from forgetray.report.figures import FIG3A, FIG3B, FIG3C_GLOB, FIG4, FIG5, Drawn, draw_figures
+from forgetray.report.panel_data import DATA_GLOB
 from forgetray.report.pooled import (POOLED_CSV, POOLED_TXT, load_outcomes, pooled_table, pooled_tags, pooled_text,
                                      replicate_groups, sweep_replicates)
 from forgetray.report.reinjection import REINJECTION_CSV, reinjection_table, reinjection_text
@@ -53,7 +54,7 @@ def _clear_previous(out_dir: Path) -> None:
     (and logged again). Other files in out_dir are left alone."""
     names = (FIG3A, FIG3B, FIG4, FIG5, TABLE_CSV, TABLE_TXT, METHODS_CSV, CONTINUAL_CSV, POOLED_CSV, POOLED_TXT,
              REINJECTION_CSV)
-    for path in [*(out_dir / name for name in names), *out_dir.glob(FIG3C_GLOB)]:
+    for path in [*(out_dir / name for name in names), *out_dir.glob(FIG3C_GLOB), *out_dir.glob(DATA_GLOB)]:
         path.unlink(missing_ok=True)
 
 

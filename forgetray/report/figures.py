@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from forgetray.metrics import registry
 from forgetray.metrics.stage import (ACTUAL_FORGETTING, INCONCLUSIVE, NO_FORGETTING, NOT_RESTORED, PSEUDO_FORGETTING,
                                      STAGES)
+from forgetray.report.panel_data import capped, data_path, legend_label, panel_data, trial_panel, unnamed
 from forgetray.report.runs import TrialData
 from forgetray.report.tables import STAGE_SHORT
 
@@ -44,10 +45,12 @@ _CHECKPOINT_STATES = (("sft", "SFT_e", "o-", "tab:blue"), ("restored", "R_e", "s
 
 @dataclass
 class Drawn:
-    """A figure drawn for the report: its file name in the report's folder and the matplotlib Figure."""
+    """A figure drawn for the report: its file name in the report's folder and the matplotlib Figure; `data`, for a
+    figure that left panels out (`panel_data`), every panel's data, saved beside it as `<name>.csv`."""
 
     file: str
     figure: Figure
+    data: Any = None
 
 
 def _shown(metric: registry.Metric, **fields: str) -> str:
@@ -162,6 +165,11 @@ def _trial_colors(trials: list[TrialData]) -> dict[str, tuple]:
     return {trial.name: palette[i % len(palette)] for i, trial in enumerate(trials)}
 
 
+def _data(items: list, panel: Callable[[Any], tuple[str, str]], draw: Callable[[Any, Any], None]) -> Any:
+    """Every item's panel as data (`panel_data`), the stage backgrounds named by their stage."""
+    return panel_data(items, panel, draw, {color: stage for stage, color in STAGE_COLORS.items()})
+
+
 def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
@@ -183,14 +191,20 @@ def fig_restoring_ppl(trials: list[TrialData], varying: list[str]) -> Drawn | st
     # Discrete colours, one per checkpoint epoch, shared by all panels and explained by one colour bar.
     cmap = colormaps["viridis"]
     norm = BoundaryNorm([e + 0.5 for e in range(last_epoch + 1)], cmap.N)
-    fig, axes = _panels([trial for trial, _ in curves], varying)
-    for ax, (trial, by_epoch) in zip(axes, curves):
+
+    def draw(ax: Axes, curve: tuple[TrialData, dict[int, str]]) -> None:
+        trial, by_epoch = curve
         for epoch, name in sorted(by_epoch.items()):
             steps, values = trial.series(name)
             ax.plot(steps, values, color=cmap(norm(epoch)), linewidth=1.3, marker="o", markersize=2.5,
                     gid=f"epoch {epoch}")
         _base_level(ax, trial.at(registry.PROBE_PPL.name(state="base"), 0))
         control_level(ax, trial.at(registry.PROBE_PPL.name(state="control"), 0))
+
+    shown, left_out = capped(curves)
+    fig, axes = _panels([trial for trial, _ in shown], varying)
+    for ax, curve in zip(axes, shown):
+        draw(ax, curve)
         _log_y(ax)
         ax.set_xlabel("restoring step (0 = SFT_e)")
         _panel_ylabel(ax, "probing PPL")
@@ -200,8 +214,8 @@ def fig_restoring_ppl(trials: list[TrialData], varying: list[str]) -> Drawn | st
     if any(line.get_gid() == "control" for ax in axes for line in ax.get_lines()):
         levels.append((Line2D([], [], color=CONTROL_COLOR, linestyle=":"), CONTROL_LABEL))
     fig.legend(*zip(*levels), loc="outside lower center", ncols=len(levels))
-    _suptitle(fig, "Fig. 3a: probing perplexity while restoring SFT_e into R_e (base dashed, R_0 dotted)")
-    return Drawn(FIG3A, fig)
+    _suptitle(fig, "Fig. 3a: probing perplexity while restoring SFT_e into R_e (base dashed, R_0 dotted)" + left_out)
+    return Drawn(FIG3A, fig, _data(curves, lambda curve: trial_panel(curve[0], varying), draw) if left_out else None)
 
 
 def fig_ppl_vs_epoch(trials: list[TrialData], varying: list[str]) -> Drawn | str:
@@ -212,20 +226,25 @@ def fig_ppl_vs_epoch(trials: list[TrialData], varying: list[str]) -> Drawn | str
     shown = [t for t in trials if t.has(ppl["sft"]) or t.has(ppl["restored"])]
     if not shown:
         return f"fig3b skipped: no trial logged {ppl['sft']} or {ppl['restored']}"
-    fig, axes = _panels(shown, varying)
-    for ax, trial in zip(axes, shown):
+
+    def draw(ax: Axes, trial: TrialData) -> None:
         for state, label, style, color in _CHECKPOINT_STATES:
             if trial.has(ppl[state]):
                 ax.plot(*trial.series(ppl[state]), style, label=label, markersize=4, color=color, gid=state)
         _base_level(ax, trial.at(ppl["base"], 0))
         control_level(ax, trial.at(ppl["control"], 0))
+
+    every, (shown, left_out) = shown, capped(shown)
+    fig, axes = _panels(shown, varying)
+    for ax, trial in zip(axes, shown):
+        draw(ax, trial)
         _log_y(ax)
         ax.set_xlabel("epoch e")
         _panel_ylabel(ax, "probing PPL")
         _integer_epochs(ax)
     fig.legend(*_figure_handles(axes), loc="outside lower center", ncols=4)
-    _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch (base dashed, R_0 dotted)")
-    return Drawn(FIG3B, fig)
+    _suptitle(fig, "Fig. 3b: probing perplexity of SFT_e and R_e vs epoch (base dashed, R_0 dotted)" + left_out)
+    return Drawn(FIG3B, fig, _data(every, lambda trial: trial_panel(trial, varying), draw) if left_out else None)
 
 
 def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Drawn | str:
@@ -238,9 +257,9 @@ def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Dra
     shown = [t for t in trials if t.has(knowledge["sft"]) or t.has(knowledge["restored"])]
     if not shown:
         return f"fig3c for {bench} skipped: no {knowledge['sft']} or {knowledge['restored']} logged"
-    fig, axes = _panels(shown, varying)
     stages_drawn = set()
-    for ax, trial in zip(axes, shown):
+
+    def draw(ax: Axes, trial: TrialData) -> None:
         if trial.primary == bench:
             for epoch in trial.epochs:
                 stage = trial.stage(epoch)
@@ -253,6 +272,13 @@ def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Dra
                 ax.plot(*trial.series(knowledge[state]), style, label=label, color=color, markersize=4, gid=state)
         _base_level(ax, trial.knowledge("base", bench, 0))
         control_level(ax, trial.knowledge("control", bench, 0))
+
+    every, (shown, left_out) = shown, capped(shown)
+    data = _data(every, lambda trial: trial_panel(trial, varying), draw) if left_out else None
+    stages_drawn.clear()  # the legend explains the stages of the panels drawn, not of those left out
+    fig, axes = _panels(shown, varying)
+    for ax, trial in zip(axes, shown):
+        draw(ax, trial)
         ax.set_xlabel("epoch e")
         _panel_ylabel(ax, f"accuracy ({trial.scores.get(bench, 'primary score')})")
         _integer_epochs(ax)
@@ -266,8 +292,8 @@ def fig_accuracy(trials: list[TrialData], varying: list[str], bench: str) -> Dra
     judged = any(t.primary == bench for t in shown)
     stages = "; background = margin-rule stage of checkpoint e" if judged else \
         " (stages are judged on the primary benchmark)"
-    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, R_0, SFT_e and R_e vs epoch{stages}")
-    return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig)
+    _suptitle(fig, f"Fig. 3c: accuracy on {bench} of base, R_0, SFT_e and R_e vs epoch{stages}{left_out}")
+    return Drawn(f"fig3c_accuracy_{_file_safe(bench)}.png", fig, data)
 
 
 def fig_format_entropy(trials: list[TrialData], varying: list[str]) -> Drawn | str:
@@ -294,7 +320,7 @@ def fig_format_entropy(trials: list[TrialData], varying: list[str]) -> Drawn | s
             for trial in trials:
                 if trial.has(steps(bench, key)):
                     ax.plot(*trial.series(steps(bench, key)), "o-", markersize=3, linewidth=1.2,
-                            color=colors[trial.name], label=trial.label(varying), gid=trial.name)
+                            color=colors[trial.name], label=legend_label(trials, trial, varying), gid=trial.name)
             if key == "p_fmt":
                 ax.axhline(FORMAT_ALIGNED, color="gray", linestyle=":", linewidth=1,
                            label=f"format aligned (P_fmt = {FORMAT_ALIGNED})")
@@ -310,7 +336,8 @@ def fig_format_entropy(trials: list[TrialData], varying: list[str]) -> Drawn | s
     handles, labels = _figure_handles(axes.ravel())
     fig.legend(handles, labels, loc="outside lower center", ncols=_legend_columns(fig.get_figwidth(), labels),
                fontsize=8)
-    _suptitle(fig, "Fig. 4: format probability and entropies at the first answer position vs IFT step")
+    _suptitle(fig, "Fig. 4: format probability and entropies at the first answer position vs IFT step"
+              + unnamed(trials))
     return Drawn(FIG4, fig)
 
 
@@ -332,7 +359,8 @@ def fig_em(trials: list[TrialData], varying: list[str]) -> Drawn | str:
         base = trial.at(em["base"], 0)
         if not math.isnan(base) and 0 not in steps:
             steps, values = [0] + steps, [base] + values
-        ax.plot(steps, values, "o-", color=color, markersize=4, label=trial.label(varying), gid=f"{trial.name} sft")
+        ax.plot(steps, values, "o-", color=color, markersize=4, label=legend_label(trials, trial, varying),
+                gid=f"{trial.name} sft")
         if trial.has(em["restored"]):
             ax.plot(*trial.series(em["restored"]), "s:", color=color, markersize=4, gid=f"{trial.name} restored")
     ax.set_xlabel("epoch e (0 = base)")
@@ -345,7 +373,7 @@ def fig_em(trials: list[TrialData], varying: list[str]) -> Drawn | str:
     labels += ["SFT_e (solid)", "R_e (dotted)"]
     fig.legend(handles, labels, fontsize=8, loc="outside lower center",
                ncols=_legend_columns(fig.get_figwidth(), labels))
-    _suptitle(fig, "Fig. 5: exact memorization of the IFT data vs epoch")
+    _suptitle(fig, "Fig. 5: exact memorization of the IFT data vs epoch" + unnamed(trials))
     return Drawn(FIG5, fig)
 
 
@@ -357,6 +385,8 @@ def _draw(figure: Callable[..., Drawn | str], out_dir: Path, *args: Any) -> Draw
     drawn = figure(*args)
     if isinstance(drawn, Drawn):
         drawn.figure.savefig(out_dir / drawn.file, dpi=110)
+        if drawn.data is not None:
+            drawn.data.to_csv(data_path(out_dir, drawn.file), index=False)
     return drawn
 
 
