@@ -105,6 +105,7 @@ def run_priors(ctx: RankContext, priors: list[Phase], start_dir) -> None:
     from forgetray.train.evaluate import ProbeSuite
 
     remote = store.is_remote(start_dir)
+    start_dir = start_dir if remote else Path(start_dir)  # folders cross the process boundary as strings
     if store.complete(start_dir):  # a restarted run whose first try got as far as the rename (the upload)
         return
     tokenizer = load_tokenizer(ctx.resolved["model"])
