@@ -79,12 +79,23 @@ def make_report_logger(tracking_uri: str, runs: dict[int, tuple[str, dict]]):
             artifact_path = artifact_path.format(epoch=int(report["epoch"]))
             if local is not None and storage.published(local) is not None:  # a shared result (on this node)
                 self._tracker.log_artifacts(run_id, storage.fetch(local), artifact_path)
-            elif checkpoint is not None:
+                return
+            if checkpoint is None and report.get(registry.RESUMED_FROM):  # the resume point, reported again
+                checkpoint = _checkpoint_at(report[registry.RESUMED_FROM])
+            if checkpoint is not None:
                 with _probes_of(checkpoint) as probes:
                     if probes is not None:
                         self._tracker.log_artifacts(run_id, probes, artifact_path)
 
     return MlflowReportLogger()
+
+
+def _checkpoint_at(location: str):
+    import ray.train
+
+    if storage.is_remote(location):
+        return ray.train.Checkpoint(storage.key(location), filesystem=storage.filesystem())
+    return ray.train.Checkpoint(location)
 
 
 @contextlib.contextmanager
@@ -158,7 +169,8 @@ def make_progress(names: list[str], epochs: list[int], benchmarks: list[str], ve
                         f"probe ppl {get(registry.PROBE_PPL, state='restored'):.2f}")
             else:  # fine-grained steps, prior phases, restoring trajectories: MLflow has them; the console stays short
                 return
-            say(f"{self._prefix()} {names[i]}: {line}")
+            again = " (resumed from this checkpoint)" if result.get(registry.RESUMED_FROM) else ""
+            say(f"{self._prefix()} {names[i]}: {line}{again}")
 
         def on_trial_start(self, iteration, trials, trial, **info):
             group = members(trial)

@@ -3,6 +3,8 @@ summaries read back from a real (sqlite) MLflow run, a re-reported step not logg
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -165,6 +167,44 @@ def test_a_report_reaches_mlflow_in_one_write_or_not_at_all(tracker, monkeypatch
     assert _history(tracker, run_id, "train/loss") == [(2, 1.5)]
     assert _history(tracker, run_id, "steps/b/p_fmt") == [(3, 0.5), (6, 0.4), (10, 0.25)]
     assert len(writes) == 1
+
+
+def test_a_resumed_checkpoint_whose_report_never_reached_mlflow_is_logged_on_restart(tracker, tmp_path):
+    """Ray Train records a checkpoint (the next resume point) before its callbacks log the report: a driver killed
+    in between left epoch 2's metrics out of MLflow for good (the driver-kill test saw `[1]` for `[1, 2]`). The
+    restarted run reports its resume point again (`report_resumed`, with the checkpoint's saved report): the
+    missing epoch and its probes are logged, the epochs MLflow has are not logged twice."""
+    import pandas as pd
+    import ray.train
+
+    from forgetray.callbacks import make_report_logger
+    from forgetray.train.checkpoints import STATE_FILE, report_resumed
+
+    run_id = tracker.start_trial_run("cl", tracker.start_sweep_run("cl", "e", {}), "t", "h", {})
+    epoch = {1: {"kind": "epoch", "epoch": 1, "global_step": 5, "train/loss": 2.0},
+             2: {"kind": "epoch", "epoch": 2, "global_step": 10, "train/loss": 1.5}}
+    artifacts = {0: (run_id, {"epoch": (None, "probes/sft/epoch_{epoch:03d}")})}
+    make_report_logger(tracker.uri, artifacts).after_report(None, [epoch[1]], None)  # epoch 1 reached MLflow
+    checkpoint = tmp_path / "epoch_2"  # epoch 2's checkpoint, as report_checkpoint leaves it; its report was lost
+    (checkpoint / "probes").mkdir(parents=True)
+    pd.DataFrame({"question": [0, 1], "correct": [1, 0]}).to_parquet(checkpoint / "probes" / "bench.parquet")
+    (checkpoint / STATE_FILE).write_text(json.dumps({"epoch": 2, "member": 0, "metrics": epoch[2]}))
+
+    class Context:  # the restarted rank's context: its report goes to the controller's callbacks
+        member, reports = 0, []
+
+        def report(self, metrics, checkpoint=None, name=None):
+            self.reports.append(({**metrics, "member": self.member}, checkpoint))
+
+    ctx = Context()
+    report_resumed(ctx, ray.train.Checkpoint(str(checkpoint)))
+    assert [c for _, c in ctx.reports] == [None]  # no new checkpoint: Ray Train would record a second one
+    logger = make_report_logger(tracker.uri, artifacts)  # the restarted run's controller
+    logger.after_report(None, [ctx.reports[0][0]], None)
+    logger.after_report(None, [{**epoch[1], "train/loss": 9.0}], None)  # a report MLflow has: not again
+    assert _history(tracker, run_id, "train/loss") == [(1, 2.0), (2, 1.5)]
+    logged = tracker.client.list_artifacts(run_id, "probes/sft/epoch_002")
+    assert "probes/sft/epoch_002/bench.parquet" in [a.path for a in logged]
 
 
 # --- the report ----------------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ STEPS = {
 # the next checkpoint's report instead of one report each. Ray Train's controller takes one report per poll (every
 # 2 s) and a worker's next report waits for it: one report per point cost a quickstart restoration ~6 s.
 SERIES = "series"
+# A report field: a restarted run reports the checkpoint it resumes from once more, with its location (Ray Train
+# records a checkpoint before its callbacks log the report, so a run killed in between would never log it).
+RESUMED_FROM = "resumed_from"
 STATES = ("base", "sft", "restored", "control")
 # control = R_0, the IFT phase's start put through the trial's restoration recipe (docs/methods.md §4): what restoring
 # does to an untouched model, the reference of the residual D_R and of the PPL precondition; logged at step 0.

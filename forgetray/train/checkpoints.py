@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from forgetray import flatness
 from forgetray import storage as store
+from forgetray.metrics import registry
 from forgetray.train import lora
 
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed state (optimizer, schedule, weights): what resuming loads
@@ -77,6 +78,19 @@ def checkpoint_epoch(checkpoint, kind: str | None = None) -> int:
     if kind is not None and state["metrics"].get("kind") != kind:
         return 0
     return int(state["epoch"])
+
+
+def report_resumed(ctx, checkpoint) -> None:
+    """Report the checkpoint a restarted run resumes from once more, without a checkpoint (every rank, as Ray
+    Train wants). Ray Train records a reported checkpoint (the next resume point) before its callbacks log the
+    report to MLflow, so a run killed in between would otherwise never log that epoch's metrics and probes; the
+    MLflow callback skips the steps the run already has and logs the probes from `registry.RESUMED_FROM`."""
+    import pyarrow.fs as pafs
+
+    with checkpoint.as_directory() as ckpt_dir:
+        metrics = read_state(ckpt_dir)["metrics"]
+    local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+    ctx.report({**metrics, registry.RESUMED_FROM: checkpoint.path if local else store.SCHEME + checkpoint.path})
 
 
 def checkpoint_member(checkpoint) -> int:
