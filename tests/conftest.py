@@ -90,14 +90,51 @@ def use_test_organism(test_organism, monkeypatch):
     clear_cache()
 
 
+# The environment every sweep test's Ray workers need (the rest they inherit from this process anyway).
+RAY_WORKER_ENV = ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")
+_LOCAL_RAY: dict = {}  # the Ray `local_ray` started in this test process: its settings and its GCS address
+
+
+def local_ray(extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> None:
+    """This test process's local Ray for a sweep run in-process: one Ray serves every test that asks for the same
+    CPUs and worker environment (a start costs 5-15 s here), restarted only for a test whose workers need other
+    environment (a fault to inject, a data folder) or CPUs. `ray_session` stops any other Ray after its test."""
+    import ray
+
+    env = {name: os.environ[name] for name in RAY_WORKER_ENV} | (extra_env or {})
+    want = (num_cpus, sorted(env.items()))
+    if ray.is_initialized():
+        if _LOCAL_RAY.get("want") == want and _LOCAL_RAY.get("address") == _gcs_address():
+            return
+        ray.shutdown()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    _LOCAL_RAY.update(want=want, address=_gcs_address())
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture
 def ray_session():
-    """Tests that run sweeps start a local Ray (through forgetray) and must leave none behind."""
+    """Tests that run sweeps in this process: they leave behind no Ray but `local_ray`'s (stopped at the end of the
+    test session)."""
     import ray
 
     yield
-    if ray.is_initialized():
+    if ray.is_initialized() and _LOCAL_RAY.get("address") != _gcs_address():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_ray():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture

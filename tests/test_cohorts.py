@@ -2,9 +2,9 @@
 each keeps its own MLflow run, checkpoints and metrics, each logged once per step, also when a worker of the second
 replicate fails and Ray Train restarts the group; and the numbers are those of the same trials run apart."""
 
-import os
 
 import pytest
+from conftest import local_ray
 
 from test_sweep import runs_of, steps
 
@@ -31,7 +31,6 @@ def _by_seed(uri, metric):
 
 @pytest.mark.slow
 def test_replicates_share_one_worker_group(tmp_path, fixture_files, ray_session):
-    import ray
     from fixtures import make_pool_file
     from mlflow import MlflowClient
 
@@ -40,10 +39,9 @@ def test_replicates_share_one_worker_group(tmp_path, fixture_files, ray_session)
 
     pool = make_pool_file(tmp_path / "pool.jsonl", n=300)
     marker = tmp_path / "failed-once"
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    env[FAIL_ONCE_ENV] = f"{marker}:1:1"  # the second replicate (seed 1) fails after its epoch-1 checkpoint
+    fail_once = {FAIL_ONCE_ENV: f"{marker}:1:1"}  # the second replicate (seed 1) fails after its epoch-1 checkpoint
     # One CPU: one trial at a time, so the three replicates are one cohort (sharing.cohorts splits only for slots).
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray(fail_once, num_cpus=1)
     shared = f"sqlite:///{tmp_path / 'shared.db'}"
     table = run(_sweep(fixture_files, pool, True), tracking_uri=shared, storage=tmp_path / "shared")
     assert marker.exists(), "the injected failure did not happen"
@@ -74,11 +72,9 @@ def test_replicates_share_one_worker_group(tmp_path, fixture_files, ray_session)
         assert ift.is_symlink() and ift.resolve().parent == runs[0].resolve()
         assert sorted(d.name for d in ift.iterdir()) == ["epoch_001", "epoch_002", "restored_epoch_001",
                                                          "restored_epoch_002"]
-    ray.shutdown()
 
     # The same trials apart (share_workers=False: one worker group each) give the same numbers on this machine.
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
-        k: v for k, v in env.items() if k != FAIL_ONCE_ENV}})
+    local_ray()
     apart = f"sqlite:///{tmp_path / 'apart.db'}"
     run(_sweep(fixture_files, pool, False), tracking_uri=apart, storage=tmp_path / "apart")
     assert not list((tmp_path / "apart").glob("cohort/*/cohorts"))

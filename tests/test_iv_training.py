@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import local_ray
 import torch
 import torch.nn.functional as F
 
@@ -396,16 +397,13 @@ def test_iv_guided_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_
     the degree follows the schedule, and the extracted vector is an artifact of the run. With the IV dynamics probe
     on (issue 12 item 3) and the checkpoints restored: its metrics for the base, every SFT_e and every R_e, one
     extraction shared with IV guidance, and the report's re-injection table."""
-    import os
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from fixtures import make_pool_file
     from forgetray import Sweep, run
 
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     model = _answering_model(fixture_files["model"], tmp_path / "answering-llama")
     task = _answered_task(model, tmp_path / "echo.jsonl")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import local_ray
 import torch
 
 from forgetray.plan import Lora, Phase, plan
@@ -168,9 +169,7 @@ def test_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
     which fails after epoch 1 (the restart resumes from the adapter-only DeepSpeed state), then restores every
     checkpoint in the same workers (restore_group=0): each checkpoint holds `adapter/` and a merged `model/` = theta0 + a * delta whose probe
     is the logged one, the frozen base weights are the start's, and restoration trains the merged model fully."""
-    import os
 
-    import ray
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,9 +181,8 @@ def test_lora_trial_on_two_zero2_workers(tmp_path, fixture_files, ray_session):
     from forgetray.train.worker import FAIL_ONCE_ENV
 
     marker = tmp_path / "failed-once"
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    env[FAIL_ONCE_ENV] = f"{marker}:1"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    fail_once = {FAIL_ONCE_ENV: f"{marker}:1"}
+    local_ray(fail_once)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     alpha, rank, scale = 0.5, 4, 16 / 4
     sweep = Sweep(

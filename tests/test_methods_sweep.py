@@ -5,11 +5,11 @@ against the saved weights and independent computations."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_ray
 import torch
 
 from forgetray.data.rehearsal import replay_count
@@ -35,7 +35,6 @@ def shared_sweep(tmp_path_factory, fixture_files) -> dict:
         raise RuntimeError(f"the shared sweep failed: {_SHARED['error']!r}")
     if _SHARED:
         return _SHARED
-    import ray
 
     import fixtures
     from forgetray import Sweep, run
@@ -45,8 +44,7 @@ def shared_sweep(tmp_path_factory, fixture_files) -> dict:
     marker = tmp_path / "failed-once"
     bench = str(fixture_files["benchmark"])
     other = str(fixtures.make_benchmark_file(tmp_path / "other.jsonl", n=30))
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    env[FAIL_ONCE_ENV] = f"{marker}:3"  # after the continual trial's IFT epoch-3 checkpoint; Ray Train restarts it
+    fail_once = {FAIL_ONCE_ENV: f"{marker}:3"}  # after the continual trial's IFT epoch-3 checkpoint; Ray Train restarts it
     methods = dict(
         epochs=2, lr=3e-3, workers=1, zero_stage=2, benchmarks=[bench], probe_passages=16,
         # Two prior phases, the second with its own method switch: engines are rebuilt on the same module.
@@ -73,14 +71,12 @@ def shared_sweep(tmp_path_factory, fixture_files) -> dict:
         cases=[{**methods, "sam_rho": 0.0}, {**methods, "sam_rho": 0.05}, continual, zero3],
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray(fail_once)
     try:
         run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
     except BaseException as error:
         _SHARED["error"] = error
         raise
-    finally:
-        ray.shutdown()
     _SHARED.update(tmp_path=tmp_path, uri=uri, marker=marker, bench=bench, other=other)
     return _SHARED
 

@@ -4,6 +4,7 @@ restored again (a fresh one-pass restoration of its result), up to the cap; one 
 from __future__ import annotations
 
 import pytest
+from conftest import local_ray
 
 from forgetray.spec import SpecError, TrialConfig
 
@@ -22,14 +23,12 @@ def test_restoration_repeats_until_the_pattern_is_back_or_the_cap(tmp_path, use_
     the checkpoint takes all 3 passes; with tolerance 1000 the first pass is already within it."""
     import os
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from fixtures import make_pool_file
     from forgetray import Sweep, grid, run
 
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS", "FORGETRAY_ORGANISM")}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray({"FORGETRAY_ORGANISM": os.environ["FORGETRAY_ORGANISM"]})
     sweep = Sweep(
         "passes", model="organism-tiny", dataset="organism-math", epochs=1, lr=2e-2,
         batch_size=8, max_length=256, workers=1, zero_stage=0, benchmarks=["organism-facts"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import local_ray
 
 from forgetray import sharing
 from forgetray.spec import TrialConfig
@@ -124,16 +125,13 @@ def test_shared_training_gives_an_unshared_runs_metrics(tmp_path, fixture_files,
     is trained, the 1-epoch point follows it. A second sweep runs the 1-epoch point alone, unshared: its run must
     have exactly the follower's metrics (CPU, same seed), and the follower its own params, tags and recomputed
     stages / continual values. (A prior phase trained once for several trials: tests/test_methods_sweep.py.)"""
-    import os
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from fixtures import make_pool_file
     from forgetray import Sweep, grid, run
 
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray()
     pool = str(make_pool_file(tmp_path / "pool.jsonl", n=300))
     settings = dict(
         model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), lr=2e-2, batch_size=8,

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import local_ray
 import torch
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,6 @@ def expected_stage(base, sft, restored, base_ppl, restored_ppl, alpha=0.05, ppl_
 
 
 def test_two_trial_sweep_with_two_deepspeed_workers(tmp_path, fixture_files, hub_model, ray_session):
-    import ray
 
     from forgetray import Sweep, grid, run
     from forgetray.data.questions import load_mc_jsonl
@@ -112,10 +111,9 @@ def test_two_trial_sweep_with_two_deepspeed_workers(tmp_path, fixture_files, hub
     from forgetray.train.worker import FAIL_ONCE_ENV
 
     marker = tmp_path / "failed-once"
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
     # One worker of one trial fails right after its epoch-1 checkpoint; Ray Train must restart it from there.
-    env[FAIL_ONCE_ENV] = f"{marker}:1"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    fail_once = {FAIL_ONCE_ENV: f"{marker}:1"}
+    local_ray(fail_once)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = Sweep(
@@ -203,6 +201,7 @@ def test_restoration_stages_and_report_from_a_real_store(tmp_path, fixture_files
     for record, predicted in zip(records, base_frame.sort_values("index")["letter_pred"]):
         record["answer"] = int(predicted)
     benchmark.write_text("".join(json.dumps(r) + "\n" for r in records))
+    local_ray()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = Sweep(
         "restore-e2e", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=3, lr=3e-3,

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
 
 def test_cf_suite_in_a_sweep(tmp_path, fixture_files, ray_session, monkeypatch):
-    import ray
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,8 +24,7 @@ def test_cf_suite_in_a_sweep(tmp_path, fixture_files, ray_session, monkeypatch):
     task_fixtures.write_all(tmp_path / "tasks")
     monkeypatch.setenv(tasks.DATA_ENV, str(tmp_path / "tasks"))  # the workers inherit it
     clear_cache()
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", tasks.DATA_ENV)}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray({k: os.environ[k] for k in ("HF_DATASETS_OFFLINE", tasks.DATA_ENV)})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = Sweep("cf-tasks", model=str(fixture_files["model"]), dataset=str(fixture_files["dataset"]), epochs=1,
                   lr=3e-3, batch_size=8, max_length=256, workers=1, benchmarks=["cf-suite"],
