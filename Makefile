@@ -10,7 +10,8 @@ organism: setup
 quickstart: organism
 	.venv/bin/forgetray run sweeps/quickstart.py
 
-# Two test processes: most tests use one core (Ray start-up, servers and DeepSpeed's waits leave the other idle);
-# worksteal hands a free process the next test whichever process was given it.
+# Two test processes: most tests use one core (Ray start-up, servers and DeepSpeed's waits leave the other idle).
+# conftest puts the slow tests first; `--dist load --maxschedchunk 2` hands them out two at a time, so each process
+# takes the next one as it frees (worksteal's first split gave one process every slow test).
 test: setup
-	.venv/bin/python -m pytest -q -n 2 --dist worksteal
+	.venv/bin/python -m pytest -q -n 2 --dist load --maxschedchunk 2
