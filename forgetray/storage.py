@@ -3,9 +3,9 @@
 A location is a `Path` / plain path (local) or an `s3://bucket/key` string (remote); the helpers here take either.
 On S3:
 - Ray Tune and Ray Train write their experiment state and checkpoints through `filesystem()` (pyarrow's S3
-  filesystem, given as `storage_filesystem`), whose calls the AWS SDK retries with exponential backoff
-  (`FORGETRAY_STORAGE_ATTEMPTS`, default 13: about 4 min without an answer before a call fails); forgetray's own
-  calls are retried as long (`FORGETRAY_STORAGE_RETRY_S`, default 240 s);
+  filesystem, given as `storage_filesystem`), whose calls the AWS SDK retries with exponential backoff and no
+  retry quota (`FORGETRAY_STORAGE_ATTEMPTS`, default 13: 205 s without an answer before a call fails); forgetray's
+  own calls are retried as long (`FORGETRAY_STORAGE_RETRY_S`, default 240 s);
 - results shared across trials (a trained start, the base-model probes) are published with the create-if-absent
   protocol of `forgetray.claims` (S3's conditional PUT, `If-None-Match: *`) instead of file locks;
 - a folder written by forgetray is complete when its `.complete` object exists (written last); an object is visible
@@ -31,8 +31,11 @@ SCHEME = "s3://"
 COMPLETE = ".complete"  # written last into a folder forgetray uploads: the folder is whole
 RETRY_ENV = "FORGETRAY_STORAGE_RETRY_S"  # how long one of forgetray's calls is retried while the store is silent
 RETRY_S = 240.0
-# pyarrow's S3 calls (Ray Tune and Ray Train's): the AWS SDK's attempts, its backoff doubling from 25 ms. Measured
-# against a closed port: 5 attempts fail after 11 s, 12 after 137 s; 13 after about 4 min.
+# pyarrow's S3 calls (Ray Tune and Ray Train's): the AWS SDK's "default" (legacy) strategy, waiting 25 ms x 2^k
+# before retry k = 1 .. attempts-1: 25 ms x (2^attempts - 2) in all (6 attempts 1.55 s, 8 attempts 6.35 s, measured
+# against a closed port; 13: 205 s). Not the "standard" strategy: its retry quota (500 tokens, 5-10 per retry) is
+# shared by the filesystem's calls, and 30 calls at once against a silent store all failed within 10 s instead of
+# retrying for minutes (measured; tests/test_object_storage.py): a 60 s outage failed trials under load.
 ATTEMPTS_ENV = "FORGETRAY_STORAGE_ATTEMPTS"
 ATTEMPTS = 13
 CACHE_ENV = "FORGETRAY_STORAGE_CACHE"
@@ -142,7 +145,7 @@ def filesystem():
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     attempts = int(os.environ.get(ATTEMPTS_ENV, ATTEMPTS))
     return pafs.S3FileSystem(**options, **({"region": region} if region else {}), connect_timeout=5,
-                             request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+                             request_timeout=30, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts))
 
 
 def ray_storage(location) -> tuple[str, object]:

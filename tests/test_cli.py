@@ -77,6 +77,8 @@ def test_validate_counts_the_training_sam_cf_shares():
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(in_tmp_cwd, files, capsys, override, message, command):
     import ray
 
+    if ray.is_initialized():  # the test process's shared Ray (conftest.local_ray): the check below needs none
+        ray.shutdown()
     path = write_sweep(in_tmp_cwd / "bad.py", f"sweep = Sweep('bad', {good_settings(files, **override)})\n")
     assert main([command, path]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()

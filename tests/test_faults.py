@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import local_ray
 import torch
 
 pytestmark = pytest.mark.slow
@@ -362,12 +363,9 @@ def test_four_concurrent_trials_on_one_sqlite_store_one_failing_alone(tmp_path, 
     weight by ~lr in the first steps, the activations overflow fp32 and the loss becomes nan within epoch 1. That
     trial fails with the phase, epoch and step named, in its MLflow run and on the console; the others finish;
     exit code 1."""
-    import ray
-
     from forgetray import cli as forgetray_cli
 
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "OMP_NUM_THREADS")}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    local_ray(num_cpus=4)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = sweep_file(tmp_path, fixture_files, "sqlite-4", lr="grid([1e-3, 2e-3, 3e-3, 1e8])", early_checkpoints="3",
                       max_failures="0", max_concurrent_trials="4")

@@ -1,12 +1,15 @@
 """`--storage s3://bucket/prefix` on a two-node local Ray cluster, against an S3 server on 127.0.0.1 (moto's): the
 sweep's state, checkpoints, shared start, trajectories and base-evaluation caches live in the bucket, the shared
 results are computed once by create-if-absent (no file lock anywhere), and the nodes write nothing outside their
-caches; a 60 s outage of the store mid-trial loses nothing. Bad storage is refused before anything runs. The
+caches; a worker node lost mid-trial and a 60 s outage of the store right after lose nothing. Bad storage is refused before anything runs. The
 protocol's rule itself: tests/test_claims.py."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -59,34 +62,55 @@ def _read(port: int, key: str) -> bytes:
     return c.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
+def on_node2(pid: int) -> bool:
+    try:
+        return b"NODE=node2" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
-def test_sweep_on_s3_across_two_nodes_shares_its_start_and_caches_and_outlives_a_60_s_outage(fixture_files):
-    """One sweep serves both claims (they share its start-up, the cluster's and the sweep's: ~3 minutes): the store
+def test_sweep_on_s3_across_two_nodes_outlives_a_lost_node_and_a_60_s_outage(fixture_files):
+    """One sweep serves three claims (they share its start-up, the cluster's and the sweep's: ~3 minutes): the store
     on S3 (shared results computed once, every checkpoint in the bucket, nothing on the nodes' disks outside their
-    caches) and an S3 outage of 60 s mid-trial (cut by a proxy once both trajectories have their epoch-1 checkpoint
-    recorded and a worker is in epoch 2): the uploads wait and go through, every run ends FINISHED with each step
-    logged once. Bounds: README "Faults". (A lost node is not proven yet: README "Faults".)"""
+    caches); a worker node lost mid-trial (once both trajectories have their epoch-1 checkpoint recorded and node2's
+    worker is in epoch 2, every process of node2, its raylet first, is SIGKILLed: a spot instance gone); and the
+    store unreachable for 60 s right after (cut by a proxy). The lost trial restarts from its epoch-1 checkpoint on
+    the surviving node, the uploads wait and go through, every run ends FINISHED with each step logged once.
+    Bounds: README "Faults"."""
     started = time.time()
     root = Path(tempfile.mkdtemp(prefix="frs3-", dir="/tmp"))  # short: Ray's socket paths live under --temp-dir
     hold = root / "hold"
     hold.mkdir()
     server, proxy = start_s3()
-    cluster = Cluster(root, proxy.port, {"FORGETRAY_HOLD_AT": f"{hold}:99:1"})  # never holds: logs every step
-    window = {}
+    cluster = Cluster(root, proxy.port, {"FORGETRAY_HOLD_AT": f"{hold}:99:1",  # never holds: logs every step
+                                         # the trial drivers (and their Train controllers) stay on the head
+                                         "FORGETRAY_DRIVER_RESOURCES": '{"head_node": 0.01}'})
+    window, nodes = {}, {}  # worker pid -> on node2, read while it lives
     try:
         cluster.start()
         uri = f"sqlite:///{root / 'mlflow.db'}"
         proc = cluster.run(sweep_file(root, fixture_files), f"s3://{BUCKET}/sweeps", uri, 900)
 
-        def in_epoch_2() -> bool:
-            # Ray Train's checkpoint manager has recorded epoch 1 (its snapshot names it) for both trajectories.
+        def node2_in_epoch_2() -> bool:
+            for pid, _, _ in progress(hold):
+                nodes.setdefault(pid, on_node2(pid))
+            # Ray Train's checkpoint manager has recorded epoch 1 (its snapshot names it) for both trajectories:
+            # a report still in flight would make the restart begin at epoch 1 again.
             snapshots = [k for k in objects(proxy.target, "sweeps/s3/")
                          if k.endswith("ift/checkpoint_manager_snapshot.json")]
             recorded = [k for k in snapshots if b"epoch_001" in _read(proxy.target, k)]
-            return len(recorded) == 2 and any(e == 2 for _, e, _ in progress(hold))
+            return len(recorded) == 2 and any(e == 2 and nodes[p] for p, e, _ in progress(hold))
 
-        wait_for(lambda: in_epoch_2() or proc.poll() is not None, 600, "a worker in epoch 2")
+        wait_for(lambda: node2_in_epoch_2() or proc.poll() is not None, 600, "node2's worker in epoch 2")
         assert proc.poll() is None, (root / "driver.log").read_text()[-5000:]
+        lost = {p for p, on in nodes.items() if on}
+        before = len(progress(hold))
+        raylets = cluster.node2_pids("raylet")
+        assert raylets, "no raylet of node2"
+        for pid in raylets + [p for p in cluster.node2_pids() if p not in raylets]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proxy.down()
         window["down"] = time.time()
         time.sleep(60)
@@ -96,7 +120,12 @@ def test_sweep_on_s3_across_two_nodes_shares_its_start_and_caches_and_outlives_a
         elapsed = time.time() - started
         assert proc.returncode == 0, log[-6000:]
         assert window["up"] - window["down"] >= 60
-        assert any(e == 2 for _, e, _ in progress(hold))
+        assert not cluster.node2_pids(), "node2 is not gone"
+        # The lost trial's new worker, on the head, began at epoch 2 step 1: it resumed from epoch 1's checkpoint.
+        after = progress(hold)[before:]
+        new = [(p, e, s) for p, e, s in after if p not in nodes]
+        assert new and new[0][1:] == (2, 1) and not any(on_node2(p) for p, _, _ in new), (lost, after)
+        assert not lost & {p for p, _, _ in after}, "a worker of the lost node went on"
 
         keys = [k for k in objects(proxy.target, "sweeps/s3/") if not k.endswith("/")]  # not pyarrow's folders
         execution = keys[0].split("/")[2]
@@ -128,12 +157,40 @@ def test_sweep_on_s3_across_two_nodes_shares_its_start_and_caches_and_outlives_a
         assert files_outside_caches(root) == []
         cached = root / "home" / ".cache" / "forgetray" / "storage" / BUCKET
         assert any(cached.rglob("model.safetensors"))
-        print(f"S3 two-node sweep with a 60 s outage: {elapsed:.0f} s")
+        print(f"S3 two-node sweep with a lost node and a 60 s outage: {elapsed:.0f} s")
     finally:
         cluster.stop()
         proxy.down()
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_ray_s3_calls_retry_through_a_silence_however_many_wait_at_once(monkeypatch):
+    """pyarrow's S3 filesystem (what Ray Tune and Ray Train write through) must retry every call through an outage:
+    30 calls at once against a silent store each wait the whole backoff, 25 ms x (2^8 - 2) = 6.35 s at 8 attempts.
+    The AWS SDK's "standard" strategy shares a retry quota among them: all 30 failed within 10 s (a 60 s outage then
+    failed trials under load), the first after 2.7 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from forgetray import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv(storage.ATTEMPTS_ENV, "8")
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    storage.filesystem.cache_clear()
+    fs = storage.filesystem()
+    storage.filesystem.cache_clear()
+    started = time.time()
+
+    def look_up(i: int) -> float:
+        with pytest.raises(OSError):
+            fs.get_file_info(f"{BUCKET}/key-{i}")
+        return time.time() - started
+
+    with ThreadPoolExecutor(30) as pool:
+        waited = sorted(pool.map(look_up, range(30)))
+    assert waited[0] >= 6.0 and waited[-1] < 30, waited
 
 
 def test_bad_object_storage_is_refused_before_anything_runs(fixture_files, tmp_path, monkeypatch):
