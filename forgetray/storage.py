@@ -135,17 +135,29 @@ def _client(quick: bool = False):
 @functools.lru_cache(maxsize=1)
 def filesystem():
     """The pyarrow filesystem of s3:// locations (Ray's `storage_filesystem`; it crosses Ray pickled)."""
-    import pyarrow.fs as pafs
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options = {}
+    options: dict = {"connect_timeout": 5, "request_timeout": 30}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
-        options = {"endpoint_override": host, "scheme": scheme}
+        options.update(endpoint_override=host, scheme=scheme)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    attempts = int(os.environ.get(ATTEMPTS_ENV, ATTEMPTS))
-    return pafs.S3FileSystem(**options, **({"region": region} if region else {}), connect_timeout=5,
-                             request_timeout=30, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts))
+    if region:
+        options["region"] = region
+    return retrying_s3(options, int(os.environ.get(ATTEMPTS_ENV, ATTEMPTS)))
+
+
+def retrying_s3(options: dict, attempts: int):
+    """pyarrow's S3 filesystem with `attempts` of the legacy retry strategy, in this process and in every process
+    it is pickled to: pyarrow's own pickling drops the retry strategy (an unpickled copy, what Ray Train's
+    controllers and workers write checkpoints through, gave up after 2 s against a silent store, measured), so
+    this one pickles as `retrying_s3(options, attempts)`."""
+    import pyarrow.fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        def __reduce__(self):
+            return retrying_s3, (options, attempts)
+
+    return RetryingS3FileSystem(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts))
 
 
 def ray_storage(location) -> tuple[str, object]:

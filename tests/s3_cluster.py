@@ -105,10 +105,10 @@ def objects(port: int, prefix: str = "") -> list[str]:
 
 class Cluster:
     """Two Ray nodes on this machine (one CPU each; `node2` has the resource "node2" and its processes carry
-    NODE=node2 in their environment), HOME a fresh folder, the store at `s3_port`."""
+    NODE=node2 and `node2_env` in their environment), HOME a fresh folder, the store at `s3_port`."""
 
-    def __init__(self, root: Path, s3_port: int, extra_env: dict | None = None):
-        self.root, self.marker = root, secrets.token_hex(8)
+    def __init__(self, root: Path, s3_port: int, extra_env: dict | None = None, node2_env: dict | None = None):
+        self.root, self.marker, self.node2_env = root, secrets.token_hex(8), node2_env or {}
         (root / "home").mkdir(parents=True)
         self.gcs, self.client_port, self.agent1, self.agent2 = free_ports(4)
         self.env = {
@@ -137,7 +137,7 @@ class Cluster:
         self.ray("start", "--address", f"127.0.0.1:{self.gcs}", "--dashboard-agent-listen-port", str(self.agent2),
                  "--temp-dir", str(self.root / "node2"), "--resources", '{"node2": 1}',
                  "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 1024**2),
-                 "--disable-usage-stats", env={**self.env, "NODE": "node2"})
+                 "--disable-usage-stats", env={**self.env, **self.node2_env, "NODE": "node2"})
 
     def node2_pids(self, name: str = "") -> list[int]:
         out = []

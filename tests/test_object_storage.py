@@ -7,6 +7,7 @@ protocol's rule itself: tests/test_claims.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -74,7 +75,7 @@ def test_sweep_on_s3_across_two_nodes_outlives_a_lost_node_and_a_60_s_outage(fix
     """One sweep serves three claims (they share its start-up, the cluster's and the sweep's: ~3 minutes): the store
     on S3 (shared results computed once, every checkpoint in the bucket, nothing on the nodes' disks outside their
     caches); a worker node lost mid-trial (once both trajectories have their epoch-1 checkpoint recorded and node2's
-    worker is in epoch 2, every process of node2, its raylet first, is SIGKILLed: a spot instance gone); and the
+    worker is held in epoch 2, every process of node2, its raylet first, is SIGKILLed: a spot instance gone); and the
     store unreachable for 60 s right after (cut by a proxy). The lost trial restarts from its epoch-1 checkpoint on
     the surviving node, the uploads wait and go through, every run ends FINISHED with each step logged once.
     Bounds: README "Faults"."""
@@ -83,9 +84,12 @@ def test_sweep_on_s3_across_two_nodes_outlives_a_lost_node_and_a_60_s_outage(fix
     hold = root / "hold"
     hold.mkdir()
     server, proxy = start_s3()
-    cluster = Cluster(root, proxy.port, {"FORGETRAY_HOLD_AT": f"{hold}:99:1",  # never holds: logs every step
-                                         # the trial drivers (and their Train controllers) stay on the head
-                                         "FORGETRAY_DRIVER_RESOURCES": '{"head_node": 0.01}'})
+    # Every worker logs its steps (FORGETRAY_HOLD_AT); node2's first worker to finish step 1 of epoch 2 is held
+    # there until the node is lost (the head's "99" is never reached). The trial drivers (and their Train
+    # controllers) stay on the head.
+    cluster = Cluster(root, proxy.port, {"FORGETRAY_HOLD_AT": f"{hold}:99:1",
+                                         "FORGETRAY_DRIVER_RESOURCES": '{"head_node": 0.01}'},
+                      node2_env={"FORGETRAY_HOLD_AT": f"{hold}:2:1"})
     window, nodes = {}, {}  # worker pid -> on node2, read while it lives
     try:
         cluster.start()
@@ -100,10 +104,12 @@ def test_sweep_on_s3_across_two_nodes_outlives_a_lost_node_and_a_60_s_outage(fix
             snapshots = [k for k in objects(proxy.target, "sweeps/s3/")
                          if k.endswith("ift/checkpoint_manager_snapshot.json")]
             recorded = [k for k in snapshots if b"epoch_001" in _read(proxy.target, k)]
-            return len(recorded) == 2 and any(e == 2 and nodes[p] for p, e, _ in progress(hold))
+            return len(recorded) == 2 and (hold / "held").is_file()
 
-        wait_for(lambda: node2_in_epoch_2() or proc.poll() is not None, 600, "node2's worker in epoch 2")
+        wait_for(lambda: node2_in_epoch_2() or proc.poll() is not None, 600, "node2's worker held in epoch 2")
         assert proc.poll() is None, (root / "driver.log").read_text()[-5000:]
+        held = json.loads((hold / "held").read_text())["pid"]
+        assert nodes.get(held) or on_node2(held), "the held worker is not node2's"
         lost = {p for p, on in nodes.items() if on}
         before = len(progress(hold))
         raylets = cluster.node2_pids("raylet")
@@ -166,10 +172,13 @@ def test_sweep_on_s3_across_two_nodes_outlives_a_lost_node_and_a_60_s_outage(fix
 
 
 def test_ray_s3_calls_retry_through_a_silence_however_many_wait_at_once(monkeypatch):
-    """pyarrow's S3 filesystem (what Ray Tune and Ray Train write through) must retry every call through an outage:
-    30 calls at once against a silent store each wait the whole backoff, 25 ms x (2^8 - 2) = 6.35 s at 8 attempts.
-    The AWS SDK's "standard" strategy shares a retry quota among them: all 30 failed within 10 s (a 60 s outage then
-    failed trials under load), the first after 2.7 s."""
+    """pyarrow's S3 filesystem (what Ray Tune and Ray Train write through) must retry every call through an outage,
+    in this process and pickled into another (as Ray Train's controllers and workers get it): 30 calls at once
+    against a silent store each wait the whole backoff, 25 ms x (2^8 - 2) = 6.35 s at 8 attempts. Two bugs this
+    caught: the AWS SDK's "standard" strategy shares a retry quota among calls (all 30 failed within 10 s, the
+    first after 2.7 s), and pyarrow's pickling drops the retry strategy (the copy gave up after 2 s); a 60 s outage
+    then failed trials."""
+    import pickle
     from concurrent.futures import ThreadPoolExecutor
 
     from forgetray import storage
@@ -179,18 +188,22 @@ def test_ray_s3_calls_retry_through_a_silence_however_many_wait_at_once(monkeypa
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     storage.filesystem.cache_clear()
-    fs = storage.filesystem()
+    here = storage.filesystem()
     storage.filesystem.cache_clear()
+    copies = {"here": here, "pickled": pickle.loads(pickle.dumps(here))}
     started = time.time()
 
-    def look_up(i: int) -> float:
+    def look_up(i: int) -> tuple[str, float]:
+        which = "here" if i % 2 else "pickled"
         with pytest.raises(OSError):
-            fs.get_file_info(f"{BUCKET}/key-{i}")
-        return time.time() - started
+            copies[which].get_file_info(f"{BUCKET}/key-{i}")
+        return which, time.time() - started
 
     with ThreadPoolExecutor(30) as pool:
-        waited = sorted(pool.map(look_up, range(30)))
-    assert waited[0] >= 6.0 and waited[-1] < 30, waited
+        waited = list(pool.map(look_up, range(30)))
+    for which in copies:
+        times = sorted(t for w, t in waited if w == which)
+        assert times[0] >= 6.0 and times[-1] < 30, (which, times)
 
 
 def test_bad_object_storage_is_refused_before_anything_runs(fixture_files, tmp_path, monkeypatch):
