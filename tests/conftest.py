@@ -128,6 +128,19 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared Ray once the next test of this process runs no sweep in-process (xdist tells a process its
+    next test before it ends the current one): its idle processes (dashboard, agents, monitors) would otherwise take
+    CPU from every test that follows."""
+    import sys
+
+    if nextitem is not None and "ray_session" in nextitem.fixturenames:
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_local_ray():
     yield
