@@ -93,9 +93,8 @@ def make_report_logger(tracking_uri: str, runs: dict[int, tuple[str, dict]]):
 def _checkpoint_at(location: str):
     import ray.train
 
-    if storage.is_remote(location):
-        return ray.train.Checkpoint(storage.key(location), filesystem=storage.filesystem())
-    return ray.train.Checkpoint(location)
+    path, filesystem = storage.ray_storage(location)
+    return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
 @contextlib.contextmanager

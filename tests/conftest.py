@@ -98,7 +98,8 @@ _LOCAL_RAY: dict = {}  # the Ray `local_ray` started in this test process: its s
 def local_ray(extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> None:
     """This test process's local Ray for a sweep run in-process: one Ray serves every test that asks for the same
     CPUs and worker environment (a start costs 5-15 s here), restarted only for a test whose workers need other
-    environment (a fault to inject, a data folder) or CPUs. `ray_session` stops any other Ray after its test."""
+    environment (a fault to inject, a data folder) or CPUs. `ray_session` stops any other Ray after its test, and
+    `pytest_runtest_teardown` this one before a test that runs no sweep (and after the last test)."""
     import ray
 
     env = {name: os.environ[name] for name in RAY_WORKER_ENV} | (extra_env or {})
@@ -119,8 +120,7 @@ def _gcs_address() -> str:
 
 @pytest.fixture
 def ray_session():
-    """Tests that run sweeps in this process: they leave behind no Ray but `local_ray`'s (stopped at the end of the
-    test session)."""
+    """Tests that run sweeps in this process: they leave behind no Ray but `local_ray`'s."""
     import ray
 
     yield
@@ -140,14 +140,6 @@ def pytest_runtest_teardown(item, nextitem):
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _stop_local_ray():
-    yield
-    import sys
-
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture

@@ -178,7 +178,7 @@ def test_a_resumed_checkpoint_whose_report_never_reached_mlflow_is_logged_on_res
     import ray.train
 
     from forgetray.callbacks import make_report_logger
-    from forgetray.train.checkpoints import STATE_FILE, report_resumed
+    from forgetray.train.checkpoints import STATE_FILE, checkpoint_state, report_resumed
 
     run_id = tracker.start_trial_run("cl", tracker.start_sweep_run("cl", "e", {}), "t", "h", {})
     epoch = {1: {"kind": "epoch", "epoch": 1, "global_step": 5, "train/loss": 2.0},
@@ -197,7 +197,8 @@ def test_a_resumed_checkpoint_whose_report_never_reached_mlflow_is_logged_on_res
             self.reports.append(({**metrics, "member": self.member}, checkpoint))
 
     ctx = Context()
-    report_resumed(ctx, ray.train.Checkpoint(str(checkpoint)))
+    resume = ray.train.Checkpoint(str(checkpoint))
+    report_resumed(ctx, resume, checkpoint_state(resume)["metrics"])
     assert [c for _, c in ctx.reports] == [None]  # no new checkpoint: Ray Train would record a second one
     logger = make_report_logger(tracker.uri, artifacts)  # the restarted run's controller
     logger.after_report(None, [ctx.reports[0][0]], None)

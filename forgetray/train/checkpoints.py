@@ -73,30 +73,35 @@ def checkpoint_epoch(checkpoint, kind: str | None = None) -> int:
     """The epoch a reported checkpoint (a `ray.train.Checkpoint`) was taken at. With `kind` ("epoch": an IFT
     checkpoint SFT_e, "restored": R_e), 0 if the checkpoint is of another kind: a Ray Train run that restores after
     its IFT phase (restore_group=0) resumes from either."""
-    with checkpoint.as_directory() as ckpt_dir:
-        state = read_state(ckpt_dir)
+    state = checkpoint_state(checkpoint)
     if kind is not None and state["metrics"].get("kind") != kind:
         return 0
     return int(state["epoch"])
 
 
-def report_resumed(ctx, checkpoint) -> None:
-    """Report the checkpoint a restarted run resumes from once more, without a checkpoint (every rank, as Ray
-    Train wants). Ray Train records a reported checkpoint (the next resume point) before its callbacks log the
-    report to MLflow, so a run killed in between would otherwise never log that epoch's metrics and probes; the
-    MLflow callback skips the steps the run already has and logs the probes from `registry.RESUMED_FROM`."""
+def checkpoint_state(checkpoint) -> dict:
+    """A reported checkpoint's (a `ray.train.Checkpoint`'s) `state.json`, read alone through its filesystem: on
+    object storage one small read, not the whole checkpoint downloaded."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return json.loads(f.read())
+
+
+def checkpoint_location(checkpoint):
+    """Where a reported checkpoint is, as `forgetray.storage` names locations: a Path, or an s3:// string."""
     import pyarrow.fs as pafs
 
-    with checkpoint.as_directory() as ckpt_dir:
-        metrics = read_state(ckpt_dir)["metrics"]
-    local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
-    ctx.report({**metrics, registry.RESUMED_FROM: checkpoint.path if local else store.SCHEME + checkpoint.path})
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return store.SCHEME + checkpoint.path
 
 
-def checkpoint_member(checkpoint) -> int:
-    """Which member of its Ray Train run (`train.context.RankContext.member`) a reported checkpoint belongs to."""
-    with checkpoint.as_directory() as ckpt_dir:
-        return int(read_state(ckpt_dir).get("member", 0))
+def report_resumed(ctx, checkpoint, metrics: dict) -> None:
+    """Report the checkpoint a restarted run resumes from once more (`metrics`: its saved report), without a
+    checkpoint (every rank, as Ray Train wants). Ray Train records a reported checkpoint (the next resume point)
+    before its callbacks log the report to MLflow, so a run killed in between would otherwise never log that
+    epoch's metrics and probes; the MLflow callback skips the steps the run already has and logs the probes from
+    `registry.RESUMED_FROM`."""
+    ctx.report({**metrics, registry.RESUMED_FROM: str(checkpoint_location(checkpoint))})
 
 
 def computed_once(cache_dir: str, rank: int, compute: Callable[[Path], None]) -> dict:
@@ -227,10 +232,7 @@ def make_state_pruner():
     class StatePruner(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if checkpoint is not None:
-                import pyarrow.fs as pafs
-
-                local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
-                drop_older_states(Path(checkpoint.path) if local else store.SCHEME + checkpoint.path)
+                drop_older_states(checkpoint_location(checkpoint))
 
     return StatePruner()
 

@@ -38,7 +38,7 @@ from forgetray.models import load_tokenizer
 from forgetray.plan import Phase
 from forgetray.spec import TrialConfig
 from forgetray.train import lora
-from forgetray.train.checkpoints import checkpoint_member, report_resumed, save_model_dir
+from forgetray.train.checkpoints import checkpoint_state, report_resumed, save_model_dir
 from forgetray.train.context import FAIL_ONCE_ENV, RankContext, start_weights  # noqa: F401 (the tests' hook name)
 from forgetray.train.engine import build_engine, install_step_hook, steps_per_epoch, train_epoch, worker_device
 from forgetray.train.ift import run_ift
@@ -61,7 +61,8 @@ def phase_worker(config: dict) -> None:
     import ray.train
 
     resume = ray.train.get_checkpoint()
-    resumed = checkpoint_member(resume) if resume is not None else 0
+    state = checkpoint_state(resume) if resume is not None else {}
+    resumed = int(state.get("member", 0))
     rank, world, device = dist.get_rank(), dist.get_world_size(), worker_device()
     for m, member in enumerate(config["members"]):
         if m < resumed:
@@ -70,7 +71,7 @@ def phase_worker(config: dict) -> None:
                           {k: member.get(k) for k in DIRS}, rank, world, device,
                           resume=resume if m == resumed else None, member=m, prefix=member.get("prefix", ""))
         if ctx.resume is not None:
-            report_resumed(ctx, resume)  # its metrics may not have reached MLflow before the run stopped
+            report_resumed(ctx, resume, state["metrics"])  # they may not have reached MLflow before the stop
         run_phases(ctx, [Phase.from_dict(p) for p in member["phases"]])
 
 
