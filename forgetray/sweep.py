@@ -263,17 +263,21 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     firsts = [int(first) for first in cohorts]  # one Tune trial per cohort, named by its first trial
     pinned = json.loads(os.environ.get(DRIVER_RESOURCES_ENV) or "{}")
-    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": DRIVER_MEMORY, **pinned})
+    # The context (every trial's config) goes to the object store once, not into each Tune trial's config: Tune
+    # deep-copies the param space per trial and keeps every trial's config in the driver and its experiment state,
+    # which made the driver grow ~5 MiB per trial of a 216-trial sweep (bench/README.md, bench_orchestration).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"cpu": 0, "memory": DRIVER_MEMORY, **pinned})
     tune_path, tune_fs = store.ray_storage(store.join(execution_dir, "tune"))
     if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
         # Finished trials are not re-run; unfinished and errored ones continue from their last checkpoint.
         tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=tune_fs,
-                                   param_space={"trial_index": tune.grid_search(firsts), "context": context})
+                                   param_space={"trial_index": tune.grid_search(firsts)})
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial_index": tune.grid_search(firsts), "context": context},
+            param_space={"trial_index": tune.grid_search(firsts)},
             tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=store.ray_storage(execution_dir)[0], storage_filesystem=tune_fs,

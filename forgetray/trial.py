@@ -61,12 +61,13 @@ def failure_reason(exc: BaseException) -> str:
     return line[:500]
 
 
-def run_trial(config: dict) -> None:
-    """Tune trainable. `config` = {"trial_index": i, "context": {...}} (plain data, see sweep.run_sweep). Trial i
+def run_trial(config: dict, context: dict) -> None:
+    """Tune trainable. `config` = {"trial_index": i}; `context` the sweep's plain data (sweep._tune, passed once
+    through Ray's object store by `tune.with_parameters`). Trial i
     leads its cohort (`context["cohorts"]`, `sharing.cohorts`: the trials one Ray Train worker group runs in turn;
     alone without one). With epoch prefixes shared (`context["followers"]`), each member leads a trajectory: once
     it is done, each shorter grid point of it gets its own run from the member's (`materialise_follower`)."""
-    context, index = config["context"], config["trial_index"]
+    index = config["trial_index"]
     tracker = Tracker(context["tracking_uri"])
     members = [_member(context, i) for i in context.get("cohorts", {}).get(str(index), [index])]
     failures = _run_cohort(tracker, context, members)

@@ -10,7 +10,9 @@ import pytest
 
 from test_methods_sweep import SWEEP, shared_sweep, trial_dir_of, trials_by_kind
 
-pytestmark = pytest.mark.slow
+# One xdist process runs every test of the shared execution (`make test`: --dist loadgroup); split over two,
+# each process ran the whole sweep again (~2.5 to 4.5 min each).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("shared_methods_sweep")]
 
 
 @pytest.fixture(scope="module")

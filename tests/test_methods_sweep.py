@@ -14,7 +14,9 @@ import torch
 
 from forgetray.data.rehearsal import replay_count
 
-pytestmark = pytest.mark.slow
+# One xdist process runs every test of the shared execution (`make test`: --dist loadgroup); split over two,
+# each process ran the whole sweep again (~2.5 to 4.5 min each).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("shared_methods_sweep")]
 
 
 SWEEP = "methods"  # the one sweep of this file and of test_continual_sweep.py

@@ -49,8 +49,7 @@ class NonFiniteLoss(FloatingPointError):
 def build_engine(model, phase: Phase, ds_config: dict, total_steps: int, steps_per_epoch: int = 0):
     """The DeepSpeed engine with the phase's optimizer (torch AdamW) and lr schedule (warm-up + cosine/constant/step;
     "step" decays once per `steps_per_epoch` optimizer steps, default: total_steps / the phase's epochs)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     opt = phase.optimizer
     warmup = warmup_steps(total_steps, opt.warmup_ratio)
     per_epoch = steps_per_epoch or max(1, total_steps // phase.epochs)
@@ -77,11 +76,23 @@ def worker_device() -> torch.device:
 def zero3_scope(ds_config: dict):
     # transformers partitions weights at load time while an HfDeepSpeedConfig with stage 3 is alive. Its config
     # check counts ranks through deepspeed.comm, which must wrap Ray Train's process group first (else world = 1).
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    import_deepspeed().init_distributed(dist_backend=dist.get_backend())
     return HfDeepSpeedConfig(ds_config)
+
+
+def import_deepspeed():
+    """`deepspeed`, its CPU shared-memory all-reduce op switched off before its first communicator is made. DeepSpeed
+    compiles that C++ op when a communicator is first made (about 100 s of CPU on this project's 2-core machine,
+    again in every new virtual environment path; the probe of which ops compile runs compilers too), and uses it only
+    for tensor-parallel inference (`inference_all_reduce`): training all-reduces through torch.distributed either way.
+    DeepSpeed keeps the probed table in the module so that edits persist; the op is marked unavailable there."""
+    import deepspeed
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    return deepspeed
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
