@@ -101,7 +101,7 @@ def run_priors(ctx: RankContext, priors: list[Phase], start_dir) -> None:
     """Train the prior phases in turn (each hands its model to the next), probing the knowledge benchmarks before
     the first and after each one (fine-tuning steps t = 0..k); save the result with the probes and the losses in a
     partial folder, then rename it to `start_dir` (the driver removed any partial one a killed run left). On object
-    storage (`start_dir` the claim's data folder, `trial._ensure_start_remote`): a temporary folder, uploaded whole."""
+    storage (`start_dir` the claim's data folder, `starts._ensure_start_remote`): a temporary folder, uploaded whole."""
     import shutil
     import tempfile
 
