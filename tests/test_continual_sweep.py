@@ -10,9 +10,7 @@ import pytest
 
 from test_methods_sweep import SWEEP, shared_sweep, trial_dir_of, trials_by_kind
 
-# One xdist process runs every test of the shared execution (`make test`: --dist loadgroup); split over two,
-# each process ran the whole sweep again (~2.5 to 4.5 min each).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("shared_methods_sweep")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +18,7 @@ def continual_sweep(tmp_path_factory, fixture_files):
     return shared_sweep(tmp_path_factory, fixture_files)
 
 
-def test_continual_matrix_forgetting_and_bwt(continual_sweep, fixture_files, ray_session):
+def test_continual_matrix_forgetting_and_bwt(continual_sweep, ray_session):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +27,7 @@ def test_continual_matrix_forgetting_and_bwt(continual_sweep, fixture_files, ray
     from forgetray.report.build import CONTINUAL_CSV, build_report
 
     tmp_path, uri, marker = continual_sweep["tmp_path"], continual_sweep["uri"], continual_sweep["marker"]
+    fixture_files = continual_sweep["files"]  # the files the sweep ran on
     bench, other = continual_sweep["bench"], continual_sweep["other"]
     assert marker.exists(), "the injected failure did not happen"
 

@@ -14,13 +14,13 @@ import torch
 
 from forgetray.data.rehearsal import replay_count
 
-# One xdist process runs every test of the shared execution (`make test`: --dist loadgroup); split over two,
-# each process ran the whole sweep again (~2.5 to 4.5 min each).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("shared_methods_sweep")]
+pytestmark = pytest.mark.slow
 
 
 SWEEP = "methods"  # the one sweep of this file and of test_continual_sweep.py
-_SHARED: dict = {}  # its execution, once per test session: (tmp folder, tracking uri, fail-once marker, other bench)
+# Its execution, once per test session: the tmp folder, tracking uri, fail-once marker, benchmarks and the fixture
+# files it ran on (the tests read those, not their own process's copies).
+_SHARED: dict = {}
 
 
 def shared_sweep(tmp_path_factory, fixture_files) -> dict:
@@ -32,12 +32,32 @@ def shared_sweep(tmp_path_factory, fixture_files) -> dict:
     - the continual trial (ZeRO-0, one worker, one prior phase, 3 IFT epochs, two benchmarks) and the failure after
       its last IFT checkpoint (FORGETRAY_FAIL_ONCE at epoch 3: only this trial has an IFT epoch 3), so that its
       restarted run takes the resume path.
-    At most two trials at once. Run by whichever test needs it first; the others get the same execution."""
-    if "error" in _SHARED:  # the execution failed for an earlier test: not run again
-        raise RuntimeError(f"the shared sweep failed: {_SHARED['error']!r}")
-    if _SHARED:
-        return _SHARED
+    At most two trials at once. Run once per test session by whichever test needs it first, in whichever xdist process:
+    the processes of a session share their temporary folder's parent, where a file lock makes the other one wait for
+    the result (its paths, as JSON) instead of running the sweep again (xdist's test distribution put these tests in
+    both processes, and each ran the whole sweep: ~2.5-4.5 min each; its `loadgroup` mode does not group under pytest
+    9.2)."""
+    import fcntl
+    import os
 
+    if not _SHARED:
+        folder = tmp_path_factory.getbasetemp()
+        folder = folder.parent if os.environ.get("PYTEST_XDIST_WORKER") else folder
+        result = folder / f"{SWEEP}-sweep.json"
+        with open(f"{result}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+            if not result.exists():
+                result.write_text(json.dumps(_run_shared_sweep(tmp_path_factory, fixture_files)))
+        found = json.loads(result.read_text())
+        _SHARED.update(found, **{k: Path(found[k]) for k in ("tmp_path", "marker") if k in found},
+                       files={k: Path(v) for k, v in found.get("files", {}).items()})
+    if "error" in _SHARED:  # the execution failed for an earlier test: not run again
+        raise RuntimeError(f"the shared sweep failed: {_SHARED['error']}")
+    return _SHARED
+
+
+def _run_shared_sweep(tmp_path_factory, fixture_files) -> dict:
+    """`shared_sweep`'s execution; what the tests need of it as plain data (or the error it failed with)."""
     import fixtures
     from forgetray import Sweep, run
     from forgetray.train.worker import FAIL_ONCE_ENV
@@ -76,11 +96,12 @@ def shared_sweep(tmp_path_factory, fixture_files) -> dict:
     local_ray(fail_once)
     try:
         run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
-    except BaseException as error:
-        _SHARED["error"] = error
-        raise
-    _SHARED.update(tmp_path=tmp_path, uri=uri, marker=marker, bench=bench, other=other)
-    return _SHARED
+    except Exception:  # noqa: BLE001 (every test that uses it fails with it, traceback included)
+        import traceback
+
+        return {"error": traceback.format_exc()}
+    return {"tmp_path": str(tmp_path), "uri": uri, "marker": str(marker), "bench": bench, "other": other,
+            "files": {k: str(v) for k, v in fixture_files.items()}}
 
 
 def trials_by_kind(client) -> dict[str, list]:
@@ -107,7 +128,7 @@ def methods_sweep(tmp_path_factory, fixture_files):
     return shared_sweep(tmp_path_factory, fixture_files)
 
 
-def test_stages_sam_rehearsal_wiseft_and_flatness(methods_sweep, fixture_files, ray_session):
+def test_stages_sam_rehearsal_wiseft_and_flatness(methods_sweep, ray_session):
     """Two trials equal but for the IFT phase's SAM (rho 0 and 0.05), side by side: the same prior phases give
     bit-identical IFT starts, SAM changes the trained weights and the loss, and the methods act as documented."""
     from mlflow.tracking import MlflowClient
@@ -115,7 +136,7 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(methods_sweep, fixture_files, 
 
     from forgetray import flatness
 
-    tmp_path, uri = methods_sweep["tmp_path"], methods_sweep["uri"]
+    tmp_path, uri, fixture_files = methods_sweep["tmp_path"], methods_sweep["uri"], methods_sweep["files"]
     n_examples = 40  # fixture_files["dataset"]
 
     client = MlflowClient(uri)
@@ -216,7 +237,7 @@ def test_stages_sam_rehearsal_wiseft_and_flatness(methods_sweep, fixture_files, 
     assert {"flatness.png", "flatness_surface.npy"} <= {Path(a.path).name for a in art}
 
 
-def test_zero3_trial_on_two_cpu_workers(methods_sweep, fixture_files, ray_session):
+def test_zero3_trial_on_two_cpu_workers(methods_sweep, ray_session):
     """ZeRO-3 (weights partitioned over 2 ranks, gathered for the saved model) trains, probes and saves a model that
     loads and differs from the base; its probe equals an unsharded probe of the saved model."""
     from mlflow.tracking import MlflowClient
@@ -225,7 +246,7 @@ def test_zero3_trial_on_two_cpu_workers(methods_sweep, fixture_files, ray_sessio
     from forgetray.data.questions import load_mc_jsonl
     from forgetray.probes import probe_knowledge, summarize_knowledge
 
-    tmp_path, uri = methods_sweep["tmp_path"], methods_sweep["uri"]
+    tmp_path, uri, fixture_files = methods_sweep["tmp_path"], methods_sweep["uri"], methods_sweep["files"]
     client = MlflowClient(uri)
     (trial,) = trials_by_kind(client)["zero3"]
     assert trial.info.status == "FINISHED" and trial.data.params["deepspeed.zero_optimization.stage"] == "3"
