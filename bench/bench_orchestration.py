@@ -77,6 +77,7 @@ class RssSampler(threading.Thread):
 
 def per_trial(uri: str) -> list[dict]:
     """Each trial run's start, end and arithmetic (train/epoch_seconds), from MLflow."""
+    from bench_trial import metric_times
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -85,9 +86,8 @@ def per_trial(uri: str) -> list[dict]:
             if r.data.tags.get("forgetray.kind") == "trial"]
 
     def first_time(run, prefix: str) -> float:
-        times = [m.timestamp for name in run.data.metrics if name.startswith(prefix)
-                 for m in client.get_metric_history(run.info.run_id, name)]
-        return min(times) / 1000 if times else float("nan")
+        times = metric_times(client, run, prefix)
+        return min(times) if times else float("nan")
 
     return [{"status": r.info.status, "start": r.info.start_time / 1000, "end": r.info.end_time / 1000,
              "base": first_time(r, "base/"), "sft": first_time(r, "sft/"),

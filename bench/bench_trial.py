@@ -67,6 +67,12 @@ def run_replicas(sweep_file: Path) -> tuple[float, list[str]]:
     return seconds, outputs
 
 
+def metric_times(client, run, prefix: str) -> list[float]:
+    """When each point of a run's metrics named `prefix...` was logged (seconds since the epoch), from MLflow."""
+    return [m.timestamp / 1000 for name in run.data.metrics if name.startswith(prefix)
+            for m in client.get_metric_history(run.info.run_id, name)]
+
+
 def breakdown(uri: str, parent_run_id: str) -> list[dict]:
     """Per trial, from MLflow timestamps: its fixed cost before training (its start -> its base report, which comes
     right before its first training step) and after it (its last restoration's report -> its run's end), and the
@@ -80,9 +86,8 @@ def breakdown(uri: str, parent_run_id: str) -> list[dict]:
     runs = Tracker(uri).trial_runs(parent_run_id)
 
     def last_time(run, prefix: str) -> float:
-        times = [m.timestamp for name in run.data.metrics if name.startswith(prefix)
-                 for m in client.get_metric_history(run.info.run_id, name)]
-        return max(times) / 1000 if times else float("nan")
+        times = metric_times(client, run, prefix)
+        return max(times) if times else float("nan")
 
     position = {}
     for run in runs:

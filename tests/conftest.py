@@ -141,7 +141,6 @@ def pytest_runtest_teardown(item, nextitem):
         sys.modules["ray"].shutdown()
 
 
-
 @pytest.fixture
 def in_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
