@@ -83,11 +83,21 @@ def zero3_scope(ds_config: dict):
 
 
 def import_deepspeed():
-    """`deepspeed`, its CPU shared-memory all-reduce op switched off before its first communicator is made. DeepSpeed
-    compiles that C++ op when a communicator is first made (about 100 s of CPU on this project's 2-core machine,
-    again in every new virtual environment path; the probe of which ops compile runs compilers too), and uses it only
-    for tensor-parallel inference (`inference_all_reduce`): training all-reduces through torch.distributed either way.
-    DeepSpeed keeps the probed table in the module so that edits persist; the op is marked unavailable there."""
+    """`deepspeed`, imported without what the training never uses. DeepSpeed compiles its CPU shared-memory
+    all-reduce op when a communicator is first made (about 100 s of CPU on this project's 2-core machine, again in
+    every new virtual environment path; the probe of which ops compile runs compilers too), and uses it only for
+    tensor-parallel inference (`inference_all_reduce`): training all-reduces through torch.distributed either way.
+    DeepSpeed keeps the probed table in the module so that edits persist; the op is marked unavailable there. Its
+    autotuner (a launcher tool) imports MLflow when DeepSpeed is imported: ~1 s of CPU in every Ray Train worker,
+    which logs nothing to MLflow itself (the controller does); the import is skipped where MLflow is not loaded yet."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner records has_mlflow = False
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
     import deepspeed
     import deepspeed.ops
 
