@@ -90,12 +90,13 @@ def import_deepspeed():
     DeepSpeed keeps the probed table in the module so that edits persist; the op is marked unavailable there. Its
     autotuner (a launcher tool) imports MLflow when DeepSpeed is imported: ~1 s of CPU in every Ray Train worker,
     which logs nothing to MLflow itself (the controller does); the import is skipped where MLflow is not loaded yet."""
+    import importlib
     import sys
 
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner records has_mlflow = False
         try:
-            import deepspeed
+            importlib.import_module("deepspeed")
         finally:
             del sys.modules["mlflow"]
     import deepspeed
