@@ -5,16 +5,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Headless Chromium for tests/test_mlflow_browser.py (it fails, saying how to install it, without one): Debian's
-# package, quietly, where apt is usable as root; elsewhere a hint (before the stamp check: a clean clone's CI too).
+# package, quietly, where apt is usable as root, in the background while pip builds the venv (on a fresh machine the
+# download and unpacking overlap pip's work; the script waits for it before it ends); elsewhere a hint (before the
+# stamp check: a clean clone's CI too).
+browser=""
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing chromium (apt-get) for the MLflow UI test ..."
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
-      echo "[setup] could not install chromium: tests/test_mlflow_browser.py will fail until it is installed" >&2
+    echo "[setup] installing chromium (apt-get, beside the venv build) for the MLflow UI test ..."
+    { { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+      echo "[setup] could not install chromium: tests/test_mlflow_browser.py will fail until it is installed" >&2; } &
+    browser=$!
   else
     echo "[setup] no chromium: install it (apt-get install chromium) for tests/test_mlflow_browser.py" >&2
   fi
 fi
+constraints=""
+finish() {
+  [ -z "$constraints" ] || rm -f "$constraints"
+  [ -z "$browser" ] || wait "$browser" || true
+}
+trap finish EXIT
 TORCH_VERSION="${FORGETRAY_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
 stamp=".venv/.forgetray-setup"
@@ -27,7 +37,6 @@ echo "[setup] building .venv (torch==${TORCH_VERSION}, then forgetray and its de
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
 constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
 echo "torch==${TORCH_VERSION}" >"$constraints"
 .venv/bin/python -m pip install -q -c "$constraints" -e ".[test]"
 echo "$want" >"$stamp"
