@@ -10,7 +10,7 @@ organism: setup
 quickstart: organism
 	.venv/bin/forgetray run sweeps/quickstart.py
 
-# Two test processes: most tests use one core (Ray start-up, servers and DeepSpeed's waits leave the other idle).
+# Two test processes, one per core: together they keep the cores ~93% busy (docs/testing.md; three did not help).
 # conftest puts the slow tests first; `--dist load --maxschedchunk 2` hands them out two at a time, so each process
 # takes the next one as it frees (worksteal's first split gave one process every slow test).
 test: setup
