@@ -89,7 +89,11 @@ def import_deepspeed():
     tensor-parallel inference (`inference_all_reduce`): training all-reduces through torch.distributed either way.
     DeepSpeed keeps the probed table in the module so that edits persist; the op is marked unavailable there. Its
     autotuner (a launcher tool) imports MLflow when DeepSpeed is imported: ~1 s of CPU in every Ray Train worker,
-    which logs nothing to MLflow itself (the controller does); the import is skipped where MLflow is not loaded yet."""
+    which logs nothing to MLflow itself (the controller does); the import is skipped where MLflow is not loaded yet.
+    ZeRO and bf16 engines import DeepSpeed's Muon optimizer (to recognise it), whose module compiles two functions
+    with `torch.compile` as it loads: that loads inductor, ~0.9 CPU-s per worker (measured), for an optimizer
+    forgetray never builds (it hands DeepSpeed torch's AdamW). It is loaded here with `torch.compile` as the identity,
+    so its functions stay eager and nothing else changes."""
     import importlib
     import sys
 
@@ -103,7 +107,24 @@ def import_deepspeed():
     import deepspeed.ops
 
     vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+    if MUON_MODULE not in sys.modules:
+        compile_ = torch.compile
+        torch.compile = _eager
+        try:
+            importlib.import_module(MUON_MODULE)
+        except ImportError:  # a DeepSpeed without Muon: nothing to load
+            pass
+        finally:
+            torch.compile = compile_
     return deepspeed
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _eager(model=None, **_options):
+    """`torch.compile` as the identity (its decorator form too): see `import_deepspeed`."""
+    return model if model is not None else (lambda fn: fn)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
