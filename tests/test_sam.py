@@ -95,18 +95,31 @@ def _phase(trial: TrialConfig, clip: bool):
     return phase if clip else dataclasses.replace(phase, optimizer=dataclasses.replace(phase.optimizer, grad_clip=1e6))
 
 
-def _engine_worker(rank: int, world: int, port: int, zero_stage: int, adaptive: bool, out: str) -> None:
-    """One rank: the real DeepSpeed engine (forgetray's build_engine) and train_epoch over one global batch. Under
-    ZeRO-0 (clipping off) it also records the gradients the optimizer steps with."""
+# The engine configurations the step is checked in: (ZeRO stage, adaptive).
+CONFIGS = [(0, False), (0, True), (2, True)]
+
+
+def _engine_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: for each of CONFIGS in turn, the real DeepSpeed engine (forgetray's build_engine) and train_epoch
+    over one global batch, from the same start. Under ZeRO-0 (clipping off) it also records the gradients the
+    optimizer steps with. One process group serves every configuration (a process costs ~4 s of imports)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {config: _engine_step(rank, world, *config) for config in CONFIGS}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _engine_step(rank: int, world: int, zero_stage: int, adaptive: bool) -> dict:
     from forgetray.train.deepspeed_config import deepspeed_config
     from forgetray.train.engine import build_engine, train_epoch
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     trial = _trial(world, zero_stage, adaptive)
     phase = _phase(trial, clip=zero_stage != 0)
     model = _model(0)
@@ -122,14 +135,13 @@ def _engine_worker(rank: int, world: int, port: int, zero_stage: int, adaptive: 
         return step(self, *args, **kwargs)
 
     torch.optim.AdamW.step = spy
-    engine, _ = build_engine(model, phase, deepspeed_config(phase, zero_stage, "fp32"), total_steps=1)
-    train_epoch(engine, _examples(), phase, epoch=1, seed=trial.seed, rank=rank, world=world, pad_id=0,
-                device=torch.device("cpu"))
-    if rank == 0:
-        torch.save({"weights": {k: v.detach().clone() for k, v in engine.module.state_dict().items()},
-                    "grads": seen}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    try:
+        engine, _ = build_engine(model, phase, deepspeed_config(phase, zero_stage, "fp32"), total_steps=1)
+        train_epoch(engine, _examples(), phase, epoch=1, seed=trial.seed, rank=rank, world=world, pad_id=0,
+                    device=torch.device("cpu"))
+    finally:
+        torch.optim.AdamW.step = step
+    return {"weights": {k: v.detach().clone() for k, v in engine.module.state_dict().items()}, "grads": seen}
 
 
 def _reference(adaptive: bool, rho: float = RHO, clip: bool = True) -> tuple[dict, dict]:
@@ -187,18 +199,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_engine(tmp_path: Path, world: int, zero_stage: int, adaptive: bool) -> dict:
-    out = tmp_path / f"w{world}-z{zero_stage}.pt"
-    port = _free_port()
-    code = ("import sys; sys.path.insert(0, {tests!r}); from test_sam import _engine_worker; "
-            "_engine_worker({rank}, {world}, {port}, {zero}, {adaptive}, {out!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(tests=str(Path(__file__).parent), rank=r, world=world,
-                                                                 port=port, zero=zero_stage, adaptive=adaptive,
-                                                                 out=str(out))],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    return torch.load(out)
+_ENGINE_RUNS: dict[int, dict] = {}  # world -> {config: result}: one run per test process and world size
+
+
+def _run_engine(tmp_path_factory, world: int, zero_stage: int, adaptive: bool) -> dict:
+    if world not in _ENGINE_RUNS:
+        out = tmp_path_factory.mktemp("sam-engine") / f"w{world}.pt"
+        port = _free_port()
+        code = ("import sys; sys.path.insert(0, {tests!r}); from test_sam import _engine_worker; "
+                "_engine_worker({rank}, {world}, {port}, {out!r})")
+        procs = [subprocess.Popen([sys.executable, "-c", code.format(tests=str(Path(__file__).parent), rank=r,
+                                                                     world=world, port=port, out=str(out))],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+        _ENGINE_RUNS[world] = torch.load(out)
+    return _ENGINE_RUNS[world][(zero_stage, adaptive)]
 
 
 # Adam's first step is lr * g / (|g| + eps): for the few entries whose gradient is near eps, float rounding in the
@@ -207,15 +223,15 @@ def _run_engine(tmp_path: Path, world: int, zero_stage: int, adaptive: bool) -> 
 ATOL = 1e-3 * LR
 
 
-@pytest.mark.parametrize("zero_stage,adaptive", [(0, False), (0, True), (2, True)])
-def test_sam_step_one_and_two_workers_match_reference(tmp_path, zero_stage, adaptive):
+@pytest.mark.parametrize("zero_stage,adaptive", CONFIGS)
+def test_sam_step_one_and_two_workers_match_reference(tmp_path_factory, zero_stage, adaptive):
     clip = zero_stage != 0
     expected, expected_grads = _reference(adaptive, clip=clip)
     plain, plain_grads = _reference(adaptive, rho=0.0, clip=clip)
     assert max(float((expected[k] - plain[k]).abs().max()) for k in expected) > 100 * ATOL  # SAM changes the step
     start = {k: v.detach().clone() for k, v in _model(0).state_dict().items()}
     for world in (1, 2):
-        got = _run_engine(tmp_path, world, zero_stage, adaptive)
+        got = _run_engine(tmp_path_factory, world, zero_stage, adaptive)
         assert got["weights"].keys() == expected.keys()
         for key in expected:
             assert not torch.equal(got["weights"][key], start[key]), f"{key} did not move"
