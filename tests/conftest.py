@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="forgetray-hf-hub-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)  # each test process made its own
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Under pytest-xdist (`make test` runs two workers), each worker keeps its Rays under a root of its own: `ray.init()`
 # joins the newest cluster it finds under its root, so two workers' clusters must not share one.
