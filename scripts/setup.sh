@@ -29,11 +29,22 @@ TORCH_VERSION="${FORGETRAY_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
 stamp=".venv/.forgetray-setup"
 want="$(sha256sum pyproject.toml | cut -c1-16)-torch${TORCH_VERSION}"
+# Where the environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE), every process would compile its imports
+# again (~16 s of CPU for the stack's, in each Ray worker); this venv keeps the compiled modules under
+# .venv/pycache instead (nothing is written beside any source file). Elsewhere Python caches them as usual, and an
+# explicit `python -B` writes nothing. tests/test_setup.py checks it.
+bytecode_cache() {
+  local purelib
+  purelib="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "import os, sys; sys.dont_write_bytecode and os.environ.get('PYTHONDONTWRITEBYTECODE') and (setattr(sys, 'pycache_prefix', os.path.join(sys.prefix, 'pycache')), setattr(sys, 'dont_write_bytecode', False))" >"$purelib/forgetray-bytecode.pth"
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  bytecode_cache  # also for a venv built before it existed
   exit 0
 fi
 echo "[setup] building .venv (torch==${TORCH_VERSION}, then forgetray and its dependencies) ..."
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+bytecode_cache
 .venv/bin/python -m pip install -q --upgrade pip
 # --no-compile: pip would compile all ~27,000 modules of the stack, one at a time (~65 s of the ~110 s install on the
 # 2-core machine); a process compiles only what it imports, ~6,000 modules for the whole stack (docs/testing.md).
@@ -41,10 +52,5 @@ echo "[setup] building .venv (torch==${TORCH_VERSION}, then forgetray and its de
 constraints="$(mktemp)"
 echo "torch==${TORCH_VERSION}" >"$constraints"
 .venv/bin/python -m pip install -q --no-compile -c "$constraints" -e ".[test]"
-# Where the environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE), every process would compile its imports
-# again (~16 s of CPU for the stack's, in each Ray worker); this venv keeps the compiled modules under
-# .venv/pycache instead (nothing is written beside any source file). Elsewhere Python caches them as usual.
-purelib="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "import os, sys; sys.dont_write_bytecode and (setattr(sys, 'pycache_prefix', os.path.join(sys.prefix, 'pycache')), setattr(sys, 'dont_write_bytecode', False))" >"$purelib/forgetray-bytecode.pth"
 echo "$want" >"$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, ray, deepspeed, mlflow, transformers; print(f"torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, mlflow {mlflow.__version__}, transformers {transformers.__version__}")' 2>/dev/null)"
