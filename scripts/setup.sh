@@ -53,4 +53,4 @@ constraints="$(mktemp)"
 echo "torch==${TORCH_VERSION}" >"$constraints"
 .venv/bin/python -m pip install -q --no-compile -c "$constraints" -e ".[test]"
 echo "$want" >"$stamp"
-echo "[setup] done: $(.venv/bin/python -c 'import torch, ray, deepspeed, mlflow, transformers; print(f"torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, mlflow {mlflow.__version__}, transformers {transformers.__version__}")' 2>/dev/null)"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, ray, deepspeed, mlflow, transformers; print(f"torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}, mlflow {mlflow.__version__}, transformers {transformers.__version__}")' 2>/dev/null | tail -n 1)"  # DeepSpeed logs its accelerator to stdout first
