@@ -1,5 +1,5 @@
-"""The CPU time of every process a command starts, by what it was: `sudo .venv/bin/python scripts/cpu_by_process.py
--- .venv/bin/python -m pytest -q tests/test_sweep.py` (root: it uses the kernel's process accounting, `acct(2)`).
+"""The CPU time of every process a command starts, by what it was: `sudo python3 scripts/cpu_by_process.py --
+.venv/bin/python -m pytest -q tests/test_sweep.py` (root: it uses the kernel's process accounting, `acct(2)`).
 
 The kernel writes one record per process as it exits, with its CPU time (all threads), so the short-lived processes
 Ray starts by the hundred are all counted; a sampler reading /proc misses their last moments. The records name a
@@ -32,7 +32,8 @@ def _comp(value: int) -> int:
 
 
 def _busy_seconds() -> float:
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
@@ -40,7 +41,8 @@ def _watch_titles(titles: dict[int, list[str]], stop: threading.Event) -> None:
     while not stop.is_set():
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                line = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    line = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
             seen = titles.setdefault(int(pid), [])
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> int:
         watcher.join()
     wall, busy = time.time() - started, _busy_seconds() - busy
     groups: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
-    data = open(path, "rb").read()
+    with open(path, "rb") as records:
+        data = records.read()
     os.unlink(path)
     for offset in range(0, len(data) - RECORD + 1, RECORD):
         record = data[offset:offset + RECORD]
