@@ -56,6 +56,9 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store did not answer within the retry bound."""
 
 
+DATASET_ATTEMPTS = 4  # tries of one dataset logging that lost a race (below: Tracker.log_datasets)
+
+
 def _causes(exc: BaseException):
     """The exception and the ones behind it (`raise ... from`, or raised while handling), each once."""
     seen: set[int] = set()
@@ -263,13 +266,24 @@ class Tracker:
                                        source=json.dumps({"uri": d["source"]}),
                                        profile=json.dumps(d.get("profile") or {})),
                                tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
-        if inputs:
-            import sqlalchemy.exc
+        if not inputs:
+            return
+        import time
 
-            # Trials of one sweep log the same dataset at once; MLflow's SQL store checks-then-inserts it, so all but
-            # one lose the race on its unique row (an IntegrityError); a retry finds the row and links to it.
-            retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets",
-                     also=(sqlalchemy.exc.IntegrityError,))
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode
+
+        # Trials of one sweep log the same dataset at once; MLflow's SQL store checks-then-inserts it, so all but one
+        # lose the race on its unique row. The store reports sqlalchemy's IntegrityError as BAD_REQUEST, directly or
+        # from a tracking server (which sends only the code and message), and the loser's next try finds the row and
+        # links to it. So BAD_REQUEST is retried a few times here only: a request that is really bad fails again.
+        for attempt in range(1, DATASET_ATTEMPTS + 1):
+            try:
+                return retrying(self.client.log_inputs, run_id, datasets=inputs, what="log datasets")
+            except MlflowException as exc:
+                if exc.error_code != ErrorCode.Name(BAD_REQUEST) or attempt == DATASET_ATTEMPTS:
+                    raise
+                time.sleep(0.5 * attempt)
 
     # --- reading back ---
     def get_run(self, run_id: str):

@@ -1,7 +1,8 @@
 """forgetray.tracking.retrying tells a transient tracking error by its class (or that of an exception behind it) and
 MLflow's error code, never by its message: on exceptions built by hand, and on the real ones MLflow raises for a
 server nobody listens on and for a locked sqlite store. The retry bound and a whole store outage are in
-tests/test_faults.py; the dataset-insert race (IntegrityError, `also`) there too."""
+tests/test_faults.py; the dataset-insert race there too (on sqlite and through a server), its bounded retry of
+BAD_REQUEST here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import requests
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, DEADLINE_EXCEEDED, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from forgetray import tracking
 from forgetray.tracking import _transient, retrying
@@ -100,3 +101,36 @@ def test_the_real_errors_of_a_server_nobody_listens_on_and_of_a_locked_sqlite_st
         engine.dispose()
     assert "database is locked" in str(locked.value)
     assert _transient(locked.value), repr(locked.value)
+
+
+def test_a_dataset_logging_retries_bad_request_a_bounded_number_of_times_only(monkeypatch):
+    """The race's loser gets BAD_REQUEST (all a server sends of the IntegrityError): retried, but a request that stays
+    bad fails after tracking.DATASET_ATTEMPTS tries, and any other client error at once."""
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    class Client:
+        def __init__(self, errors):
+            self.errors = list(errors)
+
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            if self.errors:
+                raise self.errors.pop(0)
+
+    tracker = object.__new__(tracking.Tracker)
+    dataset = [{"name": "alpaca", "source": "/a.jsonl", "digest": "d", "context": "training", "source_type": "local"}]
+    lost = MlflowException("UNIQUE constraint failed: datasets", error_code=BAD_REQUEST)
+    tracker.client = Client([lost])
+    tracker.log_datasets("won-second", dataset)
+    assert calls == ["won-second"] * 2
+    calls.clear()
+    tracker.client = Client([lost] * 10)
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        tracker.log_datasets("always-bad", dataset)
+    assert calls == ["always-bad"] * tracking.DATASET_ATTEMPTS == ["always-bad"] * 4
+    calls.clear()
+    tracker.client = Client([MlflowException("Run 'x' not found", error_code=RESOURCE_DOES_NOT_EXIST)])
+    with pytest.raises(MlflowException, match="not found"):
+        tracker.log_datasets("missing", dataset)
+    assert calls == ["missing"]
