@@ -207,7 +207,7 @@ def _finish(tracker: Tracker, context: dict, member: dict) -> None:
                                              member["phases"])
     trial_dir = Path(dirs["trial_dir"])
     if trial.delete_finished_state:  # the IFT phase is done: nothing resumes from its DeepSpeed state again
-        from forgetray.train.checkpoints import drop_state
+        from forgetray.train.retention import drop_state
 
         ift = ift_location(dirs["trial_dir"])
         for name in store.children(ift):

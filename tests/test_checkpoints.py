@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from forgetray.spec import SpecError, TrialConfig
-from forgetray.train.checkpoints import drop_older_states, storage_per_trial
+from forgetray.train.retention import drop_older_states, storage_per_trial
 
 
 def test_settings_are_validated():
@@ -105,6 +105,6 @@ def _sweep_run(tmp_path, name, fixture_files, **settings):
 
 
 def test_readme_storage_table_is_the_functions():
-    from forgetray.train.checkpoints import storage_table
+    from forgetray.train.retention import storage_table
 
     assert storage_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
