@@ -56,13 +56,11 @@ def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, st
     from functools import partial
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from forgetray.callbacks import make_report_logger
     from forgetray.tracking import SYSTEM_METRICS_ENV, system_metrics_wanted
-    from forgetray.train.checkpoints import make_state_pruner
-    from forgetray.train.worker import phase_worker
+    from forgetray.train.retention import make_state_pruner
 
     trial = members[0][0]["trial"]  # the members differ only in their seeds: the same resources
     run_id = members[0][0]["run_id"]
@@ -74,10 +72,10 @@ def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, st
                            "phases": [p.to_dict() for p in phases], "prefix": (prefixes or [""] * len(members))[m],
                            **member["dirs"]} for m, (member, phases) in enumerate(members)]}
     setting = context.get("system_metrics", os.environ.get(SYSTEM_METRICS_ENV))
-    trainer = TorchTrainer(
+    trainer = trainer_class(cleaner=context.get("state_api", True))(
         # system metrics: sampled on rank 0's node into the first member's run
         partial(_monitored_worker, context["tracking_uri"], run_id)
-        if run_id is not None and system_metrics_wanted(setting, trial.gpus_per_worker) else phase_worker,
+        if run_id is not None and system_metrics_wanted(setting, trial.gpus_per_worker) else _phase_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=trial.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -96,12 +94,50 @@ def _train(context: dict, members: list[tuple[dict, list[Phase]]], name: str, st
     return result
 
 
+def trainer_class(cleaner: bool = True):
+    """Ray Train's `TorchTrainer` less two callbacks that cannot serve a forgetray run, each a process per run that
+    only imports and polls (measured on the test suite: ~2.4 and ~2.7 CPU-s per run, 4-5% of its CPU each):
+    - its Ray Data callback, which starts a DatasetManager actor even for a run given no `datasets=` (forgetray's
+      workers read their data themselves);
+    - without `cleaner`, its placement-group cleaner: a detached actor asking Ray's state API every second whether the
+      controller still lives, to free the run's placement group if it died. The state API is the dashboard's, which
+      forgetray's local Ray and the tests' start without: there the cleaner can never act (it logs a warning each
+      second instead). forgetray.sweep asks the state API once and passes whether it answered.
+    Both are reached through Ray Train's private `_create_default_callbacks`: where that or a callback's module is
+    gone (another Ray), the trainer is Ray's own, unchanged; tests/test_fit.py says which it is."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+    unused = (() if cleaner else (PlacementGroupCleanerCallback,))
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            drop = unused if self.datasets else (DatasetsCallback, *unused)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+    return Trainer
+
+
 def _artifact_dirs(dirs: dict) -> dict:
     """Report kind -> (local folder or None: the checkpoint's probes/, the run's artifact path)."""
     return {"base": (dirs["base_eval_dir"], "probes/base"), "control": (dirs.get("control_dir"), "probes/control"),
             "iv": (dirs.get("iv_dir"), "iv"), "iv_probe": (dirs.get("iv_probe_dir"), "iv_probe"),
             "epoch": (None, "probes/sft/epoch_{epoch:03d}"),
             "restored": (None, "probes/restored/epoch_{epoch:03d}")}
+
+
+def _phase_worker(config: dict) -> None:
+    """`forgetray.train.worker.phase_worker`, imported where it runs: the trial driver handing it to Ray Train then
+    loads neither transformers nor DeepSpeed (~1.5 CPU-s per trial driver)."""
+    from forgetray.train.worker import phase_worker
+
+    return phase_worker(config)
 
 
 def _monitored_worker(tracking_uri: str, run_id: str, config: dict) -> None:

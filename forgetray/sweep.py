@@ -225,6 +225,19 @@ def _latest_execution(sweep_root) -> tuple:
     return executions[-1], json.loads(store.read_text(store.join(executions[-1], "sweep.json")))
 
 
+def _state_api() -> bool:
+    """Whether this Ray's state API answers (it is served by the dashboard, which forgetray's local Ray and the tests'
+    start without): one request, ~10 ms either way."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except RayStateApiException:
+        return False
+    return True
+
+
 def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, tracking_uri: str, parent_run_id: str,
           resume: bool, verbose: bool):
     import ray
@@ -253,6 +266,7 @@ def _tune(sweep: Sweep, trials: list, resolved: list, execution_dir: Path, track
         "followers": followers, "cohorts": cohorts,
         "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
         "system_metrics": os.environ.get(SYSTEM_METRICS_ENV, "auto"),  # decided here: the driver's environment
+        "state_api": _state_api(),  # forgetray.fit.trainer_class: whether Ray Train's placement-group cleaner can act
     }
     # Tune's default CSV/JSON/TensorBoard loggers: MLflow has every metric; TensorBoard's logger warned about the
     # reports' series values on every run and printed a "visualize with TensorBoard" hint. Off unless set otherwise.

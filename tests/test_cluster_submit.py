@@ -223,8 +223,13 @@ def test_job_submitted_to_two_node_cluster_runs_a_trial_on_each_node(fixture_fil
         assert "MLflow: " + tracking_uri in logs, logs[-3000:]
 
         # Ray's state API: one Ray Train worker per trial (workers=1, no restarts), and they ran on the two nodes.
-        actors = json.loads(ray("list", "actors", "--address", address, "--format", "json", "--detail", "--limit",
-                                "1000", "--filter", "class_name=RayTrainWorker").stdout)
+        # This cluster has a dashboard, so the state API answered the sweep's driver too: each run kept Ray Train's
+        # placement-group cleaner (forgetray.fit.trainer_class), and none started Ray Data's manager.
+        listed = json.loads(ray("list", "actors", "--address", address, "--format", "json", "--detail", "--limit",
+                                "1000").stdout)
+        classes = [a["class_name"] for a in listed]
+        assert classes.count("PlacementGroupCleaner") == 2 and "DatasetManager" not in classes, classes
+        actors = [a for a in listed if a["class_name"] == "RayTrainWorker"]
         assert len(actors) == 2, actors
         assert sorted(a["node_id"] for a in actors) == sorted(node_of.values()), (actors, node_of)
 

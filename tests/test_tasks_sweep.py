@@ -31,6 +31,12 @@ def test_cf_suite_in_a_sweep(tmp_path, fixture_files, ray_session, monkeypatch):
                   probe_set=str(fixture_files["probe_set"]), probe_passages=8, probe_batch_size=8)
     table = run(sweep, tracking_uri=uri, storage=tmp_path / "storage")
     assert table.attrs["failed_trials"] == 0
+    # The actors this Ray started, from its control store (Ray's state API needs the dashboard, off here): neither
+    # Ray Data's manager nor the placement-group cleaner, which could not have reached that API (forgetray.fit).
+    from ray._private.state import actors
+
+    started = {actor["ActorClassName"] for actor in actors().values()}
+    assert "RayTrainWorker" in started and not {"DatasetManager", "PlacementGroupCleaner"} & started, started
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cf-tasks")
