@@ -22,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"forgetray-{os.environ['PYTEST_XDIST_WORKER']}"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile in tests (test_speed, test_bench_speed) compiles in its own process: inductor's default pool of compile
+# workers, one per core each importing torch, cost more CPU than it saved on 2 cores (measured: 95 -> 80 CPU-s).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # The Ray Train settings `forgetray run` gives a Ray it starts, for the Rays tests start themselves too (inherited
 # by the processes of a Ray started from here): faster polling, no preemption watcher actor per trainer.
 from forgetray.sweep import LOCAL_RAY_ENV  # noqa: E402
