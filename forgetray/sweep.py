@@ -226,14 +226,16 @@ def _latest_execution(sweep_root) -> tuple:
 
 
 def _state_api() -> bool:
-    """Whether this Ray's state API answers (it is served by the dashboard, which forgetray's local Ray and the tests'
-    start without): one request, ~10 ms either way."""
+    """Whether the state API of the Ray this process joined answers (it is served by the dashboard, which forgetray's
+    local Ray and the tests' start without): one request, ~10 ms either way. The Ray is named by its address: on a
+    machine running several, the state API's own lookup refuses to choose."""
+    import ray
     from ray.util.state import list_nodes
     from ray.util.state.exception import RayStateApiException
 
     try:
-        list_nodes(limit=1, timeout=10)
-    except RayStateApiException:
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
+    except (RayStateApiException, ConnectionError):
         return False
     return True
 
