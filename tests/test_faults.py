@@ -429,28 +429,29 @@ def _log_shared_datasets(uri: str, run_id: str, start: float) -> str:
     return run_id
 
 
-@pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_trials_logging_one_dataset_at_once_all_link_it(tmp_path, store):
+def test_trials_logging_one_dataset_at_once_all_link_it(tmp_path):
     """MLflow checks-then-inserts a dataset row, so concurrent trials logging the same dataset collide on its unique
     key (this failed CI runs: UNIQUE constraint failed: datasets..., on sqlite and through a tracking server, where
-    only the error code BAD_REQUEST arrives); the loser's retry links the existing row."""
+    only the error code BAD_REQUEST arrives); the loser's retry links the existing row. Four processes race on a
+    sqlite store, then on a server (one pool: its processes import MLflow once)."""
     import multiprocessing as mp
 
     from mlflow import MlflowClient
 
-    server = start_mlflow_server(tmp_path, port := free_port()) if store == "server" else None
-    uri = f"http://127.0.0.1:{port}" if server else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = start_mlflow_server(tmp_path, port := free_port())
     try:
-        client = MlflowClient(uri)
-        experiment = client.create_experiment("race")
-        runs = [client.create_run(experiment).info.run_id for _ in range(4)]
-        start = time.time() + 15  # after the spawned processes have imported MLflow
-        with mp.get_context("spawn").Pool(len(runs)) as pool:
-            done = pool.starmap(_log_shared_datasets, [(uri, r, start) for r in runs])
-        assert done == runs
-        for r in runs:
-            inputs = client.get_run(r).inputs.dataset_inputs
-            assert sorted(i.dataset.digest for i in inputs) == [f"d{k}" for k in range(8)]
+        with mp.get_context("spawn").Pool(4) as pool:
+            delay = 15  # the first race waits for the spawned processes to import MLflow
+            for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", f"http://127.0.0.1:{port}"):
+                client = MlflowClient(uri)
+                experiment = client.create_experiment("race")
+                runs = [client.create_run(experiment).info.run_id for _ in range(4)]
+                start = time.time() + delay
+                done = pool.starmap(_log_shared_datasets, [(uri, r, start) for r in runs])
+                assert done == runs, uri
+                for r in runs:
+                    inputs = client.get_run(r).inputs.dataset_inputs
+                    assert sorted(i.dataset.digest for i in inputs) == [f"d{k}" for k in range(8)], uri
+                delay = 2
     finally:
-        if server:
-            kill_server(server)
+        kill_server(server)
