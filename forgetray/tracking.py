@@ -68,14 +68,14 @@ def _causes(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def _transient(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
+def _transient(exc: BaseException) -> bool:
     """A server that is down or restarting, a connection cut or timed out, a database that is locked or gone: worth
     retrying; told by the exception's class (or that of one behind it), never by its message. MLflow's own word
     counts: an MlflowException with error code TEMPORARILY_UNAVAILABLE (HTTP 503, and how its SQL stores report
     sqlalchemy's OperationalError: sqlite's "database is locked") or DEADLINE_EXCEEDED (504). Its HTTP client has
     already retried 429/5xx and connection errors itself, and wraps what is left in a plain MlflowException raised
     while handling the requests error, found behind it. A request the server answered with a client error (bad
-    parameter, missing run) is not transient. `also`: more classes the caller knows to be worth a retry."""
+    parameter, missing run) is not transient."""
     import requests.exceptions
     import sqlalchemy.exc
     import urllib3.exceptions
@@ -86,15 +86,14 @@ def _transient(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -
              requests.exceptions.ConnectionError, requests.exceptions.Timeout,
              requests.exceptions.RetryError,  # MLflow's client retries on 429/5xx ran out
              urllib3.exceptions.ProtocolError, urllib3.exceptions.MaxRetryError, urllib3.exceptions.TimeoutError,
-             sqlalchemy.exc.OperationalError, *also)
+             sqlalchemy.exc.OperationalError)
     codes = {ErrorCode.Name(TEMPORARILY_UNAVAILABLE), ErrorCode.Name(DEADLINE_EXCEEDED)}
     return any(isinstance(e, retry) or (isinstance(e, MlflowException) and e.error_code in codes)
                for e in _causes(exc))
 
 
-def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = None,
-             also: tuple[type[BaseException], ...] = (), **kwargs):
-    """`call(*args, **kwargs)`, retried on transient tracking errors (`_transient`, plus the classes in `also`) with
+def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = None, **kwargs):
+    """`call(*args, **kwargs)`, retried on transient tracking errors (`_transient`) with
     exponential backoff (1 s doubling to 30 s) for up to `bound_s` seconds (default: $FORGETRAY_TRACKING_RETRY_S or
     600 s)."""
     import logging
@@ -107,7 +106,7 @@ def retrying(call, *args, what: str = "MLflow call", bound_s: float | None = Non
         try:
             return call(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 (filtered by _transient)
-            if not _transient(exc, also):
+            if not _transient(exc):
                 raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -23,9 +23,6 @@ def checkpoint_location(checkpoint):
     return store.SCHEME + checkpoint.path
 
 
-
-
-
 def drop_state(checkpoint_dir) -> bool:
     """Delete a checkpoint's DeepSpeed state (its `model/`, `probes/` and `state.json` stay). True if it had one."""
     if store.is_remote(checkpoint_dir):
